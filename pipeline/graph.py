@@ -1,0 +1,105 @@
+"""The stage graph: which stages exist, what each depends on, and where its code lives.
+
+download -> embed -> {train_prior, train_decoder, train_base, train_sr256, train_sr1024} -> sample
+
+The training stages do not depend on each other (SR trains on real low-res images), so the
+runner can run them side by side. A stage whose module is not part of this installation is
+simply absent from the graph.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    module: str           # where ``run(cfg, ctx)`` and the config class live
+    config_class: str     # attribute name of the config class in ``module``
+    deps: tuple[str, ...]
+    description: str
+    required: bool = False
+    code_version: str = "1"  # bump when a stage's outputs change meaning: it re-runs the stage
+
+    def load(self):
+        mod = importlib.import_module(self.module)
+        return mod
+
+
+_ALL = (
+    StageDef("download", "data_prep.download", "DownloadConfig", (),
+             "img2dataset download of a URL+caption list into webdataset shards.", required=True),
+    StageDef("embed", "data_prep.embed", "EmbedConfig", ("download",),
+             "CLIP image/text and T5 text embeddings of every downloaded sample."),
+    StageDef("train_prior", "stages.prior", "PriorTrainConfig", ("embed",),
+             "unCLIP diffusion prior: CLIP text -> CLIP image embedding."),
+    StageDef("train_decoder", "stages.decoder", "DecoderTrainConfig", ("download", "embed"),
+             "unCLIP decoder: CLIP image embedding (+ text) -> 64px image."),
+    StageDef("train_base", "stages.base", "BaseTrainConfig", ("download", "embed"),
+             "Imagen base model: T5 tokens -> 64px image."),
+    StageDef("train_sr256", "stages.superres", "SR256TrainConfig", ("download", "embed"),
+             "Super-resolution 64->256 with conditioning augmentation."),
+    StageDef("train_sr1024", "stages.superres", "SR1024TrainConfig", ("download", "embed"),
+             "Super-resolution 256->1024 with conditioning augmentation."),
+    StageDef("sample", "stages.sample", "SampleConfig",
+             ("embed", "train_prior", "train_decoder", "train_base", "train_sr256", "train_sr1024"),
+             "Samples the prompts through the trained cascades and writes a report."),
+)
+
+
+def _available(stage: StageDef) -> bool:
+    if importlib.util.find_spec(stage.module) is None:
+        return False
+    return hasattr(importlib.import_module(stage.module), stage.config_class)
+
+
+@lru_cache(maxsize=1)
+def available_stages() -> tuple[StageDef, ...]:
+    return tuple(s for s in _ALL if _available(s))
+
+
+class _Stages:
+    """Lazy view of the available stages (importing them pulls in torch)."""
+
+    def __iter__(self):
+        return iter(available_stages())
+
+    def __len__(self):
+        return len(available_stages())
+
+
+STAGES = _Stages()
+
+
+def stage_config_classes() -> dict[str, type]:
+    return {s.name: getattr(s.load(), s.config_class) for s in available_stages()}
+
+
+def get_stage(name: str) -> StageDef:
+    for s in available_stages():
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in available_stages())}")
+
+
+def enabled_stages(spec) -> list[StageDef]:
+    """Stages the spec configures, in topological order (``_ALL`` is already topological)."""
+    return [s for s in available_stages() if getattr(spec, s.name, None) is not None]
+
+
+def deps_in_spec(stage: StageDef, spec) -> list[str]:
+    """Dependencies that the spec actually runs (sample needs only the models it has)."""
+    enabled = {s.name for s in enabled_stages(spec)}
+    return [d for d in stage.deps if d in enabled]
+
+
+def downstream(name: str, spec) -> list[str]:
+    """``name`` and every enabled stage that depends on it, transitively, in order."""
+    out = [name]
+    for s in enabled_stages(spec):
+        if s.name not in out and any(d in out for d in deps_in_spec(s, spec)):
+            out.append(s.name)
+    return out

@@ -1,0 +1,70 @@
+"""Runs the stage graph on Ray: one task per stage, launched as soon as its inputs are done.
+
+The stage task itself asks for no CPU (it coordinates); the work inside it asks for what it
+needs (Ray Data actors, Ray Train workers with the stage's resources), so independent training
+stages run concurrently when the cluster has room and queue when it does not.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from pipeline.graph import deps_in_spec
+
+
+def init_ray(cluster, address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or cluster.address
+    # Ray workers read the store through fsspec; keep their logs quiet about progress bars.
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+        return
+    ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), num_gpus=cluster.num_gpus,
+             include_dashboard=cluster.include_dashboard, dashboard_host=cluster.dashboard_host,
+             runtime_env={"env_vars": env}, logging_level="WARNING")
+
+
+def run_on_ray(spec, todo, fps, manifests, summary, *, address: str | None, log: Callable[[str], None]) -> None:
+    import ray
+
+    from pipeline.runner import StageOutcome, _error_message, execute_stage
+
+    init_ray(spec.cluster, address)
+    remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
+    data = spec.model_dump(mode="json")
+    pending = list(todo)
+    running: dict = {}  # ObjectRef -> (stage name, start time)
+    while pending or running:
+        for s in list(pending):
+            deps = deps_in_spec(s, spec)
+            failed = [d for d in deps if d in summary.outcomes and summary.outcomes[d].status in ("failed", "blocked")]
+            if failed:
+                summary.outcomes[s.name] = StageOutcome(s.name, "blocked", error=f"{', '.join(failed)} failed")
+                pending.remove(s)
+                log(f"- {s.name}: not run, {', '.join(failed)} failed")
+            elif all(d in manifests for d in deps):
+                ref = remote_stage.options(name=f"stage:{s.name}").remote(
+                    s.name, data, {d: manifests[d] for d in deps}, fps[s.name], True)
+                running[ref] = (s.name, time.time())
+                pending.remove(s)
+                log(f"▶ {s.name}: started")
+        if not running:
+            break
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref in done:
+            name, t0 = running.pop(ref)
+            try:
+                m = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - reported in the summary, independent stages go on
+                summary.outcomes[name] = StageOutcome(name, "failed", error=_error_message(e), duration_s=time.time() - t0)
+                log(f"✗ {name}: {_error_message(e)}")
+                continue
+            manifests[name] = m
+            summary.outcomes[name] = StageOutcome(name, "ran", m, duration_s=time.time() - t0)
+            where = (m.get("node") or {}).get("node_ip", "")
+            log(f"✓ {name}: finished in {time.time() - t0:.1f}s{' on ' + where if where else ''}")

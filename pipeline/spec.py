@@ -1,0 +1,154 @@
+"""The run spec: YAML -> one typed config per stage, validated before any worker starts.
+
+Each stage owns its config class (DESIGN: "one typed config per stage, owned by that stage");
+this module only composes them, adds ``store`` and ``cluster``, and turns pydantic's errors into
+messages that name the field path and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field, ValidationError, create_model, field_validator
+
+from pipeline.configbase import StrictModel
+from pipeline.graph import STAGES, stage_config_classes
+from pipeline.store import SUPPORTED_SCHEMES, normalize, scheme_of
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_SPEC = CONFIG_DIR / "demo.yaml"
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(ValueError):
+    """A run spec that cannot be run; the message is meant for the user as is."""
+
+
+class StoreConfig(StrictModel):
+    uri: str = Field("file://./runs", description="Root of the artifact store; runs live at <uri>/<run_id>. "
+                     "file:// (default), s3:// (endpoint/credentials from the AWS environment) or gs:// (needs gcsfs).")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = scheme_of(v)
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(f"unsupported URI scheme {scheme!r}; allowed: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}")
+        if scheme == "gs":
+            try:
+                import gcsfs  # noqa: F401
+            except ImportError as e:
+                raise ValueError("gs:// needs gcsfs: pip install 't2i-pipeline[gcs]'") from e
+        return normalize(v) if scheme == "file" else v.rstrip("/")
+
+
+class ClusterConfig(StrictModel):
+    address: Optional[str] = Field(None, description="Ray address: null starts a local Ray sized to this machine; "
+                                   "'auto', 'ray://host:10001' or 'host:6379' join an existing cluster.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the local Ray (default: all of this machine's).")
+    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of the local Ray (default: detected).")
+    include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local Ray.")
+    dashboard_host: str = Field("127.0.0.1", description="Interface the local dashboard binds to; loopback unless you need it remotely.")
+    use_ray: bool = Field(True, description="false runs every stage in this process, one after another (no Ray at all).")
+
+
+def _run_spec_model():
+    fields: dict[str, Any] = {
+        "run_id": (str, Field(..., description="Name of the run; its artifacts live at <store.uri>/<run_id>.")),
+        "store": (StoreConfig, Field(default_factory=StoreConfig)),
+        "cluster": (ClusterConfig, Field(default_factory=ClusterConfig)),
+    }
+    for stage in STAGES:
+        cls = stage_config_classes()[stage.name]
+        if stage.required:
+            fields[stage.name] = (cls, Field(..., description=stage.description))
+        else:
+            fields[stage.name] = (Optional[cls], Field(None, description=stage.description + " Omit to skip."))
+    model = create_model("RunSpec", __base__=StrictModel, **fields)
+    return model
+
+
+_RUNSPEC = None
+
+
+def RunSpec():  # noqa: N802 - a lazily built class
+    """The composed spec model (built on first use: stage modules import torch)."""
+    global _RUNSPEC
+    if _RUNSPEC is None:
+        _RUNSPEC = _run_spec_model()
+    return _RUNSPEC
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid run spec {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the shipped specs in pipeline/configs/)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict, source: str = "<dict>"):
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid run spec {source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    run_id = data.get("run_id")
+    if isinstance(run_id, str) and not RUN_ID_RE.match(run_id):
+        raise SpecError(f"invalid run spec {source}:\n  run_id: must match {RUN_ID_RE.pattern} (got {run_id!r})")
+    try:
+        return RunSpec().model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from None
+
+
+def load_spec(path: str | os.PathLike | None = None, overrides: dict | None = None):
+    """Read, merge ``overrides`` (dotted keys) and validate a YAML spec.
+
+    Relative paths inside a spec (the URL list, local encoder dirs) are resolved by the stages
+    against the current directory, like every other CLI tool; the shipped specs are written for
+    the repository root.
+    """
+    path = Path(path) if path else DEFAULT_SPEC
+    if not path.exists():
+        raise SpecError(f"run spec {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())  # safe_load: a spec is data, never code
+    except yaml.YAMLError as e:
+        raise SpecError(f"run spec {path} is not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse_spec(data, str(path))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=3`` -> ("a.b", 3); the value is parsed as YAML so numbers and booleans are typed."""
+    if "=" not in text:
+        raise SpecError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def run_uri(spec) -> str:
+    return f"{spec.store.uri.rstrip('/')}/{spec.run_id}"
+
+
+def spec_to_yaml(spec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)

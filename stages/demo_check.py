@@ -1,0 +1,234 @@
+"""Does a sample follow its demo-corpus prompt?  A cheap, model-free measurement.
+
+The demo corpus (``data_prep/demo_corpus.py``) draws coloured shapes on a plain background and
+captions them ("a red circle on the left", ...). Its captions parse back into attributes, so for a
+sample whose prompt is such a caption we can check the two attributes a small CPU-trained cascade
+can plausibly learn:
+
+* colour: the dominant *non-background* colour — every pixel far from the background colour
+  votes for its nearest entry of the corpus ``COLORS`` table; the winner must be the prompt's
+  colour. Chance is ``1 / len(COLORS)`` (printed beside the accuracy so a reader can tell
+  "learned something" from "lucky").
+* position (when the prompt names one): the centroid of the coloured mass must lie on the
+  prompt's side of the image.
+
+The background colour is estimated from the image border (median), so the check needs nothing
+from the corpus beyond ``parse_caption`` and ``COLORS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+ANALYSIS_SIZE = 96  # samples are analysed at <= this size: colour and centroid survive, cost doesn't grow
+FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is "coloured"
+MIN_FOREGROUND_FRACTION = 0.002  # fewer coloured pixels than this: the image shows nothing
+
+
+# ---------------------------------------------------------------- corpus adapters
+
+
+def _rgb(v: Any) -> tuple[int, int, int]:
+    if isinstance(v, str):
+        s = v.lstrip("#")
+        if len(s) != 6:
+            raise ValueError(f"colour {v!r} is not #rrggbb")
+        return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16)
+    r, g, b = list(v)[:3]
+    if max(r, g, b) <= 1.0 and all(isinstance(c, float) for c in (r, g, b)):
+        r, g, b = (round(c * 255) for c in (r, g, b))
+    return int(r), int(g), int(b)
+
+
+def corpus_colours() -> dict[str, tuple[int, int, int]]:
+    """The demo corpus's colour table as name -> (r, g, b) in 0..255."""
+    from data_prep import demo_corpus
+
+    table = demo_corpus.COLORS
+    items = table.items() if isinstance(table, Mapping) else table
+    out = {str(name): _rgb(rgb) for name, rgb in items}
+    if not out:
+        raise ValueError("data_prep.demo_corpus.COLORS is empty")
+    return out
+
+
+def _field(attrs: Any, *names: str) -> Any:
+    for n in names:
+        if isinstance(attrs, Mapping) and n in attrs:
+            return attrs[n]
+        if hasattr(attrs, n):
+            return getattr(attrs, n)
+    return None
+
+
+def parse_demo_prompt(prompt: str) -> tuple[str, str | None] | None:
+    """(colour, position or None) if ``prompt`` is a demo-corpus caption, else None."""
+    from data_prep import demo_corpus
+
+    try:
+        attrs = demo_corpus.parse_caption(prompt)
+    except (ValueError, KeyError):
+        return None
+    if attrs is None:
+        return None
+    colour = _field(attrs, "color", "colour")
+    if colour is None:
+        return None
+    position = _field(attrs, "position", "pos", "location")
+    return str(colour), (str(position) if position else None)
+
+
+def is_demo_prompt(prompt: str) -> bool:
+    return parse_demo_prompt(prompt) is not None
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img.astype(np.uint8))
+    img = img.convert("RGB")
+    if max(img.size) > ANALYSIS_SIZE:
+        # NEAREST keeps pure palette colours (a box filter would invent blends at shape edges)
+        scale = ANALYSIS_SIZE / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.NEAREST)
+    return np.asarray(img, dtype=np.float32)
+
+
+def background_colour(arr: np.ndarray) -> np.ndarray:
+    """Median colour of the 1-pixel border: the corpus draws shapes away from the edges."""
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]], axis=0)
+    return np.median(border, axis=0)
+
+
+@dataclass
+class Analysis:
+    colour: str | None  # dominant non-background colour, None when nothing stands out
+    centroid: tuple[float, float] | None  # (x, y) of the coloured mass in [0, 1]
+    foreground_fraction: float
+
+
+def analyse(img: Image.Image | np.ndarray, colours: Mapping[str, tuple[int, int, int]]) -> Analysis:
+    arr = _as_array(img)
+    bg = background_colour(arr)
+    fg = np.linalg.norm(arr - bg, axis=-1) > FOREGROUND_DISTANCE
+    frac = float(fg.mean())
+    if frac < MIN_FOREGROUND_FRACTION:
+        return Analysis(None, None, frac)
+    names = list(colours)
+    table = np.asarray([colours[n] for n in names], dtype=np.float32)  # [K, 3]
+    pix = arr[fg]  # [P, 3]
+    nearest = np.argmin(((pix[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
+    votes = np.bincount(nearest, minlength=len(names))
+    ys, xs = np.nonzero(fg)
+    h, w = fg.shape
+    centroid = (float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h))
+    return Analysis(names[int(votes.argmax())], centroid, frac)
+
+
+_LEFT, _RIGHT, _TOP, _BOTTOM = ("left",), ("right",), ("top", "upper", "above"), ("bottom", "lower", "below")
+_CENTRE = ("center", "centre", "middle")
+
+
+def position_matches(position: str, centroid: tuple[float, float] | None) -> bool:
+    """Whether the centroid lies on the side(s) the prompt names ("top left", "center", ...)."""
+    if centroid is None:
+        return False
+    x, y = centroid
+    words = position.lower().replace("-", " ").replace("_", " ").split()
+    checks = []
+    if any(w in _LEFT for w in words):
+        checks.append(x < 0.45)
+    if any(w in _RIGHT for w in words):
+        checks.append(x > 0.55)
+    if any(w in _TOP for w in words):
+        checks.append(y < 0.45)
+    if any(w in _BOTTOM for w in words):
+        checks.append(y > 0.55)
+    if any(w in _CENTRE for w in words) and not checks:
+        checks.append(abs(x - 0.5) < 0.17 and abs(y - 0.5) < 0.17)
+    if not checks:
+        raise ValueError(f"unknown position {position!r}; known words: left, right, top, bottom, center")
+    return all(checks)
+
+
+@dataclass
+class SampleVerdict:
+    prompt: str
+    want_colour: str
+    got_colour: str | None
+    want_position: str | None
+    position_ok: bool | None
+
+    @property
+    def colour_ok(self) -> bool:
+        return self.got_colour == self.want_colour
+
+    def note(self) -> str:
+        s = f"colour {self.got_colour or 'none'} ({'ok' if self.colour_ok else 'want ' + self.want_colour})"
+        if self.want_position is not None:
+            s += f", position {'ok' if self.position_ok else 'off (want ' + self.want_position + ')'}"
+        return s
+
+
+@dataclass
+class DemoCheck:
+    n: int  # samples whose prompt is a demo caption (others are ignored)
+    colour_matches: int
+    colour_accuracy: float
+    position_accuracy: float | None  # None when no checked prompt names a position
+    chance: float  # 1 / len(COLORS)
+    position_n: int = 0
+    position_matches: int = 0
+    verdicts: list[SampleVerdict] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.n == 0:
+            return "demo check: no sample has a demo-corpus prompt"
+        s = (f"demo check: colour {self.colour_matches}/{self.n} = {self.colour_accuracy:.2f} "
+             f"(chance {self.chance:.2f})")
+        if self.position_accuracy is not None:
+            s += f", position {self.position_matches}/{self.position_n} = {self.position_accuracy:.2f}"
+        return s
+
+    def metrics(self) -> dict[str, float]:
+        m = {"demo_n": float(self.n), "demo_colour_accuracy": self.colour_accuracy, "demo_colour_chance": self.chance}
+        if self.position_accuracy is not None:
+            m["demo_position_accuracy"] = self.position_accuracy
+        return m
+
+
+def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
+                  colours: Mapping[str, tuple[int, int, int]] | None = None) -> DemoCheck:
+    """Score (prompt, image) pairs; pairs whose prompt is not a demo caption are skipped."""
+    colours = dict(colours) if colours is not None else corpus_colours()
+    verdicts: list[SampleVerdict] = []
+    for prompt, img in samples:
+        parsed = parse_demo_prompt(prompt)
+        if parsed is None:
+            continue
+        want_colour, want_pos = parsed
+        if want_colour not in colours:
+            raise ValueError(f"prompt {prompt!r} has colour {want_colour!r} not in COLORS {sorted(colours)}")
+        a = analyse(img, colours)
+        pos_ok = position_matches(want_pos, a.centroid) if want_pos else None
+        verdicts.append(SampleVerdict(prompt, want_colour, a.colour, want_pos, pos_ok))
+    n = len(verdicts)
+    cm = sum(v.colour_ok for v in verdicts)
+    with_pos = [v for v in verdicts if v.position_ok is not None]
+    pm = sum(bool(v.position_ok) for v in with_pos)
+    return DemoCheck(
+        n=n, colour_matches=cm, colour_accuracy=cm / n if n else 0.0,
+        position_accuracy=pm / len(with_pos) if with_pos else None,
+        chance=1.0 / len(colours), position_n=len(with_pos), position_matches=pm, verdicts=verdicts,
+    )
+
+
+def all_demo_prompts(prompts: Sequence[str]) -> bool:
+    """True when every prompt is a demo caption (the sample stage then runs the check)."""
+    return bool(prompts) and all(is_demo_prompt(p) for p in prompts)

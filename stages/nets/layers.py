@@ -1,0 +1,185 @@
+"""Building blocks shared by the UNet and the prior transformer.
+
+Numerics: training runs in bf16 (DeepSpeed bf16 or autocast). Three places lose precision badly
+in bf16 and are therefore computed in fp32 here regardless of the module dtype:
+  * the sinusoidal timestep embedding (bf16 has 8 mantissa bits: t*1000 would be quantised to
+    steps of 4 near t=1, so neighbouring timesteps would collide),
+  * GroupNorm / LayerNorm statistics (mean/var over thousands of values),
+  * the attention softmax: `scaled_dot_product_attention`'s fused kernels (flash / mem-efficient)
+    accumulate logits and the softmax in fp32 internally, so we only keep the *inputs* in the
+    compute dtype and never materialise bf16 logits ourselves.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t (float [B] in [0, 1]) -> fp32 [B, dim].
+
+    t is scaled by 1000 so the frequencies match the discrete-time (T=1000) embeddings of
+    DDPM / guided-diffusion, whose hyper-parameters we copy.
+    """
+    t = t.float() * scale
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in fp32 and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 (see module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def group_norm(ch: int) -> GroupNorm32:
+    """32 groups where the width allows it (the guided-diffusion default), fewer for tiny nets."""
+    groups = min(32, ch)
+    while ch % groups:
+        groups -= 1
+    return GroupNorm32(groups, ch)
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch so every block starts as identity
+    (guided-diffusion's `zero_module`): deep UNets then train stably from step 0."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class EmbedMLP(nn.Module):
+    """fp32 sinusoidal features -> Linear/SiLU/Linear in the module's own dtype."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(feats.to(self.fc1.weight.dtype))))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv x2 with the time embedding applied as scale-shift after the second
+    norm (the "adaptive GroupNorm" of Dhariwal & Nichol, used by Imagen's Efficient U-Net)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb, ctx=None, ctx_mask=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv (halves H and W, may change width)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None, ctx=None, ctx_mask=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x, emb=None, ctx=None, ctx_mask=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head attention over a feature map, GLIDE-style.
+
+    Keys/values = [spatial positions (if `self_attn`)] + [one learned null token (if `ctx_dim`)]
+    + [context tokens, masked by `ctx_mask`]. Putting self- and cross-attention into one softmax
+    is GLIDE's design (cheaper than two blocks); the always-valid null token keeps the softmax
+    well defined when every context token is masked (dropped text) and there is no
+    self-attention (Imagen's SR1024 UNet has cross-attention only).
+    """
+
+    def __init__(self, ch: int, head_dim: int, ctx_dim: int | None = None, self_attn: bool = True):
+        super().__init__()
+        if not self_attn and not ctx_dim:
+            raise ValueError("AttentionBlock needs self_attn=True or a ctx_dim")
+        self.heads = max(1, ch // head_dim)
+        self.self_attn = self_attn
+        self.norm = group_norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.kv = nn.Conv2d(ch, 2 * ch, 1) if self_attn else None
+        if ctx_dim:
+            self.ctx_kv = nn.Linear(ctx_dim, 2 * ch)
+            self.null_kv = nn.Parameter(torch.randn(2 * ch) * 0.02)
+        else:
+            self.ctx_kv = None
+        self.proj = zero_(nn.Conv2d(ch, ch, 1))
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, C/heads]
+        b, n, c = t.shape
+        return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, x, emb=None, ctx=None, ctx_mask=None):
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+        # reshape (not view): works for channels_last inputs too.
+        q = self.q(h).reshape(b, c, hgt * wid).transpose(1, 2)
+        ks, vs, masks = [], [], []
+        if self.self_attn:
+            k, v = self.kv(h).reshape(b, 2 * c, hgt * wid).transpose(1, 2).chunk(2, dim=-1)
+            ks.append(k), vs.append(v)
+            masks.append(torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device))
+        if self.ctx_kv is not None:
+            nk, nv = self.null_kv.to(q.dtype).expand(b, 1, 2 * c).chunk(2, dim=-1)
+            ks.append(nk), vs.append(nv)
+            masks.append(torch.ones(b, 1, dtype=torch.bool, device=x.device))
+            if ctx is not None:
+                ck, cv = self.ctx_kv(ctx).to(q.dtype).chunk(2, dim=-1)
+                ks.append(ck), vs.append(cv)
+                masks.append(ctx_mask if ctx_mask is not None
+                             else torch.ones(ck.shape[:2], dtype=torch.bool, device=x.device))
+        k, v, mask = torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(masks, 1)
+        # Only pass a mask when some key can be masked: no mask keeps the flash kernel eligible
+        # (and avoids a host sync that `mask.all()` would cost).
+        attn_mask = mask[:, None, None, :] if (ctx is not None and ctx_mask is not None) else None
+        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v),
+                                             attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
+        return x + self.proj(out)

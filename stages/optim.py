@@ -1,0 +1,79 @@
+"""Optimizer, LR schedule and the DeepSpeed config they plug into.
+
+We hand DeepSpeed a *client* optimizer and scheduler instead of naming them in the DeepSpeed
+config: DeepSpeed's own Adam variants are C++/CUDA ops that it JIT-compiles on first use (a
+compiler on every worker, minutes at start-up, and no CPU build without a toolchain). torch's
+AdamW is fused on GPU and plain on CPU, and needs nothing built.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from stages.train_config import TrainConfig
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """'bf16' or 'fp32'. bf16 needs a GPU here: CPU bf16 matmuls are slow and we test in fp32."""
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.precision
+
+
+def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on 1-D tensors (norm gains, biases) — the usual split."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1, then cosine to ``min_lr_ratio`` at ``steps``.
+
+    A class rather than a closure so that LambdaLR's state_dict (saved in every checkpoint) holds
+    its parameters and a resumed run provably uses the same schedule.
+    """
+
+    def __init__(self, steps: int, warmup_steps: int, min_lr_ratio: float):
+        self.steps, self.warmup_steps, self.min_lr_ratio = steps, warmup_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config dict. Only what we mean; DeepSpeed's defaults for the rest."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if cfg.zero_stage == 3:
+        # Gather whole small params once instead of partitioning them (latency over memory).
+        zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=5e7)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        # bf16 keeps fp32 master weights (and grads accumulate in fp32) inside DeepSpeed's optimizer.
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        # Our client optimizer is torch AdamW; DeepSpeed only vouches for its own ones under ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,153 @@
+"""The one training config shared by the five training stages.
+
+Each stage module subclasses :class:`TrainConfig` only to change defaults (flavor, CFG dropout
+rates) or to add what that model alone needs (SR adds ``condaug``). Validation happens when the
+run spec is parsed, before any worker starts, so a bad value fails with the field path and what
+is allowed instead of a DeepSpeed assertion an hour into a run.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.configbase import StrictModel
+
+
+class DiffusionSettings(StrictModel):
+    """Keyword arguments of ``stages.diffusion.Diffusion`` (also written to final/config.json)."""
+
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="noise schedule")
+    prediction: Literal["eps", "x0", "v"] = Field("eps", description="what the network predicts")
+    min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma; None = plain MSE")
+
+    @field_validator("min_snr_gamma")
+    @classmethod
+    def _gamma(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or null (got {v})")
+        return v
+
+
+class CondAugSettings(StrictModel):
+    """Conditioning augmentation of the low-res input of an SR model (Imagen §2.5)."""
+
+    max_level: float = Field(0.5, description="largest noise level (0..1) applied to the low-res image in training")
+    blur: bool = Field(True, description="also blur the low-res image with a random Gaussian (Imagen SR)")
+
+    @field_validator("max_level")
+    @classmethod
+    def _level(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"condaug.max_level must be within [0, 1] (got {v})")
+        return v
+
+
+class TrainConfig(StrictModel):
+    """Everything one training stage needs; defaults suit the CPU demo."""
+
+    flavor: str = Field("debug", description="network size: debug, demo or the role's paper-scale name")
+    steps: int = Field(100, description="optimizer steps to train (each = grad_accum micro-batches)")
+    batch_size: int = Field(4, description="micro-batch size per worker")
+    grad_accum: int = Field(1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(1e-4, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, description="linear warmup steps from 0 to lr")
+    min_lr_ratio: float = Field(0.1, description="cosine decay floor as a fraction of lr")
+    grad_clip: float = Field(1.0, description="global gradient-norm clip; 0 disables")
+    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage 0..3")
+    precision: Literal["bf16", "fp32", "auto"] = Field(
+        "auto", description="bf16 (fp32 master weights) | fp32 | auto = bf16 on GPU, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward (saves memory)")
+    ema_decay: float = Field(0.999, description="EMA decay of the weights; the final output is the EMA")
+    cfg_drop_text: float = Field(0.1, description="probability of dropping the text conditioning (CFG)")
+    cfg_drop_image: float = Field(0.0, description="probability of dropping the CLIP image embedding (decoder)")
+    checkpoint_every_steps: int = Field(1000, description="save a checkpoint every N steps; 0 = only by time/end")
+    checkpoint_every_minutes: float = Field(0.0, description="also save every M minutes; 0 disables")
+    keep_last: int = Field(3, description="complete checkpoints kept in the store")
+    log_every: int = Field(10, description="log metrics every N steps")
+    sample_every: int = Field(0, description="write a sample grid every N steps; 0 disables")
+    sample_steps: int = Field(10, description="sampler steps used for the sample grid")
+    seed: int = Field(0, description="seed of initialization, noise, dropout masks and data order")
+    num_workers: int = Field(1, description="training workers (ranks) under Ray Train")
+    cpus_per_worker: float = Field(1.0, description="CPUs reserved per Ray Train worker")
+    gpus_per_worker: float = Field(0.0, description="GPUs per Ray Train worker; > 0 means use_gpu")
+    resources: dict[str, float] = Field(default_factory=dict, description="extra custom Ray resources per worker")
+    accelerator_type: str | None = Field(None, description="Ray accelerator_type constraint, e.g. 'H100'")
+    max_failures: int = Field(0, description="Ray Train restarts of the worker group after a failure")
+    loader_workers: int = Field(1, description="DataLoader worker processes per rank; 0 = in the training process")
+    wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (rank 0)")
+    diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings, description="diffusion process")
+
+    @field_validator("steps", "batch_size", "grad_accum", "num_workers", "keep_last", "log_every")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v <= 0:
+            raise ValueError(f"{info.field_name} must be > 0 (got {v})")
+        return v
+
+    @field_validator("warmup_steps", "checkpoint_every_steps", "sample_every", "max_failures", "loader_workers",
+                     "seed")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0 (got {v})")
+        return v
+
+    @field_validator("sample_steps")
+    @classmethod
+    def _sample_steps(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"sample_steps must be > 0 (got {v})")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"lr must be > 0 (got {v})")
+        return v
+
+    @field_validator("weight_decay", "grad_clip", "checkpoint_every_minutes", "cpus_per_worker", "gpus_per_worker")
+    @classmethod
+    def _non_negative_f(cls, v: float, info) -> float:
+        if v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0 (got {v})")
+        return v
+
+    @field_validator("min_lr_ratio", "cfg_drop_text", "cfg_drop_image")
+    @classmethod
+    def _unit(cls, v: float, info) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{info.field_name} must be within [0, 1] (got {v})")
+        return v
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _ema(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"ema_decay must be within [0, 1) (got {v})")
+        return v
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero(cls, v: int) -> int:
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be one of 0, 1, 2, 3 (got {v})")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, amount in v.items():
+            if k in ("CPU", "GPU"):
+                raise ValueError(f"resources[{k!r}]: use cpus_per_worker / gpus_per_worker instead")
+            if amount < 0:
+                raise ValueError(f"resources[{k!r}] must be >= 0 (got {amount})")
+        return v
+
+    @model_validator(mode="after")
+    def _cadence(self) -> "TrainConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        return self
