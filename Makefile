@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/t2i run pipeline/configs/demo.yaml
-	$(PY) -m pipeline.demo_report runs/demo
+	$(VENV)/bin/t2i status runs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra --durations=15 tests
