@@ -1,0 +1,216 @@
+"""Embed stage end to end on tiny encoders: alignment, counts, resume, Ray == in-process."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_prep.embed import (DecodedChunk, EmbedConfig, decode_shard, embed_shards, encode_chunk,
+                             find_compatible_embedding, load_encoders, run)
+from data_prep.embed_format import align, read_embedding_shard
+from data_prep.encoders import ClipConfig, T5Config, clip_preprocess_cfg
+from data_prep.shards import iter_shard
+from data_prep.tiny_encoders import ensure_tiny_encoders
+from pipeline.context import StageContext, StageFailed
+
+WORDS = "red green blue yellow circle square triangle star on a small large dark sky".split()
+
+
+def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def make_shards(root, n_shards=3, per_shard=7, seed=0) -> dict[str, list[str]]:
+    """img2dataset-style shards. Shard 1 has a corrupt JPEG (key ...0002) and a sample without a
+    caption (key ...0004); shard 2 has a sample with no image member (key ...0005)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    keys = {}
+    for s in range(n_shards):
+        name = f"{s:05d}"
+        keys[name] = []
+        with tarfile.open(os.path.join(root, f"{name}.tar"), "w") as tf:
+            for i in range(per_shard):
+                key = f"{name}{i:04d}"
+                keys[name].append(key)
+                img = _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80)))
+                if (s, i) == (1, 2):
+                    img = img[:40]  # truncated JPEG: undecodable
+                cap = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 12))))
+                if (s, i) != (2, 5):
+                    _add(tf, f"{key}.jpg", img)
+                if (s, i) != (1, 4):
+                    _add(tf, f"{key}.txt", cap.encode())
+                _add(tf, f"{key}.json", json.dumps({"key": key, "caption": cap}).encode())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed")
+    ensure_tiny_encoders(root / "enc")
+    keys = make_shards(root / "download" / "shards")
+    cfg = EmbedConfig(clip=ClipConfig(model=f"tiny:{root / 'enc'}"), t5=T5Config(model=f"tiny:{root / 'enc'}"),
+                      batch_size=3, t5_micro_batch=2, gpus_per_actor=0)
+    return {"root": root, "keys": keys, "cfg": cfg, "shards": str(root / "download" / "shards"),
+            "enc": load_encoders(cfg, device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def baseline(env):
+    """One in-process run everybody compares against."""
+    out = str(env["root"] / "base")
+    summary = embed_shards(env["shards"], out, env["cfg"], encoders=env["enc"])
+    return out, summary
+
+
+def _arrays(out: str, name: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(out, "shards", f"{name}.npz"), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_alignment_counts_and_format(env, baseline):
+    out, summary = baseline
+    c = summary["counts"]
+    assert (c["n_total"], c["n_embedded"], c["n_bad_image"], c["n_missing_caption"]) == (21, 18, 2, 1)
+    assert c["shards"] == 3 and summary["metrics"]["bytes_per_sample"] > 0
+    enc_doc = json.load(open(os.path.join(out, "encoders.json")))
+    assert (enc_doc["clip_dim"], enc_doc["clip_token_dim"], enc_doc["t5_dim"]) == (32, 64, 32)
+    dropped = {"00001": {"000010002", "000010004"}, "00002": {"000020005"}}
+    for name, tar_keys in env["keys"].items():
+        shard_uri = os.path.join(env["shards"], f"{name}.tar")
+        emb = read_embedding_shard(os.path.join(out, "shards", f"{name}.npz"))
+        expect = [k for k in tar_keys if k not in dropped.get(name, set())]
+        assert list(emb.keys) == expect
+        reader_keys = [s.key for s in iter_shard(shard_uri)]  # what the training loader sees
+        idx = align(reader_keys, emb.keys, shard_uri)
+        assert [reader_keys[i] for i in idx] == expect
+        marker = json.load(open(os.path.join(out, "shards", f"{name}.done.json")))
+        assert marker["counts"]["n_embedded"] == len(expect) and marker["source"].endswith(shard_uri)
+        assert emb.clip_image.dtype == np.float16
+        np.testing.assert_allclose(np.linalg.norm(emb.clip_image.astype(np.float32), axis=1), 1, atol=2e-3)
+
+
+def test_t5_and_clip_tokens_match_direct_encoding(env, baseline):
+    out, _ = baseline
+    emb = read_embedding_shard(os.path.join(out, "shards", "00000.npz"))
+    caps = [s.caption for s in iter_shard(os.path.join(env["shards"], "00000.tar"))]
+    hs, lengths = env["enc"].t5.encode(caps)
+    assert emb.t5_lengths.tolist() == lengths.tolist()
+    tok, mask = emb.padded_t5(range(len(caps)))
+    for i in range(len(caps)):
+        np.testing.assert_allclose(emb.t5_of(i).astype(np.float32), hs[i].numpy(), atol=2e-3, rtol=2e-3)
+        np.testing.assert_array_equal(tok[i, : lengths[i]], emb.t5_of(i))
+        assert mask[i].sum() == lengths[i]
+    _, ctoks, clens = env["enc"].clip.encode_text(caps)
+    assert emb.clip_lengths.tolist() == clens.tolist()
+    np.testing.assert_allclose(emb.clip_tokens_of(2).astype(np.float32), ctoks[2].numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_deterministic_across_runs(env, baseline, tmp_path):
+    out, _ = baseline
+    embed_shards(env["shards"], str(tmp_path), env["cfg"], encoders=env["enc"])
+    for name in env["keys"]:
+        a, b = _arrays(out, name), _arrays(str(tmp_path), name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill(env, tmp_path):
+    out = str(tmp_path)
+    seen: list[str] = []
+
+    def die_after_second(marker):
+        seen.append(marker["shard"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt("simulated kill after shard 1")
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_shards(env["shards"], out, env["cfg"], encoders=env["enc"], on_shard_done=die_after_second)
+    done = lambda n: os.path.join(out, "shards", f"{n}.done.json")  # noqa: E731
+    assert os.path.exists(done("00001")) and not os.path.exists(done("00002"))
+    assert not os.path.exists(os.path.join(out, "encoders.json"))  # incomplete run never looks complete
+    mtimes = {n: os.stat(done(n)).st_mtime_ns for n in ("00000", "00001")}
+    npz_mtimes = {n: os.stat(os.path.join(out, "shards", f"{n}.npz")).st_mtime_ns for n in ("00000", "00001")}
+
+    again: list[str] = []
+    s = embed_shards(env["shards"], out, env["cfg"], encoders=env["enc"], on_shard_done=lambda m: again.append(m["shard"]))
+    assert again == ["00002"] and s["embedded_now"] == ["00002"]  # nothing embedded twice, nothing missing
+    assert {n: os.stat(done(n)).st_mtime_ns for n in mtimes} == mtimes
+    assert {n: os.stat(os.path.join(out, "shards", f"{n}.npz")).st_mtime_ns for n in npz_mtimes} == npz_mtimes
+    assert s["counts"]["n_embedded"] == 18
+    third = embed_shards(env["shards"], out, env["cfg"], encoders=env["enc"])
+    assert third["embedded_now"] == []  # finished = no-op
+
+
+def test_stage_run_and_reuse_check(env, baseline, tmp_path):
+    ctx = StageContext(run_uri=str(tmp_path), out_uri=str(tmp_path / "embed"),
+                       inputs={"download": {"out_uri": str(env["root"] / "download")}})
+    res = run(env["cfg"], ctx)
+    assert res.counts["n_embedded"] == 18 and res.counts["n_bad_image"] == 2
+    assert res.metrics["clip_dim"] == 32 and res.metrics["t5_dim"] == 32 and res.metrics["clip_token_dim"] == 64
+    assert res.outputs["encoders"].endswith("encoders.json") and res.outputs["t5_model"] == env["cfg"].t5.model
+    assert find_compatible_embedding(ctx.out_uri, env["shards"], env["cfg"])
+    other = env["cfg"].model_copy(update={"t5": T5Config(model=env["cfg"].t5.model, max_length=64)})
+    assert not find_compatible_embedding(ctx.out_uri, env["shards"], other)
+    assert not find_compatible_embedding(str(tmp_path / "nothing"), env["shards"], env["cfg"])
+
+
+def test_nonfinite_rows_skipped_and_counted(env):
+    pp = clip_preprocess_cfg(env["cfg"].clip)
+    chunk = next(decode_shard(os.path.join(env["shards"], "00000.tar"), pp, 3))
+    chunk.pixels[1] = np.nan
+    part, counts = encode_chunk(env["enc"], chunk)
+    assert counts["n_nonfinite"] == 1 and counts["n_embedded"] == 2
+    assert list(part.keys) == [chunk.keys[0], chunk.keys[2]]
+    empty = DecodedChunk("00009", 0, True, [], [], np.zeros((0, 3, 32, 32), np.float16), {"n_total": 0})
+    e, c = encode_chunk(env["enc"], empty)
+    assert len(e) == 0 and e.dims == {"clip_dim": 32, "clip_token_dim": 64, "t5_dim": 32}
+
+
+def test_bad_image_policy(env, tmp_path):
+    pp = clip_preprocess_cfg(env["cfg"].clip)
+    with pytest.raises(ValueError, match=r"00001\.tar.*'000010002'"):
+        list(decode_shard(os.path.join(env["shards"], "00001.tar"), pp, 3, skip_bad_images=False))
+    strict = env["cfg"].model_copy(update={"max_bad_fraction": 0.1})
+    with pytest.raises(StageFailed, match=r"00001\.tar.*max_bad_fraction"):
+        embed_shards(env["shards"], str(tmp_path), strict, encoders=env["enc"])
+    assert not os.path.exists(tmp_path / "shards" / "00001.done.json")
+
+
+def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
+    ray = pytest.importorskip("ray")
+    out, _ = baseline
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        s = embed_shards(env["shards"], str(tmp_path), env["cfg"], use_ray=True)
+    finally:
+        ray.shutdown()
+    assert sorted(s["embedded_now"]) == ["00000", "00001", "00002"] and s["counts"]["n_embedded"] == 18
+    assert not os.path.exists(tmp_path / "shards" / "_parts" / "00000")
+    for name in env["keys"]:
+        a, b = _arrays(out, name), _arrays(str(tmp_path), name)
+        assert list(a["keys"]) == list(b["keys"])
+        for k in a:
+            if a[k].dtype == np.float16:
+                np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), atol=1e-3, rtol=1e-3)
+            else:
+                np.testing.assert_array_equal(a[k], b[k])
+    a, b = (json.load(open(os.path.join(d, "encoders.json"))) for d in (out, str(tmp_path)))
+    assert a["counts"] == b["counts"] and a["identity"] == b["identity"]
