@@ -25,8 +25,9 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on 1-D tensors (norm gains, biases) — the usual split."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    # Under deepspeed.zero.Init a parameter is already an empty partition: its shape is ds_shape.
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     fused = device.type == "cuda"

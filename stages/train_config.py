@@ -17,9 +17,11 @@ from pipeline.configbase import StrictModel
 class DiffusionSettings(StrictModel):
     """Keyword arguments of ``stages.diffusion.Diffusion`` (also written to final/config.json)."""
 
-    schedule: Literal["cosine", "linear"] = Field("cosine", description="noise schedule")
+    schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="noise schedule")
     prediction: Literal["eps", "x0", "v"] = Field("eps", description="what the network predicts")
     min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma; None = plain MSE")
+    thresholding: Literal["none", "static", "dynamic"] = Field(
+        "dynamic", description="x0 thresholding when sampling ('none' for the prior: embeddings are not in [-1, 1])")
 
     @field_validator("min_snr_gamma")
     @classmethod
@@ -30,16 +32,30 @@ class DiffusionSettings(StrictModel):
 
 
 class CondAugSettings(StrictModel):
-    """Conditioning augmentation of the low-res input of an SR model (Imagen §2.5)."""
+    """Keyword arguments of ``stages.condaug.CondAugConfig`` (SR only; written to final/config.json).
 
-    max_level: float = Field(0.5, description="largest noise level (0..1) applied to the low-res image in training")
-    blur: bool = Field(True, description="also blur the low-res image with a random Gaussian (Imagen SR)")
+    SR models train on real low-res images; corrupting them (noise at a random level, optional
+    blur) closes the gap to the generated low-res images they see at sampling (Imagen §2.5).
+    """
 
-    @field_validator("max_level")
+    schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="aug level -> noise")
+    max_train_level: float = Field(0.5, description="training aug levels ~ U[0, max_train_level]")
+    sample_level: float = Field(0.1, description="fixed aug level used when sampling")
+    blur_prob: float = Field(0.0, description="probability of blurring a training low-res image (unCLIP: 0.5)")
+    blur_sigma: tuple[float, float] = Field((0.4, 0.6), description="blur sigma range (lo, hi)")
+
+    @field_validator("max_train_level", "sample_level", "blur_prob")
     @classmethod
-    def _level(cls, v: float) -> float:
+    def _unit(cls, v: float, info) -> float:
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"condaug.max_level must be within [0, 1] (got {v})")
+            raise ValueError(f"condaug.{info.field_name} must be within [0, 1] (got {v})")
+        return v
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _sigma(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError(f"condaug.blur_sigma must be (lo, hi) with 0 < lo <= hi (got {v})")
         return v
 
 

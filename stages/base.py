@@ -1,0 +1,28 @@
+"""train_base: the Imagen base model, T5 tokens -> image at the flavor's size (64px at paper scale)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.context import StageContext, StageResult
+from stages import batches
+from stages.train import StageSpec, run_stage
+from stages.train_config import TrainConfig
+
+
+class BaseTrainConfig(TrainConfig):
+    """Imagen drops the text 10% of the time for classifier-free guidance."""
+
+    cfg_drop_text: float = Field(0.1, description="probability of dropping the T5 conditioning (CFG)")
+
+
+def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
+    x0 = batches.images(batch, device)
+    cond = {**batches.t5(batch, device, dtype), "drop_text": batches.drop_mask(len(x0), cfg.cfg_drop_text, device)}
+    return x0, cond
+
+
+SPEC = StageSpec(stage="train_base", role="base", needs_images=True, build_batch=build_batch)
+
+
+def run(cfg: BaseTrainConfig, ctx: StageContext) -> StageResult:
+    return run_stage(SPEC, cfg, ctx)

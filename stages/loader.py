@@ -1,0 +1,279 @@
+"""Training data: download shards (webdataset tars) joined by key with their embedding shards.
+
+One :class:`ShardStream` per rank; it splits shards across ranks and DataLoader workers, decodes
+and random-crops/flips images, and yields whole micro-batches (each from one worker, so a batch
+carries that worker's position exactly).
+
+Position and resume. Every *logical* worker ``g = rank * K + w`` (K = loader workers per rank)
+walks its own list of "units" per epoch and keeps ``{"epoch", "cursor", "index"}``: the next
+sample to read is embedding row ``index`` of unit ``cursor`` of epoch ``epoch``. Each batch
+carries its worker's position after its last sample; the training loop keeps the latest one per
+worker and saves them in each checkpoint, so a resumed run reads exactly the samples the
+interrupted one had not consumed yet (prefetched-but-unused batches are simply read again).
+A DataLoader always polls its physical workers round-robin from worker 0, so after ``n``
+consumed batches physical worker ``p`` plays logical worker ``(p + n) % K``; the batch order of
+a resumed run is then identical to an uninterrupted one, not only the set of samples.
+
+Randomness (shard order per epoch, crop offsets, flips) is a pure function of
+``(seed, epoch, shard, row)``, so there is no loader RNG state to save.
+
+Splitting: with at least as many shards as logical workers, each worker takes every G-th shard
+of the epoch's permutation; with fewer (small demos, many GPUs), every worker reads every shard
+and takes every G-th sample, so no rank idles.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_prep.embed_format import EmbeddingShard, read_embedding_shard
+from pipeline import store
+
+
+class LoaderError(ValueError):
+    """Training data that cannot be used as it is (missing or misaligned shards)."""
+
+
+@dataclass(frozen=True)
+class ShardPair:
+    index: int  # position in the sorted list of shards: part of the random seeds
+    tar_uri: str | None  # None when only embeddings are read (the prior)
+    npz_uri: str
+
+
+def pair_shards(download_uri: str | None, embed_uri: str) -> list[ShardPair]:
+    """Each ``download/shards/NNNNN.tar`` with its ``embed/shards/NNNNN.npz``; error if one is missing.
+
+    Without ``download_uri`` (the prior) the embedding shards alone.
+    """
+    npzs = {os.path.basename(u)[: -len(".npz")]: u for u in store.glob(store.join(embed_uri, "shards", "*.npz"))}
+    if download_uri is None:
+        if not npzs:
+            raise LoaderError(f"no embedding shards (*.npz) under {store.join(embed_uri, 'shards')}")
+        return [ShardPair(i, None, npzs[k]) for i, k in enumerate(sorted(npzs))]
+    tars = [u for u in store.glob(store.join(download_uri, "shards", "*.tar"))]
+    if not tars:
+        raise LoaderError(f"no download shards (*.tar) under {store.join(download_uri, 'shards')}")
+    pairs = []
+    for i, t in enumerate(sorted(tars)):
+        stem = os.path.basename(t)[: -len(".tar")]
+        if stem not in npzs:
+            raise LoaderError(f"download shard {t} has no embedding shard {stem}.npz under "
+                              f"{store.join(embed_uri, 'shards')}; re-run the embed stage")
+        pairs.append(ShardPair(i, t, npzs[stem]))
+    return pairs
+
+
+@dataclass
+class LoaderSpec:
+    """What a stage needs from the data (the prior needs no pixels: its tars are never opened)."""
+
+    image_size: int | None  # None: no images
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+
+def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[int, int, int]]:
+    """(shard position, first row, row stride) for logical worker g of G in an epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
+    if n_shards >= G:
+        return [(int(s), 0, 1) for s in order[g::G]]
+    return [(int(s), g, G) for s in order]
+
+
+def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Decode, resize the short side to ``size``, random square crop, random flip -> uint8 [3,H,W]."""
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    if scale != 1.0:
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+    x = int(rng.integers(0, w - size + 1))
+    y = int(rng.integers(0, h - size + 1))
+    arr = np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.uint8)
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _tar_groups(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for consecutive members sharing a key, streamed."""
+    with store.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key, group = None, {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            k, _, ext = base.partition(".")
+            if k != key and key is not None:
+                yield key, group
+                group = {}
+            key = k
+            ex = tar.extractfile(m)
+            group[ext] = ex.read() if ex is not None else b""
+        if key is not None:
+            yield key, group
+
+
+def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(1, max(len(s) for s in seqs))
+    out = torch.zeros(len(seqs), L, seqs[0].shape[-1], dtype=torch.float16)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float16))
+        mask[b, : len(s)] = True
+    return out, mask
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a micro-batch; token features padded to the batch's longest caption."""
+    out: dict[str, Any] = {"keys": [s["key"] for s in samples]}
+    if "image" in samples[0]:
+        out["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B,3,H,W]
+    out["clip_image"] = torch.from_numpy(np.stack([s["clip_image"] for s in samples]))
+    out["clip_text"] = torch.from_numpy(np.stack([s["clip_text"] for s in samples]))
+    out["t5_tokens"], out["t5_mask"] = _pad([s["t5"] for s in samples])
+    out["clip_tokens"], out["clip_mask"] = _pad([s["clip_tokens"] for s in samples])
+    return out
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless stream of collated micro-batches for one rank (see module docstring)."""
+
+    def __init__(self, shards: list[ShardPair], spec: LoaderSpec, positions: dict[int, dict] | None = None,
+                 rotate: int = 0):
+        if not shards:
+            raise LoaderError("no shards to train on")
+        self.shards, self.spec = shards, spec
+        self.positions = positions or {}
+        self.rotate = rotate
+
+    def _samples(self, g: int, G: int, start: dict) -> Iterator[tuple[dict, dict, int]]:
+        """(sample, position after it, skipped-so-far) forever, from ``start``."""
+        epoch, cursor, index = start.get("epoch", 0), start.get("cursor", 0), start.get("index", 0)
+        skipped, empty_epochs = 0, 0
+        while True:
+            units = _units(len(self.shards), epoch, g, G, self.spec.seed)
+            produced = 0
+            while cursor < len(units):
+                s, first, stride = units[cursor]
+                pair = self.shards[s]
+                emb = read_embedding_shard(pair.npz_uri)
+                for row, sample in self._rows(pair, emb, max(index, first), first, stride, epoch):
+                    if sample is None:
+                        skipped += 1
+                        continue
+                    produced += 1
+                    yield sample, {"epoch": epoch, "cursor": cursor, "index": row + 1}, skipped
+                cursor, index = cursor + 1, 0
+            # A resumed epoch may legitimately have nothing left; two empty epochs in a row mean none ever will.
+            empty_epochs = empty_epochs + 1 if produced == 0 else 0
+            if empty_epochs >= 2:
+                raise LoaderError(f"data worker {g} of {G} gets no usable samples from {len(self.shards)} shards "
+                                  f"(fewer usable samples than ranks x loader_workers?)")
+            epoch, cursor = epoch + 1, 0
+
+    def _rows(self, pair: ShardPair, emb: EmbeddingShard, start: int, first: int, stride: int, epoch: int):
+        def wanted(j: int) -> bool:
+            return j >= start and (j - first) % stride == 0
+
+        def sample(j: int, image: np.ndarray | None) -> dict:
+            d = {"key": str(emb.keys[j]), "clip_image": emb.clip_image[j], "clip_text": emb.clip_text[j],
+                 "t5": emb.t5_of(j), "clip_tokens": emb.clip_tokens_of(j)}
+            if image is not None:
+                d["image"] = image
+            return d
+
+        if self.spec.image_size is None:
+            for j in range(len(emb)):
+                if wanted(j):
+                    yield j, sample(j, None)
+            return
+        row = {str(k): j for j, k in enumerate(emb.keys)}
+        j = 0  # next embedding row we expect to meet in the tar
+        for key, group in _tar_groups(pair.tar_uri):
+            if key not in row:
+                continue  # not embedded (bad image/caption at embed time): skipped there, counted there
+            if row[key] != j:
+                raise LoaderError(f"embedding shard {pair.npz_uri} is misaligned with {pair.tar_uri}: tar key "
+                                  f"{key} is embedding row {row[key]} but row {j} ({emb.keys[j]}) was expected next")
+            if wanted(j):
+                data = group.get("jpg") or group.get("jpeg") or group.get("png") or group.get("webp")
+                rng = np.random.default_rng([self.spec.seed, epoch, pair.index, j])
+                try:
+                    if data is None:
+                        raise OSError("no image member")
+                    img = _load_image(data, self.spec.image_size, rng)
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    img = None
+                yield j, (sample(j, img) if img is not None else None)
+            j += 1
+        if j < len(emb):
+            raise LoaderError(f"embedding shard {pair.npz_uri} is misaligned with {pair.tar_uri}: key "
+                              f"{emb.keys[j]} (row {j}) is not in the tar")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        p, K = (info.id, info.num_workers) if info is not None else (0, 1)
+        w = (p + self.rotate) % K
+        g, G = self.spec.rank * K + w, self.spec.world_size * K
+        batch, last_pos, skipped = [], None, 0
+        for sample, pos, skipped in self._samples(g, G, self.positions.get(w, {})):
+            batch.append(sample)
+            last_pos = pos
+            if len(batch) == self.spec.batch_size:
+                out = collate(batch)
+                out["worker"], out["position"], out["skipped"] = w, last_pos, skipped
+                yield out
+                batch = []
+
+
+def make_loader(shards: list[ShardPair], spec: LoaderSpec, state: dict | None, num_workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`ShardStream` resuming from ``state`` (see :func:`loader_state`)."""
+    K = max(1, num_workers)
+    positions, rotate = {}, 0
+    if state:
+        if state.get("workers") != K or state.get("world_size") != spec.world_size:
+            raise LoaderError(
+                f"checkpoint data position was saved with {state.get('workers')} loader workers x "
+                f"{state.get('world_size')} ranks, this run has {K} x {spec.world_size}; resume with the same "
+                "loader_workers and num_workers (the data split depends on them)")
+        positions = {int(k): v for k, v in state["positions"].items()}
+        rotate = int(state["consumed"]) % K
+    ds = ShardStream(shards, spec, positions, rotate)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       prefetch_factor=2 if num_workers else None)
+
+
+class PositionTracker:
+    """What the loop keeps about the data it has consumed; saved in every checkpoint."""
+
+    def __init__(self, num_workers: int, world_size: int, state: dict | None = None):
+        self.K, self.world_size = max(1, num_workers), world_size
+        self.positions: dict[int, dict] = {}
+        self.consumed = 0
+        self.skipped: dict[int, int] = {}
+        if state:
+            self.positions = {int(k): v for k, v in state["positions"].items()}
+            self.consumed = int(state["consumed"])
+
+    def update(self, batch: dict) -> None:
+        self.positions[int(batch["worker"])] = dict(batch["position"])
+        self.skipped[int(batch["worker"])] = int(batch["skipped"])
+        self.consumed += 1
+
+    def state(self) -> dict:
+        return {"workers": self.K, "world_size": self.world_size, "consumed": self.consumed,
+                "positions": {str(k): v for k, v in sorted(self.positions.items())}}

@@ -1,0 +1,395 @@
+"""The one training loop, shared by train_prior, train_decoder, train_base, train_sr256, train_sr1024.
+
+Reads top to bottom (torchtitan style): set up the process group, find the latest complete
+checkpoint, build the data loader at the saved position, build the network and the DeepSpeed
+engine, restore, then ``while step < steps``: step, EMA, log, save. At the end: a last checkpoint
+and the consolidated EMA weights as ``final/model.safetensors`` + ``final/config.json``.
+
+A stage module contributes only a :class:`StageSpec` (role, batch builder, what data it needs)
+and its config class. Ray never appears here (DESIGN invariant 2): the rank and world size
+arrive in a :class:`DistEnv`, filled from torchrun's environment, from a single process, or by
+``pipeline/train_ray.py`` from ``ray.train.get_context()``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from pipeline import store
+from pipeline.context import StageContext, StageResult
+from stages.checkpoint import CheckpointManager
+from stages.ema import EMA
+from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
+from stages.optim import build_optimizer, build_scheduler, deepspeed_config, resolve_precision
+from stages.train_config import TrainConfig
+from stages.train_metrics import MetricsLogger, image_grid
+
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- what a stage gives
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything that differs between the five training stages."""
+
+    stage: str  # graph name, e.g. "train_base"
+    role: str  # network role for stages.nets.flavors
+    needs_images: bool
+    # (loader batch, cfg, flavor, device, compute dtype) -> (x0, cond kwargs of the network)
+    build_batch: Callable[[Batch, TrainConfig, Any, torch.device, torch.dtype], tuple[torch.Tensor, dict]]
+    # the "condaug" entry of final/config.json (SR only)
+    extra_config: Callable[[TrainConfig], dict | None] = lambda cfg: None
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Where a stage reads and writes; picklable, so it travels to Ray workers."""
+
+    out_uri: str
+    download_uri: str | None  # None for the prior: it reads embeddings only
+    embed_uri: str
+    cond_dims: dict[str, int]
+
+    @classmethod
+    def from_ctx(cls, ctx: StageContext, needs_images: bool) -> "TrainJob":
+        embed = ctx.input_uri("embed")
+        download = ctx.input_uri("download") if needs_images else None
+        return cls(ctx.out_uri, download, embed, read_cond_dims(embed))
+
+
+def read_cond_dims(embed_uri: str) -> dict[str, int]:
+    """Conditioning widths from ``embed/encoders.json`` (or, failing that, the first shard)."""
+    uri = store.join(embed_uri, "encoders.json")
+    if store.exists(uri):
+        enc = store.read_json(uri)
+        return {k: int(enc[k]) for k in ("t5_dim", "clip_dim", "clip_token_dim")}
+    from data_prep.embed_format import read_embedding_shard
+
+    shards = store.glob(store.join(embed_uri, "shards", "*.npz"))
+    if not shards:
+        raise FileNotFoundError(f"neither {uri} nor any embedding shard under {embed_uri}/shards")
+    return read_embedding_shard(shards[0]).dims
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the job. ``initialized``: someone (Ray Train) already made the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    initialized: bool = False
+
+    @classmethod
+    def from_env(cls) -> "DistEnv":
+        """torchrun's variables when present, else a single process on a free local port."""
+        e = os.environ
+        if "RANK" in e and "WORLD_SIZE" in e:
+            return cls(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
+                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)))
+        return cls(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed with the right accelerator; it must be chosen before the first import."""
+    if device.type != "cuda":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    want = "cuda" if device.type == "cuda" else "cpu"
+    if get_accelerator()._name != want:  # imported earlier in this process with another choice
+        if want == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            set_accelerator(CPU_Accelerator())
+        else:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+            set_accelerator(CUDA_Accelerator())
+    _no_jit_ops(deepspeed)
+    return deepspeed
+
+
+def _no_jit_ops(deepspeed) -> None:
+    """Never compile a DeepSpeed C++/CUDA op at run time.
+
+    ``init_distributed`` on the CPU accelerator JIT-builds a shared-memory allreduce op (a C++
+    compile: about a minute, and a toolchain on every worker). gloo does the same job. DeepSpeed
+    consults ``deepspeed.ops.__compatible_ops__`` before building; marking the op incompatible
+    there makes it fall back. We pre-seed the dict rather than reading it, because reading it runs
+    DeepSpeed's (slow) compiler probe. Our optimizer is torch's AdamW, so no other op is needed.
+    """
+    import deepspeed.ops as ds_ops
+
+    compat = ds_ops.__dict__.get("__compatible_ops__")
+    if compat is None:
+        compat = ds_ops.__dict__["__compatible_ops__"] = {}
+    compat["deepspeed_shm_comm"] = False
+
+
+def setup_distributed(env: DistEnv, device: torch.device) -> bool:
+    """Make sure a process group exists; True when we created it (and must destroy it)."""
+    if dist.is_initialized():
+        return False
+    deepspeed = import_deepspeed(device)
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               verbose=False)
+    return True
+
+
+# ----------------------------------------------------------------------------- engine + step
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device, world_size: int = 1):
+    """DeepSpeed engine around ``model`` with our AdamW + warmup/cosine LambdaLR. -> (engine, precision)."""
+    deepspeed = import_deepspeed(device)
+    precision = resolve_precision(cfg, device)
+    model.to(device)
+    optimizer = build_optimizer(cfg, model.parameters(), device)
+    scheduler = build_scheduler(cfg, optimizer)
+    ds_cfg = deepspeed_config(cfg, world_size, precision)
+    if _clips_itself(cfg, precision):
+        ds_cfg["gradient_clipping"] = 0.0  # see train_step: DeepSpeed would clip but not report the norm
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                           dist_init_required=False)
+    engine.t2i_clip = cfg.grad_clip if _clips_itself(cfg, precision) else None
+    return engine, precision
+
+
+def _clips_itself(cfg: TrainConfig, precision: str) -> bool:
+    # ZeRO-0 in fp32 hands our optimizer the raw grads: DeepSpeed clips them without keeping the norm.
+    return cfg.zero_stage == 0 and precision == "fp32"
+
+
+def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns detached tensors (no sync)."""
+    total = None
+    for x0, cond in micro_batches:
+        loss, _ = diffusion.training_loss(engine, x0, cond)
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary() and getattr(engine, "t2i_clip", None) is not None:
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            engine.t2i_norm = torch.nn.utils.clip_grad_norm_(params, engine.t2i_clip or float("inf"))
+        engine.step()
+        total = loss.detach() if total is None else total + loss.detach()
+    norm = engine.get_global_grad_norm() if getattr(engine, "t2i_clip", None) is None else engine.t2i_norm
+    return {"loss": total / len(micro_batches), "grad_norm": norm}
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
+               _fault_at_step: int | None = None) -> dict[str, Any]:
+    """Train one stage to ``cfg.steps``, resuming from the latest complete checkpoint.
+
+    ``_fault_at_step`` (tests): raise right after that step's checkpoint, like a killed worker.
+    """
+    from stages.diffusion import Diffusion
+    from stages.nets.flavors import build_network, get_flavor
+
+    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created_group = setup_distributed(env, device)
+    deepspeed = import_deepspeed(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        flavor = get_flavor(spec.role, cfg.flavor)
+        ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
+                                 every_minutes=cfg.checkpoint_every_minutes, rank=rank, world_size=world,
+                                 device=device)
+
+        # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
+        latest = ckpt.latest()
+        start = torch.tensor([latest[0] if latest else -1], device=device)
+        dist.broadcast(start, src=0)
+        start_step = int(start.item())
+        resume_uri = store.join(ckpt.root, f"step_{start_step:08d}") if start_step >= 0 else None
+        state = ckpt.read_state(resume_uri) if resume_uri else {}
+
+        # 2. Data, at the saved position (built before the engine: workers fork a small process).
+        shards = pair_shards(job.download_uri, job.embed_uri)
+        lspec = LoaderSpec(flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed, rank, world)
+        loader = make_loader(shards, lspec, state.get("data"), cfg.loader_workers, pin_memory=device.type == "cuda")
+        tracker = PositionTracker(cfg.loader_workers, world, state.get("data"))
+
+        # 3. Network (same init on every rank) and engine; ZeRO-3 partitions while constructing.
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        ds_cfg = deepspeed_config(cfg, world, resolve_precision(cfg, device))
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=cfg.zero_stage == 3):
+            model = build_network(spec.role, cfg.flavor, job.cond_dims,
+                                  gradient_checkpointing=cfg.activation_checkpointing)
+        engine, precision = build_engine(cfg, model, device=device, world_size=world)
+        compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ema = EMA(engine.module, cfg.ema_decay)
+        diffusion = Diffusion(**cfg.diffusion.model_dump())
+        torch.manual_seed(cfg.seed * 1000 + rank + 1)  # noise, t and CFG masks differ per rank
+
+        step = 0
+        if resume_uri:
+            ema_tensors = ckpt.load(engine, resume_uri, ema.zero3)  # also restores the RNG states
+            if ema_tensors is not None:
+                ema.load_state_tensors(ema_tensors)
+            step = int(state["step"])
+        logger = MetricsLogger(job.out_uri, enabled=rank == 0, resume_step=step, wandb_project=cfg.wandb_project,
+                               run_name=spec.stage, config=cfg.model_dump())
+        fixed = _fixed_conditioning(spec, cfg, flavor, shards, device, compute_dtype) \
+            if cfg.sample_every and spec.needs_images else None
+
+        # 4. The loop.
+        engine.train()
+        data = iter(loader)
+        loss_sum, n_loss, last_saved = None, 0, step
+        t_log, samples_since = time.perf_counter(), 0
+        while step < cfg.steps:
+            micro = []
+            for _ in range(cfg.grad_accum):
+                batch = next(data)
+                tracker.update(batch)
+                micro.append(spec.build_batch(batch, cfg, flavor, device, compute_dtype))
+            lr = engine.get_lr()[0]
+            out = train_step(engine, diffusion, micro)
+            step += 1
+            ema.update(step)
+            loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
+            n_loss += 1
+            samples_since += cfg.batch_size * cfg.grad_accum * world
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = (loss_sum / n_loss).float().reshape(1)
+                dist.all_reduce(mean_loss)  # mean over ranks, one tiny collective per log line
+                now = time.perf_counter()
+                gn = out["grad_norm"]
+                logger.log(step, {"loss": mean_loss.item() / world,
+                                  "grad_norm": float(gn) if gn is not None else float("nan"),
+                                  "lr": lr, "samples_per_s": samples_since / max(now - t_log, 1e-9)})
+                loss_sum, n_loss, t_log, samples_since = None, 0, now, 0
+
+            if fixed is not None and step % cfg.sample_every == 0:
+                _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device)
+
+            if ckpt.due(step) or step == cfg.steps:
+                _save(ckpt, engine, step, tracker, ema)
+                last_saved = step
+                logger.sync()
+            if _fault_at_step is not None and step == _fault_at_step:
+                raise RuntimeError(f"injected fault after step {step}")
+
+        if last_saved != step:  # resumed at the end already: nothing new to save
+            _save(ckpt, engine, step, tracker, ema)
+
+        # 5. The stage's output: consolidated EMA weights (a collective under ZeRO-3).
+        weights = ema.consolidated_state_dict(engine.module)
+        if rank == 0:
+            write_final(job.out_uri, weights, {
+                "role": spec.role, "flavor": cfg.flavor, "cond_dims": dict(job.cond_dims),
+                "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
+                "diffusion": cfg.diffusion.model_dump(), "condaug": spec.extra_config(cfg), "step": step})
+        logger.close()
+        dist.barrier()
+        return {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
+                "skipped": sum(tracker.skipped.values()), "precision": precision}
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _save(ckpt: CheckpointManager, engine, step: int, tracker: PositionTracker, ema: EMA) -> None:
+    ckpt.save(engine, step, {"data": tracker.state()}, ema.state_tensors(), ema_sharded=ema.zero3)
+
+
+def write_final(out_uri: str, weights: dict[str, torch.Tensor], config: dict) -> None:
+    """final/model.safetensors, then final/config.json (its presence means the weights are whole)."""
+    from safetensors.torch import save as st_save
+
+    body = st_save({k: v.contiguous() for k, v in weights.items()})
+    store.write_bytes_atomic(store.join(out_uri, "final", "model.safetensors"), body)
+    store.write_json(store.join(out_uri, "final", "config.json"), config)
+
+
+def load_final(uri: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(network with the EMA weights, config.json) from a stage's ``final/`` dir — no DeepSpeed."""
+    from safetensors.torch import load as st_load
+
+    from stages.nets.flavors import build_network
+
+    config = store.read_json(store.join(uri, "config.json"))
+    net = build_network(config["role"], config["flavor"], config["cond_dims"])
+    net.load_state_dict(st_load(store.read_bytes(store.join(uri, "model.safetensors"))))
+    return net.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------- sample grid
+def _fixed_conditioning(spec, cfg, flavor, shards, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Conditioning of the first few samples of the first shard (fixed across steps and resumes)."""
+    n = min(4, max(1, cfg.batch_size))
+    stream = ShardStream(shards[:1], LoaderSpec(flavor.image_size, n, cfg.seed, 0, 1))
+    batch = next(iter(stream))
+    x0, cond = spec.build_batch(batch, cfg, flavor, device, dtype)
+    cond = {k: v for k, v in cond.items() if not k.startswith("drop_")}
+    return x0, cond
+
+
+def _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device) -> None:
+    """Every rank samples (under ZeRO-3 a forward needs all ranks); rank 0 writes. Live weights."""
+    x0, cond = fixed
+    if "aug_level" in cond:  # SR: sample with a clean low-res image
+        cond["aug_level"] = torch.zeros_like(cond["aug_level"])
+    engine.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        imgs = diffusion.sample(engine.module, tuple(x0.shape), cond, steps=cfg.sample_steps, generator=g,
+                                device=device)
+    engine.train()
+    logger.image(step, "grid", image_grid(torch.cat([imgs, x0.float()])))
+
+
+# ----------------------------------------------------------------------------- stage entry
+def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwargs) -> StageResult:
+    """``run(cfg, ctx)`` of every training stage: Ray Train when the runner uses Ray, else in-process."""
+    job = TrainJob.from_ctx(ctx, spec.needs_images)
+    loop_fn = functools.partial(train_loop, spec, cfg, job, **loop_kwargs)
+    ctx.progress(f"{spec.stage}: training {cfg.flavor} for {cfg.steps} steps")
+    if ctx.ray_enabled:
+        from pipeline.train_ray import launch  # Ray stays in pipeline/
+
+        launch(loop_fn, cfg, ctx)
+    else:
+        loop_fn(DistEnv.from_env())
+    return stage_result(job.out_uri, cfg)
+
+
+def stage_result(out_uri: str, cfg: TrainConfig) -> StageResult:
+    """Read back what the loop wrote (the same whether it ran here or on Ray workers)."""
+    final = store.join(out_uri, "final")
+    config = store.read_json(store.join(final, "config.json"))
+    metrics: dict[str, float] = {}
+    muri = store.join(out_uri, "metrics.jsonl")
+    if store.exists(muri):
+        lines = [json.loads(x) for x in store.read_bytes(muri).decode().splitlines() if x.strip()]
+        if lines:
+            metrics = {f"final_{k}": float(v) for k, v in lines[-1].items() if k != "step"}
+    return StageResult(
+        counts={"steps": int(config["step"])},
+        metrics=metrics,
+        outputs={"weights": store.join(final, "model.safetensors"), "config": store.join(final, "config.json"),
+                 "checkpoints": store.join(out_uri, "checkpoints"), "tb": store.join(out_uri, "tb"),
+                 "metrics": muri})
