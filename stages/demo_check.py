@@ -9,11 +9,11 @@ can plausibly learn:
   votes for its nearest entry of the corpus ``COLORS`` table; the winner must be the prompt's
   colour. Chance is ``1 / len(COLORS)`` (printed beside the accuracy so a reader can tell
   "learned something" from "lucky").
-* position (when the prompt names one): the centroid of the coloured mass must lie on the
-  prompt's side of the image.
+* position (when the prompt names one): the centroid of the coloured mass must be nearest to
+  the prompt's nominal position among the corpus ``POSITIONS`` (a 3x3 grid; chance 1/9).
 
 The background colour is estimated from the image border (median), so the check needs nothing
-from the corpus beyond ``parse_caption`` and ``COLORS``.
+from the corpus beyond ``parse_caption``, ``COLORS`` and ``POSITIONS``.
 """
 from __future__ import annotations
 
@@ -131,30 +131,25 @@ def analyse(img: Image.Image | np.ndarray, colours: Mapping[str, tuple[int, int,
     return Analysis(names[int(votes.argmax())], centroid, frac)
 
 
-_LEFT, _RIGHT, _TOP, _BOTTOM = ("left",), ("right",), ("top", "upper", "above"), ("bottom", "lower", "below")
-_CENTRE = ("center", "centre", "middle")
+def corpus_positions() -> dict[str, tuple[float, float]]:
+    """The demo corpus's nominal shape centres: position name -> (x, y) as fractions of the side."""
+    from data_prep import demo_corpus
+
+    return {str(k): (float(v[0]), float(v[1])) for k, v in demo_corpus.POSITIONS.items()}
 
 
-def position_matches(position: str, centroid: tuple[float, float] | None) -> bool:
-    """Whether the centroid lies on the side(s) the prompt names ("top left", "center", ...)."""
+def position_matches(position: str, centroid: tuple[float, float] | None,
+                     positions: Mapping[str, tuple[float, float]] | None = None) -> bool:
+    """Whether the coloured mass's centroid is nearest to the prompt's nominal position (of the
+    corpus's 3x3 grid: chance is 1/9 for a centroid anywhere)."""
     if centroid is None:
         return False
+    positions = positions if positions is not None else corpus_positions()
+    if position not in positions:
+        raise ValueError(f"unknown position {position!r}; allowed: {', '.join(positions)}")
     x, y = centroid
-    words = position.lower().replace("-", " ").replace("_", " ").split()
-    checks = []
-    if any(w in _LEFT for w in words):
-        checks.append(x < 0.45)
-    if any(w in _RIGHT for w in words):
-        checks.append(x > 0.55)
-    if any(w in _TOP for w in words):
-        checks.append(y < 0.45)
-    if any(w in _BOTTOM for w in words):
-        checks.append(y > 0.55)
-    if any(w in _CENTRE for w in words) and not checks:
-        checks.append(abs(x - 0.5) < 0.17 and abs(y - 0.5) < 0.17)
-    if not checks:
-        raise ValueError(f"unknown position {position!r}; known words: left, right, top, bottom, center")
-    return all(checks)
+    nearest = min(positions, key=lambda k: (positions[k][0] - x) ** 2 + (positions[k][1] - y) ** 2)
+    return nearest == position
 
 
 @dataclass
@@ -183,8 +178,9 @@ class DemoCheck:
     colour_accuracy: float
     position_accuracy: float | None  # None when no checked prompt names a position
     chance: float  # 1 / len(COLORS)
-    position_n: int = 0
-    position_matches: int = 0
+    position_n: int = 0  # checked samples whose prompt names a position
+    position_correct: int = 0
+    position_chance: float | None = None  # 1 / number of corpus positions
     verdicts: list[SampleVerdict] = field(default_factory=list)
 
     def line(self) -> str:
@@ -193,7 +189,8 @@ class DemoCheck:
         s = (f"demo check: colour {self.colour_matches}/{self.n} = {self.colour_accuracy:.2f} "
              f"(chance {self.chance:.2f})")
         if self.position_accuracy is not None:
-            s += f", position {self.position_matches}/{self.position_n} = {self.position_accuracy:.2f}"
+            s += (f", position {self.position_correct}/{self.position_n} = {self.position_accuracy:.2f}"
+                  f" (chance {self.position_chance:.2f})")
         return s
 
     def metrics(self) -> dict[str, float]:
@@ -207,6 +204,7 @@ def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
                   colours: Mapping[str, tuple[int, int, int]] | None = None) -> DemoCheck:
     """Score (prompt, image) pairs; pairs whose prompt is not a demo caption are skipped."""
     colours = dict(colours) if colours is not None else corpus_colours()
+    positions: dict[str, tuple[float, float]] | None = None
     verdicts: list[SampleVerdict] = []
     for prompt, img in samples:
         parsed = parse_demo_prompt(prompt)
@@ -216,7 +214,10 @@ def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
         if want_colour not in colours:
             raise ValueError(f"prompt {prompt!r} has colour {want_colour!r} not in COLORS {sorted(colours)}")
         a = analyse(img, colours)
-        pos_ok = position_matches(want_pos, a.centroid) if want_pos else None
+        pos_ok = None
+        if want_pos:
+            positions = positions if positions is not None else corpus_positions()
+            pos_ok = position_matches(want_pos, a.centroid, positions)
         verdicts.append(SampleVerdict(prompt, want_colour, a.colour, want_pos, pos_ok))
     n = len(verdicts)
     cm = sum(v.colour_ok for v in verdicts)
@@ -225,7 +226,8 @@ def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
     return DemoCheck(
         n=n, colour_matches=cm, colour_accuracy=cm / n if n else 0.0,
         position_accuracy=pm / len(with_pos) if with_pos else None,
-        chance=1.0 / len(colours), position_n=len(with_pos), position_matches=pm, verdicts=verdicts,
+        chance=1.0 / len(colours), position_n=len(with_pos), position_correct=pm,
+        position_chance=1.0 / len(positions) if positions else None, verdicts=verdicts,
     )
 
 

@@ -1,0 +1,515 @@
+"""Sampling whole cascades from a run's trained stages: the pipeline's last stage (``sample``) and
+what ``t2i sample`` calls.
+
+  unclip: prompt -> CLIP text -> prior -> CLIP image embedding -> decoder -> sr256 -> sr1024
+  imagen: prompt -> T5 tokens -> base -> sr256 -> sr1024
+
+Everything is read back through the store exactly as training wrote it (docs/contracts.md):
+``<run>/train_X/final/{model.safetensors,config.json}`` (safetensors only: loading a run can never
+execute code) and ``<run>/embed/encoders.json`` (which encoders embed the prompts). Networks are
+built from their flavor name, so nothing here knows a model size.
+
+Conditioning mirrors the training batch builders (stages/{prior,decoder,base,superres}.py): the
+same keyword arguments, with CLIP/T5 features rounded through fp16 as the embedding shards store
+them. Classifier-free guidance is stages.diffusion's: the unconditional branch is the same call
+with the role's ``drop_*`` flags all True (the network's learned null conditioning). Each SR
+stage receives the previous stage's output downsampled to its ``low_res_size`` and noised at a
+fixed conditioning-augmentation level (Imagen §2.5), which it is told through ``aug_level``.
+"""
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field, field_validator, model_validator
+
+from pipeline import store
+from pipeline.configbase import StrictModel
+from pipeline.context import StageContext, StageFailed, StageResult
+
+ROLES = ("prior", "decoder", "base", "sr256", "sr1024")
+CASCADES: dict[str, tuple[str, ...]] = {
+    "unclip": ("prior", "decoder", "sr256", "sr1024"),
+    "imagen": ("base", "sr256", "sr1024"),
+}
+# The drop_* flags each network takes: set True for the unconditional branch of CFG.
+NULL_KEYS = {"prior": ("drop_text",), "decoder": ("drop_text", "drop_image"), "base": ("drop_text",),
+             "sr256": ("drop_text",), "sr1024": ("drop_text",)}
+SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
+DEFAULT_GUIDANCE = {"prior": 2.0, "decoder": 3.0, "base": 3.0, "sr256": 1.0, "sr1024": 1.0}
+
+
+def stage_of(role: str) -> str:
+    return f"train_{role}"
+
+
+def _default_prompts() -> list[str]:
+    from data_prep.demo_corpus import demo_prompts
+
+    return demo_prompts()
+
+
+class SampleConfig(StrictModel):
+    """The ``sample`` stage: which prompts, which cascades, and how to sample them."""
+
+    prompts: list[str] = Field(default_factory=_default_prompts, description=(
+        "Prompts to sample (default: the demo corpus's fixed prompt list, which also turns on the demo check)."))
+    cascade: Literal["imagen", "unclip", "both"] = Field("both", description=(
+        "'unclip' (prior -> decoder -> sr256 -> sr1024), 'imagen' (base -> sr256 -> sr1024) or 'both'."))
+    guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
+        "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
+        "prior, decoder, base, sr256, sr1024 (missing roles use the defaults). 1.0 = no guidance."))
+    steps: int | dict[str, int] = Field(25, description="Denoising steps: one int for every model, or role -> steps.")
+    sampler: Literal["ddim", "ddpm", "dpmpp", "dpmpp_2m"] = Field("dpmpp", description=(
+        "'ddim' (deterministic), 'ddpm' (ancestral) or 'dpmpp' (DPM-Solver++(2M), good at ~20-25 steps)."))
+    thresholding: Literal["dynamic", "static", "none"] = Field("dynamic", description=(
+        "x0 thresholding of image models (Imagen's dynamic thresholding keeps high guidance from saturating). "
+        "The prior always samples without thresholding: CLIP embeddings are not in [-1, 1]."))
+    dynamic_threshold_percentile: float = Field(0.995, description="Percentile p of dynamic thresholding, in (0.5, 1].")
+    sr_aug_level: float | None = Field(None, description=(
+        "Fixed conditioning-augmentation level in [0, 1] for the SR models' low-res input; null = each SR "
+        "model's own condaug.sample_level from training."))
+    seed: int = Field(0, description="Seed of all sampling noise: the same seed and config give the same images.")
+    images_per_prompt: int = Field(1, ge=1, le=64, description="Samples per prompt per cascade.")
+    batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
+    max_stage: Literal["base", "decoder", "sr256", "sr1024"] | None = Field(None, description=(
+        "Stop each cascade early: 'base'/'decoder' = after the 64px model (base for imagen, decoder for "
+        "unclip), 'sr256' = after the first upsampler; null = run the whole cascade."))
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
+    demo_check: bool = Field(True, description="Score samples against their prompts when all prompts are demo captions.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("sample.prompts must name at least one prompt")
+        bad = [i for i, p in enumerate(v) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise ValueError(f"sample.prompts[{bad[0]}] is empty; every prompt must be non-empty text")
+        return v
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, v):
+        vals = v.items() if isinstance(v, dict) else [("*", v)]
+        for k, w in vals:
+            if k != "*" and k not in ROLES:
+                raise ValueError(f"sample.guidance_scale has unknown role {k!r}; allowed: {', '.join(ROLES)}")
+            if not w >= 1.0:
+                raise ValueError(f"sample.guidance_scale[{k}]={w}: must be >= 1.0 (1.0 = no guidance)")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        vals = v.items() if isinstance(v, dict) else [("*", v)]
+        for k, s in vals:
+            if k != "*" and k not in ROLES:
+                raise ValueError(f"sample.steps has unknown role {k!r}; allowed: {', '.join(ROLES)}")
+            if s < 1 or s > 1000:
+                raise ValueError(f"sample.steps[{k}]={s}: must be within [1, 1000]")
+        return v
+
+    @field_validator("dynamic_threshold_percentile")
+    @classmethod
+    def _pct(cls, v: float) -> float:
+        if not 0.5 < v <= 1.0:
+            raise ValueError(f"sample.dynamic_threshold_percentile must be in (0.5, 1], got {v}")
+        return v
+
+    @field_validator("sr_aug_level")
+    @classmethod
+    def _aug(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"sample.sr_aug_level must be within [0, 1] or null, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _device(self) -> "SampleConfig":
+        d = self.device
+        if d not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", d):
+            raise ValueError(f"sample.device {d!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N'")
+        return self
+
+    def cascades(self) -> list[str]:
+        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
+
+    def guidance_for(self, role: str) -> float:
+        g = self.guidance_scale
+        return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_GUIDANCE[role]))
+
+    def steps_for(self, role: str) -> int:
+        s = self.steps
+        return int(s) if not isinstance(s, dict) else int(s.get(role, 25))
+
+
+def cascade_roles(cascade: str, max_stage: str | None = None) -> tuple[str, ...]:
+    """The roles a cascade runs, cut after ``max_stage`` ('base'/'decoder' mean its 64px model)."""
+    if cascade not in CASCADES:
+        raise ValueError(f"unknown cascade {cascade!r}; allowed: {', '.join(CASCADES)}")
+    roles = CASCADES[cascade]
+    if max_stage is None:
+        return roles
+    last = roles[-3] if max_stage in ("base", "decoder") else max_stage
+    return roles[: roles.index(last) + 1]
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    role: str
+    net: torch.nn.Module
+    diffusion: Any  # stages.diffusion.Diffusion
+    config: dict[str, Any]  # final/config.json
+
+
+def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
+    """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
+    from safetensors.torch import load as st_load
+
+    from stages.diffusion import Diffusion
+    from stages.nets.flavors import build_network
+
+    final = store.join(stage_uri, "final")
+    cfg_uri, w_uri = store.join(final, "config.json"), store.join(final, "model.safetensors")
+    # config.json is written after the weights: its absence means "not (completely) trained".
+    missing = [u for u in (cfg_uri, w_uri) if not store.exists(u)]
+    if missing:
+        raise StageFailed(
+            f"stage {stage_of(role)} has no trained model: {missing[0]} not found. Train it first "
+            f"(t2i run <spec> runs {stage_of(role)}), pick a cascade that does not need it, or stop the "
+            f"cascade earlier with max_stage")
+    config = store.read_json(cfg_uri)
+    if config.get("role") != role:
+        raise StageFailed(f"{cfg_uri}: role is {config.get('role')!r}, expected {role!r}")
+    net = build_network(role, config["flavor"], config["cond_dims"])
+    try:
+        net.load_state_dict(st_load(store.read_bytes(w_uri)))
+    except RuntimeError as e:
+        raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
+    diff_kw = dict(config.get("diffusion") or {})
+    diff_kw["null_keys"] = NULL_KEYS[role]
+    diff_kw.setdefault("dynamic_percentile", percentile)
+    diff_kw["dynamic_percentile"] = percentile
+    return LoadedModel(role, net.to(device).eval(), Diffusion(**diff_kw), config)
+
+
+@dataclass
+class PromptFeatures:
+    """Everything any network of either cascade is conditioned on, for a batch of prompts."""
+
+    clip_text: torch.Tensor  # [B, Dc]
+    clip_tokens: torch.Tensor  # [B, Lc, Dct]
+    clip_mask: torch.Tensor  # [B, Lc] bool
+    t5_tokens: torch.Tensor  # [B, Lt, Dt]
+    t5_mask: torch.Tensor  # [B, Lt] bool
+
+    def select(self, idx: slice, device: torch.device) -> "PromptFeatures":
+        return PromptFeatures(*(getattr(self, f)[idx].to(device) for f in
+                                ("clip_text", "clip_tokens", "clip_mask", "t5_tokens", "t5_mask")))
+
+
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(1, max(len(s) for s in seqs))
+    out = torch.zeros(len(seqs), L, seqs[0].shape[-1])
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)], mask[i, : len(s)] = s, True
+    return out, mask
+
+
+def encode_prompts(embed_uri: str, prompts: Sequence[str], device: torch.device | str = "cpu") -> PromptFeatures:
+    """Embed prompts with the encoders the embed stage used (its ``encoders.json``)."""
+    from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
+
+    doc_uri = store.join(embed_uri, "encoders.json")
+    if not store.exists(doc_uri):
+        raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts with its encoders)")
+    doc = store.read_json(doc_uri)
+    clip = load_clip(ClipConfig(**doc["clip"]), device=device)
+    t5 = load_t5(T5Config(**doc["t5"]), device=device)
+    pooled, toks, _ = clip.encode_text(list(prompts))
+    clip_tokens, clip_mask = _pad(toks)
+    t5_tokens, t5_mask = t5.encode_padded(list(prompts))
+    # The networks were trained on fp16-stored features: round the same way.
+    r = lambda x: x.float().half().float()  # noqa: E731
+    return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool())
+
+
+# ----------------------------------------------------------------------------- one stage
+def _cond(role: str, f: PromptFeatures, prev: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The network's keyword arguments, as the role's training batch builder makes them."""
+    if role == "prior":
+        return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "text_embed": f.clip_text}
+    if role == "decoder":
+        return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "image_embed": prev}
+    return {"text_tokens": f.t5_tokens, "text_mask": f.t5_mask}  # base, sr256, sr1024 (+ low_res below)
+
+
+def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
+    """Previous stage's output at the SR model's conditioning size (as training's make_low_res)."""
+    from stages.condaug import make_low_res
+
+    if prev.shape[-1] == size:
+        return prev
+    if prev.shape[-1] > size:
+        return make_low_res(prev, size)
+    return F.interpolate(prev, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def run_stage(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg: SampleConfig,
+              g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Sample one batch through one model of the cascade; returns its output on CPU."""
+    from stages.condaug import CondAugConfig, ConditioningAugmentation
+
+    b = f.clip_text.shape[0]
+    cond = _cond(m.role, f, prev.to(device) if prev is not None else None)
+    if m.role == "prior":
+        shape: tuple[int, ...] = (b, int(m.config["cond_dims"]["clip_dim"]))
+        thresholding = "none"
+    else:
+        size = int(m.config["image_size"])
+        shape = (b, 3, size, size)
+        thresholding = cfg.thresholding
+    if m.role in ("sr256", "sr1024"):
+        low = _low_res(prev.to(device), int(m.config["low_res_size"]))
+        aug = ConditioningAugmentation(CondAugConfig(**(m.config.get("condaug") or {})))
+        low, level = aug.sample(low, cfg.sr_aug_level, generator=g)
+        cond.update(low_res=low, aug_level=level)
+    out = m.diffusion.sample(m.net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
+                             guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
+                             device=device)
+    if m.role == "prior":
+        # The decoder was trained on L2-normalised CLIP image embeddings; the prior's x0 is close
+        # to but not exactly on the sphere.
+        return F.normalize(out.float(), dim=-1).cpu()
+    return out.float().clamp(-1, 1).cpu()
+
+
+# ----------------------------------------------------------------------------- cascades
+@dataclass
+class Sample:
+    prompt: str
+    index: int  # prompt index
+    k: int  # which of images_per_prompt
+    cascade: str
+    image: Image.Image
+    uri: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
+                  embed_uri: str | None = None, progress=lambda msg: None) -> list[Sample]:
+    """Sample cfg.prompts through cfg's cascades; every needed model is checked before any work."""
+    device = resolve_device(cfg.device)
+    stage_uris = dict(stage_uris or {})
+    roles_by_cascade = {c: cascade_roles(c, cfg.max_stage) for c in cfg.cascades()}
+    needed = [r for r in ROLES if any(r in rs for rs in roles_by_cascade.values())]
+    models = {}
+    for role in needed:  # load (and fail on a missing stage) before the slow part
+        uri = stage_uris.get(stage_of(role)) or store.join(run_uri, stage_of(role))
+        models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
+
+    expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
+    feats = encode_prompts(embed_uri or store.join(run_uri, "embed"), [p for _, _, p in expanded], device="cpu")
+    samples: list[Sample] = []
+    for ci, cascade in enumerate(cfg.cascades()):
+        roles = roles_by_cascade[cascade]
+        outs: list[torch.Tensor] = []
+        for start in range(0, len(expanded), cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            f = feats.select(sl, device)
+            prev = None
+            for si, role in enumerate(roles):
+                # One generator per (seed, cascade, stage, batch): a stage's noise does not depend on
+                # how many draws earlier stages made, so max_stage does not change earlier outputs.
+                g = torch.Generator(device=device).manual_seed(
+                    (cfg.seed * 1_000_003 + ci * 10_007 + si * 101 + start) % (2 ** 63))
+                t0 = time.time()
+                prev = run_stage(models[role], f, prev, cfg, g, device)
+                progress(f"sample: {cascade}/{role} batch {start // cfg.batch_size + 1}: "
+                         f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
+            outs.append(prev)
+        imgs = torch.cat(outs)
+        for (i, k, p), x in zip(expanded, imgs):
+            samples.append(Sample(p, i, k, cascade, _to_pil(x)))
+    return samples
+
+
+# ----------------------------------------------------------------------------- outputs
+def slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:max_len].rstrip("-") or "prompt")
+
+
+def filename(s: Sample, images_per_prompt: int) -> str:
+    k = f"_{s.k}" if images_per_prompt > 1 else ""
+    return f"{s.index:03d}_{s.cascade}{k}_{slug(s.prompt)}.png"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(samples: Sequence[Sample], *, tile: int | None = None, label_width: int = 260) -> Image.Image:
+    """One row per prompt (its caption on the left), one column per cascade x image."""
+    cols: list[tuple[str, int]] = []
+    rows: list[str] = []
+    for s in samples:
+        if (s.cascade, s.k) not in cols:
+            cols.append((s.cascade, s.k))
+        if s.prompt not in rows:
+            rows.append(s.prompt)
+    side = max(s.image.width for s in samples)
+    tile = tile or min(256, max(64, side))  # tiny debug samples are scaled up to stay visible
+    pad, head = 4, 18
+    font = ImageFont.load_default(size=12)
+    grid = Image.new("RGB", (label_width + len(cols) * (tile + pad) + pad, head + len(rows) * (tile + pad) + pad),
+                     (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for j, (c, k) in enumerate(cols):
+        d.text((label_width + pad + j * (tile + pad), 2), c if k == 0 else f"{c} #{k}", fill=(0, 0, 0), font=font)
+    at = {(s.prompt, s.cascade, s.k): s for s in samples}
+    for i, prompt in enumerate(rows):
+        y = head + pad + i * (tile + pad)
+        d.multiline_text((pad, y), _wrap(prompt, d, font, label_width - 2 * pad), fill=(0, 0, 0), font=font)
+        for j, (c, k) in enumerate(cols):
+            s = at.get((prompt, c, k))
+            if s is not None:
+                resample = Image.Resampling.NEAREST if s.image.width < tile else Image.Resampling.LANCZOS
+                grid.paste(s.image.resize((tile, tile), resample), (label_width + pad + j * (tile + pad), y))
+    return grid
+
+
+def _wrap(text: str, d: ImageDraw.ImageDraw, font, width: int) -> str:
+    lines, line = [], ""
+    for w in text.split():
+        cand = f"{line} {w}".strip()
+        if line and d.textlength(cand, font=font) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = cand
+    return "\n".join(lines + [line])
+
+
+@dataclass
+class SampleOutputs:
+    samples: list[Sample]
+    grid_uri: str
+    report_uri: str
+    demo: dict[str, Any]  # cascade -> stages.demo_check.DemoCheck
+    lines: list[str]
+
+
+def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_uri: str,
+                  metrics_uris: dict[str, str] | None = None) -> SampleOutputs:
+    """PNGs, grid.png, then report.html (last: its presence means the rest is there)."""
+    from stages import demo_check, report
+
+    for s in samples:
+        s.uri = store.join(out_uri, filename(s, cfg.images_per_prompt))
+        store.write_bytes_atomic(s.uri, png_bytes(s.image))
+    grid_uri = store.join(out_uri, "grid.png")
+    store.write_bytes_atomic(grid_uri, png_bytes(make_grid(samples)))
+
+    checks: dict[str, Any] = {}
+    lines: list[str] = []
+    notes: dict[int, str] = {}
+    if cfg.demo_check and demo_check.all_demo_prompts(cfg.prompts):
+        for cascade in dict.fromkeys(s.cascade for s in samples):
+            mine = [s for s in samples if s.cascade == cascade]
+            chk = demo_check.check_samples([(s.prompt, s.image) for s in mine])
+            checks[cascade] = chk
+            lines.append(f"{cascade}: {chk.line()}")
+            for s, v in zip(mine, chk.verdicts):
+                notes[id(s)] = v.note()
+    entries = [report.ReportEntry(s.prompt, s.cascade, filename(s, cfg.images_per_prompt), s.image,
+                                  notes.get(id(s), "")) for s in samples]
+    html = report.build_report(entries, run_uri=run_uri, title="t2i samples", summary_lines=lines,
+                               config=cfg.model_dump(mode="json"), metrics_uris=metrics_uris)
+    report_uri = report.write_report(store.join(out_uri, "report.html"), html)
+    return SampleOutputs(samples, grid_uri, report_uri, checks, lines)
+
+
+# ----------------------------------------------------------------------------- entry points
+def run(cfg: SampleConfig, ctx: StageContext) -> StageResult:
+    """The pipeline's ``sample`` stage: sample, write PNGs + grid + report, run the demo check."""
+    t0 = time.time()
+    stage_uris = {name: m["out_uri"] for name, m in ctx.inputs.items() if "out_uri" in m}
+    samples = sample_images(cfg, ctx.run_uri, stage_uris=stage_uris, embed_uri=stage_uris.get("embed"),
+                            progress=ctx.progress)
+    metrics_uris = {s: store.join(u, "metrics.jsonl") for s, u in stage_uris.items() if s.startswith("train_")}
+    out = write_outputs(samples, cfg, ctx.run_uri, ctx.out_uri, metrics_uris)
+    for line in out.lines:
+        ctx.progress(line)
+    metrics: dict[str, float] = {"sample_seconds": time.time() - t0}
+    for cascade, chk in out.demo.items():
+        metrics.update({f"{cascade}_{k}": v for k, v in chk.metrics().items()})
+    return StageResult(
+        counts={"images": len(samples), "prompts": len(cfg.prompts)},
+        metrics=metrics,
+        outputs={"grid": out.grid_uri, "report": out.report_uri, "images": ctx.out_uri})
+
+
+def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen", *,
+                   guidance: float | dict[str, float] | None = None, steps: int | dict[str, int] | None = None,
+                   sampler: str = "dpmpp", seed: int = 0, out_uri: str | None = None,
+                   **overrides: Any) -> list[str]:
+    """Sample a run's cascade and write the PNGs (+ grid and report) to ``out_uri``
+    (default ``<run>/samples``). Returns the image URIs in prompt order."""
+    kw: dict[str, Any] = {"cascade": cascade, "sampler": sampler, "seed": seed, **overrides}
+    if prompts:
+        kw["prompts"] = list(prompts)
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    if steps is not None:
+        kw["steps"] = steps
+    cfg = SampleConfig(**kw)
+    run_uri = store.normalize(run_uri)
+    out_uri = store.normalize(out_uri) if out_uri else store.join(run_uri, "samples")
+    samples = sample_images(cfg, run_uri)
+    return [s.uri for s in write_outputs(samples, cfg, run_uri, out_uri).samples]
+
+
+def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen",
+               guidance: float | None = None, steps: int | None = None, out: str | None = None,
+               **overrides: Any) -> list[str]:
+    """What ``t2i sample RUN --prompt ... [--cascade ...] [--guidance ...] [--steps ...] [--out ...]``
+    calls: like :func:`sample_cascade`, printing progress, the written files and the demo check."""
+    kw: dict[str, Any] = {"cascade": cascade, **overrides}
+    if prompts:
+        kw["prompts"] = list(prompts)
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    if steps is not None:
+        kw["steps"] = steps
+    cfg = SampleConfig(**kw)
+    run_uri = store.normalize(run_uri)
+    out_uri = store.normalize(out) if out else store.join(run_uri, "samples")
+    samples = sample_images(cfg, run_uri, progress=print)
+    res = write_outputs(samples, cfg, run_uri, out_uri)
+    for s in res.samples:
+        print(s.uri)
+    print(f"grid: {res.grid_uri}\nreport: {res.report_uri}")
+    for line in res.lines:
+        print(line)
+    return [s.uri for s in res.samples]
