@@ -17,11 +17,15 @@ shard and a finished run is a no-op (levanter's shard ledger).
 from __future__ import annotations
 
 import io
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from data_prep.embed_format import EmbeddingShard, write_embedding_shard
 from data_prep.encoders import (ClipConfig, ClipEncoder, T5Config, T5Encoder, clip_preprocess_cfg, encoder_identity,
@@ -54,6 +58,13 @@ class EmbedConfig(StrictModel):
     max_bad_fraction: float = Field(0.5, ge=0, le=1, description=(
         "Stop the stage if a shard loses more than this fraction of its samples (bad image, missing caption, "
         "non-finite embedding)."))
+
+    @field_validator("num_actors")
+    @classmethod
+    def _check_actors(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"num_actors must be 'auto' or an integer >= 1, got {v!r}")
+        return v
 
 
 # ----------------------------------------------------------------------------------------- decode
@@ -104,31 +115,38 @@ def preprocess_image(data: bytes, pp: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_images: bool = True) -> Iterator[DecodedChunk]:
+def _try_preprocess(data: bytes, pp: dict[str, Any]) -> np.ndarray | Exception:
+    try:
+        return preprocess_image(data, pp)
+    except Exception as e:  # PIL raises many types for corrupt data
+        return e
+
+
+def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_images: bool = True,
+                 workers: int = 1) -> Iterator[DecodedChunk]:
     """Decode one shard into chunks of ``batch_size`` raw samples, in tar order.
 
     Streams the tar (never holds more than one chunk of pixels). Always yields at least one
     chunk, so a shard where every image is bad still gets its (empty) npz and done marker.
+    ``workers`` > 1 decodes a chunk's images on a thread pool (PIL releases the GIL while
+    decoding and resizing); order and results are unchanged.
     """
     name = shard_id(shard_uri)
     tar_counts: dict[str, int] = {}
-    buf: list[Any] = []
-    pending: DecodedChunk | None = None
-    idx = 0
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     def build(samples: list[Any], chunk: int) -> DecodedChunk:
         keys, caps, pix = [], [], []
         c = {"n_total": len(samples), "n_bad_image": 0, "n_missing_caption": 0}
-        for s in samples:
-            if not s.caption or not s.caption.strip():
-                c["n_missing_caption"] += 1
-                continue
-            try:
-                x = preprocess_image(s.image_bytes, pp)
-            except Exception as e:  # PIL raises many types for corrupt data
+        samples_c = [s for s in samples if s.caption and s.caption.strip()]
+        c["n_missing_caption"] = len(samples) - len(samples_c)
+        datas = [s.image_bytes for s in samples_c]
+        decoded = pool.map(_try_preprocess, datas, [pp] * len(datas)) if pool else (_try_preprocess(d, pp) for d in datas)
+        for s, x in zip(samples_c, decoded):
+            if isinstance(x, Exception):
                 if not skip_bad_images:
-                    raise ValueError(f"shard {shard_uri}: image of key {s.key!r} cannot be decoded ({e}); "
-                                     "set embed.skip_bad_images: true to skip and count such samples") from e
+                    raise ValueError(f"shard {shard_uri}: image of key {s.key!r} cannot be decoded ({x}); "
+                                     "set embed.skip_bad_images: true to skip and count such samples") from x
                 c["n_bad_image"] += 1
                 continue
             keys.append(s.key)
@@ -139,7 +157,19 @@ def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_i
         arr = np.stack(pix).astype(np.float16) if pix else np.zeros((0, 3, *hw), np.float16)
         return DecodedChunk(name, chunk, False, keys, caps, arr, c)
 
-    for s in iter_shard(shard_uri, counts=tar_counts):
+    try:
+        yield from _chunks(iter_shard(shard_uri, counts=tar_counts), batch_size, build, tar_counts)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks(samples: Iterator[Any], batch_size: int, build: Callable[[list[Any], int], DecodedChunk],
+            tar_counts: dict[str, int]) -> Iterator[DecodedChunk]:
+    buf: list[Any] = []
+    pending: DecodedChunk | None = None
+    idx = 0
+    for s in samples:
         buf.append(s)
         if len(buf) == batch_size:
             if pending is not None:
@@ -155,6 +185,51 @@ def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_i
     pending.counts["n_total"] += missing
     pending.counts["n_bad_image"] += missing
     yield pending
+
+
+def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run a generator ``depth`` items ahead on a thread: decode the next chunk while the
+    encoder works on this one (the single-host path's only overlap of CPU and GPU work).
+    Exceptions surface in the consumer; abandoning the iterator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in it:
+                if not put((x, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put((end, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # runs the generator's cleanup (decode thread pool) on this thread
+
+    t = threading.Thread(target=work, daemon=True, name="embed-prefetch")
+    t.start()
+    try:
+        while True:
+            x, err = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+        t.join()
 
 
 # ----------------------------------------------------------------------------------------- encode
@@ -299,7 +374,8 @@ def embed_shards(shards_uri: str, out_uri: str, cfg: EmbedConfig, *, use_ray: bo
         enc = encoders or load_encoders(cfg, device=device)
         for src in todo:
             parts, counts = [], []
-            for chunk in decode_shard(src["uri"], pp, cfg.batch_size, cfg.skip_bad_images):
+            workers = min(8, os.cpu_count() or 1)
+            for chunk in prefetch(decode_shard(src["uri"], pp, cfg.batch_size, cfg.skip_bad_images, workers)):
                 p, c = encode_chunk(enc, chunk, cfg.t5_micro_batch)
                 parts.append(p)
                 counts.append(c)
@@ -361,6 +437,14 @@ def embed_offline(shards_uri: str, out_uri: str, cfg: EmbedConfig, address: str 
                 s = embed_shards(shards_uri, out_uri, cfg, use_ray=True, progress=msg, on_shard_done=hook)
         bar.update(task, completed=n)
     return s
+
+
+def load_encoders_for(embed_out_uri: str, device: Any = None) -> tuple[Encoders, dict[str, Any]]:
+    """Reload the encoders an embedding set was made with (sampling encodes new prompts with them)."""
+    doc = store.read_json(store.join(embed_out_uri, "encoders.json"))
+    cfg = EmbedConfig(clip=ClipConfig(**doc["clip"]), t5=T5Config(**doc["t5"]),
+                      image_size=doc["identity"].get("image_size"))
+    return load_encoders(cfg, device=device), doc
 
 
 def find_compatible_embedding(out_uri: str, shards_uri: str, cfg: EmbedConfig) -> bool:

@@ -40,10 +40,10 @@ def ray_session(address: str | None):
 
 
 def _decode_batches(batch: dict[str, np.ndarray], pp: dict[str, Any], batch_size: int,
-                    skip_bad_images: bool) -> Iterator[dict[str, np.ndarray]]:
+                    skip_bad_images: bool, workers: int) -> Iterator[dict[str, np.ndarray]]:
     """One shard row in, one row per decoded chunk out (a generator, so a shard streams)."""
     for uri in batch["uri"]:
-        for ch in decode_shard(str(uri), pp, batch_size, skip_bad_images):
+        for ch in decode_shard(str(uri), pp, batch_size, skip_bad_images, workers=workers):
             # Fixed-shape tensor column: pad the last chunk to batch_size, carry the real count.
             pix = np.zeros((batch_size, *ch.pixels.shape[1:]), np.float16)
             pix[: len(ch.keys)] = ch.pixels
@@ -102,7 +102,8 @@ def embed_shards_ray(todo: list[dict[str, Any]], out_shards: str, cfg: EmbedConf
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map_batches(_decode_batches, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_decode_task,
-                        fn_kwargs={"pp": pp, "batch_size": cfg.batch_size, "skip_bad_images": cfg.skip_bad_images})
+                        fn_kwargs={"pp": pp, "batch_size": cfg.batch_size, "skip_bad_images": cfg.skip_bad_images,
+                                   "workers": max(1, int(cfg.cpus_per_decode_task))})
     ds = ds.map_batches(_EncodeActor, batch_size=1, batch_format="numpy", concurrency=n_actors,
                         num_gpus=gpus if gpus > 0 else None, num_cpus=1 if gpus == 0 else None,
                         fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "out_shards": out_shards,
@@ -118,7 +119,11 @@ def embed_shards_ray(todo: list[dict[str, Any]], out_shards: str, cfg: EmbedConf
     def collect(timeout: float | None) -> None:
         nonlocal pending
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout)
-        for marker in ray.get(ready):
+        try:
+            done = ray.get(ready)
+        except ray.exceptions.RayTaskError as e:  # e.g. StageFailed over max_bad_fraction: keep its type
+            raise e.as_instanceof_cause() from None
+        for marker in done:
             markers.append(marker)
             progress(f"embed: shard {marker['shard']} done ({marker['counts']['n_embedded']} samples)")
             if on_shard_done is not None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from data_prep.embed import (DecodedChunk, EmbedConfig, decode_shard, embed_shards, encode_chunk,
-                             find_compatible_embedding, load_encoders, run)
+                             find_compatible_embedding, load_encoders, load_encoders_for, run)
 from data_prep.embed_format import align, read_embedding_shard
 from data_prep.encoders import ClipConfig, T5Config, clip_preprocess_cfg
 from data_prep.shards import iter_shard
@@ -169,6 +169,10 @@ def test_stage_run_and_reuse_check(env, baseline, tmp_path):
     other = env["cfg"].model_copy(update={"t5": T5Config(model=env["cfg"].t5.model, max_length=64)})
     assert not find_compatible_embedding(ctx.out_uri, env["shards"], other)
     assert not find_compatible_embedding(str(tmp_path / "nothing"), env["shards"], env["cfg"])
+    enc, doc = load_encoders_for(ctx.out_uri, device="cpu")  # what sampling does
+    assert enc.dims == {k: doc[k] for k in ("clip_dim", "clip_token_dim", "t5_dim")}
+    with pytest.raises(ValueError, match="num_actors"):
+        EmbedConfig(num_actors=0)
 
 
 def test_nonfinite_rows_skipped_and_counted(env):
@@ -187,19 +191,48 @@ def test_bad_image_policy(env, tmp_path):
     pp = clip_preprocess_cfg(env["cfg"].clip)
     with pytest.raises(ValueError, match=r"00001\.tar.*'000010002'"):
         list(decode_shard(os.path.join(env["shards"], "00001.tar"), pp, 3, skip_bad_images=False))
+    no_skip = env["cfg"].model_copy(update={"skip_bad_images": False})
+    with pytest.raises(ValueError, match=r"'000010002'.*skip_bad_images"):  # raised through the prefetch thread
+        embed_shards(env["shards"], str(tmp_path), no_skip, encoders=env["enc"])
+    assert os.path.exists(tmp_path / "shards" / "00000.done.json")
+    assert not os.path.exists(tmp_path / "shards" / "00001.npz")
     strict = env["cfg"].model_copy(update={"max_bad_fraction": 0.1})
     with pytest.raises(StageFailed, match=r"00001\.tar.*max_bad_fraction"):
         embed_shards(env["shards"], str(tmp_path), strict, encoders=env["enc"])
     assert not os.path.exists(tmp_path / "shards" / "00001.done.json")
 
 
+def test_bench_embed_tiny_reports_ratio():
+    from data_prep.bench_embed import bench_embed, format_result
+
+    r = bench_embed("tiny", batch_size=4, num_batches=2, device="cpu", image_px=48)
+    assert r["embedded"] == r["samples"] == 8
+    assert r["e2e_images_per_s"] > 0 and r["raw_images_per_s"] > 0 and r["bytes_per_sample"] > 0
+    assert r["e2e_over_raw"] == pytest.approx(r["e2e_images_per_s"] / r["raw_images_per_s"])
+    assert "ratio" in format_result(r)
+    with pytest.raises(ValueError, match="model_size"):
+        bench_embed("huge")
+
+
+def test_embed_offline_progress(env, baseline, tmp_path):
+    from data_prep.embed import embed_offline
+
+    s = embed_offline(env["shards"], str(tmp_path), env["cfg"], progress=True)
+    assert s["counts"]["n_embedded"] == 18
+    out, _ = baseline
+    np.testing.assert_array_equal(_arrays(out, "00002")["t5_tokens"], _arrays(str(tmp_path), "00002")["t5_tokens"])
+
+
 def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
+    from data_prep.embed import embed_offline
+
     ray = pytest.importorskip("ray")
     out, _ = baseline
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        s = embed_shards(env["shards"], str(tmp_path), env["cfg"], use_ray=True)
+        s = embed_offline(env["shards"], str(tmp_path), env["cfg"], address="local", progress=False)
+        assert ray.is_initialized()  # an existing connection is reused, not shut down
     finally:
         ray.shutdown()
     assert sorted(s["embedded_now"]) == ["00000", "00001", "00002"] and s["counts"]["n_embedded"] == 18
