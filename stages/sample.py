@@ -354,8 +354,12 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
 
 # ----------------------------------------------------------------------------- outputs
 def slug(text: str, max_len: int = 48) -> str:
+    """Filesystem- and URL-safe name part: lowercase words joined by '-', cut at a word boundary."""
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return (s[:max_len].rstrip("-") or "prompt")
+    if len(s) > max_len:
+        cut = s[: max_len + 1].rfind("-")
+        s = s[: cut if cut > 0 else max_len]
+    return s or "prompt"
 
 
 def filename(s: Sample, images_per_prompt: int) -> str:
