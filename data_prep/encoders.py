@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.configbase import StrictModel
 
@@ -59,6 +59,19 @@ class ClipConfig(StrictModel):
                 raise ValueError(f"clip.model {v!r} is not an open_clip architecture (e.g. 'ViT-L-14', 'ViT-B-32'), "
                                  "not an existing directory and not 'tiny:DIR'")
         return v
+
+    @model_validator(mode="after")
+    def _check_tag(self) -> "ClipConfig":
+        m, p = self.model, self.pretrained
+        if p and not m.startswith(TINY_PREFIX) and not _looks_like_path(m) and not _looks_like_path(p) \
+                and not m.startswith("hf-hub:"):
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(m.replace("/", "-"))
+            if p not in tags:
+                raise ValueError(f"clip.pretrained {p!r} is not a known tag for {m!r} (known: {tags}); "
+                                 "give a tag, a local checkpoint path, or null for random weights")
+        return self
 
 
 class T5Config(StrictModel):

@@ -9,6 +9,7 @@ the same encoders.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -27,6 +28,7 @@ TINY_CLIP_PREPROCESS = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
                         "resize_mode": "shortest"}
 TINY_T5 = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
 _DONE = "TINY_OK"
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
 
 # Words the demo captions are made of; every lowercase letter/digit is also in the alphabet,
 # so any caption tokenises (unknown words fall back to characters, never to <unk> only).
@@ -59,20 +61,32 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def build_tiny_t5_tokenizer(out_dir: str | Path):
-    """A Unigram (SentencePiece-style) tokenizer trained on the demo vocabulary, T5 special ids."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A SentencePiece-style Unigram tokenizer over the demo vocabulary, with T5's special ids.
+
+    The vocabulary is written out, not trained: the ``tokenizers`` Unigram trainer is
+    multi-threaded and its piece order varies run to run, which would give a rebuilt 'tiny:'
+    encoder different token ids. Here pieces are whole demo words (scored by corpus frequency)
+    plus every character alone and after the word boundary '▁' (scored low), so known words
+    are one token and anything else still tokenises.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    counts = Counter(w for line in _corpus() for w in line.split())
+    total = sum(counts.values())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]  # T5: pad 0, eos 1, unk 2
+    vocab += [("\u2581" + w, math.log(counts[w] / total)) for w in sorted(counts)]
+    vocab += [("\u2581", -12.0)]
+    vocab += [(p, -15.0) for c in _ALPHABET for p in (c, "\u2581" + c) if p not in dict(vocab)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",  # T5: pad 0, eos 1, unk 2
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"))
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                                  model_max_length=512)
     hf.save_pretrained(str(out_dir))

@@ -51,10 +51,16 @@ def test_tiny_build_is_idempotent_and_loads_from_plain_dirs(tiny_root, clip, t5)
     assert clip.model.visual.conv1.weight.dtype == torch.float32  # fp32 on CPU
 
 
-def test_fresh_build_same_seed_same_weights(tmp_path, clip):
-    clip_dir, _ = ensure_tiny_encoders(tmp_path)
+def test_fresh_build_same_seed_same_weights(tmp_path, tiny_root, clip, t5):
+    # Every worker (and a later `t2i sample` on another machine) rebuilding 'tiny:' gets the same encoders.
+    clip_dir, t5_dir = ensure_tiny_encoders(tmp_path)
     again = load_clip(ClipConfig(model=clip_dir), device="cpu")
     assert torch.equal(again.model.token_embedding.weight, clip.model.token_embedding.weight)
+    t5_again = load_t5(T5Config(model=t5_dir, max_length=32), device="cpu")
+    assert (open(os.path.join(t5_dir, "tokenizer.json")).read()
+            == open(os.path.join(tiny_root, "tiny-t5", "tokenizer.json")).read())
+    for a, b in zip(t5_again.model.state_dict().values(), t5.model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_preprocess_comes_from_model_config(tiny_root, clip):
@@ -94,7 +100,7 @@ def test_t5_trimmed_to_tokenizer_length_and_bucketing_exact(t5):
     hs, lengths = t5.encode(CAPTIONS, micro_batch=2)
     ids = [t5.tokenizer(c, truncation=True, max_length=32)["input_ids"] for c in CAPTIONS]
     real = [len(x) for x in ids]
-    assert max(real) == 32 and all(x[-1] == t5.tokenizer.eos_token_id for x in ids)  # truncation keeps EOS
+    assert all(x[-1] == t5.tokenizer.eos_token_id for x in ids)
     assert lengths.tolist() == real and all(h.shape == (n, t5.dim) for h, n in zip(hs, real))
     padded, mask = t5.encode_padded(CAPTIONS)  # one batch padded to its longest caption
     assert padded.shape[1] == max(real) and mask.sum(1).tolist() == real
@@ -104,11 +110,15 @@ def test_t5_trimmed_to_tokenizer_length_and_bucketing_exact(t5):
     assert all(torch.equal(a, b) for a, b in zip(hs, hs2))
     long = " ".join(["red circle"] * 50)
     assert t5.encode([long])[1].tolist() == [32]  # truncated to max_length
+    assert t5.tokenizer(long, truncation=True, max_length=32)["input_ids"][-1] == t5.tokenizer.eos_token_id
 
 
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValidationError, match="not an open_clip architecture"):
         ClipConfig(model="ViT-Q-99")
+    with pytest.raises(ValidationError, match="not a known tag"):
+        ClipConfig(model="ViT-L-14", pretrained="no-such-tag")
+    assert ClipConfig(model="ViT-L-14", pretrained="openai").pretrained == "openai"
     with pytest.raises(ValidationError, match="tiny:"):
         T5Config(model="tiny:")
     with pytest.raises(ValidationError, match="max_length"):
