@@ -114,6 +114,7 @@ def embed_shards_ray(todo: list[dict[str, Any]], out_shards: str, cfg: EmbedConf
     n_chunks: dict[str, int] = {}
     merge = ray.remote(num_cpus=0.1)(finalize_from_parts)
     pending: list[Any] = []
+    merged: set[str] = set()
     markers: list[dict[str, Any]] = []
 
     def collect(timeout: float | None) -> None:
@@ -134,7 +135,10 @@ def embed_shards_ray(todo: list[dict[str, Any]], out_shards: str, cfg: EmbedConf
         counts.setdefault(name, {})[int(row["chunk"])] = json.loads(str(row["counts"]))
         if bool(row["last"]):
             n_chunks[name] = int(row["chunk"]) + 1
-        if name in n_chunks and len(counts[name]) == n_chunks[name]:
+        # Ray Data may re-run a failed decode task, re-emitting chunks already seen: keying by chunk
+        # index absorbs the duplicates, and each shard is merged exactly once.
+        if name in n_chunks and len(counts[name]) == n_chunks[name] and name not in merged:
+            merged.add(name)
             ordered = [counts[name][i] for i in range(n_chunks[name])]
             pending.append(merge.remote(out_shards, by_name[name], ordered, identity, cfg.max_bad_fraction))
         if pending:

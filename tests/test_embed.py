@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -228,6 +229,12 @@ def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
 
     ray = pytest.importorskip("ray")
     out, _ = baseline
+    # Resume state: shard 00000 finished earlier; 00001 left a stale part from an interrupted run.
+    os.makedirs(tmp_path / "shards" / "_parts" / "00001")
+    for f in ("00000.npz", "00000.done.json"):
+        shutil.copy2(os.path.join(out, "shards", f), tmp_path / "shards" / f)
+    (tmp_path / "shards" / "_parts" / "00001" / "00007.npz").write_bytes(b"stale")
+    before = os.stat(tmp_path / "shards" / "00000.done.json").st_mtime_ns
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -235,8 +242,9 @@ def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
         assert ray.is_initialized()  # an existing connection is reused, not shut down
     finally:
         ray.shutdown()
-    assert sorted(s["embedded_now"]) == ["00000", "00001", "00002"] and s["counts"]["n_embedded"] == 18
-    assert not os.path.exists(tmp_path / "shards" / "_parts" / "00000")
+    assert sorted(s["embedded_now"]) == ["00001", "00002"] and s["counts"]["n_embedded"] == 18
+    assert os.stat(tmp_path / "shards" / "00000.done.json").st_mtime_ns == before
+    assert not os.path.exists(tmp_path / "shards" / "_parts" / "00001")
     for name in env["keys"]:
         a, b = _arrays(out, name), _arrays(str(tmp_path), name)
         assert list(a["keys"]) == list(b["keys"])
