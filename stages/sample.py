@@ -42,6 +42,7 @@ CASCADES: dict[str, tuple[str, ...]] = {
 NULL_KEYS = {"prior": ("drop_text",), "decoder": ("drop_text", "drop_image"), "base": ("drop_text",),
              "sr256": ("drop_text",), "sr1024": ("drop_text",)}
 SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
+CLI_OUT = "samples_cli"  # where sample_cli / sample_cascade write by default (not the stage's own dir)
 DEFAULT_GUIDANCE = {"prior": 2.0, "decoder": 3.0, "base": 3.0, "sr256": 1.0, "sr1024": 1.0}
 
 
@@ -101,8 +102,8 @@ class SampleConfig(StrictModel):
         for k, w in vals:
             if k != "*" and k not in ROLES:
                 raise ValueError(f"sample.guidance_scale has unknown role {k!r}; allowed: {', '.join(ROLES)}")
-            if not w >= 1.0:
-                raise ValueError(f"sample.guidance_scale[{k}]={w}: must be >= 1.0 (1.0 = no guidance)")
+            if not w >= 0.0:
+                raise ValueError(f"sample.guidance_scale[{k}]={w}: must be >= 0 (1.0 = no guidance, 0 = unconditional)")
         return v
 
     @field_validator("steps")
@@ -224,22 +225,36 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+@dataclass
+class PromptEncoders:
+    """The frozen CLIP + T5 the embed stage used, reloaded from its ``encoders.json``."""
+
+    clip: Any  # data_prep.encoders.ClipEncoder
+    t5: Any  # data_prep.encoders.T5Encoder
+
+    @classmethod
+    def load(cls, embed_uri: str, device: torch.device | str = "cpu") -> "PromptEncoders":
+        from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
+
+        doc_uri = store.join(embed_uri, "encoders.json")
+        if not store.exists(doc_uri):
+            raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts "
+                              "with the encoders it used)")
+        doc = store.read_json(doc_uri)
+        return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device))
+
+    def encode(self, prompts: Sequence[str]) -> PromptFeatures:
+        pooled, toks, _ = self.clip.encode_text(list(prompts))
+        clip_tokens, clip_mask = _pad(toks)
+        t5_tokens, t5_mask = self.t5.encode_padded(list(prompts))
+        # The networks were trained on fp16-stored features: round the same way.
+        r = lambda x: x.float().half().float()  # noqa: E731
+        return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool())
+
+
 def encode_prompts(embed_uri: str, prompts: Sequence[str], device: torch.device | str = "cpu") -> PromptFeatures:
     """Embed prompts with the encoders the embed stage used (its ``encoders.json``)."""
-    from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
-
-    doc_uri = store.join(embed_uri, "encoders.json")
-    if not store.exists(doc_uri):
-        raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts with its encoders)")
-    doc = store.read_json(doc_uri)
-    clip = load_clip(ClipConfig(**doc["clip"]), device=device)
-    t5 = load_t5(T5Config(**doc["t5"]), device=device)
-    pooled, toks, _ = clip.encode_text(list(prompts))
-    clip_tokens, clip_mask = _pad(toks)
-    t5_tokens, t5_mask = t5.encode_padded(list(prompts))
-    # The networks were trained on fp16-stored features: round the same way.
-    r = lambda x: x.float().half().float()  # noqa: E731
-    return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool())
+    return PromptEncoders.load(embed_uri, device).encode(prompts)
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -315,8 +330,10 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
-                  embed_uri: str | None = None, progress=lambda msg: None) -> list[Sample]:
-    """Sample cfg.prompts through cfg's cascades; every needed model is checked before any work."""
+                  embed_uri: str | None = None, encoders: PromptEncoders | None = None,
+                  progress=lambda msg: None) -> list[Sample]:
+    """Sample cfg.prompts through cfg's cascades; every needed model is checked before any work.
+    ``encoders``: already loaded prompt encoders (else loaded from ``<embed>/encoders.json``)."""
     device = resolve_device(cfg.device)
     stage_uris = dict(stage_uris or {})
     roles_by_cascade = {c: cascade_roles(c, cfg.max_stage) for c in cfg.cascades()}
@@ -327,7 +344,8 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
         models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
 
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
-    feats = encode_prompts(embed_uri or store.join(run_uri, "embed"), [p for _, _, p in expanded], device="cpu")
+    encoders = encoders or PromptEncoders.load(embed_uri or store.join(run_uri, "embed"), device=device)
+    feats = encoders.encode([p for _, _, p in expanded])
     samples: list[Sample] = []
     for ci, cascade in enumerate(cfg.cascades()):
         roles = roles_by_cascade[cascade]
@@ -471,7 +489,7 @@ def run(cfg: SampleConfig, ctx: StageContext) -> StageResult:
     return StageResult(
         counts={"images": len(samples), "prompts": len(cfg.prompts)},
         metrics=metrics,
-        outputs={"grid": out.grid_uri, "report": out.report_uri, "images": ctx.out_uri})
+        outputs={"dir": ctx.out_uri, "grid": out.grid_uri, "report": out.report_uri})
 
 
 def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen", *,
@@ -479,7 +497,7 @@ def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: 
                    sampler: str = "dpmpp", seed: int = 0, out_uri: str | None = None,
                    **overrides: Any) -> list[str]:
     """Sample a run's cascade and write the PNGs (+ grid and report) to ``out_uri``
-    (default ``<run>/samples``). Returns the image URIs in prompt order."""
+    (default ``<run>/samples_cli``). Returns the image URIs in prompt order."""
     kw: dict[str, Any] = {"cascade": cascade, "sampler": sampler, "seed": seed, **overrides}
     if prompts:
         kw["prompts"] = list(prompts)
@@ -489,7 +507,7 @@ def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: 
         kw["steps"] = steps
     cfg = SampleConfig(**kw)
     run_uri = store.normalize(run_uri)
-    out_uri = store.normalize(out_uri) if out_uri else store.join(run_uri, "samples")
+    out_uri = store.normalize(out_uri) if out_uri else store.join(run_uri, CLI_OUT)
     samples = sample_images(cfg, run_uri)
     return [s.uri for s in write_outputs(samples, cfg, run_uri, out_uri).samples]
 
@@ -498,7 +516,8 @@ def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str 
                guidance: float | None = None, steps: int | None = None, out: str | None = None,
                **overrides: Any) -> list[str]:
     """What ``t2i sample RUN --prompt ... [--cascade ...] [--guidance ...] [--steps ...] [--out ...]``
-    calls: like :func:`sample_cascade`, printing progress, the written files and the demo check."""
+    calls: like :func:`sample_cascade`, printing progress, the grid/report URIs and the demo check
+    (the CLI prints the returned image URIs itself)."""
     kw: dict[str, Any] = {"cascade": cascade, **overrides}
     if prompts:
         kw["prompts"] = list(prompts)
@@ -508,11 +527,9 @@ def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str 
         kw["steps"] = steps
     cfg = SampleConfig(**kw)
     run_uri = store.normalize(run_uri)
-    out_uri = store.normalize(out) if out else store.join(run_uri, "samples")
+    out_uri = store.normalize(out) if out else store.join(run_uri, CLI_OUT)
     samples = sample_images(cfg, run_uri, progress=print)
     res = write_outputs(samples, cfg, run_uri, out_uri)
-    for s in res.samples:
-        print(s.uri)
     print(f"grid: {res.grid_uri}\nreport: {res.report_uri}")
     for line in res.lines:
         print(line)

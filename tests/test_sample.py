@@ -24,7 +24,8 @@ from pipeline import store
 from pipeline.context import StageContext, StageFailed
 from stages.nets.flavors import build_network, get_flavor
 from stages.prior import PriorTrainConfig
-from stages.sample import (SampleConfig, cascade_roles, run, sample_cascade, sample_cli, sample_images)
+from stages.sample import (PromptEncoders, SampleConfig, cascade_roles, run, sample_cascade, sample_cli,
+                           sample_images)
 from stages.superres import SR256TrainConfig
 from stages.train import write_final
 from stages.train_config import TrainConfig
@@ -63,6 +64,12 @@ def run_uri(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def encoders(run_uri):
+    """Loaded once for the tests that are about sampling, not loading (the stage/CLI tests load their own)."""
+    return PromptEncoders.load(store.join(run_uri, "embed"))
+
+
 def _arrays(samples):
     return [np.asarray(s.image) for s in samples]
 
@@ -90,44 +97,49 @@ def test_run_stage_both_cascades(run_uri, tmp_path):
     assert any(s.startswith("sample: unclip/prior") for s in lines)
 
 
-def test_fixed_seed_is_deterministic_and_knobs_change_images(run_uri):
+def test_fixed_seed_is_deterministic_and_knobs_change_images(run_uri, encoders):
     cfg = SampleConfig(prompts=PROMPTS[:2], cascade="imagen", steps=2, seed=7)
-    a, b = _arrays(sample_images(cfg, run_uri)), _arrays(sample_images(cfg, run_uri))
+    a = _arrays(sample_images(cfg, run_uri, encoders=encoders))
+    b = _arrays(sample_images(cfg, run_uri, encoders=encoders))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    other_seed = _arrays(sample_images(cfg.model_copy(update={"seed": 8}), run_uri))
+    other_seed = _arrays(sample_images(cfg.model_copy(update={"seed": 8}), run_uri, encoders=encoders))
     assert not np.array_equal(a[0], other_seed[0])
     # guidance 1.0 (single conditional pass) works and differs from guided sampling
-    g1 = sample_images(cfg.model_copy(update={"guidance_scale": 1.0}), run_uri)
+    g1 = sample_images(cfg.model_copy(update={"guidance_scale": 1.0}), run_uri, encoders=encoders)
     assert all(s.image.size == (16, 16) for s in g1)
     assert not np.array_equal(_arrays(g1)[0], a[0])
 
 
-def test_unclip_deterministic_with_images_per_prompt(run_uri):
+def test_unclip_deterministic_with_images_per_prompt(run_uri, encoders):
     cfg = SampleConfig(prompts=PROMPTS[:1], cascade="unclip", steps=1, images_per_prompt=2, sampler="ddim",
                        guidance_scale={"prior": 1.0, "decoder": 2.0})
-    a, b = sample_images(cfg, run_uri), sample_images(cfg, run_uri)
+    a, b = sample_images(cfg, run_uri, encoders=encoders), sample_images(cfg, run_uri, encoders=encoders)
     assert [(s.k, s.cascade) for s in a] == [(0, "unclip"), (1, "unclip")]
     assert all(np.array_equal(x, y) for x, y in zip(_arrays(a), _arrays(b)))
     assert not np.array_equal(_arrays(a)[0], _arrays(a)[1])  # two draws of one prompt differ
 
 
-def test_missing_stage_is_a_clear_error_unless_the_cascade_stops_early(run_uri, tmp_path):
+def test_missing_stage_is_a_clear_error_unless_the_cascade_stops_early(run_uri, encoders, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(store.local_path(run_uri), partial)
     shutil.rmtree(partial / "train_sr1024" / "final")
     (partial / "train_prior" / "final" / "config.json").unlink()  # weights without config = incomplete
     p_uri = store.normalize(str(partial))
+
+    def cfg(**kw):
+        return SampleConfig(prompts=PROMPTS[:1], steps=1, **kw)
+
     with pytest.raises(StageFailed, match=r"train_sr1024 has no trained model.*max_stage"):
-        sample_images(SampleConfig(prompts=PROMPTS[:1], cascade="imagen", steps=1), p_uri)
+        sample_images(cfg(cascade="imagen"), p_uri, encoders=encoders)
     with pytest.raises(StageFailed, match="train_prior"):
-        sample_images(SampleConfig(prompts=PROMPTS[:1], cascade="unclip", steps=1, max_stage="sr256"), p_uri)
-    early = sample_images(SampleConfig(prompts=PROMPTS[:1], cascade="imagen", steps=1, max_stage="sr256"), p_uri)
+        sample_images(cfg(cascade="unclip", max_stage="sr256"), p_uri, encoders=encoders)
+    early = sample_images(cfg(cascade="imagen", max_stage="sr256"), p_uri, encoders=encoders)
     assert early[0].image.size == (get_flavor("sr256", "debug").image_size,) * 2
-    base = sample_images(SampleConfig(prompts=PROMPTS[:1], cascade="imagen", steps=1, max_stage="base"), p_uri)
+    base = sample_images(cfg(cascade="imagen", max_stage="base"), p_uri, encoders=encoders)
     assert base[0].image.size == (get_flavor("base", "debug").image_size,) * 2
     shutil.rmtree(partial / "embed")
     with pytest.raises(StageFailed, match="encoders.json"):
-        sample_images(SampleConfig(prompts=PROMPTS[:1], cascade="imagen", steps=1, max_stage="base"), p_uri)
+        sample_images(cfg(cascade="imagen", max_stage="base"), p_uri)
 
 
 def test_cascade_roles():
@@ -169,6 +181,6 @@ def test_sample_cli_prints_files_and_demo_check(run_uri, tmp_path, capsys):
     out = str(tmp_path / "cli")
     uris = sample_cli(run_uri, PROMPTS[:1] + ["a photo of a dog"], cascade="imagen", guidance=1.0, steps=1, out=out)
     printed = capsys.readouterr().out
-    assert len(uris) == 2 and all(u in printed for u in uris)
-    assert "report:" in printed
+    assert len(uris) == 2 and all(store.exists(u) for u in uris)
+    assert f"report: {store.normalize(out)}/report.html" in printed and "sample: imagen/base" in printed
     assert "demo check" not in printed  # not every prompt is a demo caption
