@@ -253,8 +253,11 @@ def make_loader(shards: list[ShardPair], spec: LoaderSpec, state: dict | None, n
         positions = {int(k): v for k, v in state["positions"].items()}
         rotate = int(state["consumed"]) % K
     ds = ShardStream(shards, spec, positions, rotate)
+    # Its own generator: creating an iterator otherwise draws a seed from the global torch RNG,
+    # which would shift the training RNG stream of a resumed run (the stream is restored first).
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       prefetch_factor=2 if num_workers else None)
+                                       prefetch_factor=2 if num_workers else None,
+                                       generator=torch.Generator().manual_seed(spec.seed))
 
 
 class PositionTracker:

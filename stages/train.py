@@ -146,15 +146,21 @@ def _no_jit_ops(deepspeed) -> None:
 
 
 def setup_distributed(env: DistEnv, device: torch.device) -> bool:
-    """Make sure a process group exists; True when we created it (and must destroy it)."""
-    if dist.is_initialized():
-        return False
+    """Make sure a process group exists and DeepSpeed's comm layer wraps it; True if we created it.
+
+    Under Ray Train torch.distributed is already up; ``deepspeed.init_distributed`` then only
+    adopts it (``deepspeed.zero.Init`` reads the world size from DeepSpeed's comm layer, not torch's).
+    A group we create stays up for the life of the process: DeepSpeed caches groups derived from
+    it (``deepspeed.utils.groups``), so destroying it would break the next stage run in-process.
+    """
+    created = not dist.is_initialized()
+    if created:
+        os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                          MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     deepspeed = import_deepspeed(device)
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
                                verbose=False)
-    return True
+    return created
 
 
 # ----------------------------------------------------------------------------- engine + step
@@ -207,109 +213,105 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
     device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    created_group = setup_distributed(env, device)
-    deepspeed = import_deepspeed(device)
+    setup_distributed(env, device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        flavor = get_flavor(spec.role, cfg.flavor)
-        ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
-                                 every_minutes=cfg.checkpoint_every_minutes, rank=rank, world_size=world,
-                                 device=device)
+    flavor = get_flavor(spec.role, cfg.flavor)
+    ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
+                             every_minutes=cfg.checkpoint_every_minutes, rank=rank, world_size=world,
+                             device=device)
 
-        # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
-        latest = ckpt.latest()
-        start = torch.tensor([latest[0] if latest else -1], device=device)
-        dist.broadcast(start, src=0)
-        start_step = int(start.item())
-        resume_uri = store.join(ckpt.root, f"step_{start_step:08d}") if start_step >= 0 else None
-        state = ckpt.read_state(resume_uri) if resume_uri else {}
+    # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
+    latest = ckpt.latest()
+    start = torch.tensor([latest[0] if latest else -1], device=device)
+    dist.broadcast(start, src=0)
+    start_step = int(start.item())
+    resume_uri = store.join(ckpt.root, f"step_{start_step:08d}") if start_step >= 0 else None
+    state = ckpt.read_state(resume_uri) if resume_uri else {}
 
-        # 2. Data, at the saved position (built before the engine: workers fork a small process).
-        shards = pair_shards(job.download_uri, job.embed_uri)
-        lspec = LoaderSpec(flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed, rank, world)
-        loader = make_loader(shards, lspec, state.get("data"), cfg.loader_workers, pin_memory=device.type == "cuda")
-        tracker = PositionTracker(cfg.loader_workers, world, state.get("data"))
+    # 2. Data, at the saved position (built before the engine: workers fork a small process).
+    shards = pair_shards(job.download_uri, job.embed_uri)
+    lspec = LoaderSpec(flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed, rank, world)
+    loader = make_loader(shards, lspec, state.get("data"), cfg.loader_workers, pin_memory=device.type == "cuda")
+    tracker = PositionTracker(cfg.loader_workers, world, state.get("data"))
 
-        # 3. Network (same init on every rank) and engine; ZeRO-3 partitions while constructing.
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        ds_cfg = deepspeed_config(cfg, world, resolve_precision(cfg, device))
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=cfg.zero_stage == 3):
-            model = build_network(spec.role, cfg.flavor, job.cond_dims,
-                                  gradient_checkpointing=cfg.activation_checkpointing)
-        engine, precision = build_engine(cfg, model, device=device, world_size=world)
-        compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        ema = EMA(engine.module, cfg.ema_decay)
-        diffusion = Diffusion(**cfg.diffusion.model_dump())
-        torch.manual_seed(cfg.seed * 1000 + rank + 1)  # noise, t and CFG masks differ per rank
+    # 3. Network (same init on every rank) and engine.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    # Built whole, then partitioned by deepspeed.initialize. Not under deepspeed.zero.Init: it
+    # partitions each submodule as soon as its own __init__ returns, so the parent's later
+    # re-initialisation (zero_() on output convs, guided-diffusion style) would hit empty
+    # partitions and silently leave random weights where zeros belong.
+    model = build_network(spec.role, cfg.flavor, job.cond_dims, gradient_checkpointing=cfg.activation_checkpointing)
+    engine, precision = build_engine(cfg, model, device=device, world_size=world)
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ema = EMA(engine.module, cfg.ema_decay)
+    diffusion = Diffusion(**cfg.diffusion.model_dump())
+    torch.manual_seed(cfg.seed * 1000 + rank + 1)  # noise, t and CFG masks differ per rank
 
-        step = 0
-        if resume_uri:
-            ema_tensors = ckpt.load(engine, resume_uri, ema.zero3)  # also restores the RNG states
-            if ema_tensors is not None:
-                ema.load_state_tensors(ema_tensors)
-            step = int(state["step"])
-        logger = MetricsLogger(job.out_uri, enabled=rank == 0, resume_step=step, wandb_project=cfg.wandb_project,
-                               run_name=spec.stage, config=cfg.model_dump())
-        fixed = _fixed_conditioning(spec, cfg, flavor, shards, device, compute_dtype) \
-            if cfg.sample_every and spec.needs_images else None
+    step = 0
+    if resume_uri:
+        ema_tensors = ckpt.load(engine, resume_uri, ema.zero3)  # also restores the RNG states
+        if ema_tensors is not None:
+            ema.load_state_tensors(ema_tensors)
+        step = int(state["step"])
+    logger = MetricsLogger(job.out_uri, enabled=rank == 0, resume_step=step, wandb_project=cfg.wandb_project,
+                           run_name=spec.stage, config=cfg.model_dump())
+    fixed = _fixed_conditioning(spec, cfg, flavor, shards, device, compute_dtype) \
+        if cfg.sample_every and spec.needs_images else None
 
-        # 4. The loop.
-        engine.train()
-        data = iter(loader)
-        loss_sum, n_loss, last_saved = None, 0, step
-        t_log, samples_since = time.perf_counter(), 0
-        while step < cfg.steps:
-            micro = []
-            for _ in range(cfg.grad_accum):
-                batch = next(data)
-                tracker.update(batch)
-                micro.append(spec.build_batch(batch, cfg, flavor, device, compute_dtype))
-            lr = engine.get_lr()[0]
-            out = train_step(engine, diffusion, micro)
-            step += 1
-            ema.update(step)
-            loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
-            n_loss += 1
-            samples_since += cfg.batch_size * cfg.grad_accum * world
+    # 4. The loop.
+    engine.train()
+    data = iter(loader)
+    loss_sum, n_loss, last_saved = None, 0, step
+    t_log, samples_since = time.perf_counter(), 0
+    while step < cfg.steps:
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch = next(data)
+            tracker.update(batch)
+            micro.append(spec.build_batch(batch, cfg, flavor, device, compute_dtype))
+        lr = engine.get_lr()[0]
+        out = train_step(engine, diffusion, micro)
+        step += 1
+        ema.update(step)
+        loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
+        n_loss += 1
+        samples_since += cfg.batch_size * cfg.grad_accum * world
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = (loss_sum / n_loss).float().reshape(1)
-                dist.all_reduce(mean_loss)  # mean over ranks, one tiny collective per log line
-                now = time.perf_counter()
-                gn = out["grad_norm"]
-                logger.log(step, {"loss": mean_loss.item() / world,
-                                  "grad_norm": float(gn) if gn is not None else float("nan"),
-                                  "lr": lr, "samples_per_s": samples_since / max(now - t_log, 1e-9)})
-                loss_sum, n_loss, t_log, samples_since = None, 0, now, 0
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean_loss = (loss_sum / n_loss).float().reshape(1)
+            dist.all_reduce(mean_loss)  # mean over ranks, one tiny collective per log line
+            now = time.perf_counter()
+            gn = out["grad_norm"]
+            logger.log(step, {"loss": mean_loss.item() / world,
+                              "grad_norm": float(gn) if gn is not None else float("nan"),
+                              "lr": lr, "samples_per_s": samples_since / max(now - t_log, 1e-9)})
+            loss_sum, n_loss, t_log, samples_since = None, 0, now, 0
 
-            if fixed is not None and step % cfg.sample_every == 0:
-                _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device)
+        if fixed is not None and step % cfg.sample_every == 0:
+            _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device)
 
-            if ckpt.due(step) or step == cfg.steps:
-                _save(ckpt, engine, step, tracker, ema)
-                last_saved = step
-                logger.sync()
-            if _fault_at_step is not None and step == _fault_at_step:
-                raise RuntimeError(f"injected fault after step {step}")
-
-        if last_saved != step:  # resumed at the end already: nothing new to save
+        if ckpt.due(step) or step == cfg.steps:
             _save(ckpt, engine, step, tracker, ema)
+            last_saved = step
+            logger.sync()
+        if _fault_at_step is not None and step == _fault_at_step:
+            raise RuntimeError(f"injected fault after step {step}")
 
-        # 5. The stage's output: consolidated EMA weights (a collective under ZeRO-3).
-        weights = ema.consolidated_state_dict(engine.module)
-        if rank == 0:
-            write_final(job.out_uri, weights, {
-                "role": spec.role, "flavor": cfg.flavor, "cond_dims": dict(job.cond_dims),
-                "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
-                "diffusion": cfg.diffusion.model_dump(), "condaug": spec.extra_config(cfg), "step": step})
-        logger.close()
-        dist.barrier()
-        return {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
-                "skipped": sum(tracker.skipped.values()), "precision": precision}
-    finally:
-        if created_group and dist.is_initialized():
-            dist.destroy_process_group()
+    if last_saved != step:  # resumed at the end already: nothing new to save
+        _save(ckpt, engine, step, tracker, ema)
+
+    # 5. The stage's output: consolidated EMA weights (a collective under ZeRO-3).
+    weights = ema.consolidated_state_dict(engine.module)
+    if rank == 0:
+        write_final(job.out_uri, weights, {
+            "role": spec.role, "flavor": cfg.flavor, "cond_dims": dict(job.cond_dims),
+            "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
+            "diffusion": cfg.diffusion.model_dump(), "condaug": spec.extra_config(cfg), "step": step})
+    logger.close()
+    dist.barrier()
+    return {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
+            "skipped": sum(tracker.skipped.values()), "precision": precision}
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, tracker: PositionTracker, ema: EMA) -> None:
