@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
@@ -343,13 +342,3 @@ def encoder_identity(clip: ClipConfig, t5: T5Config) -> dict[str, Any]:
     """What makes two embedding sets comparable: the encoders as the spec names them."""
     return {"clip": {"model": clip.model, "pretrained": clip.pretrained},
             "t5": {"model": t5.model, "max_length": t5.max_length}}
-
-
-def finite_rows(*arrays: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Bool [B]: rows whose values are all finite in every given [B, ...] array."""
-    ok = None
-    for a in arrays:
-        a = a.numpy() if isinstance(a, torch.Tensor) else a
-        f = np.isfinite(a.reshape(len(a), -1)).all(1)
-        ok = f if ok is None else ok & f
-    return ok

@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data_prep.embed import (DecodedChunk, EmbedConfig, decode_shard, embed_shards, encode_chunk,

@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
