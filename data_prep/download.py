@@ -69,7 +69,11 @@ class DownloadConfig(StrictModel):
     max_aspect_ratio: float | None = Field(
         None, ge=1.0, description="Drop images whose long/short side ratio exceeds this; null = no limit."
     )
-    number_sample_per_shard: int = Field(10000, gt=0, description="URL rows per output shard.")
+    number_sample_per_shard: int = Field(
+        10000, gt=0,
+        description="URL rows per output shard. Sample keys are 5 + ceil(log10(this)) digits "
+        "(shard id, then index in the shard): 9 digits for 1001..10000.",
+    )
     processes_count: int = Field(1, gt=0, description="Download processes (multiprocessing distributor).")
     thread_count: int = Field(16, gt=0, description="Download threads per process.")
     timeout: int = Field(10, gt=0, description="Per-request timeout, seconds.")
@@ -178,7 +182,7 @@ def _resolved_url_list(cfg: DownloadConfig, ctx: StageContext) -> Iterator[str]:
     try:
         ctx.progress(f"download: generating demo corpus ({d.num_images} images, seed {d.seed})")
         with serve_demo_corpus(tmp, d.num_images, d.image_size, d.seed, d.bad_fraction) as info:
-            ctx.progress(f"download: serving demo corpus on {info.parquet_path} via 127.0.0.1")
+            ctx.progress(f"download: demo corpus ({info.num_good} good, {info.num_bad} broken rows) served on 127.0.0.1")
             yield info.parquet_path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +235,7 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, input_format: str, s
                         distributor: str) -> dict[str, Any]:
     out = shards_uri if store.scheme_of(shards_uri) != "file" else store.local_path(shards_uri)
     return dict(
-        url_list=url_list if "://" not in url_list or url_list.startswith(("s3://", "gs://")) else _local_path(url_list),
+        url_list=_local_path(url_list) or url_list,
         output_folder=out,
         input_format=input_format,
         url_col=cfg.url_col,
@@ -300,7 +304,6 @@ def _tail(path: str, n: int = 4000) -> str:
 
 def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
     shards_uri = store.join(ctx.out_uri, "shards")
-    t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="t2i-download-") as tmp, _resolved_url_list(cfg, ctx) as url_list:
         input_format = cfg.input_format or "parquet"  # demo corpus is parquet; otherwise set by validation
         rows_per_shard = _rows_per_shard(url_list, input_format, cfg.number_sample_per_shard)
@@ -315,17 +318,22 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
         # a half-finished earlier attempt can never be mistaken for done shards.
         store.remove(shards_uri)
         ctx.progress(f"download: {num_rows} rows -> {len(rows_per_shard)} shards with img2dataset ({distributor})")
+        t0 = time.time()
         try:
             rc = _run_child(kwargs, ray_address, shards_uri, len(rows_per_shard), log_path, ctx)
         finally:
             with contextlib.suppress(Exception):
                 with open(log_path, "rb") as f:
                     store.write_bytes_atomic(store.join(ctx.out_uri, "img2dataset.log"), f.read())
+        elapsed = time.time() - t0
         if rc != 0:
             raise StageFailed(f"download: img2dataset exited with status {rc}; end of its log:\n{_tail(log_path)}")
-    elapsed = time.time() - t0
     store.remove(store.join(shards_uri, "_tmp"))  # img2dataset's scratch copies of the URL list
-    return _summarize(cfg, shards_uri, rows_per_shard, elapsed)
+    result = _summarize(cfg, shards_uri, rows_per_shard, elapsed)
+    c = result.counts
+    ctx.progress(f"download: {c['successes']}/{c['total']} rows became samples in {c['shards']} shards "
+                 f"({c['failed_to_download']} failed to download, {c['failed_to_resize']} failed to decode/resize)")
+    return result
 
 
 def _summarize(cfg: DownloadConfig, shards_uri: str, rows_per_shard: list[int], elapsed: float) -> StageResult:

@@ -164,28 +164,44 @@ def test_unfinished_shard_is_removed_and_counted(downloaded, tmp_path):
         _summarize(strict, str(copy), [PER_SHARD, PER_SHARD, 40 - 2 * PER_SHARD], elapsed=1.0)
 
 
-# ---------------------------------------------------------------- threshold failure (csv input)
+# ---------------------------------------------------------------- threshold failure (csv input, Ray)
 
 
-def test_low_success_rate_fails_with_the_cause(served_corpus, tmp_path):
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_low_success_rate_fails_with_the_cause_under_ray(served_corpus, tmp_path, local_ray):
+    """Under the Ray runner (ctx.ray_enabled) img2dataset's ray distributor does the work; a
+    success rate under the threshold stops the stage with the error strings and the shard."""
+    import pyarrow as pa
+
     rows = pq.read_table(served_corpus.info.parquet_path).to_pylist()
     bad = [r for r in rows if "missing_" in r["url"]]
     good = [r for r in rows if r["url"].endswith(".jpg") and "missing_" not in r["url"]][:2]
     table = {"url": [r["url"] for r in bad + good], "caption": [r["caption"] for r in bad + good]}
     csv_path = tmp_path / "urls.csv"
-    import pyarrow as pa
-
     pacsv.write_csv(pa.table(table), str(csv_path))
     cfg = DownloadConfig(url_list=str(csv_path), image_size=32, number_sample_per_shard=PER_SHARD,
                          thread_count=4, timeout=5, min_success_rate=0.9)
     assert cfg.input_format == "csv"
     out = str(tmp_path / "run" / "download")
+    ctx = _ctx(out, ray_enabled=True)
     with pytest.raises(StageFailed) as e:
-        run(cfg, _ctx(out))
+        run(cfg, ctx)
+    assert any("img2dataset (ray)" in m for m in ctx.messages), ctx.messages
     msg = str(e.value)
-    assert "success rate" in msg and "min_success_rate 90.0%" in msg
-    assert "HTTP Error 404" in msg and "x2" in msg and "00000" in msg
-    assert list_shards(out + "/shards")  # partial output stays for inspection, without a manifest
+    assert "success rate 50.0% (2/4 rows)" in msg and "min_success_rate 90.0%" in msg
+    assert "'HTTP Error 404: File not found' x2" in msg and "00000 (2/4 ok)" in msg
+    assert [shard_id(u) for u in list_shards(out + "/shards")] == ["00000"]  # written by a Ray task
+    assert count_samples(out + "/shards") == 2
 
 
 # ---------------------------------------------------------------- demo corpus to s3:// (moto)
