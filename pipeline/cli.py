@@ -159,7 +159,11 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
 
     cfg = _load(spec, []).embed
     if clip:
-        name, _, pretrained = clip.partition(":") if not os.path.exists(clip) else (clip, "", "")
+        # "ViT-L-14:openai" -> name + tag; a directory or "tiny:DIR" is the model itself.
+        if os.path.exists(clip) or clip.startswith("tiny:") or clip.startswith("hf-hub:"):
+            name, pretrained = clip, ""
+        else:
+            name, _, pretrained = clip.partition(":")
         cfg = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"model": name, "pretrained": pretrained or None})})
     if t5:
         cfg = cfg.model_copy(update={"t5": cfg.t5.model_copy(update={"model": t5})})
