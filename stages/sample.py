@@ -196,7 +196,6 @@ def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: f
         raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
     diff_kw = dict(config.get("diffusion") or {})
     diff_kw["null_keys"] = NULL_KEYS[role]
-    diff_kw.setdefault("dynamic_percentile", percentile)
     diff_kw["dynamic_percentile"] = percentile
     return LoadedModel(role, net.to(device).eval(), Diffusion(**diff_kw), config)
 
@@ -242,6 +241,10 @@ class PromptEncoders:
                               "with the encoders it used)")
         doc = store.read_json(doc_uri)
         return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device))
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"clip_dim": self.clip.dim, "clip_token_dim": self.clip.token_dim, "t5_dim": self.t5.dim}
 
     def encode(self, prompts: Sequence[str]) -> PromptFeatures:
         pooled, toks, _ = self.clip.encode_text(list(prompts))
@@ -345,9 +348,14 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
 
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
     encoders = encoders or PromptEncoders.load(embed_uri or store.join(run_uri, "embed"), device=device)
+    for role, m in models.items():  # a model trained on other encoders' features cannot read these
+        if dict(m.config["cond_dims"]) != encoders.dims:
+            raise StageFailed(f"{stage_of(role)} was trained on conditioning dims {m.config['cond_dims']} but the "
+                              f"embed stage's encoders give {encoders.dims}: re-train it on this embedding")
     feats = encoders.encode([p for _, _, p in expanded])
     samples: list[Sample] = []
-    for ci, cascade in enumerate(cfg.cascades()):
+    for cascade in cfg.cascades():
+        ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
         roles = roles_by_cascade[cascade]
         outs: list[torch.Tensor] = []
         for start in range(0, len(expanded), cfg.batch_size):

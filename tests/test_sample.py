@@ -74,7 +74,7 @@ def _arrays(samples):
     return [np.asarray(s.image) for s in samples]
 
 
-def test_run_stage_both_cascades(run_uri, tmp_path):
+def test_run_stage_both_cascades(run_uri, encoders, tmp_path):
     out = store.normalize(str(tmp_path / "sample"))
     lines = []
     ctx = StageContext(run_uri=run_uri, out_uri=out, progress=lines.append)
@@ -95,6 +95,12 @@ def test_run_stage_both_cascades(run_uri, tmp_path):
         assert 0.0 <= res.metrics[f"{c}_demo_colour_accuracy"] <= 1.0 and res.metrics[f"{c}_demo_n"] == 3
     assert any("demo check" in s and "chance 0.12" in s for s in lines)
     assert any(s.startswith("sample: unclip/prior") for s in lines)
+    # a cascade's images do not depend on whether the other cascade ran too
+    alone = sample_images(SampleConfig(prompts=PROMPTS, cascade="imagen", steps=2), run_uri, encoders=encoders)
+    written = sorted(u for u in pngs if "_imagen_" in u)
+    assert len(written) == len(alone) == 3
+    for u, a in zip(written, _arrays(alone)):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(store.read_bytes(u)))), a)
 
 
 def test_fixed_seed_is_deterministic_and_knobs_change_images(run_uri, encoders):
@@ -140,6 +146,19 @@ def test_missing_stage_is_a_clear_error_unless_the_cascade_stops_early(run_uri, 
     shutil.rmtree(partial / "embed")
     with pytest.raises(StageFailed, match="encoders.json"):
         sample_images(cfg(cascade="imagen", max_stage="base"), p_uri)
+
+
+def test_model_trained_on_other_encoders_is_refused(run_uri, encoders, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(store.local_path(run_uri), other)
+    o_uri = store.normalize(str(other))
+    dims = {**encoders.dims, "t5_dim": encoders.dims["t5_dim"] + 8}
+    fl = get_flavor("base", "debug")
+    write_final(store.join(o_uri, "train_base"), build_network("base", "debug", dims).state_dict(), {
+        "role": "base", "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size, "low_res_size": None,
+        "diffusion": TrainConfig().diffusion.model_dump(), "condaug": None, "step": 1})
+    with pytest.raises(StageFailed, match="train_base was trained on conditioning dims"):
+        sample_images(SampleConfig(prompts=PROMPTS[:1], steps=1, cascade="imagen"), o_uri, encoders=encoders)
 
 
 def test_cascade_roles():
