@@ -20,7 +20,8 @@ def init_ray(cluster, address: str | None = None) -> None:
         return
     address = address or cluster.address
     # Ray workers read the store through fsspec; keep their logs quiet about progress bars.
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # Ray Data's per-operator bars flood a driver that runs several stages; stages report their own progress.
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
         return

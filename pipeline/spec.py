@@ -104,9 +104,51 @@ def parse_spec(data: dict, source: str = "<dict>"):
     if isinstance(run_id, str) and not RUN_ID_RE.match(run_id):
         raise SpecError(f"invalid run spec {source}:\n  run_id: must match {RUN_ID_RE.pattern} (got {run_id!r})")
     try:
-        return RunSpec().model_validate(data)
+        spec = RunSpec().model_validate(data)
     except ValidationError as e:
         raise SpecError(format_validation_error(e, source)) from None
+    problems = cross_stage_problems(spec)
+    if problems:
+        raise SpecError("\n".join([f"invalid run spec {source}:"] + [f"  {p}" for p in problems]))
+    return spec
+
+
+TRAIN_ROLES = {"train_prior": "prior", "train_decoder": "decoder", "train_base": "base",
+               "train_sr256": "sr256", "train_sr1024": "sr1024"}
+
+
+def cross_stage_problems(spec) -> list[str]:
+    """Checks that need more than one field: flavors exist, the cascade's sizes chain up,
+    the downloaded images are large enough for every model that trains on them."""
+    problems: list[str] = []
+    flavors = {}
+    for stage, role in TRAIN_ROLES.items():
+        cfg = getattr(spec, stage, None)
+        if cfg is None:
+            continue
+        from stages.nets.flavors import get_flavor, list_flavors
+
+        try:
+            flavors[role] = get_flavor(role, cfg.flavor)
+        except ValueError:
+            allowed = sorted(f.name for f in list_flavors() if f.role == role)
+            problems.append(f"{stage}.flavor: unknown flavor {cfg.flavor!r} for {role}; allowed: {', '.join(allowed)}")
+    for role, f in flavors.items():
+        if f.low_res_size is not None and f.image_size is not None and f.image_size <= f.low_res_size:
+            problems.append(f"train_{role}.flavor: an SR model must output more pixels than it takes "
+                            f"({f.low_res_size} -> {f.image_size})")
+    chain = [("base", "sr256"), ("decoder", "sr256"), ("sr256", "sr1024")]
+    for lo, hi in chain:
+        if lo in flavors and hi in flavors and flavors[lo].image_size != flavors[hi].low_res_size:
+            problems.append(f"train_{hi}.flavor: takes {flavors[hi].low_res_size}px input but train_{lo} "
+                            f"({flavors[lo].name}) makes {flavors[lo].image_size}px; pick matching flavors")
+    dl = getattr(spec, "download", None)
+    if dl is not None:
+        for role, f in flavors.items():
+            if f.image_size and dl.image_size < f.image_size:
+                problems.append(f"download.image_size: {dl.image_size}px is smaller than train_{role} "
+                                f"({f.name}) needs ({f.image_size}px); raise it to at least {f.image_size}")
+    return problems
 
 
 def load_spec(path: str | os.PathLike | None = None, overrides: dict | None = None):
@@ -151,4 +193,5 @@ def run_uri(spec) -> str:
 
 
 def spec_to_yaml(spec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # None must survive the round trip: `pretrained: null` is not the same as the default tag.
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
