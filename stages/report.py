@@ -1,5 +1,5 @@
 """A small, self-contained HTML report of a run: the samples beside their prompts, and the loss
-curve of every training stage.
+curve of every training stage; plus grid.png, the same samples as one captioned image.
 
 Self-contained on purpose: the report is often opened from object storage or copied off a
 cluster, so it carries its own thumbnails (base64 PNG) and its charts as inline SVG polylines
@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import store
 
@@ -193,6 +193,49 @@ def build_report(entries: Sequence[ReportEntry], *, run_uri: str, title: str = "
                      + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def make_grid(samples: Sequence[Any], *, tile: int | None = None, label_width: int = 260) -> Image.Image:
+    """grid.png: one row per prompt (its caption on the left), one column per cascade x image.
+    ``samples`` have ``prompt``, ``cascade``, ``k`` (which image of the prompt) and ``image``."""
+    cols: list[tuple[str, int]] = []
+    rows: list[str] = []
+    for s in samples:
+        if (s.cascade, s.k) not in cols:
+            cols.append((s.cascade, s.k))
+        if s.prompt not in rows:
+            rows.append(s.prompt)
+    side = max(s.image.width for s in samples)
+    tile = tile or min(256, max(64, side))  # tiny debug samples are scaled up to stay visible
+    pad, head = 4, 18
+    font = ImageFont.load_default(size=12)
+    grid = Image.new("RGB", (label_width + len(cols) * (tile + pad) + pad, head + len(rows) * (tile + pad) + pad),
+                     (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for j, (c, k) in enumerate(cols):
+        d.text((label_width + pad + j * (tile + pad), 2), c if k == 0 else f"{c} #{k}", fill=(0, 0, 0), font=font)
+    at = {(s.prompt, s.cascade, s.k): s for s in samples}
+    for i, prompt in enumerate(rows):
+        y = head + pad + i * (tile + pad)
+        d.multiline_text((pad, y), _wrap(prompt, d, font, label_width - 2 * pad), fill=(0, 0, 0), font=font)
+        for j, (c, k) in enumerate(cols):
+            s = at.get((prompt, c, k))
+            if s is not None:
+                resample = Image.Resampling.NEAREST if s.image.width < tile else Image.Resampling.LANCZOS
+                grid.paste(s.image.resize((tile, tile), resample), (label_width + pad + j * (tile + pad), y))
+    return grid
+
+
+def _wrap(text: str, d: ImageDraw.ImageDraw, font, width: int) -> str:
+    lines, line = [], ""
+    for w in text.split():
+        cand = f"{line} {w}".strip()
+        if line and d.textlength(cand, font=font) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = cand
+    return "\n".join(lines + [line])
 
 
 def write_report(uri: str, report_html: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import store
@@ -66,7 +66,8 @@ class SampleConfig(StrictModel):
     guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
         "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
         "prior, decoder, base, sr256, sr1024 (missing roles use the defaults). 1.0 = no guidance."))
-    steps: int | dict[str, int] = Field(25, description="Denoising steps: one int for every model, or role -> steps.")
+    steps: int | dict[str, int] = Field(25, description=(
+        "Denoising steps: one int for every model, or role -> steps (missing roles: 25)."))
     sampler: Literal["ddim", "ddpm", "dpmpp", "dpmpp_2m"] = Field("dpmpp", description=(
         "'ddim' (deterministic), 'ddpm' (ancestral) or 'dpmpp' (DPM-Solver++(2M), good at ~20-25 steps)."))
     thresholding: Literal["dynamic", "static", "none"] = Field("dynamic", description=(
@@ -399,48 +400,6 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_grid(samples: Sequence[Sample], *, tile: int | None = None, label_width: int = 260) -> Image.Image:
-    """One row per prompt (its caption on the left), one column per cascade x image."""
-    cols: list[tuple[str, int]] = []
-    rows: list[str] = []
-    for s in samples:
-        if (s.cascade, s.k) not in cols:
-            cols.append((s.cascade, s.k))
-        if s.prompt not in rows:
-            rows.append(s.prompt)
-    side = max(s.image.width for s in samples)
-    tile = tile or min(256, max(64, side))  # tiny debug samples are scaled up to stay visible
-    pad, head = 4, 18
-    font = ImageFont.load_default(size=12)
-    grid = Image.new("RGB", (label_width + len(cols) * (tile + pad) + pad, head + len(rows) * (tile + pad) + pad),
-                     (255, 255, 255))
-    d = ImageDraw.Draw(grid)
-    for j, (c, k) in enumerate(cols):
-        d.text((label_width + pad + j * (tile + pad), 2), c if k == 0 else f"{c} #{k}", fill=(0, 0, 0), font=font)
-    at = {(s.prompt, s.cascade, s.k): s for s in samples}
-    for i, prompt in enumerate(rows):
-        y = head + pad + i * (tile + pad)
-        d.multiline_text((pad, y), _wrap(prompt, d, font, label_width - 2 * pad), fill=(0, 0, 0), font=font)
-        for j, (c, k) in enumerate(cols):
-            s = at.get((prompt, c, k))
-            if s is not None:
-                resample = Image.Resampling.NEAREST if s.image.width < tile else Image.Resampling.LANCZOS
-                grid.paste(s.image.resize((tile, tile), resample), (label_width + pad + j * (tile + pad), y))
-    return grid
-
-
-def _wrap(text: str, d: ImageDraw.ImageDraw, font, width: int) -> str:
-    lines, line = [], ""
-    for w in text.split():
-        cand = f"{line} {w}".strip()
-        if line and d.textlength(cand, font=font) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = cand
-    return "\n".join(lines + [line])
-
-
 @dataclass
 class SampleOutputs:
     samples: list[Sample]
@@ -459,7 +418,7 @@ def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_ur
         s.uri = store.join(out_uri, filename(s, cfg.images_per_prompt))
         store.write_bytes_atomic(s.uri, png_bytes(s.image))
     grid_uri = store.join(out_uri, "grid.png")
-    store.write_bytes_atomic(grid_uri, png_bytes(make_grid(samples)))
+    store.write_bytes_atomic(grid_uri, png_bytes(report.make_grid(samples)))
 
     checks: dict[str, Any] = {}
     lines: list[str] = []

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline import store
-from stages.report import (TRAIN_STAGES, ReportEntry, build_report, loss_curve_svg, read_metrics, stage_curves,
-                           write_report)
+from stages.report import (TRAIN_STAGES, ReportEntry, build_report, loss_curve_svg, make_grid, read_metrics,
+                           stage_curves, write_report)
 
 
 def _write_metrics(run: str, stage: str, n: int, torn: bool = False) -> None:
@@ -96,3 +96,19 @@ def test_write_report_to_s3(s3_bucket):
     doc = build_report(_entries()[:1], run_uri=store.join(s3_bucket, "run"))
     write_report(uri, doc)
     assert store.read_bytes(uri).decode() == doc
+
+
+def test_grid_has_a_row_per_prompt_and_a_column_per_cascade_image():
+    from types import SimpleNamespace as S
+
+    red, blue = Image.new("RGB", (16, 16), (200, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 200))
+    samples = [S(prompt=p, cascade=c, k=k, image=red if c == "unclip" else blue)
+               for p in ("first prompt", "second prompt with many words that has to wrap onto a second line")
+               for c in ("unclip", "imagen") for k in range(2)]
+    grid = make_grid(samples, tile=64, label_width=200)
+    pad, head = 4, 18
+    assert grid.size == (200 + 4 * (64 + pad) + pad, head + 2 * (64 + pad) + pad)
+    # tiles upscaled with NEAREST keep their colour; column order follows first appearance
+    y = head + pad + (64 + pad) + 32
+    assert grid.getpixel((200 + pad + 32, y)) == (200, 0, 0)
+    assert grid.getpixel((200 + pad + 3 * (64 + pad) + 32, y)) == (0, 0, 200)
