@@ -142,6 +142,11 @@ class SampleConfig(StrictModel):
     def cascades(self) -> list[str]:
         return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
 
+    def required_stages(self) -> list[str]:
+        """Training stages this config samples from (for a submit-time check against the spec)."""
+        roles = {r for c in self.cascades() for r in cascade_roles(c, self.max_stage)}
+        return [stage_of(r) for r in ROLES if r in roles]
+
     def guidance_for(self, role: str) -> float:
         g = self.guidance_scale
         return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_GUIDANCE[role]))

@@ -168,6 +168,8 @@ def test_cascade_roles():
     assert cascade_roles("imagen", "sr256") == ("base", "sr256")
     with pytest.raises(ValueError, match="allowed: unclip, imagen"):
         cascade_roles("glide")
+    assert SampleConfig(cascade="imagen", max_stage="sr256").required_stages() == ["train_base", "train_sr256"]
+    assert SampleConfig().required_stages() == [f"train_{r}" for r in ROLES]
 
 
 def test_config_validation_names_the_field():
