@@ -115,7 +115,7 @@ class DemoCorpusConfig(StrictModel):
     """The synthetic corpus generated when ``download.url_list == "demo"``."""
 
     num_images: int = Field(512, gt=0, description="Rows in the URL list, good and bad together.")
-    image_size: int = Field(128, ge=16, le=2048, description="Side of the generated square JPEGs, in pixels.")
+    image_size: int = Field(256, ge=16, le=2048, description="Side of the generated square JPEGs, in pixels.")
     seed: int = Field(0, description="Everything in the corpus (captions, jitter, bad rows) follows from this seed.")
     bad_fraction: float = Field(
         0.05, ge=0.0, le=0.9,

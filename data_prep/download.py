@@ -59,7 +59,7 @@ class DownloadConfig(StrictModel):
     )
     url_col: str = Field("url", min_length=1, description="Column holding the image URL.")
     caption_col: str = Field("caption", min_length=1, description="Column holding the caption.")
-    image_size: int = Field(256, gt=0, description="Side of the stored (square unless resize_mode says otherwise) images.")
+    image_size: int = Field(256, gt=0, description="Side of the stored images (square unless resize_mode is keep_ratio/no).")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = Field(
         "center_crop",
         description="center_crop: shorter side to image_size then crop the centre; border: longer side to "
@@ -226,9 +226,49 @@ def _child_main() -> None:
         # Connect to the runner's cluster as a second driver; img2dataset's ray_distributor then
         # submits one task per shard (it ignores processes_count: parallelism is the cluster's).
         ray.init(address=args["ray_address"], runtime_env={"env_vars": args["worker_env"]})
-    from img2dataset import download
+    import img2dataset  # noqa: F401  (its __init__ rebinds the name ``img2dataset.main`` to a function)
 
-    download(**args["kwargs"])
+    i2d = sys.modules["img2dataset.main"]
+    _trim_img2dataset(i2d, processes_count=args["kwargs"]["processes_count"])
+    i2d.download(**args["kwargs"])
+
+
+class _NoLogger:
+    """Stands in for img2dataset's LoggerProcess, a spawned process (a second torch import,
+    seconds of CPU) that only prints running totals and feeds wandb; run() reads the per-shard
+    stats files itself."""
+
+    def __init__(self, *args, **kwargs):
+        self.done_shards: set[int] = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def _inline_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry):
+    """img2dataset's multiprocessing distributor minus the pool, for processes_count == 1: this
+    child is already the isolated process, and a one-worker pool would only cost another
+    interpreter start. Same contract: downloader(row) -> (ok, row); failed shards retried."""
+    failed = [row for row in reader if not downloader(row)[0]]
+    for _ in range(max_shard_retry):
+        if not failed:
+            break
+        failed = [row for ok, row in map(downloader, failed) if not ok]
+
+
+def _trim_img2dataset(i2d, processes_count: int) -> None:
+    # download() looks both names up in img2dataset.main's globals at call time. If a future
+    # img2dataset renames them, nothing is patched and the stock (slower) behaviour remains.
+    if hasattr(i2d, "LoggerProcess"):
+        i2d.LoggerProcess = _NoLogger
+    if processes_count == 1 and hasattr(i2d, "multiprocessing_distributor"):
+        i2d.multiprocessing_distributor = _inline_distributor
 
 
 def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, input_format: str, shards_uri: str,

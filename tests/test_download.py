@@ -24,9 +24,9 @@ from pipeline import store
 from pipeline.context import StageContext, StageFailed
 
 try:
-    from tests.fixtures_corpus import moto_s3, served_corpus  # noqa: F401
+    from tests.fixtures_corpus import served_corpus  # noqa: F401
 except ImportError:  # tests/ not importable as a package: pytest put tests/ itself on sys.path
-    from fixtures_corpus import moto_s3, served_corpus  # noqa: F401
+    from fixtures_corpus import served_corpus  # noqa: F401
 
 PER_SHARD = 16
 
@@ -207,8 +207,8 @@ def test_low_success_rate_fails_with_the_cause_under_ray(served_corpus, tmp_path
 # ---------------------------------------------------------------- demo corpus to s3:// (moto)
 
 
-def test_demo_download_to_s3(moto_s3):
-    out = f"s3://{moto_s3}/run1/download"
+def test_demo_download_to_s3(s3_bucket):
+    out = f"{s3_bucket}/run1/download"
     cfg = DownloadConfig(url_list="demo", image_size=24, number_sample_per_shard=8, thread_count=4,
                          demo={"num_images": 12, "image_size": 48, "seed": 5, "bad_fraction": 0.25})
     result = run(cfg, _ctx(out))
