@@ -1,0 +1,134 @@
+"""`t2i run`, `status` and `resume` end to end on the data stages (real img2dataset, tiny encoders).
+
+One run is driven through its whole life: first run, no-op re-run, a changed config re-running a
+stage and everything downstream, resume of one stage / one stage and downstream, an interrupted
+stage resumed in place, and a failing stage reported without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import manifest as mf
+from pipeline import store
+from pipeline.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path, **download_overrides) -> str:
+    root = tmp_path / "store"
+    data = {
+        "run_id": "r1",
+        "store": {"uri": f"file://{root}"},
+        "cluster": {"use_ray": False},
+        "download": {"url_list": "demo", "demo": {"num_images": 40, "image_size": 64, "seed": 1, "bad_fraction": 0.1},
+                     "image_size": 64, "number_sample_per_shard": 16, "processes_count": 1, "thread_count": 4,
+                     "min_success_rate": 0.5, **download_overrides},
+        "embed": {"clip": {"model": f"tiny:{tmp_path / 'enc'}", "pretrained": None},
+                  "t5": {"model": f"tiny:{tmp_path / 'enc'}", "max_length": 32}, "batch_size": 16},
+    }
+    p = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def _cli(*args):
+    res = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def _finished(run: str, stage: str) -> float:
+    return store.read_json(store.join(run, stage, mf.MANIFEST))["finished_at"]
+
+
+def test_run_status_resume_lifecycle(tmp_path):
+    spec = _spec(tmp_path)
+    run = f"file://{tmp_path}/store/r1"
+
+    code, out = _cli("run", spec)
+    assert code == 0, out
+    dl = store.read_json(store.join(run, "download", mf.MANIFEST))
+    assert dl["counts"]["successes"] == 36 and dl["counts"]["total"] == 40, dl["counts"]
+    assert any(f["path"].endswith(".tar") and f["bytes"] > 0 for f in dl["files"])
+    emb = store.read_json(store.join(run, "embed", mf.MANIFEST))
+    assert emb["counts"]["n_embedded"] == 36
+    t_dl, t_emb = _finished(run, "download"), _finished(run, "embed")
+
+    code, out = _cli("status", run)
+    assert code == 0 and out.count("done") == 2, out
+
+    # Same spec: a no-op.
+    code, out = _cli("run", spec)
+    assert code == 0 and "download: done already" in out and "embed: done already" in out, out
+    assert (_finished(run, "download"), _finished(run, "embed")) == (t_dl, t_emb)
+
+    # One stage: embed re-runs, download is untouched, and downstream fingerprints stay valid.
+    code, out = _cli("resume", run, "--stage", "embed")
+    assert code == 0, out
+    assert _finished(run, "download") == t_dl and _finished(run, "embed") > t_emb
+    t_emb = _finished(run, "embed")
+
+    # A changed download config re-runs download and everything downstream.
+    spec2 = _spec(tmp_path, min_image_size=8)
+    code, out = _cli("run", spec2)
+    assert code == 0, out
+    assert _finished(run, "download") > t_dl and _finished(run, "embed") > t_emb
+    t_dl, t_emb = _finished(run, "download"), _finished(run, "embed")
+
+    # --from re-runs the stage and its downstream.
+    code, out = _cli("resume", run, "--from", "download")
+    assert code == 0, out
+    assert _finished(run, "download") > t_dl and _finished(run, "embed") > t_emb
+
+    # A stage killed half-way: no manifest, its finished shards kept, resumed in place.
+    emb_uri = store.join(run, "embed")
+    done_markers = store.glob(store.join(emb_uri, "shards", "*.done.json"))
+    kept = store.read_bytes(done_markers[0])
+    store.remove(mf.manifest_uri(emb_uri))
+    store.remove(done_markers[-1])
+    code, out = _cli("status", run)
+    assert "partial" in out, out
+    code, out = _cli("resume", run)
+    assert code == 0, out
+    assert store.read_bytes(done_markers[0]) == kept, "a finished shard must not be embedded again"
+    assert store.exists(done_markers[-1])
+    assert store.read_json(store.join(emb_uri, mf.MANIFEST))["counts"]["n_embedded"] == 36
+
+
+def test_failing_stage_is_reported_and_blocks_downstream(tmp_path):
+    spec = _spec(tmp_path, min_success_rate=0.99)
+    run = f"file://{tmp_path}/store/r1"
+    code, out = _CliRunnerBoth("run", spec)
+    assert code == 1
+    assert "download" in out and "success rate" in out.lower(), out
+    assert "Traceback" not in out
+    assert not store.exists(store.join(run, "download", mf.MANIFEST)), "a failed stage never looks done"
+    code, out = _cli("status", run)
+    assert "failed" in out, out
+    err = store.read_json(store.join(run, "download", "_ERROR.json"))
+    assert "success rate" in err["error"].lower()
+
+
+def _CliRunnerBoth(*args):  # noqa: N802 - stdout and stderr together
+    res = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
+
+
+def test_resume_rejects_unknown_stage_and_non_run(tmp_path):
+    code, out = _CliRunnerBoth("resume", str(tmp_path / "nope"))
+    assert code == 2 and "is not a run" in out
+    spec = _spec(tmp_path)
+    run = f"file://{tmp_path}/store/r1"
+    from pipeline.runner import save_spec
+    from pipeline.spec import load_spec
+
+    save_spec(load_spec(spec))
+    code, out = _CliRunnerBoth("resume", run, "--stage", "train_nothing")
+    assert code == 2 and "unknown stage 'train_nothing'" in out, out
+    code, out = _CliRunnerBoth("resume", run, "--stage", "train_base")
+    assert code == 2 and "not configured" in out, out
