@@ -177,6 +177,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.devi
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                                            dist_init_required=False)
     engine.t2i_clip = cfg.grad_clip if _clips_itself(cfg, precision) else None
+    engine.t2i_params = [p for p in engine.module.parameters() if p.requires_grad]  # listed once, not per step
     return engine, precision
 
 
@@ -192,11 +193,34 @@ def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]]
         loss, _ = diffusion.training_loss(engine, x0, cond)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and getattr(engine, "t2i_clip", None) is not None:
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            engine.t2i_norm = torch.nn.utils.clip_grad_norm_(params, engine.t2i_clip or float("inf"))
+            engine.t2i_norm = torch.nn.utils.clip_grad_norm_(engine.t2i_params, engine.t2i_clip or float("inf"),
+                                                             foreach=True)
         engine.step()
         total = loss.detach() if total is None else total + loss.detach()
     norm = engine.get_global_grad_norm() if getattr(engine, "t2i_clip", None) is None else engine.t2i_norm
+    return {"loss": total / len(micro_batches), "grad_norm": norm}
+
+
+def build_plain(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device):
+    """The same optimizer and schedule without DeepSpeed (the bench's plain-PyTorch baseline)."""
+    model.to(device)
+    optimizer = build_optimizer(cfg, model.parameters(), device)
+    return model, optimizer, build_scheduler(cfg, optimizer)
+
+
+def plain_train_step(model, optimizer, scheduler, diffusion, micro_batches, *, grad_clip: float,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """:func:`train_step` in plain PyTorch (bf16 via autocast, fp32 weights) for comparison."""
+    total = None
+    for x0, cond in micro_batches:
+        with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = diffusion.training_loss(model, x0, cond)
+        (loss / len(micro_batches)).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"), foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
     return {"loss": total / len(micro_batches), "grad_norm": norm}
 
 

@@ -33,7 +33,10 @@ class MetricsLogger:
         if not enabled:
             return
         uri = store.join(out_uri, "metrics.jsonl")
-        if store.exists(uri):
+        if resume_step == 0:  # a fresh start: curves of an attempt that never checkpointed are void
+            store.remove(uri)
+            store.remove(store.join(out_uri, "tb"))
+        elif store.exists(uri):
             for line in store.read_bytes(uri).decode().splitlines():
                 if line.strip():
                     rec = json.loads(line)

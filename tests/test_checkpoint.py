@@ -42,6 +42,14 @@ def test_latest_ignores_incomplete_and_prune_keeps_last_k(tmp_path):
     assert left == ["step_00000003", "step_00000004", "step_00000005"]
 
 
+def test_time_cadence():
+    m = CheckpointManager("/tmp/unused", keep_last=1, every_steps=10, every_minutes=1.0, rank=0, world_size=1,
+                          device=torch.device("cpu"))
+    assert not m.due(3) and m.due(10)
+    m._last_save_time -= 61
+    assert m.due(3)
+
+
 def test_checkpoints_on_s3_resume_and_final_loads_without_deepspeed(s3_bucket, tmp_path):
     download, embed = make_dataset(str(tmp_path / "data"), n_shards=1, per_shard=4)
     out = s3_bucket + "/run/train_base"

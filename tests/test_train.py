@@ -35,7 +35,7 @@ def data(tmp_path_factory):
 def test_stage_two_steps(stage, data, tmp_path):
     root, download, embed = data
     module, cfg_cls = STAGES[stage]
-    cfg = cfg_cls(**tiny_train_kwargs(sample_every=2 if stage == "train_base" else 0, sample_steps=2))
+    cfg = cfg_cls(**tiny_train_kwargs(sample_every=0 if stage == "train_prior" else 2, sample_steps=2))
     ctx = stage_ctx(str(tmp_path), stage, download, embed)
     result = module.run(cfg, ctx)
 
@@ -59,8 +59,9 @@ def test_stage_two_steps(stage, data, tmp_path):
     assert set(weights) == set(build_network(role, "debug", DIMS).state_dict())
     net, _ = load_final(store.join(ctx.out_uri, "final"))
     assert all(torch.isfinite(p).all() for p in net.parameters())
-    if stage == "train_base":
-        assert store.glob(store.join(ctx.out_uri, "samples", "grid_*.png"))
+    if stage != "train_prior":  # the prior's samples are embeddings, not images
+        grids = store.glob(store.join(ctx.out_uri, "samples", "grid_*.png"))
+        assert [g.rsplit("/", 1)[-1] for g in grids] == ["grid_00000002.png"]
 
 
 def _recording(spec, seen: list):
@@ -107,3 +108,33 @@ def test_resume_is_exact_and_skips_incomplete_checkpoint(data, tmp_path):
              .decode().splitlines()]
     assert steps == [2, 4]
     assert [u.rsplit("/", 1)[-1] for u in store.listdir(ckpts)] == ["step_00000002", "step_00000004"]
+
+
+def test_build_engine_and_train_step_match_plain_pytorch(data):
+    """The bench's entry points: one DeepSpeed step (fp32, ZeRO-0) equals the plain PyTorch step."""
+    from stages.diffusion import Diffusion
+    from stages.loader import LoaderSpec, ShardStream, pair_shards
+    from stages.train import build_engine, build_plain, plain_train_step, setup_distributed, train_step
+
+    _, download, embed = data
+    cfg = base.BaseTrainConfig(**tiny_train_kwargs(grad_clip=0.5))
+    cpu = torch.device("cpu")
+    setup_distributed(DistEnv.from_env(), cpu)
+    batch = next(iter(ShardStream(pair_shards(download, embed), LoaderSpec(16, 2, seed=0))))
+    micro = [base.build_batch(batch, cfg, get_flavor("base", "debug"), cpu, torch.float32)]
+    diffusion = Diffusion(**cfg.diffusion.model_dump())
+
+    torch.manual_seed(0)
+    engine, precision = build_engine(cfg, build_network("base", "debug", DIMS), device=cpu)
+    torch.manual_seed(0)
+    model, opt, sched = build_plain(cfg, build_network("base", "debug", DIMS), device=cpu)
+    assert precision == "fp32"
+    torch.manual_seed(1)
+    a = train_step(engine, diffusion, micro)
+    torch.manual_seed(1)
+    b = plain_train_step(model, opt, sched, diffusion, micro, grad_clip=cfg.grad_clip)
+    torch.testing.assert_close(a["loss"], b["loss"])
+    torch.testing.assert_close(torch.as_tensor(a["grad_norm"]), torch.as_tensor(b["grad_norm"]))
+    for (n, p), q in zip(engine.module.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    assert engine.get_lr() == sched.get_last_lr()
