@@ -146,14 +146,16 @@ def _infer_input_format(uri: str) -> str | None:
 
 
 def _columns_of(path: str, fmt: str | None) -> list[str]:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
     import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
 
-    with pacsv.open_csv(path) as reader:
-        return list(reader.schema.names)
+    try:
+        if fmt == "parquet":
+            return list(pq.read_schema(path).names)
+        with pacsv.open_csv(path) as reader:
+            return list(reader.schema.names)
+    except Exception as e:  # pyarrow's messages do not name the file
+        raise ValueError(f"url_list {path!r} is not a readable {fmt} file: {e}") from e
 
 
 def _rows_per_shard(url_list: str, fmt: str, per_shard: int) -> list[int]:
@@ -166,8 +168,11 @@ def _rows_per_shard(url_list: str, fmt: str, per_shard: int) -> list[int]:
     files = sorted(fs.glob(path.rstrip("/") + f"/*.{fmt}")) if fs.isdir(path) else [path]
     out: list[int] = []
     for p in files:
-        with fs.open(p, "rb") as f:
-            n = pq.ParquetFile(f).metadata.num_rows if fmt == "parquet" else pacsv.read_csv(f).num_rows
+        try:
+            with fs.open(p, "rb") as f:
+                n = pq.ParquetFile(f).metadata.num_rows if fmt == "parquet" else pacsv.read_csv(f).num_rows
+        except Exception as e:  # pyarrow's messages do not name the file
+            raise StageFailed(f"download: cannot read url_list file {p!r} as {fmt}: {e}") from e
         out += [min(per_shard, n - i * per_shard) for i in range(math.ceil(n / per_shard))]
     return out
 

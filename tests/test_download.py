@@ -63,6 +63,10 @@ def test_config_validation_names_the_field(served_corpus, tmp_path):
 
     with pytest.raises(ValidationError, match="caption_col: column 'text' not found"):
         DownloadConfig(url_list=served_corpus.info.parquet_path, caption_col="text")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(ValidationError, match="garbage.parquet' is not a readable parquet file"):
+        DownloadConfig(url_list=str(garbage))
     odd = tmp_path / "urls.txt"
     odd.write_text("http://127.0.0.1/x.jpg\n")
     with pytest.raises(ValidationError, match="input_format"):
