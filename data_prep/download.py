@@ -9,8 +9,19 @@ Why img2dataset runs in a child process: it installs a SIGINT handler (only lega
 thread, which a stage run by a threaded runner may not be on), prints a lot (tqdm, per-shard
 lines, tracebacks of bad samples) from itself and from the processes it spawns, and imports
 torch/wandb/albumentations (whose import phones home unless NO_ALBUMENTATIONS_UPDATE is set). A
-child with its stdout/stderr sent to a log file contains all of that, and a crash or a hang in it
-cannot take the caller down.
+child with its stdout/stderr sent to a log file contains all of that, and a crash in it (or an
+interrupted stage, which ends its whole process group) cannot take the caller down. In that
+child two img2dataset helpers that would each start yet another interpreter (its logger process,
+and its pool when processes_count is 1) are replaced by in-process equivalents; see
+``_trim_img2dataset``.
+
+Distributors: ``multiprocessing`` by default; img2dataset's ``ray`` distributor when the runner
+says Ray is up (``ctx.ray_enabled``) and the list is not the demo (which lives on this machine's
+loopback). The ray distributor submits one task per shard, ignores processes_count and does not
+retry failed shards; both distributors' failed shards surface the same way here: a shard without
+its ``_stats.json`` is removed and its rows are counted in ``rows_in_failed_shards``. With Ray on
+several machines the output must be an object store (s3://, gs://): each task writes its shard
+where it runs.
 
 ``url_list: demo`` generates the synthetic corpus (data_prep.demo_corpus) in a temporary folder
 and serves it on 127.0.0.1 for the duration of the stage.
