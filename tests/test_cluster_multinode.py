@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on this machine: submit runs through the Jobs API, pin a stage to
-the node that has a custom resource, read logs, stop a job, and drive the cluster directly with
-``t2i run --address auto``.
+the node that has a custom resource, read logs, stop a job (each job's driver joins with
+``--address auto``), and drive the cluster directly with ``t2i run --address ray://…``.
 
 The cluster is started with ``ray start`` (head with dashboard on 127.0.0.1 + one worker node
 with ``{"special_node": 1}``), each node with one CPU and its own temp dir; see
@@ -99,7 +99,7 @@ def _node_with(cluster, resource: str) -> str:
     return ids[0]
 
 
-def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, cli, tmp_path, monkeypatch):
+def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli, tmp_path, monkeypatch):
     from pipeline import store
     from pipeline.runner import run_status
     from pipeline.submit import JOB_FILE, job_status_line
@@ -187,16 +187,37 @@ def test_stop_a_running_job(cluster, cli, tmp_path):
     assert not store.exists(store.join(run, "download", "_MANIFEST.json"))
 
 
-def test_run_with_address_auto_drives_the_cluster(cluster, tmp_path):
-    """``t2i run --address auto`` from a machine of the cluster (RAY_ADDRESS set, as on a head)."""
+@pytest.fixture(scope="module")
+def direct_run(cluster, tmp_path_factory):
+    """``t2i run --address ray://HEAD:PORT`` (Ray Client) started as soon as the cluster is up, in
+    the background: it is mostly interpreter start-up and img2dataset imports, which overlap well
+    with the job tests. (``--address auto`` is what every submitted job runs.)"""
+    tmp = tmp_path_factory.mktemp("direct")
+    spec = _write_spec(tmp / "direct.yaml", "cluster-direct", f"file://{tmp}/store", num_images=8)
+    # The client server listens on the head's node IP (what `ray start` picked), not loopback.
+    head_ip = next(n["node_ip"] for n in cluster.nodes_info if n["is_head"])
+    address = f"ray://{head_ip}:{cluster.client_port}"
+    log = open(tmp / "driver.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(spec),
+                             "--address", address], cwd=REPO, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc, tmp, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_run_with_ray_client_address_drives_the_cluster(cluster, direct_run):
+    """``t2i run --address ray://…`` runs the stages on the existing cluster, not a private Ray."""
     from pipeline import store
 
-    spec = _write_spec(tmp_path / "direct.yaml", "cluster-direct", f"file://{tmp_path}/store", num_images=8)
-    env = dict(cluster.env, RAY_ADDRESS=cluster.gcs_address)  # only for the child: never in this process
-    proc = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(spec),
-                           "--address", "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    manifest = store.read_json(f"file://{tmp_path}/store/cluster-direct/download/_MANIFEST.json")
+    proc, tmp, log = direct_run
+    rc = proc.wait(timeout=150)
+    log.seek(0)
+    assert rc == 0, log.read()[-4000:]
+    manifest = store.read_json(f"file://{tmp}/store/cluster-direct/download/_MANIFEST.json")
     assert manifest["counts"]["successes"] == 8
     # It ran on one of *this* cluster's nodes, not in a private local Ray.
     assert manifest["node"]["node_id"] in {n["node_id"] for n in cluster.nodes_info}
