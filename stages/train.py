@@ -229,7 +229,8 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
                _fault_at_step: int | None = None) -> dict[str, Any]:
     """Train one stage to ``cfg.steps``, resuming from the latest complete checkpoint.
 
-    ``_fault_at_step`` (tests): raise right after that step's checkpoint, like a killed worker.
+    ``_fault_at_step`` (tests): raise right after that step's checkpoint, like a killed worker,
+    unless this attempt resumed at or after that step (so a restarted attempt gets past it).
     """
     from stages.diffusion import Diffusion
     from stages.nets.flavors import build_network, get_flavor
@@ -319,7 +320,7 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
             _save(ckpt, engine, step, tracker, ema)
             last_saved = step
             logger.sync()
-        if _fault_at_step is not None and step == _fault_at_step:
+        if _fault_at_step is not None and step == _fault_at_step > start_step:
             raise RuntimeError(f"injected fault after step {step}")
 
     if last_saved != step:  # resumed at the end already: nothing new to save
