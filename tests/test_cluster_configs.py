@@ -299,3 +299,38 @@ def test_bad_spec_fails_before_any_network_call(tmp_path):
     good.write_text(f"run_id: x\nstore: {{uri: 'file://{tmp_path}/store'}}\ndownload: {{url_list: demo}}\n")
     with pytest.raises(SubmitError, match="127.0.0.1:9"):
         submit_run(good, "http://127.0.0.1:9")
+
+
+def _gpu_node_shapes() -> dict[str, tuple[float, float]]:
+    """(CPUs, GPUs) of one H100 node in each config."""
+    shapes = {}
+    for name in LAUNCHERS:
+        t = next(v for v in _load(name)["available_node_types"].values() if v["resources"].get("GPU"))
+        shapes[name] = (t["resources"]["CPU"], t["resources"]["GPU"])
+    for name, spec in (("raycluster.yaml", _one(_kube("raycluster.yaml"), "RayCluster")["spec"]),
+                       ("rayjob.yaml", _one(_kube("rayjob.yaml"), "RayJob")["spec"]["rayClusterSpec"])):
+        for g in spec["workerGroupSpecs"]:
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            if "nvidia.com/gpu" in limits:  # Ray takes CPU/GPU counts from the container limits
+                shapes[name] = (float(limits["cpu"]), float(limits["nvidia.com/gpu"]))
+    return shapes
+
+
+def test_training_workers_fill_a_gpu_node():
+    """Each training stage's workers must fit on an H100 node so that all 8 GPUs can be used:
+    gpus_per_worker <= 8 and the CPUs of 8/gpus_per_worker workers <= the node's CPUs."""
+    shapes = _gpu_node_shapes()
+    assert set(shapes) == set(LAUNCHERS) | {"raycluster.yaml", "rayjob.yaml"}
+    checked = 0
+    for src, spec in _specs_using_resources().items():
+        for stage, cfg in spec.items():
+            if not (isinstance(cfg, dict) and cfg.get("gpus_per_worker")):
+                continue
+            gpw, cpw = float(cfg["gpus_per_worker"]), float(cfg.get("cpus_per_worker", 1))
+            for cluster_name, (cpus, gpus) in shapes.items():
+                per_node = gpus // gpw
+                assert per_node >= 1, f"{src} {stage}: {gpw} GPUs per worker > {gpus} on a {cluster_name} node"
+                assert per_node * cpw <= cpus, (f"{src} {stage}: {per_node:.0f} workers x {cpw} CPUs exceed the "
+                                                f"{cpus} CPUs of a {cluster_name} GPU node; lower cpus_per_worker")
+            checked += 1
+    assert checked >= 1, "no spec with GPU training found in pipeline/configs"
