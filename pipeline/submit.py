@@ -172,6 +172,22 @@ def entrypoint_for(spec_rel_path: str) -> str:
 
 # --- submit / logs / stop / status -----------------------------------------------------------
 
+def locality_warnings(spec, root: Path) -> list[str]:
+    """Paths in the spec that only this machine can read: the job would fail on a remote cluster
+    (fine when the nodes share this filesystem, as in the local test cluster -- hence warnings)."""
+    out = []
+    if store.scheme_of(spec.store.uri) == "file":
+        out.append(f"store.uri {spec.store.uri} is a local path: the cluster's nodes must share this "
+                   "filesystem (use s3:// or gs:// for a real cluster)")
+    url_list = getattr(getattr(spec, "download", None), "url_list", "demo")
+    if url_list != "demo" and store.scheme_of(url_list) == "file":
+        path = Path(store.local_path(store.normalize(url_list))).resolve()
+        if root not in path.parents:
+            out.append(f"download.url_list {url_list} is a local file outside the shipped checkout: "
+                       "the cluster cannot read it (put it in object storage)")
+    return out
+
+
 def read_job_record(run: str) -> dict | None:
     uri = store.join(run, JOB_FILE)
     try:
@@ -205,6 +221,8 @@ def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dic
     spec_rel = f"{SHIPPED_SPEC_DIR}/{spec.run_id}.yaml"
     entrypoint = entrypoint_for(spec_rel)
     root = project_root()
+    for w in locality_warnings(spec, root):
+        log(f"warning: {w}")
     with staged_working_dir(root, f"{spec.run_id}.yaml", spec_to_yaml(spec)) as wd:
         runtime_env = build_runtime_env(wd, pip=pip, root=root)
         try:

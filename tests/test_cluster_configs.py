@@ -334,3 +334,22 @@ def test_training_workers_fill_a_gpu_node():
                                                 f"{cpus} CPUs of a {cluster_name} GPU node; lower cpus_per_worker")
             checked += 1
     assert checked >= 1, "no spec with GPU training found in pipeline/configs"
+
+
+def test_submit_warns_about_paths_only_this_machine_can_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.spec import parse_spec
+    from pipeline.submit import locality_warnings, project_root
+
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg"], "caption": ["a"]}), urls)
+    local = parse_spec({"run_id": "r", "store": {"uri": f"file://{tmp_path}/store"},
+                        "download": {"url_list": str(urls)}})
+    warnings = locality_warnings(local, project_root())
+    assert len(warnings) == 2
+    assert "store.uri" in warnings[0] and "download.url_list" in warnings[1] and str(urls) in warnings[1]
+    remote = parse_spec({"run_id": "r", "store": {"uri": "s3://bucket/runs"},
+                         "download": {"url_list": "s3://bucket/urls.parquet"}})
+    assert locality_warnings(remote, project_root()) == []
