@@ -18,7 +18,7 @@ from the corpus beyond ``parse_caption``, ``COLORS`` and ``POSITIONS``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,54 +31,22 @@ MIN_FOREGROUND_FRACTION = 0.002  # fewer coloured pixels than this: the image sh
 # ---------------------------------------------------------------- corpus adapters
 
 
-def _rgb(v: Any) -> tuple[int, int, int]:
-    if isinstance(v, str):
-        s = v.lstrip("#")
-        if len(s) != 6:
-            raise ValueError(f"colour {v!r} is not #rrggbb")
-        return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16)
-    r, g, b = list(v)[:3]
-    if max(r, g, b) <= 1.0 and all(isinstance(c, float) for c in (r, g, b)):
-        r, g, b = (round(c * 255) for c in (r, g, b))
-    return int(r), int(g), int(b)
-
-
 def corpus_colours() -> dict[str, tuple[int, int, int]]:
-    """The demo corpus's colour table as name -> (r, g, b) in 0..255."""
+    """The demo corpus's colour table: name -> (r, g, b) in 0..255."""
     from data_prep import demo_corpus
 
-    table = demo_corpus.COLORS
-    items = table.items() if isinstance(table, Mapping) else table
-    out = {str(name): _rgb(rgb) for name, rgb in items}
-    if not out:
-        raise ValueError("data_prep.demo_corpus.COLORS is empty")
-    return out
+    return {name: tuple(int(c) for c in rgb) for name, rgb in demo_corpus.COLORS.items()}
 
 
-def _field(attrs: Any, *names: str) -> Any:
-    for n in names:
-        if isinstance(attrs, Mapping) and n in attrs:
-            return attrs[n]
-        if hasattr(attrs, n):
-            return getattr(attrs, n)
-    return None
-
-
-def parse_demo_prompt(prompt: str) -> tuple[str, str | None] | None:
-    """(colour, position or None) if ``prompt`` is a demo-corpus caption, else None."""
+def parse_demo_prompt(prompt: str) -> tuple[str, str] | None:
+    """(colour, position) if ``prompt`` is a demo-corpus caption, else None."""
     from data_prep import demo_corpus
 
     try:
         attrs = demo_corpus.parse_caption(prompt)
-    except (ValueError, KeyError):
+    except ValueError:
         return None
-    if attrs is None:
-        return None
-    colour = _field(attrs, "color", "colour")
-    if colour is None:
-        return None
-    position = _field(attrs, "position", "pos", "location")
-    return str(colour), (str(position) if position else None)
+    return attrs.color, attrs.position
 
 
 def is_demo_prompt(prompt: str) -> bool:
