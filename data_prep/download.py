@@ -45,7 +45,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from data_prep.demo_corpus import DemoCorpusConfig, serve_demo_corpus
 from data_prep.shards import list_shards, read_shard_stats, shard_id
 from pipeline import store
-from pipeline.configbase import StrictModel
+from pipeline.configbase import StrictModel, TaskPlacement
 from pipeline.context import StageContext, StageFailed, StageResult
 
 DEMO = "demo"
@@ -53,11 +53,11 @@ SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are 00000.tar, 00001.t
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class DownloadConfig(StrictModel):
+class DownloadConfig(TaskPlacement):
     """The download stage: which URL list, how images are resized, how hard to try."""
 
     # How the work is scheduled, not what it produces: changing these must not re-run the stage.
-    fingerprint_exclude: ClassVar[tuple[str, ...]] = ("processes_count", "thread_count")
+    fingerprint_exclude: ClassVar[tuple[str, ...]] = ("processes_count", "thread_count", "resources")
 
     url_list: str = Field(
         DEMO,

@@ -16,6 +16,8 @@ shard and a finished run is a no-op (levanter's shard ledger).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import io
 import os
 import queue
@@ -32,14 +34,16 @@ from data_prep.encoders import (ClipConfig, ClipEncoder, T5Config, T5Encoder, cl
                                 load_clip, load_t5)
 from data_prep.shards import iter_shard, list_shards, shard_id
 from pipeline import store
-from pipeline.configbase import StrictModel
+from pipeline.configbase import StrictModel, TaskPlacement
 from pipeline.context import StageContext, StageFailed, StageResult
 
 COUNT_KEYS = ("n_total", "n_embedded", "n_bad_image", "n_missing_caption", "n_nonfinite")
 
 
-class EmbedConfig(StrictModel):
+class EmbedConfig(TaskPlacement):
     """Embedding precompute (runs once per dataset; training reads only its output)."""
+
+    fingerprint_exclude: ClassVar[tuple[str, ...]] = ("num_actors", "gpus_per_actor", "cpus_per_decode_task", "resources")
 
     clip: ClipConfig = Field(default_factory=ClipConfig, description="CLIP encoder (image/text embeddings, text tokens).")
     t5: T5Config = Field(default_factory=T5Config, description="T5 encoder (per-token text conditioning).")

@@ -10,6 +10,7 @@ import os
 import time
 from typing import Callable
 
+from pipeline.configbase import TaskPlacement
 from pipeline.graph import deps_in_spec
 
 
@@ -49,7 +50,11 @@ def run_on_ray(spec, todo, fps, manifests, summary, *, address: str | None, log:
                 pending.remove(s)
                 log(f"- {s.name}: not run, {', '.join(failed)} failed")
             elif all(d in manifests for d in deps):
-                ref = remote_stage.options(name=f"stage:{s.name}").remote(
+                # Download/embed run inside this task: their `resources` pin it. Training stages
+                # place their Ray Train workers themselves.
+                placed = getattr(spec, s.name)
+                task_resources = dict(placed.resources) if isinstance(placed, TaskPlacement) else {}
+                ref = remote_stage.options(name=f"stage:{s.name}", resources=task_resources).remote(
                     s.name, data, {d: manifests[d] for d in deps}, fps[s.name], True)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
