@@ -173,9 +173,12 @@ def entrypoint_for(spec_rel_path: str) -> str:
 # --- submit / logs / stop / status -----------------------------------------------------------
 
 def locality_warnings(spec, root: Path) -> list[str]:
-    """Paths in the spec that only this machine can read: the job would fail on a remote cluster
-    (fine when the nodes share this filesystem, as in the local test cluster -- hence warnings)."""
+    """What in the spec will not work as intended on a remote cluster: paths only this machine can
+    read (fine when the nodes share this filesystem, as in the local test cluster -- hence
+    warnings, not errors) and a run that would not use the cluster at all."""
     out = []
+    if not spec.cluster.use_ray:
+        out.append("cluster.use_ray is false: every stage would run inside the job's driver on the head node")
     if store.scheme_of(spec.store.uri) == "file":
         out.append(f"store.uri {spec.store.uri} is a local path: the cluster's nodes must share this "
                    "filesystem (use s3:// or gs:// for a real cluster)")
