@@ -129,6 +129,11 @@ def status(run: str = typer.Argument(..., help="Run URI or run id.")) -> None:
         dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else ""
         t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["fingerprint"], dur, counts, r["node"] or "")
     console.print(t)
+    from pipeline.submit import job_status_line
+
+    line = job_status_line(uri)  # a submitted run: the Ray job's own state too
+    if line:
+        console.print(line)
 
 
 @app.command()
