@@ -1,0 +1,170 @@
+"""Named network sizes ("flavors") for every role of the cascade.
+
+Roles and what each network is conditioned on:
+  prior   CLIP tokens + CLIP text embedding -> CLIP image embedding (PriorTransformer, x0-pred)
+  decoder unCLIP decoder: CLIP image embedding (+ CLIP tokens as text) -> base-size image
+  base    Imagen base: T5 tokens -> base-size image
+  sr256   Imagen SR: T5 tokens + low-res image -> 4x image ("64 -> 256" at paper scale)
+  sr1024  Imagen SR: T5 tokens + low-res image -> 4x image ("256 -> 1024"); no self-attention
+
+Every role has `debug` (unit tests: tiny, seconds), `demo` (CPU demo: trains a visible
+colour/shape model in about a minute on 2 cores, at a small resolution: base/decoder 32px,
+sr256 32->64, sr1024 64->128) and one paper-scale flavor whose parameter count (with the
+paper's conditioning widths: T5-XXL 4096, CLIP ViT-L/14 768 / 768) is checked on the meta
+device to be within 10% of the paper's number.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .prior_transformer import PriorConfig, PriorTransformer
+from .unet import UNet, UNetConfig
+
+ROLES = ("prior", "decoder", "base", "sr256", "sr1024")
+PAPER_COND_DIMS = {"t5_dim": 4096, "clip_dim": 768, "clip_token_dim": 768}
+_COND_KEYS = tuple(PAPER_COND_DIMS)
+
+
+@dataclass(frozen=True)
+class Flavor:
+    role: str
+    name: str
+    kind: str                       # 'unet' | 'prior'
+    image_size: int | None          # output resolution (None for the prior)
+    low_res_size: int | None        # SR conditioning resolution, else None
+    target_params: int | None       # paper parameter count (checked within 10%), else None
+    make_config: Callable[[dict], UNetConfig | PriorConfig]   # cond_dims -> network config
+
+    def config(self, cond_dims: dict | None = None, **overrides):
+        cfg = self.make_config(_check_cond_dims(cond_dims))
+        try:
+            return dataclasses.replace(cfg, **overrides)
+        except TypeError as e:
+            allowed = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise ValueError(f"flavor {self.role}/{self.name}: bad override ({e}); "
+                             f"allowed fields: {allowed}") from None
+
+
+def _check_cond_dims(cond_dims: dict | None) -> dict:
+    dims = dict(PAPER_COND_DIMS if cond_dims is None else cond_dims)
+    missing = [k for k in _COND_KEYS if k not in dims]
+    extra = [k for k in dims if k not in _COND_KEYS]
+    if missing or extra:
+        raise ValueError(f"cond_dims must have exactly the keys {list(_COND_KEYS)}; "
+                         f"missing {missing}, unknown {extra}")
+    for k in _COND_KEYS:
+        if not isinstance(dims[k], int) or dims[k] < 1:
+            raise ValueError(f"cond_dims[{k!r}] must be a positive int, got {dims[k]!r}")
+    return dims
+
+
+# ----------------------------------------------------------------------------- per role
+def _prior(width, depth, head_dim=64):
+    return lambda d: PriorConfig(clip_dim=d["clip_dim"], text_token_dim=d["clip_token_dim"],
+                                 width=width, depth=depth, head_dim=head_dim)
+
+
+def _decoder(size, ch, mults, blocks, attn, head_dim=64, ctx=512):
+    return lambda d: UNetConfig(image_size=size, base_channels=ch, channel_mults=mults,
+                                num_res_blocks=blocks, attn_resolutions=attn, head_dim=head_dim,
+                                context_dim=ctx, text_dim=d["clip_token_dim"],
+                                image_embed_dim=d["clip_dim"])
+
+
+def _base(size, ch, mults, blocks, attn, head_dim=64, ctx=512):
+    return lambda d: UNetConfig(image_size=size, base_channels=ch, channel_mults=mults,
+                                num_res_blocks=blocks, attn_resolutions=attn, head_dim=head_dim,
+                                context_dim=ctx, text_dim=d["t5_dim"])
+
+
+def _sr(size, ch, mults, blocks, attn, cross, head_dim=64, ctx=512):
+    return lambda d: UNetConfig(image_size=size, base_channels=ch, channel_mults=mults,
+                                num_res_blocks=blocks, attn_resolutions=attn,
+                                cross_attn_resolutions=cross, head_dim=head_dim, context_dim=ctx,
+                                text_dim=d["t5_dim"], low_res_channels=3)
+
+
+_FLAVORS: dict[tuple[str, str], Flavor] = {}
+
+
+def _add(role, name, kind, image_size, low_res_size, target, make):
+    _FLAVORS[(role, name)] = Flavor(role, name, kind, image_size, low_res_size, target, make)
+
+
+# prior: unCLIP's prior is a 1B-parameter decoder-only transformer.
+_add("prior", "debug", "prior", None, None, None, _prior(width=32, depth=2, head_dim=16))
+_add("prior", "demo", "prior", None, None, None, _prior(width=128, depth=4, head_dim=32))
+_add("prior", "prior-1b", "prior", None, None, 1_000_000_000, _prior(width=2048, depth=19))
+
+# decoder: unCLIP's 3.5B GLIDE-style 64px decoder (GLIDE's 1.2B text transformer is replaced by
+# precomputed CLIP tokens, so the UNet itself is widened to 768 channels to keep the 3.5B size).
+_add("decoder", "debug", "unet", 16, None, None,
+     _decoder(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
+_add("decoder", "demo", "unet", 32, None, None,
+     _decoder(32, 32, (1, 2, 2), (1, 2, 2), (8,), head_dim=32, ctx=64))
+_add("decoder", "decoder-3.5b", "unet", 64, None, 3_500_000_000,
+     _decoder(64, 768, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
+
+# base: Imagen's 2B 64px base model (paper: 512 channels, mults 1-2-3-4, 3 blocks, attention at
+# 32/16/8; our blocks are slimmer than Imagen's, so 576 channels reach 2B).
+_add("base", "debug", "unet", 16, None, None,
+     _base(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
+_add("base", "demo", "unet", 32, None, None,
+     _base(32, 32, (1, 2, 2), (1, 2, 2), (8,), head_dim=32, ctx=64))
+_add("base", "base64-2b", "unet", 64, None, 2_000_000_000,
+     _base(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
+
+# sr256: Imagen's 600M Efficient U-Net 64->256 (more blocks at low resolution, attention at the
+# lowest level only).
+_add("sr256", "debug", "unet", 16, 8, None,
+     _sr(16, 16, (1, 2), (1, 1), (), (8,), head_dim=16, ctx=32))
+_add("sr256", "demo", "unet", 64, 32, None,
+     _sr(64, 16, (1, 2, 4), (1, 1, 2), (), (16,), head_dim=32, ctx=64))
+_add("sr256", "sr256-600m", "unet", 256, 64, 600_000_000,
+     _sr(256, 128, (1, 2, 4, 8), (2, 4, 8, 8), (32,), (32,), ctx=1024))
+
+# sr1024: Imagen's 400M 256->1024 model: no self-attention (too costly at this size), text
+# cross-attention at the lowest resolution only.
+_add("sr1024", "debug", "unet", 16, 8, None,
+     _sr(16, 16, (1, 2), (1, 1), (), (8,), head_dim=16, ctx=32))
+_add("sr1024", "demo", "unet", 128, 64, None,
+     _sr(128, 8, (1, 2, 4, 8), (1, 1, 1, 2), (), (16,), head_dim=32, ctx=64))
+_add("sr1024", "sr1024-400m", "unet", 1024, 256, 400_000_000,
+     _sr(1024, 128, (1, 2, 4, 8), (2, 4, 6, 5), (), (128,), ctx=1024))
+
+
+# ----------------------------------------------------------------------------- API
+def list_flavors() -> list[Flavor]:
+    return list(_FLAVORS.values())
+
+
+def get_flavor(role: str, name: str) -> Flavor:
+    if role not in ROLES:
+        raise ValueError(f"unknown network role {role!r}; allowed: {', '.join(ROLES)}")
+    flavor = _FLAVORS.get((role, name))
+    if flavor is None:
+        names = [n for (r, n) in _FLAVORS if r == role]
+        raise ValueError(f"unknown flavor {name!r} for role {role!r}; allowed: {', '.join(names)}")
+    return flavor
+
+
+def build_network(role: str, name: str, cond_dims: dict | None = None, **overrides) -> nn.Module:
+    """Build the network of a flavor. `overrides` replace fields of its UNetConfig/PriorConfig
+    (e.g. gradient_checkpointing=True, dropout=0.1). Honours the current default device, so
+    `with torch.device("meta"): build_network(...)` allocates nothing."""
+    flavor = get_flavor(role, name)
+    cfg = flavor.config(cond_dims, **overrides)
+    return PriorTransformer(cfg) if flavor.kind == "prior" else UNet(cfg)
+
+
+def count_params(role: str, name: str, cond_dims: dict | None = None) -> int:
+    """Parameter count, built on the meta device (no memory, works for multi-billion models).
+    cond_dims defaults to the paper's (T5-XXL 4096, CLIP ViT-L/14 768/768)."""
+    with torch.device("meta"):
+        net = build_network(role, name, cond_dims)
+    return sum(p.numel() for p in net.parameters())
