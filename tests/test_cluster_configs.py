@@ -155,15 +155,12 @@ def test_kuberay_rayjob_structure_and_entrypoint():
 
 
 def test_rayjob_spec_is_a_valid_run_spec():
-    from data_prep.download import DownloadConfig
     from pipeline.spec import parse_spec
 
     cm = _one(_kube("rayjob.yaml"), "ConfigMap")
-    data = yaml.safe_load(cm["data"]["run.yaml"])
-    if "resources" not in DownloadConfig.model_fields:
-        pytest.skip("stage configs have no `resources` field yet (pipeline lead adds it)")
-    spec = parse_spec(data, "cluster/kuberay/rayjob.yaml")
+    spec = parse_spec(yaml.safe_load(cm["data"]["run.yaml"]), "cluster/kuberay/rayjob.yaml")
     assert spec.store.uri.startswith("s3://")
+    assert spec.download.resources == {CPU_GROUP_RESOURCE: 0.001}
 
 
 # --- the specs ask only for resources the clusters offer ---------------------------------------

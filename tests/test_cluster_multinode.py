@@ -23,13 +23,14 @@ from cluster_fixtures import REPO, LocalRayCluster
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 SPECIAL = "special_node"
+HEAD = "t2i_test_head"  # a resource only the head has: the ray:// run is pinned there, the job to SPECIAL
 
 
 @pytest.fixture(scope="module")
 def cluster():
     c = LocalRayCluster()
     try:
-        c.start_head()
+        c.start_head(resources={HEAD: 1})
         c.wait_until_up(1)  # the GCS must be up before a node can join it
         c.add_node("n1", resources={SPECIAL: 1})
         c.nodes_info = c.wait_until_up(2)
@@ -61,12 +62,6 @@ def cli():
         return res
 
     return invoke
-
-
-def _download_has_resources() -> bool:
-    from data_prep.download import DownloadConfig
-
-    return "resources" in DownloadConfig.model_fields
 
 
 def _write_spec(path: Path, run_id: str, store_uri: str, *, num_images: int = 12,
@@ -104,9 +99,8 @@ def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli,
     from pipeline.runner import run_status
     from pipeline.submit import JOB_FILE, job_status_line
 
-    pinned = _download_has_resources()
     spec = _write_spec(tmp_path / "spec.yaml", "cluster-submit", f"file://{tmp_path}/store",
-                       resources={SPECIAL: 1} if pinned else None)
+                       resources={SPECIAL: 1})
     # A secret in the submitter's environment must never reach the job or the run record.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-this-secret")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -136,8 +130,7 @@ def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli,
     assert manifest["config"]["timeout"] == 5
     node_ids = {n["node_id"] for n in cluster.nodes_info}
     assert manifest["node"]["node_id"] in node_ids, (manifest["node"], node_ids)
-    if pinned:
-        assert manifest["node"]["node_id"] == _node_with(cluster, SPECIAL)
+    assert manifest["node"]["node_id"] == _node_with(cluster, SPECIAL)  # the pinned stage ran there
 
     # t2i logs, by run dir and by job id: the driver's own output.
     by_run = cli("logs", run)
@@ -163,12 +156,9 @@ def test_stop_a_running_job(cluster, cli, tmp_path):
     from pipeline import store
     from pipeline.submit import job_status_line
 
-    if _download_has_resources():
-        # A stage that asks for a resource no node has waits forever: the job is running, cheaply.
-        spec = _write_spec(tmp_path / "long.yaml", "cluster-stop", f"file://{tmp_path}/store",
-                           resources={"no_such_node": 1})
-    else:
-        spec = _write_spec(tmp_path / "long.yaml", "cluster-stop", f"file://{tmp_path}/store", num_images=4000)
+    # A stage that asks for a resource no node has waits forever: the job is running, cheaply.
+    spec = _write_spec(tmp_path / "long.yaml", "cluster-stop", f"file://{tmp_path}/store",
+                       resources={"no_such_node": 1})
     res = cli("submit", str(spec), "--address", cluster.dashboard_url)
     assert res.exit_code == 0, res.output
     sid = res.output.strip().splitlines()[-1]
@@ -193,7 +183,8 @@ def direct_run(cluster, tmp_path_factory):
     the background: it is mostly interpreter start-up and img2dataset imports, which overlap well
     with the job tests. (``--address auto`` is what every submitted job runs.)"""
     tmp = tmp_path_factory.mktemp("direct")
-    spec = _write_spec(tmp / "direct.yaml", "cluster-direct", f"file://{tmp}/store", num_images=8)
+    spec = _write_spec(tmp / "direct.yaml", "cluster-direct", f"file://{tmp}/store", num_images=8,
+                       resources={HEAD: 1})
     # The client server listens on the head's node IP (what `ray start` picked), not loopback.
     head_ip = next(n["node_ip"] for n in cluster.nodes_info if n["is_head"])
     address = f"ray://{head_ip}:{cluster.client_port}"
@@ -219,5 +210,6 @@ def test_run_with_ray_client_address_drives_the_cluster(cluster, direct_run):
     assert rc == 0, log.read()[-4000:]
     manifest = store.read_json(f"file://{tmp}/store/cluster-direct/download/_MANIFEST.json")
     assert manifest["counts"]["successes"] == 8
-    # It ran on one of *this* cluster's nodes, not in a private local Ray.
+    # It ran on one of *this* cluster's nodes, not in a private local Ray -- on the one it asked for.
     assert manifest["node"]["node_id"] in {n["node_id"] for n in cluster.nodes_info}
+    assert manifest["node"]["node_id"] == _node_with(cluster, HEAD)
