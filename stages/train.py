@@ -398,10 +398,13 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwarg
     if ctx.ray_enabled:
         from pipeline.train_ray import launch  # Ray stays in pipeline/
 
-        launch(loop_fn, cfg, ctx)
+        loop_out = launch(loop_fn, cfg, ctx)
     else:
-        loop_fn(DistEnv.from_env())
-    return stage_result(job.out_uri, cfg)
+        loop_out = loop_fn(DistEnv.from_env())
+    result = stage_result(job.out_uri, cfg)
+    if "skipped" in (loop_out or {}):  # rank 0's undecodable images, this attempt
+        result.counts["skipped_samples"] = int(loop_out["skipped"])
+    return result
 
 
 def stage_result(out_uri: str, cfg: TrainConfig) -> StageResult:

@@ -27,7 +27,7 @@ STAGES = {
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
     download, embed = make_dataset(root, n_shards=2, per_shard=5, not_embedded=("000000002",),
-                                   corrupt=("000010003",))
+                                   corrupt=("000000000", "000010000"))
     return root, download, embed
 
 
@@ -40,6 +40,8 @@ def test_stage_two_steps(stage, data, tmp_path):
     result = module.run(cfg, ctx)
 
     assert result.counts["steps"] == 2
+    # Each shard starts with a corrupt JPEG: skipped and counted by every stage that decodes images.
+    assert (result.counts["skipped_samples"] >= 1) == (stage != "train_prior")
     assert torch.isfinite(torch.tensor(result.metrics["final_loss"]))
     lines = [json.loads(x) for x in store.read_bytes(result.outputs["metrics"]).decode().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
