@@ -43,10 +43,17 @@ def _condaug(cfg: SRTrainConfig) -> dict:
     return cfg.condaug.model_dump(mode="json")
 
 
+def _clean(cfg: SRTrainConfig) -> SRTrainConfig:
+    """Sample grids condition on the clean low-res image (aug level 0, no blur) and the full text."""
+    return cfg.model_copy(update={"cfg_drop_text": 0.0,
+                                  "condaug": cfg.condaug.model_copy(update={"max_train_level": 0.0,
+                                                                            "blur_prob": 0.0})})
+
+
 SPEC_SR256 = StageSpec(stage="train_sr256", role="sr256", needs_images=True, build_batch=build_batch,
-                       extra_config=_condaug)
+                       extra_config=_condaug, clean_config=_clean)
 SPEC_SR1024 = StageSpec(stage="train_sr1024", role="sr1024", needs_images=True, build_batch=build_batch,
-                        extra_config=_condaug)
+                        extra_config=_condaug, clean_config=_clean)
 
 
 def run(cfg: SRTrainConfig, ctx: StageContext) -> StageResult:

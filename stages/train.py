@@ -48,6 +48,9 @@ class StageSpec:
     build_batch: Callable[[Batch, TrainConfig, Any, torch.device, torch.dtype], tuple[torch.Tensor, dict]]
     # the "condaug" entry of final/config.json (SR only)
     extra_config: Callable[[TrainConfig], dict | None] = lambda cfg: None
+    # the config the sample grid builds its fixed conditioning with: no CFG dropout (SR: no condaug)
+    clean_config: Callable[[TrainConfig], TrainConfig] = \
+        lambda cfg: cfg.model_copy(update={"cfg_drop_text": 0.0, "cfg_drop_image": 0.0})
 
 
 @dataclass(frozen=True)
@@ -370,16 +373,14 @@ def _fixed_conditioning(spec, cfg, flavor, shards, device, dtype) -> tuple[torch
     n = min(4, max(1, cfg.batch_size))
     stream = ShardStream(shards[:1], LoaderSpec(flavor.image_size, n, cfg.seed, 0, 1))
     batch = next(iter(stream))
-    x0, cond = spec.build_batch(batch, cfg, flavor, device, dtype)
-    cond = {k: v for k, v in cond.items() if not k.startswith("drop_")}
-    return x0, cond
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x0, cond = spec.build_batch(batch, spec.clean_config(cfg), flavor, device, dtype)
+    return x0, {k: v for k, v in cond.items() if not k.startswith("drop_")}
 
 
 def _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device) -> None:
     """Every rank samples (under ZeRO-3 a forward needs all ranks); rank 0 writes. Live weights."""
     x0, cond = fixed
-    if "aug_level" in cond:  # SR: sample with a clean low-res image
-        cond["aug_level"] = torch.zeros_like(cond["aug_level"])
     engine.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         g = torch.Generator(device=device).manual_seed(cfg.seed)

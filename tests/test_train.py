@@ -140,3 +140,19 @@ def test_build_engine_and_train_step_match_plain_pytorch(data):
     for (n, p), q in zip(engine.module.named_parameters(), model.parameters()):
         torch.testing.assert_close(p, q, msg=n)
     assert engine.get_lr() == sched.get_last_lr()
+
+
+def test_sample_grid_conditioning_is_clean(data):
+    """SR grids condition on the real, un-augmented low-res image and never drop the text."""
+    from stages.condaug import make_low_res
+    from stages.loader import pair_shards
+    from stages.train import _fixed_conditioning
+
+    _, download, embed = data
+    cfg = superres.SR256TrainConfig(**tiny_train_kwargs(cfg_drop_text=1.0))
+    flavor = get_flavor("sr256", "debug")
+    x0, cond = _fixed_conditioning(superres.SPEC_SR256, cfg, flavor, pair_shards(download, embed),
+                                   torch.device("cpu"), torch.float32)
+    assert not any(k.startswith("drop_") for k in cond)
+    assert torch.equal(cond["aug_level"], torch.zeros(len(x0)))
+    assert torch.equal(cond["low_res"], make_low_res(x0, flavor.low_res_size))
