@@ -17,7 +17,7 @@ class StrictModel(BaseModel):
 class TaskPlacement(StrictModel):
     """Mixin for stages that run as one Ray task (download, embed): where that task may run.
 
-    ``resources`` pins the task to nodes that have them (``{"cpu_worker": 1}``, or
+    ``resources`` pins the task to nodes that have them (``{"cpu_worker": 0.001}``: a tiny share, so many tasks fit one node, or
     ``{"accelerator_type:H100": 0.001}``); it changes where work runs, never what it produces, so it
     is left out of the stage fingerprint.
     """

@@ -22,7 +22,10 @@ def init_ray(cluster, address: str | None = None) -> None:
     address = address or cluster.address
     # Ray workers read the store through fsspec; keep their logs quiet about progress bars.
     # Ray Data's per-operator bars flood a driver that runs several stages; stages report their own progress.
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           # A training stage whose workers don't fit yet must queue behind the running ones,
+           # not fail after Ray Train's default 60 s worker-group start timeout.
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
         return
