@@ -44,12 +44,13 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = self.decay_at(step)
-        srcs = [s.data for s in self.sources]  # .data: ZeRO may have re-pointed storage since __init__
+        # The source tensors are the same Python objects across steps even when ZeRO re-points
+        # their storage (``p.data = flat_buffer_view``), so the lists built in __init__ stay valid.
         if self._same_dtype:
-            torch._foreach_lerp_(self.shadow, srcs, 1.0 - d)
+            torch._foreach_lerp_(self.shadow, self.sources, 1.0 - d)
         else:  # bf16 params into fp32 shadows: lerp wants equal dtypes, mul+add does not
             torch._foreach_mul_(self.shadow, d)
-            torch._foreach_add_(self.shadow, srcs, alpha=1.0 - d)
+            torch._foreach_add_(self.shadow, self.sources, alpha=1.0 - d)
 
     # -- checkpoint state (this rank's part) -------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -290,7 +290,7 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
     # 4. The loop.
     engine.train()
     data = iter(loader)
-    loss_sum, n_loss, last_saved = None, 0, step
+    loss_sum, n_loss = None, 0
     t_log, samples_since = time.perf_counter(), 0
     while step < cfg.steps:
         micro = []
@@ -319,15 +319,12 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
         if fixed is not None and step % cfg.sample_every == 0:
             _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device)
 
-        if ckpt.due(step) or step == cfg.steps:
+        if ckpt.due(step) or step == cfg.steps:  # the last step is always saved: export can then be redone
             _save(ckpt, engine, step, tracker, ema)
-            last_saved = step
             logger.sync()
         if _fault_at_step is not None and step == _fault_at_step > start_step:
             raise RuntimeError(f"injected fault after step {step}")
 
-    if last_saved != step:  # resumed at the end already: nothing new to save
-        _save(ckpt, engine, step, tracker, ema)
 
     # 5. The stage's output: consolidated EMA weights (a collective under ZeRO-3).
     weights = ema.consolidated_state_dict(engine.module)

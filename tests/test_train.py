@@ -156,3 +156,16 @@ def test_sample_grid_conditioning_is_clean(data):
     assert not any(k.startswith("drop_") for k in cond)
     assert torch.equal(cond["aug_level"], torch.zeros(len(x0)))
     assert torch.equal(cond["low_res"], make_low_res(x0, flavor.low_res_size))
+
+
+def test_bf16_zero2_with_activation_checkpointing(data, tmp_path):
+    """The GPU configuration's code path (bf16 + fp32 master weights, ZeRO-2, recompute), on CPU."""
+    _, download, embed = data
+    cfg = base.BaseTrainConfig(**tiny_train_kwargs(precision="bf16", zero_stage=2, activation_checkpointing=True))
+    job = TrainJob(str(tmp_path / "o"), download, embed, dict(DIMS))
+    out = train_loop(base.SPEC, cfg, job, DistEnv.from_env())
+    assert out["precision"] == "bf16" and out["step"] == 2
+    weights = st_load(store.read_bytes(store.join(job.out_uri, "final", "model.safetensors")))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    init = build_network("base", "debug", DIMS).state_dict()
+    assert not torch.equal(weights["conv_out.weight"], init["conv_out.weight"])  # zero-init, trained away
