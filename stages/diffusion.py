@@ -14,6 +14,7 @@ Pure PyTorch by design (DESIGN invariant 1): no distributed or storage imports h
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -125,7 +126,8 @@ class Diffusion:
         {"drop_text": 0.1, "drop_image": 0.1}: training_loss adds a bool [B] mask per key (unless
         the batch already carries one); the network swaps in its learned null embedding there.
       null_keys: the drop flags set to True for the unconditional branch when sampling with
-        guidance (the prior takes only drop_text).
+        guidance; keys the network's forward does not take are skipped (the prior has no
+        drop_image).
     """
 
     def __init__(self, schedule: str = "cosine", prediction: str = "eps", *,
@@ -186,11 +188,10 @@ class Diffusion:
         weight = self.loss_weight(t)
         loss = (mse * weight).mean()
         with torch.no_grad():
-            stats = {"loss": loss.detach(), "mse": mse.mean()}
-            lo = t < 0.5
-            if lo.any() and (~lo).any():
-                stats["mse_t_lo"] = mse[lo].mean()
-                stats["mse_t_hi"] = mse[~lo].mean()
+            # Per-half-of-t MSE without a host sync (NaN when a half got no sample this batch).
+            lo = (t < 0.5).float()
+            stats = {"loss": loss.detach(), "mse": mse.mean(),
+                     "mse_t_lo": _masked_mean(mse, lo), "mse_t_hi": _masked_mean(mse, 1 - lo)}
         return loss, stats
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -215,11 +216,12 @@ class Diffusion:
             out = model(x_t, t, **cond)
         else:
             cond = dict(cond)
+            null_keys = self._null_keys_for(model)
             if uncond is None:
                 uncond = dict(cond)
-                for k in self.null_keys:
+                for k in null_keys:
                     uncond[k] = torch.ones(b, dtype=torch.bool, device=x_t.device)
-            for k in self.null_keys:      # conditional branch: explicit "keep" flags
+            for k in null_keys:           # conditional branch: explicit "keep" flags
                 cond.setdefault(k, torch.zeros(b, dtype=torch.bool, device=x_t.device))
             both = _cat_cond(cond, uncond, b)
             out_c, out_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
@@ -233,6 +235,18 @@ class Diffusion:
             x0 = threshold(x0, mode, self.dynamic_percentile)
             eps = (x_t - _bc(alpha, x_t) * x0) / _bc(sigma, x_t)   # keep eps consistent with x0
         return x0, eps
+
+    def _null_keys_for(self, model) -> tuple[str, ...]:
+        """null_keys the network accepts (the prior has no drop_image); all of them when its
+        signature takes **kwargs or cannot be read."""
+        try:
+            params = inspect.signature(getattr(model, "forward", model)).parameters.values()
+        except (TypeError, ValueError):
+            return self.null_keys
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return self.null_keys
+        names = {p.name for p in params}
+        return tuple(k for k in self.null_keys if k in names)
 
     # -- samplers -------------------------------------------------------------
     @torch.no_grad()
@@ -293,6 +307,11 @@ class Diffusion:
             if progress is not None:
                 progress(i + 1, steps)
         return x
+
+
+def _masked_mean(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    n = w.sum()
+    return torch.where(n > 0, (v * w).sum() / n.clamp(min=1), torch.full_like(n, float("nan")))
 
 
 def _cat_cond(cond: dict, uncond: dict, b: int) -> dict:

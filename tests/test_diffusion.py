@@ -190,6 +190,21 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     assert net.calls == [2, 4]                            # both branches in one batch
 
 
+def test_guidance_only_passes_null_flags_the_network_takes():
+    seen = []
+
+    def prior_like(x, t, *, y, drop_text=None):          # no drop_image, like PriorTransformer
+        seen.append(drop_text)
+        return torch.where(drop_text[:, None], torch.zeros_like(x), y)
+
+    diff = Diffusion("cosine", "x0", thresholding="none")   # default null_keys include drop_image
+    y = torch.ones(3, 4)
+    x0, _ = diff.predict(prior_like, torch.randn(3, 4), torch.full((3,), 0.5), {"y": y},
+                         guidance_scale=2.0)
+    torch.testing.assert_close(x0, 2.0 * y)               # 0 + 2 * (y - 0)
+    assert seen[0].tolist() == [False] * 3 + [True] * 3
+
+
 def test_dynamic_thresholding_bounds():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 16, 16, generator=g) * 3
