@@ -268,9 +268,10 @@ class Diffusion:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         cond = dict(cond or {})
-        if device is None:
-            device = noise.device if noise is not None else next(
-                (v.device for v in cond.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        if device is None:   # noise's, else the conditioning's, else the network's device
+            params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+            tensors = [noise] + [v for v in cond.values() if isinstance(v, torch.Tensor)] + [next(params, None)]
+            device = next((v.device for v in tensors if v is not None), torch.device("cpu"))
         x = (torch.randn(shape, device=device, dtype=dtype, generator=generator)
              if noise is None else noise.to(device=device, dtype=dtype))
         b = x.shape[0]
@@ -281,8 +282,10 @@ class Diffusion:
             t, s = ts[i].expand(b), ts[i + 1].expand(b)
             x0, eps = self.predict(model, x, ts[i].float().expand(b), cond, **kw)
             a_s, s_s = self.schedule.alpha_sigma(s)
-            if sampler in ("ddpm", "ddim") and i == steps - 1:
-                x = x0                              # last step lands on t=0: the clean estimate
+            if i == steps - 1:
+                # The last step lands on t=0 (sigma ~ 0): every sampler's update reduces to the
+                # clean estimate there, so return it exactly (keeps thresholding's bounds).
+                x = x0
             elif sampler == "ddpm" or sampler == "ddim":
                 a_t, s_t = self.schedule.alpha_sigma(t)
                 # std of q(x_s | x_t, x0), times eta (DDIM eq. 16); ddpm is eta = 1.
@@ -296,10 +299,10 @@ class Diffusion:
                 a_t, s_t = self.schedule.alpha_sigma(t)
                 h = 0.5 * (self.schedule.logsnr(s) - self.schedule.logsnr(t))
                 d = x0
-                # Second order once a previous x0 exists, except on the last step: it goes to
-                # t=0 where lambda jumps to logsnr_max/2, so h is huge, r = h_prev/h tiny and the
-                # 1/(2r) extrapolation would blow up (diffusers' lower_order_final).
-                if x0_prev is not None and i < steps - 1:
+                # Second order once a previous x0 exists. (The last step, handled above, is first
+                # order: at t=0 lambda jumps to logsnr_max/2, so h is huge, r = h_prev/h tiny and
+                # the 1/(2r) extrapolation would blow up; diffusers' lower_order_final.)
+                if x0_prev is not None:
                     r = h_prev / h
                     d = _bc(1 + 1 / (2 * r), x) * x0 - _bc(1 / (2 * r), x) * x0_prev
                 x = _bc(s_s / s_t, x) * x - _bc(a_s * torch.expm1(-h), x) * d

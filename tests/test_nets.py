@@ -147,6 +147,21 @@ def test_channels_last_and_bf16():
         assert rel < 0.1, f"bf16 output deviates by {rel:.3f}"
 
 
+@pytest.mark.parametrize("role", ["prior", "decoder", "sr1024"])
+def test_guided_sampling_runs_end_to_end(role):
+    """Real networks through Diffusion.sample with guidance: the prior (x0, no thresholding, no
+    drop_image argument), the decoder (two null flags) and an SR model (low_res + aug_level)."""
+    net = perturb_(build_network(role, "debug", COND)).eval()
+    x, _, kw = make_inputs(role, b=2)
+    diff = (Diffusion("cosine", "x0", thresholding="none") if role == "prior"
+            else Diffusion("cosine", "v", thresholding="dynamic"))
+    out = diff.sample(net, x.shape, kw, sampler="dpmpp_2m", steps=3, guidance_scale=4.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    if role != "prior":
+        assert out.abs().max() <= 1.0 + 1e-5
+
+
 def test_bad_inputs_name_the_argument():
     net = build_network("decoder", "debug", COND)
     x, t, kw = make_inputs("decoder")
