@@ -18,7 +18,10 @@ class DiffusionSettings(StrictModel):
     """Keyword arguments of ``stages.diffusion.Diffusion`` (also written to final/config.json)."""
 
     schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="noise schedule")
-    prediction: Literal["eps", "x0", "v"] = Field("eps", description="what the network predicts")
+    # v (Salimans & Ho 2022): unlike eps, its target still carries the image at high noise, so
+    # the network learns global content (colour, layout, text conditioning) early, and x0 has no
+    # 1/alpha blow-up at t -> 1 when sampling. eps stays available for paper reproductions.
+    prediction: Literal["eps", "x0", "v"] = Field("v", description="what the network predicts")
     min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma; None = plain MSE")
     thresholding: Literal["none", "static", "dynamic"] = Field(
         "dynamic", description="x0 thresholding when sampling ('none' for the prior: embeddings are not in [-1, 1])")
