@@ -112,7 +112,7 @@ def test_fixed_seed_is_deterministic_and_knobs_change_images(run_uri, encoders):
     assert not np.array_equal(a[0], other_seed[0])
     # guidance 1.0 (single conditional pass) works and differs from guided sampling
     g1 = sample_images(cfg.model_copy(update={"guidance_scale": 1.0}), run_uri, encoders=encoders)
-    assert all(s.image.size == (16, 16) for s in g1)
+    assert all(s.image.size == (get_flavor("sr1024", "debug").image_size,) * 2 for s in g1)
     assert not np.array_equal(_arrays(g1)[0], a[0])
 
 
@@ -194,7 +194,7 @@ def test_sample_cascade_writes_to_s3(run_uri, s3_bucket):
     uris = sample_cascade(run_uri, PROMPTS[:2], cascade="imagen", guidance=2.0, steps=1, sampler="ddpm", seed=1,
                           out_uri=out)
     assert len(uris) == 2 and all(u.startswith(out + "/00") for u in uris)
-    assert Image.open(io.BytesIO(store.read_bytes(uris[1]))).size == (16, 16)
+    assert Image.open(io.BytesIO(store.read_bytes(uris[1]))).size == (get_flavor("sr1024", "debug").image_size,) * 2
     assert store.exists(store.join(out, "grid.png")) and store.exists(store.join(out, "report.html"))
 
 

@@ -121,8 +121,10 @@ _add("base", "base64-2b", "unet", 64, None, 2_000_000_000,
 
 # sr256: Imagen's 600M Efficient U-Net 64->256 (more blocks at low resolution, attention at the
 # lowest level only).
-_add("sr256", "debug", "unet", 16, 8, None,
-     _sr(16, 16, (1, 2), (1, 1), (), (8,), head_dim=16, ctx=32))
+# Debug SR sizes chain like the real cascade (base 16 -> sr256 16->32 -> sr1024 32->64), so a
+# whole pipeline at debug size validates and samples end to end.
+_add("sr256", "debug", "unet", 32, 16, None,
+     _sr(32, 8, (1, 2), (1, 1), (), (16,), head_dim=16, ctx=32))
 _add("sr256", "demo", "unet", 64, 32, None,
      _sr(64, 16, (1, 2, 4), (1, 1, 2), (), (16,), head_dim=32, ctx=64))
 _add("sr256", "sr256-600m", "unet", 256, 64, 600_000_000,
@@ -130,8 +132,8 @@ _add("sr256", "sr256-600m", "unet", 256, 64, 600_000_000,
 
 # sr1024: Imagen's 400M 256->1024 model: no self-attention (too costly at this size), text
 # cross-attention at the lowest resolution only.
-_add("sr1024", "debug", "unet", 16, 8, None,
-     _sr(16, 16, (1, 2), (1, 1), (), (8,), head_dim=16, ctx=32))
+_add("sr1024", "debug", "unet", 64, 32, None,
+     _sr(64, 8, (1, 2), (1, 1), (), (32,), head_dim=16, ctx=32))
 _add("sr1024", "demo", "unet", 128, 64, None,
      _sr(128, 8, (1, 2, 4, 8), (1, 1, 1, 2), (), (16,), head_dim=32, ctx=64))
 _add("sr1024", "sr1024-400m", "unet", 1024, 256, 400_000_000,
