@@ -60,19 +60,34 @@ def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth retrying. botocore's connection errors (endpoint down, connection reset,
+    timeouts) are not OSErrors and s3fs lets them through, so they are listed explicitly."""
+    errs: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        errs += [BotoConnectionError, HTTPClientError]
+    except ImportError:  # no S3 support installed: nothing more to catch
+        pass
+    return tuple(errs)
+
+
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Run ``fn`` with bounded exponential backoff; object stores fail transiently."""
-    last: Exception | None = None
+    """Run ``fn`` with bounded exponential backoff; object stores fail transiently. Once the
+    attempts are spent: a StoreError naming what was done (with the URI) and the last cause."""
+    last: BaseException | None = None
     for i in range(attempts):
         try:
             return fn()
-        except (OSError, TimeoutError, ConnectionError) as e:  # FileNotFoundError is an OSError: not transient
+        except _transient_errors() as e:  # FileNotFoundError is an OSError: not transient
             if isinstance(e, FileNotFoundError):
                 raise
             last = e
             if i + 1 < attempts:
                 time.sleep(base_delay * (2**i) * (1 + random.random() * 0.25))
-    raise StoreError(f"{what} failed after {attempts} attempts: {last}") from last
+    raise StoreError(f"{what} failed after {attempts} attempts: {type(last).__name__}: {last}") from last
 
 
 class StoreError(RuntimeError):

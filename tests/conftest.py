@@ -6,6 +6,9 @@ import socket
 
 import pytest
 
+# The reliability summary (fixture `reliability` + the end-of-session block): see reliability_summary.py.
+from reliability_summary import pytest_sessionfinish, pytest_terminal_summary, reliability  # noqa: F401,E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
