@@ -1,0 +1,122 @@
+"""``t2i bench train | loader | embed``: speed figures, each a ratio measured in one run.
+
+The benchmarks live next to what they measure (stages/bench_train.py, stages/bench_loader.py,
+data_prep/bench_embed.py) and import neither Ray nor this CLI; this file only parses options
+and prints tables. Heavy imports happen inside the commands so ``t2i --help`` stays fast.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli import _fail, bench_app, console
+
+_STAGES = "base | sr256 | sr1024 | decoder | prior"
+
+
+def _zeros(spec: str) -> tuple[int, ...]:
+    try:
+        zeros = tuple(int(z) for z in spec.split(",") if z.strip())
+    except ValueError:
+        _fail(f"--zero must be comma-separated ZeRO stages among 0,1,2,3 (got {spec!r})")
+    bad = [z for z in zeros if z not in (0, 1, 2, 3)]
+    if bad:
+        _fail(f"--zero must be comma-separated ZeRO stages among 0,1,2,3 (got {spec!r})")
+    return zeros
+
+
+def _table(title: str, rows: list[list[str]]) -> Table:
+    t = Table(title=title)
+    for col in rows[0]:
+        t.add_column(col, justify="right")
+    for r in rows[1:]:
+        t.add_row(*r)
+    return t
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    stage: str = typer.Option("base", help=_STAGES),
+    flavor: str = typer.Option("debug", help="debug, demo or the role's paper-scale flavor (t2i flavors)"),
+    zero: str = typer.Option("2", help="DeepSpeed ZeRO stage(s) to compare with plain PyTorch, e.g. 2 or 0,2,3"),
+    batch: int = typer.Option(4, help="micro-batch size (the same for every run)"),
+    steps: int = typer.Option(5, help="timed steps per run"),
+    warmup: int = typer.Option(2, help="untimed warm-up steps per run"),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)"),
+    precision: str = typer.Option("auto", help="bf16 | fp32 | auto (bf16 on GPU)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="UNet in channels_last memory format"),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="recompute activations"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is steadiest on a busy CPU)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Training step: samples/s, step time, peak memory, FLOPs, MFU; DeepSpeed / plain ratio."""
+    from stages.bench_train import BenchOptions, bench_train, format_table
+
+    if precision not in ("auto", "bf16", "fp32"):
+        _fail(f"--precision must be auto, bf16 or fp32 (got {precision!r})")
+    try:
+        res = bench_train(stage, flavor, zero_stages=_zeros(zero), batch=batch, steps=steps, warmup=warmup,
+                          device=device, threads=threads,
+                          options=BenchOptions(compile, channels_last, activation_checkpointing, precision))
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps(res))
+        return
+    peak = f"{res['peak_tflops']:.0f} TFLOP/s peak" if res["peak_tflops"] else "no peak rate known: no MFU"
+    console.print(_table(f"bench train {stage}/{flavor} batch {batch} on {res['device_name']} ({peak})",
+                         format_table(res)))
+    console.print(f"params {res['runs'][0]['params']:,}; DS/plain = DeepSpeed step time / plain step time "
+                  f"(targets: ZeRO-2 <= 1.10, ZeRO-3 <= 1.30)")
+
+
+@bench_app.command("loader")
+def bench_loader_cmd(
+    stage: str = typer.Option("base", help=_STAGES),
+    flavor: str = typer.Option("debug", help="flavor whose image size and step rate to use"),
+    batch: int = typer.Option(4, help="micro-batch size"),
+    workers: int = typer.Option(1, help="DataLoader worker processes (the stage's loader_workers)"),
+    batches: int = typer.Option(20, help="timed loader batches"),
+    run: Optional[str] = typer.Option(None, help="read an existing run's download/ + embed/ instead of synthetic shards"),
+    zero: Optional[int] = typer.Option(None, help="measure the step with DeepSpeed at this ZeRO stage (default: plain)"),
+    device: Optional[str] = typer.Option(None, help="device of the training step"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Training-loader samples/s against the training step's consumption (target >= 3x)."""
+    from stages.bench_loader import bench_loader, format_result
+
+    run_uri = None
+    if run:
+        from pipeline.cli import resolve_run
+
+        run_uri = resolve_run(run)
+    try:
+        res = bench_loader(stage, flavor, batch=batch, workers=workers, batches=batches, run_uri=run_uri,
+                           device=device, step_zero=zero)
+    except ValueError as e:
+        _fail(str(e))
+    console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
+
+
+@bench_app.command("embed")
+def bench_embed_cmd(
+    model_size: str = typer.Option("tiny", help="tiny | vit-l-14+t5-xxl (random weights, real shapes)"),
+    batch_size: int = typer.Option(16, help="encoder batch size"),
+    num_batches: int = typer.Option(4, help="timed batches"),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Embedding end to end (decode -> encode -> write) against the raw encoder forward (target >= 0.8x)."""
+    from data_prep.bench_embed import MODEL_SIZES, bench_embed, format_result
+
+    if model_size not in MODEL_SIZES:
+        _fail(f"--model-size must be one of {', '.join(MODEL_SIZES)} (got {model_size!r})")
+    try:
+        res = bench_embed(model_size, batch_size, num_batches, device)
+    except ValueError as e:
+        _fail(str(e))
+    console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))

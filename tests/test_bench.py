@@ -1,0 +1,146 @@
+"""t2i bench: train step (plain vs DeepSpeed, FLOPs, MFU), loader vs step, Ray-free, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stages.bench_train import bench_train
+from stages.flops import count_flops, mfu, peak_flops, peak_flops_by_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The shared 2-core box: one intra-op thread is steadier (and faster) than two fighting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("stage", ["base", "prior"])
+def test_bench_train_plain_vs_deepspeed(stage):
+    res = bench_train(stage, "debug", zero_stages=(2,), batch=2, steps=2, warmup=1, device="cpu")
+    plain, ds = res["runs"]
+    assert (plain["mode"], ds["mode"], ds["zero"]) == ("plain", "deepspeed", 2)
+    for r in (plain, ds):
+        assert r["step_s"] > 0 and r["samples_per_s"] == pytest.approx(2 / r["step_s"])
+        assert math.isfinite(r["loss"])
+        assert r["flops_per_step"] > 0 and r["achieved_tflops"] > 0
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no peak rate, no CUDA memory
+        assert r["params"] == plain["params"] > 0
+    # Same network, same batch: the counted FLOPs cannot depend on who runs the step.
+    assert ds["flops_per_step"] == plain["flops_per_step"]
+    assert math.isfinite(ds["ratio_vs_plain"]) and ds["ratio_vs_plain"] > 0
+    assert ds["ratio_vs_plain"] == pytest.approx(ds["step_s"] / plain["step_s"])
+    assert res["peak_tflops"] is None
+
+
+def test_bench_train_rejects_bad_input():
+    with pytest.raises(ValueError, match="stage must be one of"):
+        bench_train("sr512", "debug")
+    with pytest.raises(ValueError, match="unknown flavor"):
+        bench_train("base", "base-9b")
+    with pytest.raises(ValueError, match="zero stages"):
+        bench_train("base", "debug", zero_stages=(4,))
+
+
+def test_flop_counter_matches_analytic_counts():
+    lin = torch.nn.Linear(32, 16)
+    x = torch.randn(8, 32)
+    assert count_flops(lambda: lin(x)) == 2 * 8 * 32 * 16
+    # forward + backward (grad wrt input and weight): three matmuls of the same size
+    xg = torch.randn(8, 32, requires_grad=True)
+    assert count_flops(lambda: lin(xg).sum().backward()) == 3 * 2 * 8 * 32 * 16
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    img = torch.randn(2, 3, 10, 10)
+    assert count_flops(lambda: conv(img)) == 2 * 2 * 8 * 10 * 10 * 3 * 3 * 3
+
+
+def test_peak_table_and_mfu():
+    assert peak_flops_by_name("NVIDIA H200", "bf16") == 989e12
+    assert peak_flops_by_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops_by_name("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops_by_name("Some Future GPU", "bf16") is None
+    assert peak_flops("cpu", "bf16") is None
+    assert mfu(989e12 * 0.5, 1.0, 989e12) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, None) is None
+
+
+def test_bench_loader_against_step():
+    from stages.bench_loader import bench_loader
+
+    res = bench_loader("base", "debug", batch=4, workers=1, batches=5, step_steps=1, step_warmup=1, device="cpu",
+                       per_shard=16)
+    assert res["loader_samples_per_s"] > 0 and res["step_samples_per_s"] > 0
+    assert res["loader_over_step"] == pytest.approx(res["loader_samples_per_s"] / res["step_samples_per_s"])
+    assert res["image_size"] == 16 and res["step_mode"] == "plain"
+
+
+def test_bench_loader_reads_an_existing_run(tmp_path):
+    """--run: the prior reads only the run's embedding shards (its tars are never opened)."""
+    from stages.bench_loader import bench_loader, write_synthetic_shards
+    from stages.bench_train import SMALL_COND_DIMS
+
+    write_synthetic_shards(str(tmp_path), image_size=None, cond_dims=SMALL_COND_DIMS, n_shards=1, per_shard=8)
+    step = {"runs": [{"samples_per_s": 10.0, "mode": "plain"}]}  # the step is measured in the test above
+    res = bench_loader("prior", "debug", batch=2, workers=0, batches=3, run_uri=str(tmp_path), device="cpu",
+                       step_result=step)
+    assert res["data"] == str(tmp_path) and res["image_size"] is None
+    assert res["loader_over_step"] == pytest.approx(res["loader_samples_per_s"] / 10.0)
+
+
+_NO_RAY = textwrap.dedent("""
+    import importlib.abc, sys
+    class NoRay(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "ray" or name.startswith("ray."):
+                raise ImportError("ray is not installed on this host (blocked by the test)")
+    sys.meta_path.insert(0, NoRay())
+    import torch; torch.set_num_threads(1)
+    import pipeline.cli_bench, stages.bench_loader, data_prep.bench_embed
+    from stages.bench_train import bench_train
+    res = bench_train("sr256", "debug", zero_stages=(0,), batch=1, steps=1, warmup=0, device="cpu")
+    bad = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+    assert not bad, bad
+    print("RATIO", res["runs"][1]["ratio_vs_plain"])
+""")
+
+
+def test_bench_path_imports_no_ray():
+    # Not the in-process tests' torch.distributed variables: the child makes its own 1-process group.
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-c", _NO_RAY], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RATIO" in p.stdout
+
+
+def test_cli_bench_commands():
+    import pipeline.cli_bench  # noqa: F401  registers the commands (cli_extra imports it in the app)
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    for cmd in ("train", "loader", "embed"):
+        r = runner.invoke(app, ["bench", cmd, "--help"])
+        assert r.exit_code == 0, r.output
+        assert "--json" in r.output
+    r = runner.invoke(app, ["bench", "train", "--zero", "5"])
+    assert r.exit_code == 2 and "--zero" in r.output
+    r = runner.invoke(app, ["bench", "embed", "--model-size", "vit-h"])
+    assert r.exit_code == 2 and "tiny" in r.output
+    r = runner.invoke(app, ["bench", "train", "--stage", "prior", "--zero", "", "--batch", "2", "--steps", "1",
+                            "--warmup", "0", "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert [x["mode"] for x in res["runs"]] == ["plain"] and res["runs"][0]["flops_per_step"] > 0
