@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import store
-from pipeline.context import StageContext, StageResult
+from pipeline.context import StageContext, StageFailed, StageResult
 from stages.checkpoint import CheckpointManager
 from stages.ema import EMA
 from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
@@ -190,18 +190,60 @@ def _clips_itself(cfg: TrainConfig, precision: str) -> bool:
 
 
 def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches. Returns detached tensors (no sync)."""
+    """One optimizer step over ``grad_accum`` micro-batches. Returns detached tensors plus
+    ``finite`` (bool): False means the loss was NaN/inf on some rank and the update was skipped.
+
+    The finiteness check is the step's one host sync (one scalar; an all-reduce of it when there
+    are several ranks, so every rank skips together and the ZeRO collectives stay in lockstep).
+    """
     total = None
+    finite = True
     for x0, cond in micro_batches:
         loss, _ = diffusion.training_loss(engine, x0, cond)
         engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary() and getattr(engine, "t2i_clip", None) is not None:
-            engine.t2i_norm = torch.nn.utils.clip_grad_norm_(engine.t2i_params, engine.t2i_clip or float("inf"),
-                                                             foreach=True)
-        engine.step()
         total = loss.detach() if total is None else total + loss.detach()
+        if engine.is_gradient_accumulation_boundary():
+            finite = _all_finite(total)
+            if not finite:
+                _skip_engine_step(engine)
+                break
+            if getattr(engine, "t2i_clip", None) is not None:
+                engine.t2i_norm = torch.nn.utils.clip_grad_norm_(engine.t2i_params, engine.t2i_clip or float("inf"),
+                                                                 foreach=True)
+        engine.step()
+    if not finite:
+        return {"loss": total, "grad_norm": None, "finite": False}
     norm = engine.get_global_grad_norm() if getattr(engine, "t2i_clip", None) is None else engine.t2i_norm
-    return {"loss": total / len(micro_batches), "grad_norm": norm}
+    return {"loss": total / len(micro_batches), "grad_norm": norm, "finite": True}
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    flag = torch.isfinite(loss).to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _skip_engine_step(engine) -> None:
+    """Drop this step's gradients and advance DeepSpeed's micro-step counter without an update.
+
+    What DeepSpeed's own fp16 overflow path does (ZeRO-1/2 ``step`` on overflow): zero the grads,
+    forget the reduced partitions, count a skipped step; no optimizer, LR-schedule or EMA update.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "zero_grad"):
+        try:
+            opt.zero_grad(set_to_none=True)
+        except TypeError:
+            opt.zero_grad()
+    engine.zero_grad()
+    for attr in ("averaged_gradients", "all_grad_tensors"):  # ZeRO-1/2 reduced partitions
+        d = getattr(opt, attr, None)
+        if isinstance(d, dict):
+            for k in d:
+                d[k] = None
+    engine.micro_steps += 1  # what engine.step() would have done: keeps the accumulation boundary aligned
+    engine.skipped_steps += 1
 
 
 def build_plain(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device):
@@ -291,6 +333,7 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
     engine.train()
     data = iter(loader)
     loss_sum, n_loss = None, 0
+    nonfinite_streak, nonfinite_total = 0, 0
     t_log, samples_since = time.perf_counter(), 0
     while step < cfg.steps:
         micro = []
@@ -301,19 +344,34 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
         lr = engine.get_lr()[0]
         out = train_step(engine, diffusion, micro)
         step += 1
+        samples_since += cfg.batch_size * cfg.grad_accum * world
+        if not out["finite"]:
+            # Skipped: no optimizer, LR or EMA update, not in the logged mean; counted. A streak
+            # means the run has diverged: stop before anything overwrites the last good checkpoint.
+            nonfinite_total += 1
+            nonfinite_streak += 1
+            if nonfinite_streak >= cfg.max_nonfinite_steps:
+                latest_ok = ckpt.latest()
+                raise StageFailed(
+                    f"{spec.stage}: loss was NaN/inf for {nonfinite_streak} steps in a row (up to step {step}; "
+                    f"{nonfinite_total} non-finite steps in all, limit train.max_nonfinite_steps="
+                    f"{cfg.max_nonfinite_steps}); the last good checkpoint is "
+                    f"{latest_ok[1] if latest_ok else 'none'}. Lower lr, check the data, or resume from it.")
+            continue
+        nonfinite_streak = 0
         ema.update(step)
         loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
         n_loss += 1
-        samples_since += cfg.batch_size * cfg.grad_accum * world
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if (step % cfg.log_every == 0 or step == cfg.steps) and n_loss:
             mean_loss = (loss_sum / n_loss).float().reshape(1)
             dist.all_reduce(mean_loss)  # mean over ranks, one tiny collective per log line
             now = time.perf_counter()
             gn = out["grad_norm"]
             logger.log(step, {"loss": mean_loss.item() / world,
                               "grad_norm": float(gn) if gn is not None else float("nan"),
-                              "lr": lr, "samples_per_s": samples_since / max(now - t_log, 1e-9)})
+                              "lr": lr, "samples_per_s": samples_since / max(now - t_log, 1e-9),
+                              **({"nonfinite_steps": nonfinite_total} if nonfinite_total else {})})
             loss_sum, n_loss, t_log, samples_since = None, 0, now, 0
 
         if fixed is not None and step % cfg.sample_every == 0:
@@ -336,7 +394,7 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
     logger.close()
     dist.barrier()
     return {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
-            "skipped": sum(tracker.skipped.values()), "precision": precision}
+            "skipped": sum(tracker.skipped.values()), "precision": precision, "nonfinite_steps": nonfinite_total}
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, tracker: PositionTracker, ema: EMA) -> None:
@@ -402,6 +460,8 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwarg
     result = stage_result(job.out_uri, cfg)
     if "skipped" in (loop_out or {}):  # rank 0's undecodable images, this attempt
         result.counts["skipped_samples"] = int(loop_out["skipped"])
+    if "nonfinite_steps" in (loop_out or {}):  # steps whose update was skipped (NaN/inf loss), this attempt
+        result.counts["nonfinite_steps"] = int(loop_out["nonfinite_steps"])
     return result
 
 

@@ -95,10 +95,13 @@ class TrainConfig(StrictModel):
     accelerator_type: str | None = Field(None, description="Ray accelerator_type constraint, e.g. 'H100'")
     max_failures: int = Field(0, description="Ray Train restarts of the worker group after a failure")
     loader_workers: int = Field(1, description="DataLoader worker processes per rank; 0 = in the training process")
+    max_nonfinite_steps: int = Field(
+        20, description="stop the stage after this many NaN/inf-loss steps in a row (each one is skipped: no update)")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (rank 0)")
     diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings, description="diffusion process")
 
-    @field_validator("steps", "batch_size", "grad_accum", "num_workers", "keep_last", "log_every")
+    @field_validator("steps", "batch_size", "grad_accum", "num_workers", "keep_last", "log_every",
+                     "max_nonfinite_steps")
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v <= 0:
