@@ -180,8 +180,9 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
 def sample(run: str = typer.Argument(..., help="Run URI or run id with trained stages."),
            prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
            cascade: str = typer.Option("imagen", help="imagen (base→SR) or unclip (prior→decoder→SR)."),
-           guidance: float = typer.Option(3.0, help="Classifier-free guidance scale."),
-           steps: int = typer.Option(50, help="Sampler steps per model."),
+           guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale for every model "
+                                                     "(default: per model, e.g. 3 for base/decoder, 1 for the upsamplers)."),
+           steps: Optional[int] = typer.Option(None, help="Sampler steps per model (default: the sample config's)."),
            out: Optional[str] = typer.Option(None, help="Where to write PNGs (default: <run>/samples_cli).")) -> None:
     """Sample prompts through a trained cascade."""
     from stages.sample import sample_cli

@@ -142,6 +142,14 @@ def cross_stage_problems(spec) -> list[str]:
         if lo in flavors and hi in flavors and flavors[lo].image_size != flavors[hi].low_res_size:
             problems.append(f"train_{hi}.flavor: takes {flavors[hi].low_res_size}px input but train_{lo} "
                             f"({flavors[lo].name}) makes {flavors[lo].image_size}px; pick matching flavors")
+    sample = getattr(spec, "sample", None)
+    if sample is not None:
+        missing = [st for st in sample.required_stages() if getattr(spec, st, None) is None]
+        if missing:
+            problems.append(f"sample.cascade: {sample.cascade!r} samples through {', '.join(missing)}, which this "
+                            f"spec does not train; add them, pick another cascade, or set sample.max_stage")
+        if getattr(spec, "embed", None) is None:
+            problems.append("sample: needs the embed stage (it reloads the encoders to embed the prompts)")
     dl = getattr(spec, "download", None)
     if dl is not None:
         for role, f in flavors.items():

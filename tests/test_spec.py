@@ -63,6 +63,15 @@ def test_mistakes_name_the_field_and_what_is_allowed(path, value, expect):
     assert "Traceback" not in msg
 
 
+def test_sample_needs_the_models_of_its_cascade():
+    msg = _bad(lambda d: d.pop("train_prior"))
+    assert "sample.cascade: 'both' samples through train_prior" in msg
+    data = copy.deepcopy(DEMO)
+    data.pop("train_prior"), data.pop("train_decoder")
+    data["sample"]["cascade"] = "imagen"
+    assert parse_spec(data).sample.cascade == "imagen"
+
+
 def test_missing_required_section():
     msg = _bad(lambda d: d.pop("download"))
     assert "download: required field is missing" in msg
