@@ -158,9 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--run", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--step-samples-per-s", type=float, default=None,
+                   help="the step's rate from an earlier bench train run (skips measuring it again)")
     a = p.parse_args(argv)
+    step = None if a.step_samples_per_s is None else \
+        {"runs": [{"samples_per_s": a.step_samples_per_s, "mode": "given"}]}
     r = bench_loader(a.stage, a.flavor, batch=a.batch, workers=a.workers, batches=a.batches, run_uri=a.run,
-                     device=a.device)
+                     device=a.device, step_result=step)
     print(json.dumps(r))
     print(format_result(r))
 
