@@ -240,7 +240,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def make_loader(shards: list[ShardPair], spec: LoaderSpec, state: dict | None, num_workers: int,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`ShardStream` resuming from ``state`` (see :func:`loader_state`)."""
     K = max(1, num_workers)
     positions, rotate = {}, 0
@@ -256,7 +256,9 @@ def make_loader(shards: list[ShardPair], spec: LoaderSpec, state: dict | None, n
     # Its own generator: creating an iterator otherwise draws a seed from the global torch RNG,
     # which would shift the training RNG stream of a resumed run (the stream is restored first).
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       prefetch_factor=2 if num_workers else None,
+                                       # batches queued per worker: enough to ride out a shard of slow
+                                       # JPEGs (or a new shard's open) without starving the step
+                                       prefetch_factor=prefetch_factor if num_workers else None,
                                        generator=torch.Generator().manual_seed(spec.seed))
 
 
