@@ -195,6 +195,7 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
     steadier than spinning OpenMP teams fighting for the same cores.
     """
     from stages.nets.flavors import get_flavor
+    from stages.optim import configure_cuda_fast_path
     from stages.train import DistEnv, setup_distributed
 
     opts = options or BenchOptions()
@@ -208,6 +209,7 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        configure_cuda_fast_path()
     if threads:
         torch.set_num_threads(threads)
     dims = dict(cond_dims or default_cond_dims(flavor))

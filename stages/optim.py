@@ -22,6 +22,19 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.precision
 
 
+def configure_cuda_fast_path() -> None:
+    """Process-wide CUDA settings for training speed; call once before building the network.
+
+    cudnn.benchmark: a UNet step has fixed shapes, so trying cuDNN's conv algorithms once and
+    keeping the fastest pays off from the second step. TF32: what little runs in fp32 on the
+    GPU (fp32 runs, the diffusion loss) uses tensor cores; bf16 training is unaffected.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on 1-D tensors (norm gains, biases) — the usual split."""
     params = [p for p in params if p.requires_grad]

@@ -4,7 +4,9 @@ Numerics: training runs in bf16 (DeepSpeed bf16 or autocast). Three places lose 
 in bf16 and are therefore computed in fp32 here regardless of the module dtype:
   * the sinusoidal timestep embedding (bf16 has 8 mantissa bits: t*1000 would be quantised to
     steps of 4 near t=1, so neighbouring timesteps would collide),
-  * GroupNorm / LayerNorm statistics (mean/var over thousands of values),
+  * GroupNorm / LayerNorm statistics (mean/var over thousands of values): on CUDA the native
+    kernels accumulate bf16/fp16 inputs in fp32 themselves (acc_type), so there the
+    low-precision tensor goes in as it is; elsewhere (and for mixed dtypes) we upcast,
   * the attention softmax: `scaled_dot_product_attention`'s fused kernels (flash / mem-efficient)
     accumulate logits and the softmax in fp32 internally, so we only keep the *inputs* in the
     compute dtype and never materialise bf16 logits ourselves.
@@ -36,19 +38,34 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0,
     return emb
 
 
+def _native_low_precision(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """True where the fused CUDA norm kernel can take ``x`` as it is and still keep fp32 statistics.
+
+    Skipping the explicit upcast matters in bf16 training (DeepSpeed's bf16 weights): ``x.float()``
+    would write a 2x-size copy of every normalised activation, and autograd would keep that fp32
+    copy alive until backward: twice the activation memory of each norm input, plus the traffic.
+    Under autocast (fp32 weights: a dtype mismatch here) the norms run in fp32 as before.
+    """
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and (weight is None or weight.dtype == x.dtype)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in fp32 and cast back to the input dtype."""
+    """GroupNorm whose statistics are computed in fp32, output in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native_low_precision(x, self.weight):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 (see module docstring)."""
+    """LayerNorm with fp32 statistics (see module docstring), output in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native_low_precision(x, self.weight):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)

@@ -59,6 +59,25 @@ def test_unet_attention_layout_takes_fused_kernels():
 
 
 @_gpu
+def test_bf16_norms_keep_fp32_statistics():
+    """The native bf16 GroupNorm/LayerNorm path (no fp32 copy) matches the upcast reference."""
+    torch = _cuda()
+    import torch.nn.functional as F
+
+    from stages.nets.layers import GroupNorm32, LayerNorm32
+
+    dev = torch.device("cuda")
+    x = (torch.randn(2, 128, 64, 64, device=dev) * 30 + 100).bfloat16()  # large mean: bf16 sums would fail
+    gn = GroupNorm32(32, 128).to(dev, torch.bfloat16)
+    ref = F.group_norm(x.float(), 32, gn.weight.float(), gn.bias.float(), gn.eps)
+    assert (gn(x).float() - ref).abs().max() < 0.05
+    y = (torch.randn(4, 81, 2048, device=dev) * 10 + 50).bfloat16()
+    ln = LayerNorm32(2048).to(dev, torch.bfloat16)
+    ref = F.layer_norm(y.float(), (2048,), ln.weight.float(), ln.bias.float(), ln.eps)
+    assert (ln(y).float() - ref).abs().max() < 0.05
+
+
+@_gpu
 def test_bench_train_bf16_reports_mfu():
     torch = _cuda()
     from stages.bench_train import bench_train
