@@ -391,10 +391,18 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
             "role": spec.role, "flavor": cfg.flavor, "cond_dims": dict(job.cond_dims),
             "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
             "diffusion": cfg.diffusion.model_dump(), "condaug": spec.extra_config(cfg), "step": step})
+    out = {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
+           "skipped": sum(tracker.skipped.values()), "precision": precision, "nonfinite_steps": nonfinite_total}
+    if rank == 0:
+        # Also in the store: Ray Train (v2) keeps reported metrics only alongside a Ray checkpoint,
+        # which this loop does not use, so the driver reads the finishing attempt's result here.
+        store.write_json(store.join(job.out_uri, LOOP_RESULT), out)
     logger.close()
     dist.barrier()
-    return {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
-            "skipped": sum(tracker.skipped.values()), "precision": precision, "nonfinite_steps": nonfinite_total}
+    return out
+
+
+LOOP_RESULT = "loop_result.json"
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, tracker: PositionTracker, ema: EMA) -> None:
@@ -458,6 +466,13 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwarg
     else:
         loop_out = loop_fn(DistEnv.from_env())
     result = stage_result(job.out_uri, cfg)
+    luri = store.join(job.out_uri, LOOP_RESULT)
+    if not (loop_out or {}).get("step") and store.exists(luri):
+        loop_out = store.read_json(luri)
+    resumed = int((loop_out or {}).get("resumed_from", -1))
+    if resumed >= 0:  # the attempt that finished started from this checkpoint (after a restart or resume)
+        result.counts["resumed_from_step"] = resumed
+        ctx.progress(f"{spec.stage}: resumed from checkpoint step {resumed}")
     if "skipped" in (loop_out or {}):  # rank 0's undecodable images, this attempt
         result.counts["skipped_samples"] = int(loop_out["skipped"])
     if "nonfinite_steps" in (loop_out or {}):  # steps whose update was skipped (NaN/inf loss), this attempt
