@@ -44,9 +44,13 @@ def config_for_fingerprint(cfg) -> dict:
 
 
 def fingerprint(stage_name: str, cfg, input_manifests: dict[str, dict], stage_code_version: str = "1") -> str:
+    # Values left at their defaults are not hashed: a release that adds a config field (with a
+    # default that keeps today's behaviour) must not invalidate every finished stage of every
+    # run. A change of behaviour bumps the stage's code_version instead (pipeline/graph.py).
+    exclude = set(getattr(type(cfg), "fingerprint_exclude", ()) or ())
     payload = {
         "stage": stage_name,
-        "config": config_for_fingerprint(cfg),
+        "config": cfg.model_dump(mode="json", exclude=exclude, exclude_defaults=True),
         "inputs": {k: m["fingerprint"] for k, m in sorted(input_manifests.items())},
         "code": f"{code_version()}/{stage_code_version}",
     }

@@ -20,6 +20,11 @@ def test_fingerprint_tracks_config_inputs_and_ignores_scheduling():
     assert a != mf.fingerprint("download", Cfg(size=32), {})
     assert a == mf.fingerprint("download", Cfg(processes=16), {}), "process count must not re-run a stage"
     assert a != mf.fingerprint("embed", Cfg(), {})
+
+    class Grown(Cfg):  # a later release adds a field whose default keeps the old behaviour
+        new_knob: bool = False
+    assert a == mf.fingerprint("download", Grown(), {}), "a new defaulted field must not re-run finished stages"
+    assert a != mf.fingerprint("download", Grown(new_knob=True), {})
     b = mf.fingerprint("embed", Cfg(), {"download": {"fingerprint": a}})
     c = mf.fingerprint("embed", Cfg(), {"download": {"fingerprint": mf.fingerprint("download", Cfg(size=32), {})}})
     assert b != c, "a changed upstream stage must change downstream fingerprints"
