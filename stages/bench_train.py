@@ -188,14 +188,17 @@ def _world_size() -> int:
 def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ...] = (2,), batch: int = 4,
                 steps: int = 5, warmup: int = 2, device: str | None = None, plain: bool = True,
                 text_len: int = 77, cond_dims: dict[str, int] | None = None, options: BenchOptions | None = None,
-                count_flops_: bool = True, threads: int | None = None) -> dict[str, Any]:
+                count_flops_: bool = True, threads: int | None = None,
+                on_run: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Benchmark one stage; returns a dict with one entry per run under ``runs`` (see module doc).
 
-    ``threads``: torch intra-op threads (CPU). On a shared, loaded CPU box one thread is far
+    ``on_run`` is called with each run's result as soon as it is measured (a caller with a deadline
+    keeps what finished). A run that fails (CUDA OOM at that batch) carries ``error`` instead of
+    figures and the remaining runs still happen. ``threads``: torch intra-op threads (CPU). On a shared, loaded CPU box one thread is far
     steadier than spinning OpenMP teams fighting for the same cores.
     """
     from stages.nets.flavors import get_flavor
-    from stages.optim import configure_cuda_fast_path
+    from stages.optim import configure_cuda_fast_path, resolve_precision
     from stages.train import DistEnv, setup_distributed
 
     opts = options or BenchOptions()
@@ -223,28 +226,38 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
 
     common = dict(spec=spec, cfg=cfg, flavor=fl, cond_dims=dims, cpu_batch=cpu_batch, device=dev, opts=opts,
                   warmup=warmup, steps=steps, count=count_flops_)
-    runs = []
-    if plain:
-        runs.append(_one_run("plain", None, **common))
-    for z in zero_stages:
-        runs.append(_one_run("deepspeed", z, **common))
-
-    base = runs[0] if plain else None
-    for r in runs:
-        peak = peak_flops(dev, r["precision"])
-        f = r["flops_per_step"]
-        r["achieved_tflops"] = f / r["step_s"] / 1e12 if f else None
-        r["mfu"] = mfu(f, r["step_s"], peak) if f else None
-        if base is not None and r is not base:
-            r["ratio_vs_plain"] = r["step_s"] / base["step_s"]
-            r["ratio_target"] = ZERO_RATIO_TARGETS[r["zero"]]
-        if r["mfu"] is not None:
-            r["mfu_target"] = MFU_TARGETS[stage]
+    runs: list[dict[str, Any]] = []
+    todo = ([("plain", None)] if plain else []) + [("deepspeed", z) for z in zero_stages]
+    for mode, z in todo:
+        try:
+            r = _one_run(mode, z, **common)
+        except (RuntimeError, MemoryError) as e:  # e.g. CUDA OOM at this batch: report it, run the rest
+            r = {"mode": mode, "zero": z, "error": f"{type(e).__name__}: {e}"[:400]}
+            _release(dev)
+        _derive(r, runs[0] if plain and runs and mode != "plain" else None, stage, dev)
+        runs.append(r)
+        if on_run is not None:
+            on_run(r)
     return {"stage": stage, "flavor": flavor, "batch": batch, "steps": steps, "warmup": warmup,
             "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "text_len": text_len, "cond_dims": dims,
-            "peak_tflops": (peak_flops(dev, runs[0]["precision"]) or 0) / 1e12 or None,
+            "peak_tflops": (peak_flops(dev, resolve_precision(cfg, dev)) or 0) / 1e12 or None,
             "options": opts.__dict__, "runs": runs}
+
+
+def _derive(r: dict[str, Any], base: dict[str, Any] | None, stage: str, dev: torch.device) -> None:
+    """Achieved TFLOP/s, MFU and the ratio to the plain run, in place."""
+    if "error" in r:
+        return
+    peak = peak_flops(dev, r["precision"])
+    f = r["flops_per_step"]
+    r["achieved_tflops"] = f / r["step_s"] / 1e12 if f else None
+    r["mfu"] = mfu(f, r["step_s"], peak) if f else None
+    if base is not None and "error" not in base:
+        r["ratio_vs_plain"] = r["step_s"] / base["step_s"]
+        r["ratio_target"] = ZERO_RATIO_TARGETS[r["zero"]]
+    if r["mfu"] is not None:
+        r["mfu_target"] = MFU_TARGETS[stage]
 
 
 def format_table(res: dict[str, Any]) -> list[list[str]]:
@@ -255,6 +268,9 @@ def format_table(res: dict[str, Any]) -> list[list[str]]:
     rows = [["run", "prec", "step ms", "samples/s", "peak GiB", "GFLOP/step", "TFLOP/s", "MFU", "DS/plain"]]
     for r in res["runs"]:
         name = "plain" if r["mode"] == "plain" else f"zero-{r['zero']}"
+        if "error" in r:
+            rows.append([name, "-", "failed: " + r["error"][:60]] + ["-"] * 6)
+            continue
         rows.append([name, r["precision"], f(r["step_s"] * 1e3, ".1f"), f(r["samples_per_s"], ".1f"),
                      f(r["peak_mem_gib"], ".1f"), f((r["flops_per_step"] or 0) / 1e9 or None, ".2f"),
                      f(r["achieved_tflops"], ".3f"), f(r["mfu"], ".1%"), f(r.get("ratio_vs_plain"), ".2f")])
@@ -277,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
     zeros = tuple(int(z) for z in a.zero.split(",") if z.strip())
+    # One JSON line per finished run (a caller that times us out keeps those), then the whole result.
     res = bench_train(a.stage, a.flavor, zero_stages=zeros, batch=a.batch, steps=a.steps, warmup=a.warmup,
+                      on_run=lambda r: print(json.dumps({"partial_run": r}), flush=True),
                       device=a.device, options=BenchOptions(a.compile, a.channels_last, a.activation_checkpointing,
                                                             a.precision), threads=a.threads)
     print(json.dumps(res))

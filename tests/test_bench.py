@@ -144,3 +144,21 @@ def test_cli_bench_commands():
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert [x["mode"] for x in res["runs"]] == ["plain"] and res["runs"][0]["flops_per_step"] > 0
+
+
+def test_gpu_driver_keeps_finished_runs_of_a_timed_out_item():
+    """tests/gpu/test_gpu.py: a train item killed mid-way still reports the runs it finished."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_driver", os.path.join(ROOT, "tests", "gpu", "test_gpu.py"))
+    drv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drv)
+    plain = {"mode": "plain", "zero": None, "precision": "bf16", "step_s": 0.5, "samples_per_s": 64.0,
+             "peak_mem_gib": 40.0, "mfu": 0.42, "mfu_target": 0.40}
+    z3 = {"mode": "deepspeed", "zero": 3, "error": "OutOfMemoryError: CUDA out of memory"}
+    out = "noise\n" + json.dumps({"partial_run": plain}) + "\n" + json.dumps({"partial_run": z3}) + "\nTraceback"
+    res = drv._result(out)
+    assert res["partial"] and [r["mode"] for r in res["runs"]] == ["plain", "deepspeed"]
+    items = [{"name": "base64-2b", "kind": "train"}, {"name": "embed", "kind": "embed"}]
+    rows = drv._rows(items, {"base64-2b": {"json": res, "rc": "timeout"}})
+    assert rows[1][-1] == "yes" and rows[2][-1].startswith("FAILED OutOfMemoryError") and rows[3][-1] == "not run"

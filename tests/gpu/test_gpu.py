@@ -130,26 +130,38 @@ def _items(quick: bool) -> list[dict]:
                       "--workers", "4", "--batches", "30")),
         dict(name="embed L14+XXL", kind="embed", timeout=150,
              argv=_py("-c", "import json; from data_prep.bench_embed import bench_embed; "
-                            "print(json.dumps(bench_embed('vit-l-14+t5-xxl', 64, 4, 'cuda')))")),
+                            "print(json.dumps(bench_embed('vit-l-14+t5-xxl', 64, 16, 'cuda')))")),
     ]
 
 
-def _last_json(stdout: str) -> dict | None:
-    for line in reversed(stdout.splitlines()):
+def _json_lines(stdout: str) -> list[dict]:
+    out = []
+    for line in stdout.splitlines():
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
             try:
-                return json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    return None
+    return out
+
+
+def _result(stdout: str) -> dict | None:
+    """The final result line, else the runs a train bench finished before it failed or timed out."""
+    lines = _json_lines(stdout)
+    full = [x for x in lines if "partial_run" not in x]
+    if full:
+        return full[-1]
+    partial = [x["partial_run"] for x in lines if "partial_run" in x]
+    return {"runs": partial, "partial": True} if partial else None
 
 
 def _run_item(item: dict, budget_s: float, results: dict) -> dict:
     argv = list(item["argv"])
-    src = results.get(item.get("step_from", ""), {}).get("json")
-    if src:  # reuse the step rate measured by an earlier train item
-        argv += ["--step-samples-per-s", str(src["runs"][0]["samples_per_s"])]
+    src = results.get(item.get("step_from", ""), {}).get("json") or {}
+    sps = ((src.get("runs") or [{}])[0]).get("samples_per_s")
+    if sps:  # reuse the step rate measured by an earlier train item (its plain run)
+        argv += ["--step-samples-per-s", str(sps)]
     timeout = max(10.0, min(item["timeout"], budget_s))
     t0 = time.perf_counter()
     print(f"\n=== {item['name']}: {' '.join(argv[1:])} (timeout {timeout:.0f}s)", flush=True)
@@ -163,9 +175,9 @@ def _run_item(item: dict, budget_s: float, results: dict) -> dict:
         out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
         tail = out[-1500:]
     dt = time.perf_counter() - t0
-    res = {"json": _last_json(out) if rc == 0 else None, "rc": rc, "seconds": dt}
+    res = {"json": _result(out), "rc": rc, "seconds": dt}
     print(f"--- {item['name']}: rc={rc} in {dt:.0f}s", flush=True)
-    if res["json"] is None:
+    if rc != 0 or res["json"] is None:
         print(tail, flush=True)
     return res
 
@@ -188,6 +200,9 @@ def _rows(items: list[dict], results: dict) -> list[list[str]]:
         if it["kind"] == "train":
             for run in j["runs"]:
                 name = "plain" if run["mode"] == "plain" else f"zero-{run['zero']}"
+                if "error" in run:
+                    rows.append([it["name"], name, "-", "-", "-", "-", "-", "-", "FAILED " + run["error"][:40]])
+                    continue
                 checks = []
                 if run.get("mfu") is not None:
                     checks.append(run["mfu"] >= run["mfu_target"])
@@ -235,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{env_line}; total {time.perf_counter() - t_start:.0f}s")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    return 0 if all(r["json"] is not None for r in results.values()) and len(results) == len(items) else 1
+    ok = all(r["rc"] == 0 and r["json"] is not None for r in results.values()) and len(results) == len(items)
+    return 0 if ok else 1
 
 
 def _env_line() -> str:
