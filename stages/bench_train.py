@@ -242,7 +242,9 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
             "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "text_len": text_len, "cond_dims": dims,
             "peak_tflops": (peak_flops(dev, resolve_precision(cfg, dev)) or 0) / 1e12 or None,
-            "options": opts.__dict__, "runs": runs}
+            "options": opts.__dict__, "runs": runs,
+            # with activation checkpointing the counter also sees the recomputed forward (HFU, not MFU)
+            "flops_include_recompute": opts.activation_checkpointing}
 
 
 def _derive(r: dict[str, Any], base: dict[str, Any] | None, stage: str, dev: torch.device) -> None:
