@@ -378,8 +378,10 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
             _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device)
 
         if ckpt.due(step) or step == cfg.steps:  # the last step is always saved: export can then be redone
-            _save(ckpt, engine, step, tracker, ema)
+            # Metrics first: a crash after COMPLETE but before the sync lost the rows of the
+            # resumed-from checkpoint's interval; rows past an older checkpoint are dropped on resume.
             logger.sync()
+            _save(ckpt, engine, step, tracker, ema)
         if _fault_at_step is not None and step == _fault_at_step > start_step:
             raise RuntimeError(f"injected fault after step {step}")
 

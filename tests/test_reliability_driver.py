@@ -1,0 +1,158 @@
+"""The driver killed mid-run: `t2i run` (on a local Ray) is SIGKILLed twice, once while embed
+runs and once while a training stage runs; `t2i resume RUN` then finishes the run.
+
+What must hold: finished stages are not re-run (their manifest's finished_at is unchanged); the
+embed stage resumes at its first unfinished shard (a shard whose done marker existed before the
+kill keeps its marker bytes and npz mtime: not embedded twice); the training stage resumes from
+its latest complete checkpoint (resumed_from_step > 0) and finishes its steps; and nothing the
+killed driver started (Ray's processes, img2dataset, loader workers) outlives it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pipeline import manifest as mf
+from pipeline import store
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(420)]
+
+T2I = str(Path(sys.executable).parent / "t2i")
+STEPS = 200
+
+
+def _spec(tmp_path: Path) -> str:
+    data = {
+        "run_id": "drv",
+        "store": {"uri": f"file://{tmp_path / 'store'}"},
+        "cluster": {"use_ray": True, "num_cpus": 2},
+        "download": {"url_list": "demo", "demo": {"num_images": 36, "image_size": 32, "seed": 5, "bad_fraction": 0.0},
+                     "image_size": 32, "number_sample_per_shard": 6, "processes_count": 1, "thread_count": 4,
+                     "min_success_rate": 0.5},
+        "embed": {"clip": {"model": f"tiny:{tmp_path / 'enc'}", "pretrained": None},
+                  "t5": {"model": f"tiny:{tmp_path / 'enc'}", "max_length": 16}, "batch_size": 4},
+        "train_prior": {"flavor": "debug", "steps": STEPS, "batch_size": 2, "checkpoint_every_steps": 10,
+                        "log_every": 10, "loader_workers": 0, "num_workers": 1, "cpus_per_worker": 1},
+    }
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def _start(args, tmp_path, log_name):
+    log = open(tmp_path / log_name, "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # Its own session, like a terminal user's shell job: lets us see exactly what it started.
+    return subprocess.Popen([T2I, *args], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True), log
+
+
+def _wait_for(cond, proc, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_driver(proc) -> list[psutil.Process]:
+    """SIGKILL the driver alone; return what it had started (to check for orphans)."""
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return kids
+
+
+def _survivors(kids: list[psutil.Process], grace: float = 15.0) -> list[str]:
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for p in kids:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{p.pid} {p.name()}")
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def _cleanup(kids):
+    for p in kids:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliability):
+    spec = _spec(tmp_path)
+    run = f"file://{tmp_path / 'store'}/drv"
+    emb_shards = store.join(run, "embed", "shards")
+    orphans_all: list[str] = []
+
+    # 1. Kill while embed is half-way: some shards done, not all.
+    proc, log = _start(["run", spec], tmp_path, "run1.log")
+    n_tars = lambda: len(store.glob(store.join(run, "download", "shards", "*.tar")))  # noqa: E731
+    _wait_for(lambda: len(store.glob(store.join(emb_shards, "*.done.json"))) >= 2, proc, 240, "two embedded shards")
+    kids = _kill_driver(proc)
+    log.close()
+    done_before = {u: store.read_bytes(u) for u in store.glob(store.join(emb_shards, "*.done.json"))}
+    npz_mtime = {u: os.path.getmtime(store.local_path(u.replace(".done.json", ".npz"))) for u in done_before}
+    total = n_tars()
+    orphans = _survivors(kids)
+    orphans_all += orphans
+    _cleanup(kids)
+    assert not store.exists(store.join(run, "embed", mf.MANIFEST))
+    assert len(done_before) < total, f"embed finished before the kill ({len(done_before)}/{total}); test is moot"
+    t_download = store.read_json(store.join(run, "download", mf.MANIFEST))["finished_at"]
+
+    # 2. Resume; kill again once training has written a checkpoint.
+    proc, log = _start(["resume", run], tmp_path, "run2.log")
+    ck = store.join(run, "train_prior", "checkpoints")
+    _wait_for(lambda: any(store.exists(store.join(u, "COMPLETE")) for u in store.listdir(ck)), proc, 240,
+              "a training checkpoint")
+    kids = _kill_driver(proc)
+    log.close()
+    orphans = _survivors(kids)
+    orphans_all += orphans
+    _cleanup(kids)
+    emb = store.read_json(store.join(run, "embed", mf.MANIFEST))
+    for u, body in done_before.items():
+        assert store.read_bytes(u) == body, f"{u} was embedded again"
+        assert os.path.getmtime(store.local_path(u.replace(".done.json", ".npz"))) == npz_mtime[u]
+    assert len(store.glob(store.join(emb_shards, "*.done.json"))) == total
+    assert not store.exists(store.join(run, "train_prior", mf.MANIFEST))
+    reliability.record(kind="fault", name="driver SIGKILL during embed", survived=True, lost_samples=0,
+                       detail=f"resumed at shard {len(done_before)}/{total}; finished shards not re-embedded")
+
+    # 3. Resume to the end.
+    r = subprocess.run([T2I, "resume", run], env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert store.read_json(store.join(run, "download", mf.MANIFEST))["finished_at"] == t_download
+    assert store.read_json(store.join(run, "embed", mf.MANIFEST))["finished_at"] == emb["finished_at"]
+    tm = store.read_json(store.join(run, "train_prior", mf.MANIFEST))
+    assert tm["counts"]["steps"] == STEPS and tm["counts"]["resumed_from_step"] > 0, tm["counts"]
+    lines = [json.loads(x) for x in store.read_bytes(store.join(run, "train_prior", "metrics.jsonl")).decode().splitlines()]
+    assert [x["step"] for x in lines] == list(range(10, STEPS + 1, 10))
+    assert tm["counts"]["resumed_from_step"] < STEPS, "training had finished before the kill; test is moot"
+    assert emb["counts"]["n_embedded"] == 36
+    reliability.record(kind="fault", name="driver SIGKILL during training", survived=True, lost_checkpoints=0,
+                       detail=f"resumed from step {tm['counts']['resumed_from_step']}, finished {STEPS}; "
+                              "download/embed not re-run")
+    assert not orphans_all, f"processes outlived the killed driver: {orphans_all}"
+    reliability.record(kind="fault", name="orphans after driver SIGKILL (x2)", survived=not orphans_all)
