@@ -84,6 +84,7 @@ def bench_loader_cmd(
     run: Optional[str] = typer.Option(None, help="read an existing run's download/ + embed/ instead of synthetic shards"),
     zero: Optional[int] = typer.Option(None, help="measure the step with DeepSpeed at this ZeRO stage (default: plain)"),
     device: Optional[str] = typer.Option(None, help="device of the training step"),
+    source_size: Optional[int] = typer.Option(None, help="synthetic JPEGs' size (default: the flavor's; LAION spec: 1024)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Training-loader samples/s against the training step's consumption (target >= 3x)."""
@@ -96,7 +97,7 @@ def bench_loader_cmd(
         run_uri = resolve_run(run)
     try:
         res = bench_loader(stage, flavor, batch=batch, workers=workers, batches=batches, run_uri=run_uri,
-                           device=device, step_zero=zero)
+                           device=device, step_zero=zero, source_size=source_size)
     except ValueError as e:
         _fail(str(e))
     console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))

@@ -33,7 +33,11 @@ from stages.bench_train import bench_train, default_cond_dims, stage_parts
 
 def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict[str, int], n_shards: int = 2,
                            per_shard: int = 64, text_len: int = 77, seed: int = 0) -> tuple[str | None, str]:
-    """``<root>/download/shards/*.tar`` (None when ``image_size`` is None) + ``<root>/embed/shards/*.npz``."""
+    """``<root>/download/shards/*.tar`` (None when ``image_size`` is None) + ``<root>/embed/shards/*.npz``.
+
+    ``image_size`` is the stored JPEGs' short side (what the download stage wrote), not
+    necessarily the training resolution.
+    """
     from PIL import Image
 
     from data_prep.embed_format import EmbeddingShard, write_embedding_shard
@@ -102,8 +106,12 @@ def loader_rate(download_uri: str | None, embed_uri: str, *, image_size: int | N
 def bench_loader(stage: str = "base", flavor: str = "debug", *, batch: int = 4, workers: int = 1, batches: int = 20,
                  run_uri: str | None = None, step_steps: int = 3, step_warmup: int = 1, device: str | None = None,
                  n_shards: int = 2, per_shard: int = 64, text_len: int = 77, step_zero: int | None = None,
-                 step_result: dict | None = None) -> dict[str, Any]:
+                 step_result: dict | None = None, source_size: int | None = None) -> dict[str, Any]:
     """Loader samples/s vs the training step's samples/s; ``loader_over_step`` is the ratio.
+
+    ``source_size``: short side of the synthetic JPEGs (default: the flavor's resolution). The
+    shipped LAION spec downloads at 1024 px for every stage, so base64's loader decodes 1024 px
+    JPEGs to train at 64 px: pass 1024 to measure that.
 
     ``step_zero``: measure the step with DeepSpeed at that ZeRO stage instead of plain PyTorch.
     ``step_result``: reuse a ``bench_train`` result instead of measuring the step again.
@@ -126,9 +134,10 @@ def bench_loader(stage: str = "base", flavor: str = "debug", *, batch: int = 4, 
             source = run_uri
         else:
             dims = default_cond_dims(flavor)
-            download, embed = write_synthetic_shards(tmp, image_size=image_size, cond_dims=dims, n_shards=n_shards,
+            src_px = (source_size or image_size) if image_size else None
+            download, embed = write_synthetic_shards(tmp, image_size=src_px, cond_dims=dims, n_shards=n_shards,
                                                      per_shard=per_shard, text_len=text_len)
-            source = f"synthetic: {n_shards} shards x {per_shard}"
+            source = f"synthetic: {n_shards} shards x {per_shard}" + (f", {src_px} px JPEGs" if src_px else "")
         load = loader_rate(download, embed, image_size=image_size, batch=batch, workers=workers, batches=batches,
                            pin_memory=dev.type == "cuda")
     if step_result is None:
@@ -158,13 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--run", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--source-size", type=int, default=None, help="stored JPEG size (default: the flavor's)")
     p.add_argument("--step-samples-per-s", type=float, default=None,
                    help="the step's rate from an earlier bench train run (skips measuring it again)")
     a = p.parse_args(argv)
     step = None if a.step_samples_per_s is None else \
         {"runs": [{"samples_per_s": a.step_samples_per_s, "mode": "given"}]}
     r = bench_loader(a.stage, a.flavor, batch=a.batch, workers=a.workers, batches=a.batches, run_uri=a.run,
-                     device=a.device, step_result=step)
+                     device=a.device, step_result=step, source_size=a.source_size)
     print(json.dumps(r))
     print(format_result(r))
 

@@ -124,10 +124,11 @@ def _items(quick: bool) -> list[dict]:
         dict(name="sr256-600m", kind="train", timeout=90,
              argv=_py("-m", T, "--stage", "sr256", "--flavor", "sr256-600m", "--zero", "2", "--batch", "16",
                       "--steps", "5", "--warmup", "2")),
-        # Loader at base64's batch against base64-2b's measured plain step rate (no second step bench).
+        # Loader at base64's batch against base64-2b's measured plain step rate (no second step bench),
+        # from 1024 px JPEGs as the shipped LAION spec downloads them for every stage.
         dict(name="loader base64", kind="loader", timeout=60, step_from="base64-2b",
              argv=_py("-m", "stages.bench_loader", "--stage", "base", "--flavor", "base64-2b", "--batch", "32",
-                      "--workers", "4", "--batches", "30")),
+                      "--workers", "8", "--batches", "30", "--source-size", "1024")),
         dict(name="embed L14+XXL", kind="embed", timeout=150,
              argv=_py("-c", "import json; from data_prep.bench_embed import bench_embed; "
                             "print(json.dumps(bench_embed('vit-l-14+t5-xxl', 64, 16, 'cuda')))")),
