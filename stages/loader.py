@@ -108,22 +108,32 @@ def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _tar_groups(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive members sharing a key, streamed."""
-    with store.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        key, group = None, {}
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            k, _, ext = base.partition(".")
-            if k != key and key is not None:
+    """(key, {ext: bytes}) for consecutive members sharing a key, streamed.
+
+    A truncated or corrupt tar stops training with an error naming it (tarfile's own says only
+    "unexpected end of data"); the group being read when it broke is never yielded.
+    """
+    key, n = None, 0
+    try:
+        with store.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            group: dict[str, bytes] = {}
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                k, _, ext = base.partition(".")
+                if k != key and key is not None:
+                    n += 1
+                    yield key, group
+                    group = {}
+                key = k
+                ex = tar.extractfile(m)
+                group[ext] = ex.read() if ex is not None else b""
+            if key is not None:
                 yield key, group
-                group = {}
-            key = k
-            ex = tar.extractfile(m)
-            group[ext] = ex.read() if ex is not None else b""
-        if key is not None:
-            yield key, group
+    except (tarfile.TarError, EOFError) as e:
+        raise LoaderError(f"download shard {uri} is truncated or corrupt ({type(e).__name__}: {e}) after {n} "
+                          f"complete samples (at key {key}); re-run the download stage for it") from e
 
 
 def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +158,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _read_embeddings(uri: str) -> EmbeddingShard:
+    """read_embedding_shard, with a damaged zip (a truncated copy) named like any other bad shard."""
+    import zipfile
+
+    try:
+        return read_embedding_shard(uri)
+    except (zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise LoaderError(f"embedding shard {uri} is unreadable ({type(e).__name__}: {e}); "
+                          f"re-run the embed stage") from e
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated micro-batches for one rank (see module docstring)."""
 
@@ -169,7 +190,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             while cursor < len(units):
                 s, first, stride = units[cursor]
                 pair = self.shards[s]
-                emb = read_embedding_shard(pair.npz_uri)
+                emb = _read_embeddings(pair.npz_uri)
                 for row, sample in self._rows(pair, emb, max(index, first), first, stride, epoch):
                     if sample is None:
                         skipped += 1
@@ -188,9 +209,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         def wanted(j: int) -> bool:
             return j >= start and (j - first) % stride == 0
 
-        def sample(j: int, image: np.ndarray | None) -> dict:
+        def sample(j: int, image: np.ndarray | None) -> dict | None:
             d = {"key": str(emb.keys[j]), "clip_image": emb.clip_image[j], "clip_text": emb.clip_text[j],
                  "t5": emb.t5_of(j), "clip_tokens": emb.clip_tokens_of(j)}
+            # A non-finite embedding row (a shard not written by our embed stage, bit rot) would
+            # turn every step it lands in into a NaN loss: skipped and counted like a bad image.
+            if not all(np.isfinite(d[k]).all() for k in ("clip_image", "clip_text", "t5", "clip_tokens")):
+                return None
             if image is not None:
                 d["image"] = image
             return d
