@@ -49,7 +49,7 @@ class BenchOptions:
     """Knobs of the fast path that the bench can switch (all off = what training does today)."""
 
     compile: bool = False          # torch.compile the network (plain) / engine.compile() (DeepSpeed)
-    channels_last: bool = False    # UNet weights (and so conv activations) in NHWC
+    channels_last: bool = False    # UNet activations in NHWC (UNetConfig.channels_last)
     activation_checkpointing: bool = False
     precision: str = "auto"        # bf16 | fp32 | auto (bf16 on GPU)
 
@@ -135,10 +135,10 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
+    extra = {"channels_last": True} if opts.channels_last and flavor.kind == "unet" else {}
     with torch.device(device):  # built where it runs: a 2B network initialises in seconds on a GPU
-        model = build_network(spec.role, cfg.flavor, cond_dims, gradient_checkpointing=opts.activation_checkpointing)
-    if opts.channels_last and flavor.kind == "unet":
-        model = model.to(memory_format=torch.channels_last)
+        model = build_network(spec.role, cfg.flavor, cond_dims, gradient_checkpointing=opts.activation_checkpointing,
+                              **extra)
     n_params = sum(p.numel() for p in model.parameters())
     diffusion = Diffusion(**cfg.diffusion.model_dump())
     engine = optimizer = scheduler = None

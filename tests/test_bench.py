@@ -162,3 +162,20 @@ def test_gpu_driver_keeps_finished_runs_of_a_timed_out_item():
     items = [{"name": "base64-2b", "kind": "train"}, {"name": "embed", "kind": "embed"}]
     rows = drv._rows(items, {"base64-2b": {"json": res, "rc": "timeout"}})
     assert rows[1][-1] == "yes" and rows[2][-1].startswith("FAILED OutOfMemoryError") and rows[3][-1] == "not run"
+
+
+def test_unet_channels_last_option_is_numerically_the_same():
+    """UNetConfig.channels_last (bench --channels-last) only changes the activation layout."""
+    from stages.bench_train import SMALL_COND_DIMS
+    from stages.nets.flavors import build_network
+
+    torch.manual_seed(0)
+    ref = build_network("sr256", "debug", SMALL_COND_DIMS)
+    nhwc = build_network("sr256", "debug", SMALL_COND_DIMS, channels_last=True)
+    for p in ref.parameters():  # zero-initialised output convs would hide any difference
+        torch.nn.init.normal_(p, std=0.05)
+    nhwc.load_state_dict(ref.state_dict())
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    cond = {"text_tokens": torch.randn(2, 5, 64), "text_mask": torch.ones(2, 5, dtype=torch.bool),
+            "low_res": torch.randn(2, 3, 16, 16)}
+    torch.testing.assert_close(nhwc(x, t, **cond), ref(x, t, **cond), rtol=1e-4, atol=1e-4)

@@ -50,6 +50,10 @@ class UNetConfig:
     dropout: float = 0.0
     skip_scale: float = 1 / math.sqrt(2)   # Efficient U-Net scaled skip connections
     gradient_checkpointing: bool = False   # torch.utils.checkpoint per block (non-reentrant)
+    # Run the convolutions on NHWC activations. Only the input is converted: cuDNN/oneDNN pick
+    # channels_last when the input is, so it propagates through the net, while the weights stay
+    # contiguous (DeepSpeed flattens parameters and cannot take channels_last ones).
+    channels_last: bool = False
 
     def __post_init__(self):
         n = len(self.channel_mults)
@@ -206,7 +210,10 @@ class UNet(nn.Module):
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
         elif low_res is not None:
             raise ValueError("UNet: low_res given but this UNet has low_res_channels=0")
-        h = self.conv_in(x.to(self.conv_in.weight.dtype))
+        x = x.to(self.conv_in.weight.dtype)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(x)
         skips = []
         for level in self.down:
             for block in level:
