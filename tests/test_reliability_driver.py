@@ -156,3 +156,24 @@ def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliabil
                               "download/embed not re-run")
     assert not orphans_all, f"processes outlived the killed driver: {orphans_all}"
     reliability.record(kind="fault", name="orphans after driver SIGKILL (x2)", survived=not orphans_all)
+
+
+def test_driver_sigkill_without_ray_leaves_no_img2dataset_workers(tmp_path, reliability):
+    """No-Ray runs download in the driver: img2dataset's multiprocessing workers must die with it."""
+    data = {"run_id": "nr", "store": {"uri": f"file://{tmp_path / 'store'}"}, "cluster": {"use_ray": False},
+            "download": {"url_list": "demo", "demo": {"num_images": 200, "image_size": 64, "seed": 5,
+                                                      "bad_fraction": 0.0},
+                         "image_size": 64, "number_sample_per_shard": 10, "processes_count": 2, "thread_count": 2,
+                         "min_success_rate": 0.5}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    proc, log = _start(["run", str(tmp_path / "spec.yaml")], tmp_path, "nr.log")
+    # the orphan watcher + img2dataset's pool (2 processes) + its writer at least
+    _wait_for(lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 4, proc, 60, "img2dataset workers")
+    kids = _kill_driver(proc)
+    log.close()
+    orphans = _survivors(kids)
+    _cleanup(kids)
+    assert not orphans, f"processes outlived the killed driver: {orphans}"
+    assert not store.exists(store.join(f"file://{tmp_path / 'store'}", "nr", "download", mf.MANIFEST))
+    reliability.record(kind="fault", name="driver SIGKILL during download (no Ray)", survived=True,
+                       detail=f"{len(kids)} child processes, none left behind")
