@@ -17,10 +17,12 @@ never imported: this runs on a bare single-GPU host.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -148,9 +150,12 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
         model, optimizer, scheduler = build_plain(cfg, model, device=device)
         net = torch.compile(model) if opts.compile else model
 
-        def step() -> dict:
+        def step(module=net) -> dict:
             micro = [spec.build_batch(cpu_batch, cfg, flavor, device, dtype)]
-            return plain_train_step(net, optimizer, scheduler, diffusion, micro, grad_clip=cfg.grad_clip, dtype=dtype)
+            return plain_train_step(module, optimizer, scheduler, diffusion, micro, grad_clip=cfg.grad_clip,
+                                    dtype=dtype)
+
+        count_step = functools.partial(step, model)  # same FLOPs; a compiled graph may not run under the counter
     else:
         run_cfg = cfg.model_copy(update={"zero_stage": zero})
         engine, precision = build_engine(run_cfg, model, device=device, world_size=_world_size())
@@ -162,15 +167,22 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
             micro = [spec.build_batch(cpu_batch, cfg, flavor, device, dtype)]
             return train_step(engine, diffusion, micro)
 
+        count_step = step
+
     step_s, loss = _timed(step, warmup, steps, device)
-    flops = count_flops(step) if count else None  # one more, untimed step under the counter
+    flops = None
+    if count:  # one more, untimed step under the counter
+        try:
+            flops = count_flops(count_step)
+        except Exception as e:  # noqa: BLE001 (e.g. DeepSpeed's compiled module under a dispatch mode)
+            print(f"bench: FLOP count failed for {mode} zero={zero}: {e!r}", file=sys.stderr)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     res = {"mode": mode, "zero": zero, "precision": precision, "params": n_params, "step_s": step_s,
            "samples_per_s": cpu_batch_size(cpu_batch) / step_s, "peak_mem_gib": peak_mem, "loss": loss,
            "flops_per_step": flops}
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
-    del engine, model, optimizer, scheduler, step
+    del engine, model, optimizer, scheduler, step, count_step
     _release(device)
     return res
 
@@ -194,8 +206,8 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
 
     ``on_run`` is called with each run's result as soon as it is measured (a caller with a deadline
     keeps what finished). A run that fails (CUDA OOM at that batch) carries ``error`` instead of
-    figures and the remaining runs still happen. ``threads``: torch intra-op threads (CPU). On a shared, loaded CPU box one thread is far
-    steadier than spinning OpenMP teams fighting for the same cores.
+    figures and the remaining runs still happen. ``threads``: torch intra-op threads (CPU); on a
+    shared, loaded CPU box one thread is far steadier than OpenMP teams fighting for the cores.
     """
     from stages.nets.flavors import get_flavor
     from stages.optim import configure_cuda_fast_path, resolve_precision
@@ -233,7 +245,8 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
             r = _one_run(mode, z, **common)
         except (RuntimeError, MemoryError) as e:  # e.g. CUDA OOM at this batch: report it, run the rest
             r = {"mode": mode, "zero": z, "error": f"{type(e).__name__}: {e}"[:400]}
-            _release(dev)
+        if "error" in r:
+            _release(dev)  # here, not in the except block: the traceback there still holds the network
         _derive(r, runs[0] if plain and runs and mode != "plain" else None, stage, dev)
         runs.append(r)
         if on_run is not None:
