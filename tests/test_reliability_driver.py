@@ -24,7 +24,7 @@ import yaml
 from pipeline import manifest as mf
 from pipeline import store
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(600)]
 
 T2I = str(Path(sys.executable).parent / "t2i")
 STEPS = 200
