@@ -9,6 +9,10 @@
 #   2. python tests/gpu/test_gpu.py (paper-scale train benchmarks plain vs ZeRO 0/2/3, loader vs
 #                                    step, ViT-L/14 + T5-XXL embed; one subprocess and timeout per
 #                                    item, failures reported, the summary table printed last)
+# From a dev session with the device tool: build .whl/ first, then run this script with carry [".whl"]
+# (.whl/ is git-ignored, so it only travels when carried; it is well under the 64 MiB limit).
+# `t2i bench ...` itself also needs typer/rich/shellingham on the host (EXTRA_WHEELS="typer rich
+# shellingham"); this script does not: it calls the benchmark modules directly.
 # Options: --quick (small flavors: a smoke test of the driver), GPU_CHECK_BUDGET_S (default 420).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
