@@ -87,7 +87,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
             last = e
             if i + 1 < attempts:
                 time.sleep(base_delay * (2**i) * (1 + random.random() * 0.25))
-    raise StoreError(f"{what} failed after {attempts} attempts: {type(last).__name__}: {last}") from last
+    raise StoreError(f"{what} failed after {attempts} attempts: {last}") from last
 
 
 class StoreError(RuntimeError):
