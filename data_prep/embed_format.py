@@ -13,6 +13,7 @@ turns any drift (a key the tar does not have, or keys out of order) into an erro
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -124,7 +125,7 @@ def from_npz_bytes(data: bytes, where: str = "<bytes>") -> EmbeddingShard:
             return EmbeddingShard(**{a: z[a] for a in ARRAYS})
     except EmbeddingFormatError as e:
         raise EmbeddingFormatError(f"{where}: {e}") if where not in str(e) else e
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated or not a zip at all
         raise EmbeddingFormatError(f"embedding shard {where} is not a readable npz: {e}") from e
 
 

@@ -92,7 +92,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = e.get("input")
-        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        # Our own validators already say what they got; pydantic's built-in checks do not.
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) or "(got " in msg else f" (got {got!r})"
         lines.append(f"  {path}: {msg}{shown}")
     return "\n".join(lines)
 

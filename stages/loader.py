@@ -93,6 +93,9 @@ def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[i
 def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
     """Decode, resize the short side to ``size``, random square crop, random flip -> uint8 [3,H,W]."""
     img = Image.open(io.BytesIO(data))
+    # JPEG can decode at 1/2, 1/4, 1/8 scale directly (never below the requested size): a 64px
+    # stage reading 1024px shards decodes ~2.4x faster this way (docs/performance.md).
+    img.draft("RGB", (size, size))
     img = img.convert("RGB")
     w, h = img.size
     scale = size / min(w, h)

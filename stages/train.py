@@ -29,7 +29,7 @@ from pipeline.context import StageContext, StageFailed, StageResult
 from stages.checkpoint import CheckpointManager
 from stages.ema import EMA
 from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
-from stages.optim import build_optimizer, build_scheduler, deepspeed_config, resolve_precision
+from stages.optim import configure_cuda_fast_path, build_optimizer, build_scheduler, deepspeed_config, resolve_precision
 from stages.train_config import TrainConfig
 from stages.train_metrics import MetricsLogger, image_grid
 
@@ -283,6 +283,7 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
     device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        configure_cuda_fast_path()  # TF32 matmuls, cudnn autotune
     setup_distributed(env, device)
     rank, world = dist.get_rank(), dist.get_world_size()
     flavor = get_flavor(spec.role, cfg.flavor)
