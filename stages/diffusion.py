@@ -254,8 +254,14 @@ class Diffusion:
                steps: int = 50, guidance_scale: float = 1.0, thresholding: str | None = None,
                eta: float = 0.0, uncond: dict | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, device=None,
-               dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None):
-        """Draw samples of `shape` = [B, ...] from t=1 to t=0.
+               dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None,
+               t_start: float = 1.0, x_start: torch.Tensor | None = None):
+        """Draw samples of `shape` = [B, ...] from t=t_start (1: pure noise) to t=0.
+
+        With ``x_start`` the chain starts from ``q_sample(x_start, t_start)`` instead (SDEdit,
+        Meng et al. 2022): a super-resolution model then refines the upsampled low-res image
+        rather than inventing it from noise, which keeps colours and layout when the upsampler
+        is small or briefly trained.
 
         sampler: 'ddpm' (ancestral), 'ddim' (eta=0 deterministic, eta=1 equals ddpm) or
         'dpmpp_2m' (DPM-Solver++(2M), Lu et al. 2022: ~20 steps match ~250 DDPM steps).
@@ -272,10 +278,15 @@ class Diffusion:
             params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
             tensors = [noise] + [v for v in cond.values() if isinstance(v, torch.Tensor)] + [next(params, None)]
             device = next((v.device for v in tensors if v is not None), torch.device("cpu"))
+        if not 0.0 < t_start <= 1.0:
+            raise ValueError(f"t_start must be in (0, 1], got {t_start}")
         x = (torch.randn(shape, device=device, dtype=dtype, generator=generator)
              if noise is None else noise.to(device=device, dtype=dtype))
         b = x.shape[0]
-        ts = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        if x_start is not None:
+            x = self.q_sample(x_start.to(device=device, dtype=dtype),
+                              torch.full((b,), t_start, device=device), noise=x)
+        ts = torch.linspace(t_start, 0.0, steps + 1, device=device, dtype=torch.float64)
         kw = dict(guidance_scale=guidance_scale, uncond=uncond, thresholding=thresholding)
         x0_prev, h_prev = None, None
         for i in range(steps):

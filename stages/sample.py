@@ -77,6 +77,9 @@ class SampleConfig(StrictModel):
     sr_aug_level: float | None = Field(None, description=(
         "Fixed conditioning-augmentation level in [0, 1] for the SR models' low-res input; null = each SR "
         "model's own condaug.sample_level from training."))
+    sr_start_t: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "Upsamplers start from the upsampled low-res image noised to this t (SDEdit) instead of pure "
+        "noise at 1.0; below 1 keeps colours/layout of small or briefly trained upsamplers."))
     seed: int = Field(0, description="Seed of all sampling noise: the same seed and config give the same images.")
     images_per_prompt: int = Field(1, ge=1, le=64, description="Samples per prompt per cascade.")
     batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
@@ -96,26 +99,18 @@ class SampleConfig(StrictModel):
             raise ValueError(f"sample.prompts[{bad[0]}] is empty; every prompt must be non-empty text")
         return v
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "steps")
     @classmethod
-    def _guidance(cls, v):
-        vals = v.items() if isinstance(v, dict) else [("*", v)]
-        for k, w in vals:
+    def _per_role(cls, v, info):
+        """One value for every model, or a dict role -> value: check roles and ranges alike."""
+        name = info.field_name
+        for k, x in (v.items() if isinstance(v, dict) else [("*", v)]):
             if k != "*" and k not in ROLES:
-                raise ValueError(f"sample.guidance_scale has unknown role {k!r}; allowed: {', '.join(ROLES)}")
-            if not w >= 0.0:
-                raise ValueError(f"sample.guidance_scale[{k}]={w}: must be >= 0 (1.0 = no guidance, 0 = unconditional)")
-        return v
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v):
-        vals = v.items() if isinstance(v, dict) else [("*", v)]
-        for k, s in vals:
-            if k != "*" and k not in ROLES:
-                raise ValueError(f"sample.steps has unknown role {k!r}; allowed: {', '.join(ROLES)}")
-            if s < 1 or s > 1000:
-                raise ValueError(f"sample.steps[{k}]={s}: must be within [1, 1000]")
+                raise ValueError(f"sample.{name} has unknown role {k!r}; allowed: {', '.join(ROLES)}")
+            if name == "guidance_scale" and not x >= 0.0:
+                raise ValueError(f"sample.guidance_scale[{k}]={x}: must be >= 0 (1.0 = no guidance, 0 = unconditional)")
+            if name == "steps" and not 1 <= x <= 1000:
+                raise ValueError(f"sample.steps[{k}]={x}: must be within [1, 1000]")
         return v
 
     @field_validator("dynamic_threshold_percentile")
@@ -301,14 +296,17 @@ def run_stage(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg:
         size = int(m.config["image_size"])
         shape = (b, 3, size, size)
         thresholding = cfg.thresholding
+    start = {}
     if m.role in ("sr256", "sr1024"):
+        if cfg.sr_start_t < 1.0:
+            start = dict(t_start=cfg.sr_start_t, x_start=_low_res(prev.to(device), shape[-1]))
         low = _low_res(prev.to(device), int(m.config["low_res_size"]))
         aug = ConditioningAugmentation(CondAugConfig(**(m.config.get("condaug") or {})))
         low, level = aug.sample(low, cfg.sr_aug_level, generator=g)
         cond.update(low_res=low, aug_level=level)
     out = m.diffusion.sample(m.net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
                              guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
-                             device=device)
+                             device=device, **start)
     if m.role == "prior":
         # The decoder was trained on L2-normalised CLIP image embeddings; the prior's x0 is close
         # to but not exactly on the sphere.
