@@ -40,9 +40,20 @@ def init_ray(cluster, address: str | None = None) -> None:
 def run_on_ray(spec, todo, fps, manifests, summary, *, address: str | None, log: Callable[[str], None]) -> None:
     import ray
 
+    owned = not ray.is_initialized()  # a Ray we start, we stop: callers in one process run many specs
+    init_ray(spec.cluster, address)
+    try:
+        _schedule(spec, todo, fps, manifests, summary, log)
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _schedule(spec, todo, fps, manifests, summary, log) -> None:
+    import ray
+
     from pipeline.runner import StageOutcome, _error_message, execute_stage
 
-    init_ray(spec.cluster, address)
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     data = spec.model_dump(mode="json")
     pending = list(todo)
