@@ -63,6 +63,12 @@ def _run_and_report(spec, **kw) -> None:
         console.print(f"samples: {outs.get('dir') or sample.manifest.get('out_uri')}")
         if outs.get("report"):
             console.print(f"report:  {outs['report']}")
+        met = sample.manifest.get("metrics", {})
+        for casc in ("imagen", "unclip"):  # the demo check: do the samples follow their prompts?
+            if f"{casc}_demo_colour_accuracy" in met:
+                console.print(f"demo check ({casc}): colour accuracy {met[casc + '_demo_colour_accuracy']:.2f} "
+                              f"(chance {met[casc + '_demo_colour_chance']:.2f}), position accuracy "
+                              f"{met[casc + '_demo_position_accuracy']:.2f} over {int(met[casc + '_demo_n'])} prompts")
     if failed:
         raise typer.Exit(1)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 ANALYSIS_SIZE = 96  # samples are analysed at <= this size: colour and centroid survive, cost doesn't grow
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is "coloured"
@@ -65,6 +65,9 @@ def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
         scale = ANALYSIS_SIZE / max(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.NEAREST)
+    # A median filter removes per-pixel grain (few-step samplers, small upsamplers) that would
+    # otherwise count as "coloured" pixels of every hue; flat shapes and their colours survive it.
+    img = img.filter(ImageFilter.MedianFilter(5))
     return np.asarray(img, dtype=np.float32)
 
 
