@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -241,3 +242,18 @@ def _wrap(text: str, d: ImageDraw.ImageDraw, font, width: int) -> str:
 def write_report(uri: str, report_html: str) -> str:
     store.write_bytes_atomic(uri, report_html.encode("utf-8"))
     return uri
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    """Filesystem- and URL-safe name part: lowercase words joined by '-', cut at a word boundary."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if len(s) > max_len:
+        cut = s[: max_len + 1].rfind("-")
+        s = s[: cut if cut > 0 else max_len]
+    return s or "prompt"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

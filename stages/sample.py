@@ -18,7 +18,6 @@ fixed conditioning-augmentation level (Imagen §2.5), which it is told through `
 """
 from __future__ import annotations
 
-import io
 import re
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline import store
 from pipeline.configbase import StrictModel
 from pipeline.context import StageContext, StageFailed, StageResult
+from stages import report
 
 ROLES = ("prior", "decoder", "base", "sr256", "sr1024")
 CASCADES: dict[str, tuple[str, ...]] = {
@@ -383,24 +383,9 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
 
 
 # ----------------------------------------------------------------------------- outputs
-def slug(text: str, max_len: int = 48) -> str:
-    """Filesystem- and URL-safe name part: lowercase words joined by '-', cut at a word boundary."""
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    if len(s) > max_len:
-        cut = s[: max_len + 1].rfind("-")
-        s = s[: cut if cut > 0 else max_len]
-    return s or "prompt"
-
-
 def filename(s: Sample, images_per_prompt: int) -> str:
     k = f"_{s.k}" if images_per_prompt > 1 else ""
-    return f"{s.index:03d}_{s.cascade}{k}_{slug(s.prompt)}.png"
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return f"{s.index:03d}_{s.cascade}{k}_{report.slug(s.prompt)}.png"
 
 
 @dataclass
@@ -415,13 +400,13 @@ class SampleOutputs:
 def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_uri: str,
                   metrics_uris: dict[str, str] | None = None) -> SampleOutputs:
     """PNGs, grid.png, then report.html (last: its presence means the rest is there)."""
-    from stages import demo_check, report
+    from stages import demo_check
 
     for s in samples:
         s.uri = store.join(out_uri, filename(s, cfg.images_per_prompt))
-        store.write_bytes_atomic(s.uri, png_bytes(s.image))
+        store.write_bytes_atomic(s.uri, report.png_bytes(s.image))
     grid_uri = store.join(out_uri, "grid.png")
-    store.write_bytes_atomic(grid_uri, png_bytes(report.make_grid(samples)))
+    store.write_bytes_atomic(grid_uri, report.png_bytes(report.make_grid(samples)))
 
     checks: dict[str, Any] = {}
     lines: list[str] = []
