@@ -173,10 +173,8 @@ class LoadedModel:
 
 def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
     """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
-    from safetensors.torch import load as st_load
-
     from stages.diffusion import Diffusion
-    from stages.nets.flavors import build_network
+    from stages.final_weights import load_final
 
     final = store.join(stage_uri, "final")
     cfg_uri, w_uri = store.join(final, "config.json"), store.join(final, "model.safetensors")
@@ -190,15 +188,14 @@ def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: f
     config = store.read_json(cfg_uri)
     if config.get("role") != role:
         raise StageFailed(f"{cfg_uri}: role is {config.get('role')!r}, expected {role!r}")
-    net = build_network(role, config["flavor"], config["cond_dims"])
     try:
-        net.load_state_dict(st_load(store.read_bytes(w_uri)))
+        net, _ = load_final(final, device, config)
     except RuntimeError as e:
         raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
     diff_kw = dict(config.get("diffusion") or {})
     diff_kw["null_keys"] = NULL_KEYS[role]
     diff_kw["dynamic_percentile"] = percentile
-    return LoadedModel(role, net.to(device).eval(), Diffusion(**diff_kw), config)
+    return LoadedModel(role, net, Diffusion(**diff_kw), config)
 
 
 @dataclass
@@ -447,20 +444,25 @@ def run(cfg: SampleConfig, ctx: StageContext) -> StageResult:
         outputs={"dir": ctx.out_uri, "grid": out.grid_uri, "report": out.report_uri})
 
 
-def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen", *,
-                   guidance: float | dict[str, float] | None = None, steps: int | dict[str, int] | None = None,
-                   sampler: str = "dpmpp", seed: int = 0, out_uri: str | None = None,
-                   **overrides: Any) -> list[str]:
-    """Sample a run's cascade and write the PNGs (+ grid and report) to ``out_uri``
-    (default ``<run>/samples_cli``). Returns the image URIs in prompt order."""
-    kw: dict[str, Any] = {"cascade": cascade, "sampler": sampler, "seed": seed, **overrides}
+def _config_from_args(prompts, cascade, guidance, steps, **overrides: Any) -> SampleConfig:
+    """A SampleConfig from call/CLI arguments; unset ones keep the config's per-model defaults."""
+    kw: dict[str, Any] = {"cascade": cascade, **overrides}
     if prompts:
         kw["prompts"] = list(prompts)
     if guidance is not None:
         kw["guidance_scale"] = guidance
     if steps is not None:
         kw["steps"] = steps
-    cfg = SampleConfig(**kw)
+    return SampleConfig(**kw)
+
+
+def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen", *,
+                   guidance: float | dict[str, float] | None = None, steps: int | dict[str, int] | None = None,
+                   sampler: str = "dpmpp", seed: int = 0, out_uri: str | None = None,
+                   **overrides: Any) -> list[str]:
+    """Sample a run's cascade and write the PNGs (+ grid and report) to ``out_uri``
+    (default ``<run>/samples_cli``). Returns the image URIs in prompt order."""
+    cfg = _config_from_args(prompts, cascade, guidance, steps, sampler=sampler, seed=seed, **overrides)
     run_uri = store.normalize(run_uri)
     out_uri = store.normalize(out_uri) if out_uri else store.join(run_uri, CLI_OUT)
     samples = sample_images(cfg, run_uri)
@@ -473,14 +475,7 @@ def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str 
     """What ``t2i sample RUN --prompt ... [--cascade ...] [--guidance ...] [--steps ...] [--out ...]``
     calls: like :func:`sample_cascade`, printing progress, the grid/report URIs and the demo check
     (the CLI prints the returned image URIs itself)."""
-    kw: dict[str, Any] = {"cascade": cascade, **overrides}
-    if prompts:
-        kw["prompts"] = list(prompts)
-    if guidance is not None:
-        kw["guidance_scale"] = guidance
-    if steps is not None:
-        kw["steps"] = steps
-    cfg = SampleConfig(**kw)
+    cfg = _config_from_args(prompts, cascade, guidance, steps, **overrides)
     run_uri = store.normalize(run_uri)
     out_uri = store.normalize(out) if out else store.join(run_uri, CLI_OUT)
     samples = sample_images(cfg, run_uri, progress=print)

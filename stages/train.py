@@ -28,6 +28,7 @@ from pipeline import store
 from pipeline.context import StageContext, StageFailed, StageResult
 from stages.checkpoint import CheckpointManager
 from stages.ema import EMA
+from stages.final_weights import write_final
 from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
 from stages.optim import configure_cuda_fast_path, build_optimizer, build_scheduler, deepspeed_config, resolve_precision
 from stages.train_config import TrainConfig
@@ -410,27 +411,6 @@ LOOP_RESULT = "loop_result.json"
 
 def _save(ckpt: CheckpointManager, engine, step: int, tracker: PositionTracker, ema: EMA) -> None:
     ckpt.save(engine, step, {"data": tracker.state()}, ema.state_tensors(), ema_sharded=ema.zero3)
-
-
-def write_final(out_uri: str, weights: dict[str, torch.Tensor], config: dict) -> None:
-    """final/model.safetensors, then final/config.json (its presence means the weights are whole)."""
-    from safetensors.torch import save as st_save
-
-    body = st_save({k: v.contiguous() for k, v in weights.items()})
-    store.write_bytes_atomic(store.join(out_uri, "final", "model.safetensors"), body)
-    store.write_json(store.join(out_uri, "final", "config.json"), config)
-
-
-def load_final(uri: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(network with the EMA weights, config.json) from a stage's ``final/`` dir — no DeepSpeed."""
-    from safetensors.torch import load as st_load
-
-    from stages.nets.flavors import build_network
-
-    config = store.read_json(store.join(uri, "config.json"))
-    net = build_network(config["role"], config["flavor"], config["cond_dims"])
-    net.load_state_dict(st_load(store.read_bytes(store.join(uri, "model.safetensors"))))
-    return net.to(device).eval(), config
 
 
 # ----------------------------------------------------------------------------- sample grid

@@ -54,3 +54,27 @@ def s3_bucket(moto_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     yield f"s3://{name}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray for one test module (address='local' never joins someone else's cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """For modules of tiny tensors: intra-op threads only add overhead, and on a shared 2-core
+    machine spin-waiting OpenMP workers made such tests 10-40x slower. Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -76,7 +76,7 @@ def test_checkpoints_on_s3_resume_and_final_loads_without_deepspeed(s3_bucket, t
     code = textwrap.dedent(f"""
         import sys
         sys.modules["deepspeed"] = None  # any import of deepspeed now fails
-        from stages.train import load_final
+        from stages.final_weights import load_final
         net, config = load_final({str(local)!r})
         import torch
         x = torch.zeros(1, 3, config["image_size"], config["image_size"])

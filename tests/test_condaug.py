@@ -7,14 +7,7 @@ from stages.condaug import CondAugConfig, ConditioningAugmentation, gaussian_blu
 from stages.diffusion import Schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a shared 2-core machine
-    spin-waiting OpenMP workers made these tests 10-40x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def test_level_zero_is_exactly_the_identity():

@@ -16,14 +16,7 @@ from stages.diffusion import (Diffusion, Schedule, SCHEDULES, PREDICTIONS, targe
                               to_x0_eps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a shared 2-core machine
-    spin-waiting OpenMP workers made these tests 10-40x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def _bc(c, like):

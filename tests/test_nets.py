@@ -4,17 +4,10 @@ import pytest
 import torch
 
 from stages.diffusion import Diffusion
-from stages.nets import PriorConfig, PriorTransformer, UNet, UNetConfig, build_network, get_flavor
+from stages.nets import PriorConfig, PriorTransformer, UNetConfig, build_network, get_flavor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a shared 2-core machine
-    spin-waiting OpenMP workers made these tests 10-40x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 COND = {"t5_dim": 24, "clip_dim": 16, "clip_token_dim": 12}
 ROLES = ("prior", "decoder", "base", "sr256", "sr1024")

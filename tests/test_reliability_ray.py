@@ -22,17 +22,6 @@ from stages.train import run_stage
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def train_workers() -> list[psutil.Process]:
     out = []
     for p in psutil.Process().children(recursive=True):

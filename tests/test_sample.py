@@ -27,7 +27,7 @@ from stages.prior import PriorTrainConfig
 from stages.sample import (PromptEncoders, SampleConfig, cascade_roles, run, sample_cascade, sample_cli,
                            sample_images)
 from stages.superres import SR256TrainConfig
-from stages.train import write_final
+from stages.final_weights import write_final
 from stages.train_config import TrainConfig
 
 ROLES = ("prior", "decoder", "base", "sr256", "sr1024")

@@ -12,7 +12,8 @@ from fixtures_train import DIMS, make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
 from stages import base, decoder, prior, superres
 from stages.nets.flavors import build_network, get_flavor
-from stages.train import DistEnv, TrainJob, load_final, train_loop
+from stages.final_weights import load_final
+from stages.train import DistEnv, TrainJob, train_loop
 
 STAGES = {
     "train_prior": (prior, prior.PriorTrainConfig),

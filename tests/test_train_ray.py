@@ -17,17 +17,6 @@ from stages.train import run_stage
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def test_scaling_config_from_train_config():
     cfg = base.BaseTrainConfig(num_workers=4, cpus_per_worker=8, gpus_per_worker=1, resources={"h200": 1.0},
                                accelerator_type="H200")
