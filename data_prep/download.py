@@ -1,19 +1,15 @@
 """Download stage: a URL+caption list -> webdataset shards, with img2dataset.
 
 ``run(cfg, ctx)`` writes ``<ctx.out_uri>/shards/NNNNN.tar`` (+ img2dataset's ``NNNNN_stats.json``
-and ``NNNNN.parquet``) and ``<ctx.out_uri>/img2dataset.log``. Broken URLs, non-images and corrupt
-files are counted, never fatal; a success rate under ``min_success_rate`` stops the stage with the
-most common error strings and the worst shards in the message.
+and ``NNNNN.parquet``) and ``<ctx.out_uri>/img2dataset.log``. Broken URLs, non-images, corrupt,
+oversized and degenerate images are counted by reason (``rejected_<reason>``), never fatal; a
+success rate under ``min_success_rate``, a stage that would finish with no samples, or a tar
+holding fewer samples than img2dataset counted stops the stage with a message naming the cause.
 
-Why img2dataset runs in a child process: it installs a SIGINT handler (only legal on the main
-thread, which a stage run by a threaded runner may not be on), prints a lot (tqdm, per-shard
-lines, tracebacks of bad samples) from itself and from the processes it spawns, and imports
-torch/wandb/albumentations (whose import phones home unless NO_ALBUMENTATIONS_UPDATE is set). A
-child with its stdout/stderr sent to a log file contains all of that, and a crash in it (or an
-interrupted stage, which ends its whole process group) cannot take the caller down. In that
-child two img2dataset helpers that would each start yet another interpreter (its logger process,
-and its pool when processes_count is 1) are replaced by in-process equivalents; see
-``_trim_img2dataset``.
+The pieces: data_prep/download_config.py (the config and its validation), data_prep/url_list.py
+(reading, decoding and filtering the list into normalised parquet files), data_prep/download_child.py
+(what runs in img2dataset's process: safe, faithful decoding and a per-request deadline),
+data_prep/download_verify.py (counts by reason, tars checked against the stats).
 
 Distributors: ``multiprocessing`` by default; img2dataset's ``ray`` distributor when the runner
 says Ray is up (``ctx.ray_enabled``) and the list is not the demo (which lives on this machine's
@@ -30,162 +26,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Iterator
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from data_prep.demo_corpus import DemoCorpusConfig, serve_demo_corpus
-from data_prep.shards import list_shards, read_shard_stats, shard_id
+from data_prep.demo_corpus import serve_demo_corpus
+from data_prep.download_config import DEMO, DownloadConfig, local_path
+from data_prep.download_verify import SHARD_DIGITS, summarize
+from data_prep.url_list import UrlListError, prepare_url_list
 from pipeline import store
-from pipeline.configbase import StrictModel, TaskPlacement
 from pipeline.context import StageContext, StageFailed, StageResult
 
-DEMO = "demo"
-SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are 00000.tar, 00001.tar, ...
+__all__ = ["DEMO", "DownloadConfig", "run"]
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class DownloadConfig(TaskPlacement):
-    """The download stage: which URL list, how images are resized, how hard to try."""
-
-    # How the work is scheduled, not what it produces: changing these must not re-run the stage.
-    fingerprint_exclude: ClassVar[tuple[str, ...]] = ("processes_count", "thread_count", "resources")
-
-    url_list: str = Field(
-        DEMO,
-        description="Path or URI (file://, s3://, gs://) of a parquet or csv URL list, or a folder of them; "
-        "or 'demo': generate the synthetic demo corpus and serve it on 127.0.0.1 while the stage runs.",
-    )
-    input_format: Literal["parquet", "csv"] | None = Field(
-        None, validate_default=True,
-        description="Format of url_list; inferred from its extension (or a folder's files) when omitted.",
-    )
-    url_col: str = Field("url", min_length=1, description="Column holding the image URL.")
-    caption_col: str = Field("caption", min_length=1, description="Column holding the caption.")
-    image_size: int = Field(256, gt=0, description="Side of the stored images (square unless resize_mode is keep_ratio/no).")
-    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = Field(
-        "center_crop",
-        description="center_crop: shorter side to image_size then crop the centre; border: longer side to "
-        "image_size then pad with white; keep_ratio: shorter side to image_size; no: keep as is.",
-    )
-    min_image_size: int = Field(0, ge=0, description="Drop images whose shorter side is below this (pixels).")
-    max_aspect_ratio: float | None = Field(
-        None, ge=1.0, description="Drop images whose long/short side ratio exceeds this; null = no limit."
-    )
-    number_sample_per_shard: int = Field(
-        10000, gt=0,
-        description="URL rows per output shard. Sample keys are 5 + ceil(log10(this)) digits "
-        "(shard id, then index in the shard): 9 digits for 1001..10000.",
-    )
-    processes_count: int = Field(1, gt=0, description="Download processes (multiprocessing distributor).")
-    thread_count: int = Field(16, gt=0, description="Download threads per process.")
-    timeout: int = Field(10, gt=0, description="Per-request timeout, seconds.")
-    retries: int = Field(0, ge=0, description="Extra attempts per failed URL.")
-    min_success_rate: float = Field(
-        0.5, ge=0.0, le=1.0,
-        description="Fail the stage when fewer than this fraction of rows became samples.",
-    )
-    demo: DemoCorpusConfig = Field(
-        default_factory=DemoCorpusConfig, description="The synthetic corpus, used only when url_list is 'demo'."
-    )
-
-    @field_validator("url_list")
-    @classmethod
-    def _url_list_exists(cls, v: str) -> str:
-        v = v.strip()
-        if v == DEMO:
-            return v
-        if not v:
-            raise ValueError("url_list is empty; give a parquet/csv path or URI, or 'demo'")
-        local = _local_path(v)
-        if local is not None and not os.path.exists(local):
-            raise ValueError(f"url_list file {local!r} does not exist (give a parquet/csv path or URI, or 'demo')")
-        return v
-
-    @field_validator("input_format")
-    @classmethod
-    def _infer_format(cls, v: str | None, info: ValidationInfo) -> str | None:
-        url_list = info.data.get("url_list")
-        if v is not None or url_list is None or url_list == DEMO:
-            return v
-        inferred = _infer_input_format(url_list)
-        if inferred is None:
-            raise ValueError(f"cannot infer input_format from url_list {url_list!r}; set it to 'parquet' or 'csv'")
-        return inferred
-
-    @model_validator(mode="after")
-    def _columns_present(self) -> "DownloadConfig":
-        # Only for local files: checking a remote list here would need credentials at validation time.
-        if self.url_list == DEMO:
-            return self
-        local = _local_path(self.url_list)
-        if local is None or not os.path.isfile(local):
-            return self
-        cols = _columns_of(local, self.input_format)
-        for name, col in (("url_col", self.url_col), ("caption_col", self.caption_col)):
-            if col not in cols:
-                raise ValueError(f"{name}: column {col!r} not found in url_list {local!r}; its columns are {cols}")
-        return self
-
-
-def _local_path(uri: str) -> str | None:
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return None if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
-def _infer_input_format(uri: str) -> str | None:
-    lower = uri.lower().rstrip("/")
-    for fmt in ("parquet", "csv"):
-        if lower.endswith("." + fmt):
-            return fmt
-    local = _local_path(uri)
-    if local is not None and os.path.isdir(local):
-        names = os.listdir(local)
-        for fmt in ("parquet", "csv"):
-            if any(n.endswith("." + fmt) for n in names):
-                return fmt
-    return None
-
-
-def _columns_of(path: str, fmt: str | None) -> list[str]:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    try:
-        if fmt == "parquet":
-            return list(pq.read_schema(path).names)
-        with pacsv.open_csv(path) as reader:
-            return list(reader.schema.names)
-    except Exception as e:  # pyarrow's messages do not name the file
-        raise ValueError(f"url_list {path!r} is not a readable {fmt} file: {e}") from e
-
-
-def _rows_per_shard(url_list: str, fmt: str, per_shard: int) -> list[int]:
-    """Rows of each shard img2dataset will write: it reads the list (or a folder's ``*.{fmt}`` files,
-    sorted) file by file, cutting each into ``per_shard``-row shards with consecutive ids."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    fs, path = store.fs_and_path(url_list if "://" in url_list else store.normalize(url_list))
-    files = sorted(fs.glob(path.rstrip("/") + f"/*.{fmt}")) if fs.isdir(path) else [path]
-    out: list[int] = []
-    for p in files:
-        try:
-            with fs.open(p, "rb") as f:
-                n = pq.ParquetFile(f).metadata.num_rows if fmt == "parquet" else pacsv.read_csv(f).num_rows
-        except Exception as e:  # pyarrow's messages do not name the file
-            raise StageFailed(f"download: cannot read url_list file {p!r} as {fmt}: {e}") from e
-        out += [min(per_shard, n - i * per_shard) for i in range(math.ceil(n / per_shard))]
-    return out
+# A shard that has not finished this long after the previous one did is named in the progress.
+_STUCK_AFTER_S = 30.0
 
 
 @contextlib.contextmanager
@@ -222,89 +82,39 @@ def _ray_address(cfg: DownloadConfig, ctx: StageContext) -> str | None:
     return ray.get_runtime_context().gcs_address
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(cfg: DownloadConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI at import otherwise
     env["WANDB_MODE"] = "disabled"
     env["WANDB_SILENT"] = "true"
     env["TQDM_DISABLE"] = "1"
+    # OpenCV reads its own pixel limit at import; nothing should reach cv2.imdecode past ours, but
+    # if anything does (a future img2dataset path), OpenCV refuses it too.
+    env["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels or 2 ** 30)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     return env
 
 
-def _child_main() -> None:
-    """Entry point of the child process: ``python -c '...; _child_main()' args.json``."""
-    with open(sys.argv[1]) as f:
-        args = json.load(f)
-    if args.get("ray_address"):
-        import ray
-
-        # Connect to the runner's cluster as a second driver; img2dataset's ray_distributor then
-        # submits one task per shard (it ignores processes_count: parallelism is the cluster's).
-        ray.init(address=args["ray_address"], runtime_env={"env_vars": args["worker_env"]})
-    import img2dataset  # noqa: F401  (its __init__ rebinds the name ``img2dataset.main`` to a function)
-
-    i2d = sys.modules["img2dataset.main"]
-    _trim_img2dataset(i2d, processes_count=args["kwargs"]["processes_count"])
-    i2d.download(**args["kwargs"])
-
-
-class _NoLogger:
-    """Stands in for img2dataset's LoggerProcess, a spawned process (a second torch import,
-    seconds of CPU) that only prints running totals and feeds wandb; run() reads the per-shard
-    stats files itself."""
-
-    def __init__(self, *args, **kwargs):
-        self.done_shards: set[int] = set()
-
-    def start(self) -> None:
-        pass
-
-    def join(self, timeout: float | None = None) -> None:
-        pass
-
-    def terminate(self) -> None:
-        pass
-
-
-def _inline_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry):
-    """img2dataset's multiprocessing distributor minus the pool, for processes_count == 1: this
-    child is already the isolated process, and a one-worker pool would only cost another
-    interpreter start. Same contract: downloader(row) -> (ok, row); failed shards retried."""
-    failed = [row for row in reader if not downloader(row)[0]]
-    for _ in range(max_shard_retry):
-        if not failed:
-            break
-        failed = [row for ok, row in map(downloader, failed) if not ok]
-
-
-def _trim_img2dataset(i2d, processes_count: int) -> None:
-    # download() looks both names up in img2dataset.main's globals at call time. If a future
-    # img2dataset renames them, nothing is patched and the stock (slower) behaviour remains.
-    if hasattr(i2d, "LoggerProcess"):
-        i2d.LoggerProcess = _NoLogger
-    if processes_count == 1 and hasattr(i2d, "multiprocessing_distributor"):
-        i2d.multiprocessing_distributor = _inline_distributor
-
-
-def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, input_format: str, shards_uri: str,
-                        distributor: str) -> dict[str, Any]:
+def _img2dataset_kwargs(cfg: DownloadConfig, list_folder: str, shards_uri: str, distributor: str) -> dict[str, Any]:
     out = shards_uri if store.scheme_of(shards_uri) != "file" else store.local_path(shards_uri)
     return dict(
-        url_list=_local_path(url_list) or url_list,
+        url_list=list_folder,
         output_folder=out,
-        input_format=input_format,
-        url_col=cfg.url_col,
-        caption_col=cfg.caption_col,
+        input_format="parquet",  # data_prep.url_list wrote every list, whatever its format, as parquet
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=list(cfg.save_additional_columns) or None,
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
         min_image_size=cfg.min_image_size,
         max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else float("inf"),
+        max_image_area=float(cfg.max_image_pixels) if cfg.max_image_pixels is not None else float("inf"),
         number_sample_per_shard=cfg.number_sample_per_shard,
         processes_count=cfg.processes_count,
         thread_count=cfg.thread_count,
         timeout=cfg.timeout,
         retries=cfg.retries,
+        disallowed_header_directives=list(cfg.disallowed_header_directives),
         output_format="webdataset",
         encode_format="jpg",
         oom_shard_count=SHARD_DIGITS,
@@ -318,37 +128,60 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, input_format: str, s
     )
 
 
-def _run_child(kwargs: dict[str, Any], ray_address: str | None, shards_uri: str, num_shards: int,
-               log_path: str, ctx: StageContext) -> int:
-    env = _child_env()
+def _decode_settings(cfg: DownloadConfig) -> dict[str, Any]:
+    """Keyword arguments of data_prep.image_decode.decode_bgr_array in the child."""
+    return {"max_pixels": cfg.max_image_pixels, "min_side": cfg.min_image_size,
+            "max_aspect_ratio": cfg.max_aspect_ratio, "background": list(cfg.alpha_background)}
+
+
+def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | None, shards_uri: str,
+               num_shards: int, log_path: str, ctx: StageContext) -> int:
+    env = _child_env(cfg)
     args_path = log_path + ".args.json"
-    worker_env = {k: env[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE", "WANDB_SILENT", "TQDM_DISABLE")}
+    worker_env = {k: env[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE", "WANDB_SILENT", "TQDM_DISABLE",
+                                      "OPENCV_IO_MAX_IMAGE_PIXELS")}
+    # Ray tasks unpickle data_prep.download_child.SafeDownloader: this checkout must be importable there.
+    worker_env["PYTHONPATH"] = _REPO_ROOT + os.pathsep + "${PYTHONPATH}"
     with open(args_path, "w") as f:
-        json.dump({"kwargs": kwargs, "ray_address": ray_address, "worker_env": worker_env}, f)
-    cmd = [sys.executable, "-c", "from data_prep.download import _child_main; _child_main()", args_path]
+        json.dump({"kwargs": kwargs, "ray_address": ray_address, "worker_env": worker_env,
+                   "decode": _decode_settings(cfg), "request_deadline": cfg.request_deadline}, f)
+    cmd = [sys.executable, "-c", "from data_prep.download_child import child_main; child_main()", args_path]
     with open(log_path, "wb") as log:
         # A session of its own, so the pool and logger processes img2dataset spawns can be ended
         # together (by this child's process-group id) if the stage is interrupted.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=_REPO_ROOT, start_new_session=True)
         try:
-            done_before, last_check = -1, time.monotonic()
-            while True:
-                try:
-                    return proc.wait(timeout=0.25)
-                except subprocess.TimeoutExpired:
-                    pass
-                if time.monotonic() - last_check >= 2.0:  # listing an object store is not free
-                    last_check = time.monotonic()
-                    done = len(store.glob(store.join(shards_uri, "*_stats.json")))
-                    if done != done_before:
-                        ctx.progress(f"download: {done}/{num_shards} shards done")
-                        done_before = done
+            return _wait_with_progress(proc, shards_uri, num_shards, ctx)
         finally:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 15)
                 proc.wait()
+
+
+def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, num_shards: int, ctx: StageContext) -> int:
+    """Wait for the child, reporting shards as they finish and naming the ones that stall."""
+    done_before, last_check = -1, time.monotonic()
+    last_change, last_stuck_note = time.monotonic(), time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - last_check < 2.0:  # listing an object store is not free
+            continue
+        last_check = now
+        done_ids = {os.path.basename(u)[:SHARD_DIGITS] for u in store.glob(store.join(shards_uri, "*_stats.json"))}
+        if len(done_ids) != done_before:
+            ctx.progress(f"download: {len(done_ids)}/{num_shards} shards done")
+            done_before, last_change = len(done_ids), now
+        elif now - last_change > _STUCK_AFTER_S and now - last_stuck_note > _STUCK_AFTER_S:
+            pending = [f"{i:0{SHARD_DIGITS}d}" for i in range(num_shards) if f"{i:0{SHARD_DIGITS}d}" not in done_ids]
+            shown = ", ".join(pending[:8]) + (f" (+{len(pending) - 8} more)" if len(pending) > 8 else "")
+            ctx.progress(f"download: no shard finished for {now - last_change:.0f} s; still running or queued: {shown}")
+            last_stuck_note = now
 
 
 def _tail(path: str, n: int = 4000) -> str:
@@ -362,71 +195,48 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
     shards_uri = store.join(ctx.out_uri, "shards")
     with tempfile.TemporaryDirectory(prefix="t2i-download-") as tmp, _resolved_url_list(cfg, ctx) as url_list:
         input_format = cfg.input_format or "parquet"  # demo corpus is parquet; otherwise set by validation
-        rows_per_shard = _rows_per_shard(url_list, input_format, cfg.number_sample_per_shard)
+        try:
+            prepared = prepare_url_list(cfg, local_path(url_list) or url_list, input_format,
+                                        os.path.join(tmp, "list"))
+        except UrlListError as e:
+            raise StageFailed(f"download: {e}") from e
+        rows_per_shard = prepared.rows_per_shard
         num_rows = sum(rows_per_shard)
+        lc = prepared.counts
         if num_rows == 0:
-            raise StageFailed(f"download: url_list {cfg.url_list!r} has no rows")
+            dropped = ", ".join(f"{k} {v}" for k, v in lc.items() if v and k != "rows_in_list")
+            raise StageFailed(f"download: url_list {cfg.url_list!r} has no rows to download "
+                              f"({lc['rows_in_list']} rows in the list{'; dropped: ' + dropped if dropped else ''})")
         ray_address = _ray_address(cfg, ctx)
         distributor = "ray" if ray_address else "multiprocessing"
-        kwargs = _img2dataset_kwargs(cfg, url_list, input_format, shards_uri, distributor)
+        kwargs = _img2dataset_kwargs(cfg, prepared.folder, shards_uri, distributor)
         log_path = os.path.join(tmp, "img2dataset.log")
         # The runner clears a stage dir before a re-run; this makes a direct call just as safe:
         # a half-finished earlier attempt can never be mistaken for done shards.
         store.remove(shards_uri)
-        ctx.progress(f"download: {num_rows} rows -> {len(rows_per_shard)} shards with img2dataset ({distributor})")
+        filtered = sum(v for k, v in lc.items() if k.startswith("filtered_"))
+        ctx.progress(f"download: {num_rows} rows ({filtered} filtered out of {lc['rows_in_list']}) -> "
+                     f"{len(rows_per_shard)} shards with img2dataset ({distributor})")
         t0 = time.time()
         try:
-            rc = _run_child(kwargs, ray_address, shards_uri, len(rows_per_shard), log_path, ctx)
+            rc = _run_child(cfg, kwargs, ray_address, shards_uri, len(rows_per_shard), log_path, ctx)
         finally:
             with contextlib.suppress(Exception):
                 with open(log_path, "rb") as f:
                     store.write_bytes_atomic(store.join(ctx.out_uri, "img2dataset.log"), f.read())
         elapsed = time.time() - t0
+        log_tail = _tail(log_path, 20000)
         if rc != 0:
-            raise StageFailed(f"download: img2dataset exited with status {rc}; end of its log:\n{_tail(log_path)}")
+            raise StageFailed(f"download: img2dataset exited with status {rc}; end of its log:\n{log_tail[-4000:]}")
     store.remove(store.join(shards_uri, "_tmp"))  # img2dataset's scratch copies of the URL list
-    result = _summarize(cfg, shards_uri, rows_per_shard, elapsed)
+    result = summarize(shards_uri, rows_per_shard, cfg.min_success_rate, elapsed, log_tail, lc)
     c = result.counts
-    ctx.progress(f"download: {c['successes']}/{c['total']} rows became samples in {c['shards']} shards "
-                 f"({c['failed_to_download']} failed to download, {c['failed_to_resize']} failed to decode/resize)")
+    reasons = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in c.items() if k.startswith("rejected_") and v)
+    ctx.progress(f"download: {c['successes']}/{c['total']} rows became samples in {c['shards']} shards"
+                 + (f"; rejected: {reasons}" if reasons else ""))
     return result
 
 
 def _summarize(cfg: DownloadConfig, shards_uri: str, rows_per_shard: list[int], elapsed: float) -> StageResult:
-    stats = read_shard_stats(shards_uri)
-    tars = {shard_id(u) for u in list_shards(shards_uri)}
-    expected = [f"{i:0{SHARD_DIGITS}d}" for i in range(len(rows_per_shard))]
-    # A shard with no stats file (or no tar) never finished: its partial files must not look like
-    # output, and all its rows count as failures.
-    failed_shards = [s for s in expected if s not in stats or s not in tars]
-    for s in failed_shards:
-        for ext in (".tar", ".parquet", "_stats.json"):
-            store.remove(store.join(shards_uri, s + ext))
-    good = {s: st for s, st in stats.items() if s not in failed_shards}
-    counts = {
-        "total": sum(rows_per_shard),
-        "successes": sum(int(st["successes"]) for st in good.values()),
-        "failed_to_download": sum(int(st["failed_to_download"]) for st in good.values()),
-        "failed_to_resize": sum(int(st["failed_to_resize"]) for st in good.values()),
-        "rows_in_failed_shards": sum(rows_per_shard[int(s)] for s in failed_shards),
-        "shards": len(good),
-        "failed_shards": len(failed_shards),
-    }
-    rate = counts["successes"] / counts["total"]
-    metrics = {"success_rate": rate, "images_per_s": counts["total"] / max(elapsed, 1e-9),
-               "download_seconds": elapsed}
-    if rate < cfg.min_success_rate:
-        errors: Counter[str] = Counter()
-        for st in good.values():
-            errors.update({k: v for k, v in st.get("status_dict", {}).items() if k != "success"})
-        top = "; ".join(f"{msg!r} x{n}" for msg, n in errors.most_common(5)) or "none recorded"
-        worst = sorted(good.items(), key=lambda kv: kv[1]["successes"] / max(1, kv[1]["count"]))[:3]
-        worst_s = ", ".join(f"{s} ({st['successes']}/{st['count']} ok)" for s, st in worst)
-        msg = (f"download: success rate {rate:.1%} ({counts['successes']}/{counts['total']} rows) is below "
-               f"min_success_rate {cfg.min_success_rate:.1%}. Most common errors: {top}.")
-        if worst_s:
-            msg += f" Worst shards: {worst_s}."
-        if failed_shards:
-            msg += f" Shards that did not finish (see img2dataset.log): {', '.join(failed_shards)}."
-        raise StageFailed(msg)
-    return StageResult(counts=counts, metrics=metrics, outputs={"shards": shards_uri})
+    """summarize() with the thresholds of ``cfg`` (kept for callers of the earlier name)."""
+    return summarize(shards_uri, rows_per_shard, cfg.min_success_rate, elapsed)

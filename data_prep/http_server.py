@@ -11,26 +11,64 @@ import functools
 import http.server
 import os
 import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Route:
+    """A canned response for one path (tests of what real servers do): extra headers such as
+    ``X-Robots-Tag: noai``, or a body trickled one byte every ``trickle_s`` seconds."""
+
+    body: bytes
+    content_type: str = "application/octet-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    trickle_s: float | None = None
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    routes: dict[str, Route] = {}
+
     def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
         pass  # one line per request on stderr would drown the stage's output
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        route = self.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Type", route.content_type)
+        self.send_header("Content-Length", str(len(route.body)))
+        for k, v in route.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        try:
+            if route.trickle_s is None:
+                self.wfile.write(route.body)
+                return
+            for i in range(len(route.body)):
+                self.wfile.write(route.body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(route.trickle_s)  # the slow server under test, not a wait for a result
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its deadline): what a trickle route is for
 
 
 class DemoHTTPServer:
     """``with DemoHTTPServer(root) as srv: srv.url("images/000000.jpg")``.
 
     Missing files answer 404; the content type follows the file extension (so an HTML page named
-    ``.jpg`` is served as ``image/jpeg``, as misconfigured real servers do).
+    ``.jpg`` is served as ``image/jpeg``, as misconfigured real servers do). ``routes`` maps a
+    path (``"/slow.jpg"``) to a canned :class:`Route`.
     """
 
-    def __init__(self, root: str, host: str = "127.0.0.1"):
+    def __init__(self, root: str, host: str = "127.0.0.1", routes: dict[str, Route] | None = None):
         if host != "127.0.0.1":  # ThreadingHTTPServer is IPv4; loopback only by design
             raise ValueError(f"DemoHTTPServer binds 127.0.0.1 only; got host={host!r}")
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         self.host = host
+        self.routes: dict[str, Route] = dict(routes or {})  # "/path" -> Route; add before or while running
         self._httpd: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -50,7 +88,8 @@ class DemoHTTPServer:
     def start(self) -> "DemoHTTPServer":
         if self._httpd is not None:
             return self
-        handler = functools.partial(_QuietHandler, directory=self.root)
+        cls = type("_Handler", (_QuietHandler,), {"routes": self.routes})  # this server's routes only
+        handler = functools.partial(cls, directory=self.root)
         httpd = http.server.ThreadingHTTPServer((self.host, 0), handler)  # port 0: the OS picks a free one
         httpd.daemon_threads = True
         self._httpd = httpd

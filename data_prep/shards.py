@@ -152,3 +152,22 @@ def count_samples(uri: str) -> int:
         for _ in iter_shard(u):
             total += 1
     return total
+
+
+def count_tar_samples(uri: str) -> int:
+    """Samples (distinct keys with an image member) in one ``.tar``, from its member headers only:
+    the tar is opened seekable, so image bytes are skipped, not read (the download stage checks
+    every shard it wrote against img2dataset's stats this way). Raises ShardCorruptError."""
+    keys: set[str] = set()
+    try:
+        with store.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = _split_name(member.name)
+                    if ext in IMAGE_EXTS:
+                        keys.add(key)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ShardCorruptError(f"shard {uri} is truncated or corrupt: {type(e).__name__}: {e}") from e
+    return len(keys)

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from data_prep.embed_format import EmbeddingShard, read_embedding_shard
+from data_prep.image_decode import decode_rgb
 from pipeline import store
 
 
@@ -91,12 +92,16 @@ def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[i
 
 
 def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Decode, resize the short side to ``size``, random square crop, random flip -> uint8 [3,H,W]."""
-    img = Image.open(io.BytesIO(data))
+    """Decode, resize the short side to ``size``, random square crop, random flip -> uint8 [3,H,W].
+
+    Decoding is data_prep.image_decode's (pixel limit from the header before decoding, 16-bit
+    scaled, EXIF orientation, alpha on white, first frame), the same as the download stage's, so a
+    shard written by another tool is read as faithfully and as safely; it raises ImageRejected
+    (a ValueError), which the caller skips and counts.
+    """
     # JPEG can decode at 1/2, 1/4, 1/8 scale directly (never below the requested size): a 64px
     # stage reading 1024px shards decodes ~2.4x faster this way (docs/performance.md).
-    img.draft("RGB", (size, size))
-    img = img.convert("RGB")
+    img = decode_rgb(data, draft=(size, size))
     w, h = img.size
     scale = size / min(w, h)
     if scale != 1.0:

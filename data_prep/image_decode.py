@@ -1,0 +1,186 @@
+"""One image decoder for every process that turns downloaded bytes into pixels.
+
+Safe by default: the pixel count, the shorter side and the aspect ratio are read from the
+image *header* (Pillow's ``Image.open`` is lazy) and checked before a single pixel is decoded,
+so a 20000x20000 PNG of a few hundred KB costs microseconds, not 1.6 GB and seconds. Faithful:
+
+* high bit depth (16-bit grey/RGB PNG, 32-bit int/float TIFF) is scaled to 8 bits, not clipped
+  to white as a plain ``convert("RGB")`` of an ``I`` image (or a uint16 array JPEG-encoded) does;
+* the EXIF orientation tag is applied, so a phone photo stands upright;
+* transparency (alpha, palette or ``tRNS``) is composited on a configurable background colour;
+* an animated GIF/WebP/APNG gives its first frame.
+
+Used by the download stage (installed into img2dataset's resizer in its child process, see
+data_prep/download_child.py), and by the training loader (stages/loader.py). Rejections raise
+:class:`ImageRejected` whose message starts with a stable reason phrase (``REASONS``), which is how
+the download stage counts rejections by reason from img2dataset's per-shard error strings.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+# About Pillow's own default (89,478,485 = 2^30 / 12, a 9459x9459 image): 256 MB of RGB.
+DEFAULT_MAX_PIXELS = 90_000_000
+# Decoded only after the header check; Pillow's global limit is then only a second line of defence
+# (it warns above MAX_IMAGE_PIXELS and refuses above twice that).
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
+
+# Message prefixes (the first words of an ImageRejected) -> reason counted by the download stage.
+# "image too small" and "aspect ratio too large" are also img2dataset's own strings.
+TOO_LARGE = "image too large"
+TOO_SMALL = "image too small"
+BAD_ASPECT = "aspect ratio too large"
+UNDECODABLE = "Image decoding error"
+REASONS = {TOO_LARGE: "too_large", TOO_SMALL: "too_small", BAD_ASPECT: "aspect_ratio", UNDECODABLE: "undecodable"}
+
+
+class ImageRejected(ValueError):
+    """Bytes that must not become a training image; ``reason`` is a key of the stage's counts."""
+
+    def __init__(self, prefix: str, detail: str = ""):
+        super().__init__(f"{prefix}: {detail}" if detail else prefix)
+        self.reason = REASONS[prefix]
+
+
+def header_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as declared by the header; nothing decoded yet."""
+    return img.size
+
+
+def check_size(w: int, h: int, max_pixels: int | None, min_side: int = 0,
+               max_aspect_ratio: float | None = None) -> None:
+    """Raise ImageRejected for a declared size the stage must not decode or keep."""
+    if w <= 0 or h <= 0:
+        raise ImageRejected(UNDECODABLE, f"header declares {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageRejected(TOO_LARGE, f"{w}x{h} = {w * h / 1e6:.1f} MP exceeds max_image_pixels "
+                                       f"{max_pixels / 1e6:.1f} MP")
+    if min(w, h) < min_side:
+        raise ImageRejected(TOO_SMALL, f"{w}x{h}, shorter side under min_image_size {min_side}")
+    if max_aspect_ratio is not None and math.isfinite(max_aspect_ratio) and max(w, h) / min(w, h) > max_aspect_ratio:
+        raise ImageRejected(BAD_ASPECT, f"{w}x{h} exceeds max_aspect_ratio {max_aspect_ratio:g}")
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that undoes it (same table as ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not cost the image: treat as upright
+        return 1
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth single-channel modes -> 'L' by scaling, keeping the full range."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.uint32)  # I;16 / I;16B / I;16L: 0..65535
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if mode == "F" and np.nanmax(a, initial=0.0) <= 1.0:
+            top = 1.0  # float images are conventionally 0..1
+        elif np.nanmax(a, initial=0.0) <= 65535:
+            top = 65535.0 if np.nanmax(a, initial=0.0) > 255 else 255.0  # 16-bit PNG/TIFF read as 'I'
+        else:
+            top = float(np.nanmax(a))
+        a = np.nan_to_num(a / top * 255.0, nan=0.0)
+        return Image.fromarray(np.rint(a.clip(0, 255)).astype(np.uint8), "L")
+    return img
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _composite(img: Image.Image, background: Sequence[int]) -> Image.Image:
+    rgba = img.convert("RGBA")
+    if rgba.mode != "RGBA":  # RGBa/La (premultiplied) convert through RGBA as well
+        rgba = rgba.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (*[int(c) for c in background], 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def open_checked(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 0,
+                 max_aspect_ratio: float | None = None) -> Image.Image:
+    """Image.open + the header checks; raises ImageRejected. Nothing is decoded yet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ImageRejected(TOO_LARGE, str(e)) from e
+        except Exception as e:  # not an image Pillow knows (HTML, empty, garbage)
+            raise ImageRejected(UNDECODABLE, f"{type(e).__name__}: {e}") from e
+    w, h = header_size(img)
+    check_size(w, h, max_pixels, min_side, max_aspect_ratio)
+    return img
+
+
+def decode_rgb(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 0,
+               max_aspect_ratio: float | None = None, background: Sequence[int] = (255, 255, 255),
+               draft: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes -> an upright 8-bit RGB PIL image (first frame), or ImageRejected.
+
+    ``draft`` lets a JPEG decode directly at 1/2..1/8 scale, never below that size (the loader
+    asks for its crop size). EXIF orientation swaps width and height, which leaves the shorter
+    side and the aspect ratio unchanged, so the header checks hold for the upright image too.
+    """
+    img = open_checked(data, max_pixels, min_side, max_aspect_ratio)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's "palette with transparency" and EXIF warnings
+            orientation = _orientation(img)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animations: the first frame (what a browser shows before playing)
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
+            img.load()
+            img = _to_8bit(img)
+            if _has_alpha(img):
+                img = _composite(img, background)
+            elif img.mode != "RGB":
+                img = img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+            if orientation in _ORIENTATION:
+                img = img.transpose(_ORIENTATION[orientation])
+    except ImageRejected:
+        raise
+    except Exception as e:  # truncated data, bad CRC, unsupported mode, decoder errors
+        raise ImageRejected(UNDECODABLE, f"{type(e).__name__}: {e}") from e
+    return img
+
+
+def decode_bgr_array(data: bytes, **kw) -> np.ndarray:
+    """decode_rgb as OpenCV's HxWx3 uint8 BGR array (what img2dataset's resizer works on)."""
+    arr = np.asarray(decode_rgb(data, **kw), dtype=np.uint8)
+    return np.ascontiguousarray(arr[:, :, ::-1])
+
+
+def reason_of(error: str) -> str:
+    """Reason key for an ImageRejected message (also img2dataset's own resizer strings)."""
+    for prefix, reason in REASONS.items():
+        if error.startswith(prefix):
+            return reason
+    if error == "image area too large":  # img2dataset's max_image_area, after decoding
+        return "too_large"
+    return "undecodable"
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageRejected", "check_size", "decode_bgr_array", "decode_rgb",
+           "open_checked", "reason_of"]

@@ -1,0 +1,149 @@
+"""data_prep.image_decode: safe (header checks before decoding) and faithful (16-bit, EXIF, alpha,
+first frame) decoding, each format checked against its ground-truth pixels by correlation.
+
+The image generators here are also used by tests/test_download_realworld.py (through the real
+img2dataset path): every "odd but real" file is built from a known RGB array, so the test knows
+exactly what the stored pixels must look like.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.image_decode import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb
+
+W, H = 64, 48
+BACKGROUND = (0, 128, 255)  # a non-white background, so compositing on it is visible
+
+
+def truth_rgb(w: int = W, h: int = H) -> np.ndarray:
+    """A smooth, asymmetric RGB pattern (orientation and channel mistakes change it a lot)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 255 * x / (w - 1)
+    g = 255 * y / (h - 1)
+    b = 127.5 + 127.5 * np.sin(x / w * 2 * np.pi) * np.cos(y / h * np.pi)
+    return np.stack([r, g, b], -1).round().clip(0, 255).astype(np.uint8)
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_gray(w: int, h: int, value: int = 0) -> bytes:
+    """A valid 8-bit grey PNG of any size, written row by row (a 100 MP one is ~100 KB)."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" + bytes([value]) * w
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def faithful_cases() -> dict[str, tuple[bytes, np.ndarray]]:
+    """name -> (file bytes, the RGB pixels a faithful decoder must produce, composited on BACKGROUND)."""
+    import cv2
+
+    rgb = truth_rgb()
+    gray = rgb.mean(-1).round().astype(np.uint8)
+    out: dict[str, tuple[bytes, np.ndarray]] = {}
+    out["jpeg"] = (_save(Image.fromarray(rgb), "JPEG", quality=95), rgb)
+    # EXIF orientation 6 = "rotate 90 deg clockwise to display": store the CCW-rotated pixels.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out["jpeg_exif_rotated"] = (_save(Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90), "JPEG",
+                                      quality=95, exif=exif.tobytes()), rgb)
+    # 16-bit grey with real information in the high byte; low byte noise must not matter.
+    g16 = gray.astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 200, gray.shape).astype(np.uint16)
+    out["png16_gray"] = (_save(Image.fromarray(g16), "PNG"), np.repeat(gray[..., None], 3, -1))
+    out["tiff16_gray"] = (_save(Image.fromarray(g16), "TIFF"), np.repeat(gray[..., None], 3, -1))
+    ok, png48 = cv2.imencode(".png", (rgb[..., ::-1].astype(np.uint16) * 257))  # 16 bits per channel
+    assert ok
+    out["png16_rgb"] = (png48.tobytes(), rgb)
+    alpha = np.linspace(0, 255, W)[None, :].repeat(H, 0).round().astype(np.uint8)
+    a = alpha[..., None] / 255.0
+    comp = (rgb * a + np.array(BACKGROUND) * (1 - a)).round().astype(np.uint8)
+    out["png_rgba"] = (_save(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), comp)
+    # Palette image whose index 0 is transparent (tRNS): the left third shows the background.
+    pal = np.zeros((H, W), np.uint8)
+    pal[:, W // 3:] = 1 + (np.arange(W - W // 3)[None, :] * 200 // (W - W // 3)).astype(np.uint8)
+    p = Image.fromarray(pal, "P")
+    p.putpalette([0, 0, 0] + [v for i in range(255) for v in (i, 255 - i, 128)])
+    lut = np.array([BACKGROUND] + [(i, 255 - i, 128) for i in range(255)], np.uint8)
+    out["png_palette_transparent"] = (_save(p, "PNG", transparency=0), lut[pal])
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    out["gif_animated"] = (_save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+                           rgb)
+    out["jpeg_cmyk"] = (_save(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95), rgb)
+    out["webp"] = (_save(Image.fromarray(rgb), "WEBP", quality=95), rgb)
+    out["jpeg_gray"] = (_save(Image.fromarray(gray, "L"), "JPEG", quality=95), np.repeat(gray[..., None], 3, -1))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(faithful_cases()))
+def test_decodes_faithfully_per_format(name):
+    data, want = faithful_cases()[name]
+    got = np.asarray(decode_rgb(data, background=BACKGROUND))
+    assert got.dtype == np.uint8 and got.shape == want.shape, (name, got.shape)
+    c = corr(got, want)
+    assert c > 0.98, (name, c)
+    # The per-channel mean is right too (a white or black image can still correlate by luck).
+    assert np.abs(got.astype(float).mean((0, 1)) - want.astype(float).mean((0, 1))).max() < 12, name
+
+
+def test_the_bugs_this_fixes_are_real():
+    """Pillow's plain path gives what the issue saw: 16-bit white, EXIF ignored, alpha dropped."""
+    cases = faithful_cases()
+    plain = np.asarray(Image.open(io.BytesIO(cases["png16_gray"][0])).convert("RGB"))
+    assert plain.min() == 255  # clipped to white
+    data, want = cases["jpeg_exif_rotated"]
+    assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).shape != want.shape
+    gif = np.asarray(decode_rgb(cases["gif_animated"][0]))
+    assert corr(gif, 255 - truth_rgb()) < -0.9  # the first frame, not the second
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    big = png_gray(10_000, 10_000)  # 100 MP, valid, ~100 KB
+    assert len(big) < 300_000
+    t0 = time.perf_counter()
+    with pytest.raises(ImageRejected, match=r"image too large: 10000x10000 = 100.0 MP exceeds") as e:
+        decode_rgb(big)
+    assert e.value.reason == "too_large"
+    assert time.perf_counter() - t0 < 0.5  # decoding it would take ~1 s and 100 MB
+    assert DEFAULT_MAX_PIXELS == 90_000_000
+    assert decode_rgb(big, max_pixels=None, draft=None).size == (10_000, 10_000)  # the limit is the only guard
+
+
+@pytest.mark.parametrize("size,kw,reason", [
+    ((1, 1), {"min_side": 32}, "too_small"),
+    ((8000, 10), {"min_side": 32, "max_aspect_ratio": 4.0}, "too_small"),
+    ((400, 40), {"min_side": 32, "max_aspect_ratio": 4.0}, "aspect_ratio"),
+])
+def test_degenerate_sizes_are_rejected_by_reason(size, kw, reason):
+    with pytest.raises(ImageRejected) as e:
+        decode_rgb(png_gray(*size), **kw)
+    assert e.value.reason == reason
+    assert decode_rgb(png_gray(*size)).size == size  # off by default in the decoder itself
+
+
+@pytest.mark.parametrize("data", [b"", b"<html>not an image</html>", png_gray(64, 64)[:60]])
+def test_garbage_is_undecodable(data):
+    with pytest.raises(ImageRejected, match="Image decoding error") as e:
+        decode_rgb(data)
+    assert e.value.reason == "undecodable"
