@@ -1,0 +1,152 @@
+"""A mixed list of odd-but-real good rows and every kind of bad row, through real img2dataset on a
+loopback server, with the default config: exactly the good images land, faithfully (checked by
+correlation against their ground truth), and every rejected row is counted by reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_prep.download import DownloadConfig, run
+from data_prep.http_server import DemoHTTPServer, Route
+from data_prep.shards import iter_shard, list_shards
+from pipeline.context import StageContext, StageFailed
+
+try:
+    from tests.test_image_decode import BACKGROUND, corr, faithful_cases, png_gray
+except ImportError:  # tests/ not importable as a package: pytest put tests/ itself on sys.path
+    from test_image_decode import BACKGROUND, corr, faithful_cases, png_gray
+
+SIZE = 32  # stored side (center_crop)
+
+
+def _ctx(out_uri: str) -> StageContext:
+    msgs: list[str] = []
+    ctx = StageContext(run_uri=out_uri.rsplit("/", 1)[0], out_uri=out_uri, progress=msgs.append)
+    ctx.messages = msgs  # type: ignore[attr-defined]
+    return ctx
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+# Rejected rows: name -> (reason counted in the manifest, how the server serves it).
+BAD = {
+    "missing.jpg": "http_error",
+    "page.jpg": "undecodable",
+    "truncated.jpg": "undecodable",
+    "empty.jpg": "undecodable",
+    "bomb.png": "too_large",
+    "pixel.png": "too_small",
+    "strip.png": "too_small",
+    "banner.png": "aspect_ratio",
+    "noai.jpg": "disallowed_by_header",
+    "trickle.jpg": "timeout",
+    "refused.jpg": "connection_error",
+}
+
+
+def _center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    return np.asarray(Image.fromarray(rgb[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    good = faithful_cases()
+    jpeg = good["jpeg"][0]
+    for name, (data, _) in good.items():
+        (root / f"{name}.img").write_bytes(data)
+    (root / "page.jpg").write_bytes(b"<html><body>Not Found</body></html>")
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "bomb.png").write_bytes(png_gray(10_000, 10_000))  # 100 MP, ~100 KB, valid
+    (root / "pixel.png").write_bytes(png_gray(1, 1))
+    (root / "strip.png").write_bytes(png_gray(8000, 10))
+    (root / "banner.png").write_bytes(png_gray(400, 40))  # short side 40 >= 32, ratio 10
+    routes = {"/noai.jpg": Route(jpeg, "image/jpeg", {"X-Robots-Tag": "noai, noimageai"}),
+              "/trickle.jpg": Route(jpeg[:200], "image/jpeg", trickle_s=0.2)}  # 40 s for the body
+    with DemoHTTPServer(str(root), routes=routes) as srv:
+        rows = [{"url": srv.url(f"{n}.img"), "caption": f"good {n}"} for n in good]
+        for n in BAD:
+            url = f"http://127.0.0.1:{_closed_port()}/x.jpg" if n == "refused.jpg" else srv.url(n)
+            rows.append({"url": url, "caption": f"bad {n}"})
+        rng = np.random.default_rng(0)
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        lst = root / "list.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), lst)
+        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, number_sample_per_shard=16, thread_count=8,
+                             timeout=3, request_deadline=2.0, alpha_background=BACKGROUND, min_success_rate=0.3)
+        out = str(root / "run" / "download")
+        ctx = _ctx(out)
+        t0 = time.time()
+        result = run(cfg, ctx)
+        yield good, result, out, time.time() - t0, ctx
+
+
+def test_mixed_list_lands_exactly_its_good_images_counted_by_reason(mixed):
+    good, result, out, elapsed, ctx = mixed
+    c = result.counts
+    want = {f"rejected_{r}": 0 for r in ("http_error", "timeout", "connection_error", "disallowed_by_header",
+                                          "too_large", "too_small", "aspect_ratio", "undecodable")}
+    for reason in BAD.values():
+        want[f"rejected_{reason}"] += 1
+    assert {k: v for k, v in c.items() if k.startswith("rejected_") and k != "rejected_missing_url"} == want, c
+    assert c["successes"] == len(good) and c["total"] == len(good) + len(BAD)
+    assert sum(want.values()) == c["total"] - c["successes"]  # every rejected row has a reason
+    assert elapsed < 30, elapsed  # the trickling server did not hold the shard for its 40 s
+    assert any("rejected:" in m and "too_large 1" in m for m in ctx.messages), ctx.messages
+    print("\nrejections by reason on the mixed list:", {k: v for k, v in want.items() if v})
+
+
+def test_landed_pixels_are_faithful(mixed):
+    good, result, out, _, _ = mixed
+    samples = {s.caption: s for u in list_shards(result.outputs["shards"]) for s in iter_shard(u)}
+    assert sorted(samples) == sorted(f"good {n}" for n in good)
+    for name, (_, truth) in good.items():
+        s = samples[f"good {name}"]
+        got = np.asarray(Image.open(io.BytesIO(s.image_bytes)).convert("RGB"))
+        want = _center_crop_resize(truth, SIZE)
+        assert got.shape == want.shape == (SIZE, SIZE, 3)
+        c = corr(got, want)
+        assert c > 0.95, (name, c)
+        assert np.abs(got.astype(float).mean((0, 1)) - want.astype(float).mean((0, 1))).max() < 15, name
+        assert s.meta["original_width"] == truth.shape[1] and s.meta["original_height"] == truth.shape[0], name
+
+
+def test_a_list_of_only_bad_rows_fails_instead_of_finishing_empty(tmp_path):
+    with DemoHTTPServer(str(tmp_path)) as srv:
+        (tmp_path / "pixel.png").write_bytes(png_gray(1, 1))
+        lst = tmp_path / "bad.parquet"
+        pq.write_table(pa.table({"url": [srv.url("missing.jpg"), srv.url("pixel.png")], "caption": ["a", "b"]}), lst)
+        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=2, timeout=3, min_success_rate=0.0)
+        with pytest.raises(StageFailed, match=r"none of the 2 rows became a sample.*http_error 1, too_small 1"):
+            run(cfg, _ctx(str(tmp_path / "run" / "download")))
+
+
+def test_degenerate_defaults_can_be_turned_off():
+    cfg = DownloadConfig(min_image_size=0, max_aspect_ratio=None, max_image_pixels=None,
+                         disallowed_header_directives=[])
+    assert cfg.min_image_size == 0 and cfg.max_aspect_ratio is None and cfg.max_image_pixels is None
+    d = DownloadConfig()
+    assert (d.min_image_size, d.max_aspect_ratio, d.max_image_pixels) == (32, 4.0, 90_000_000)
+    assert d.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
+    with pytest.raises(ValueError, match="demo.image_size 16 is below min_image_size 32"):
+        DownloadConfig(demo={"image_size": 16})
+    with pytest.raises(ValueError, match="alpha_background"):
+        DownloadConfig(alpha_background=(0, 0, 300))
+    assert json.loads(d.model_dump_json())["alpha_background"] == [255, 255, 255]
