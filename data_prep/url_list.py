@@ -136,7 +136,9 @@ def read_list_file(fs: Any, path: str, cfg: "DownloadConfig", fmt: str) -> pa.Ta
         fields.update({c: "save_additional_columns" for c in cfg.save_additional_columns})
         fields.update({cfg.url_col: "url_col", cfg.caption_col: "caption_col"})
         which = ", ".join(f"{fields[c]}: column {c!r}" for c in e.missing)
-        raise UrlListError(f"{which} not found in url_list {name!r}; its columns are {e.have}") from None
+        hint = ("; if the file has no header row, name its columns with column_names (CC3M: [caption, url])"
+                if fmt in ("csv", "tsv") and cfg.column_names is None else "")
+        raise UrlListError(f"{which} not found in url_list {name!r}; its columns are {e.have}{hint}") from None
     except UrlListError:
         raise
     except Exception as e:  # pyarrow's messages do not name the file
