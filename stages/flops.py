@@ -7,6 +7,14 @@ counted as they actually run. Elementwise ops (norms, activations, the optimizer
 counted, which is the usual MFU convention (PaLM, nanoGPT): MFU = useful matmul FLOPs / time /
 peak dense tensor-core rate.
 
+Attention is counted the same whichever SDPA kernel runs (``ATTENTION_FLOP_FORMULAS``): torch
+has no formula for the fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``, which
+the nets use on CPU; it would count 0), and its CUDA backward formulas count the recomputed
+scores of flash / memory-efficient / cuDNN backward (5 matmuls) where the math kernel's
+autograd dispatches 4. We count model FLOPs for every kernel: forward = QK^T + PV, backward =
+the 4 matmuls of their gradients (what the math kernel counts), no recomputation. Masks and
+causality are not subtracted (the math kernel computes the masked entries too).
+
 Peak rates come from a table keyed by the CUDA device name (dense, no sparsity). Unknown GPUs
 and the CPU give ``None``: the bench then reports achieved FLOP/s and no MFU.
 """
@@ -57,9 +65,48 @@ def peak_flops_by_name(name: str, precision: str) -> float | None:
     return None
 
 
+def attention_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and PV of SDPA on [B, Hq, Lq, D] x [B, Hkv, S, D] x [B, Hkv, S, Dv] (GQA: Hq heads)."""
+    b, h, lq, d = query_shape
+    s, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * lq * s * (d + dv)
+
+
+def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                             out_shape=None, **kwargs) -> int:
+    """dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: twice the forward (no recompute)."""
+    return 2 * attention_forward_flops(query_shape, key_shape, value_shape)
+
+
+def _attention_formulas() -> dict:
+    """{op packet: formula} for the fused SDPA kernels this torch build has (the CUDA ones
+    are meta-dispatchable, so their counting is testable on a CPU-only host)."""
+    kernels = ("_scaled_dot_product_flash_attention_for_cpu",   # CPU (flash-style, fused)
+               "_scaled_dot_product_flash_attention",           # CUDA flash
+               "_scaled_dot_product_efficient_attention",       # CUDA memory-efficient
+               "_scaled_dot_product_cudnn_attention",           # CUDA cuDNN
+               "_scaled_dot_product_fused_attention_overrideable")  # XPU / out-of-tree backends
+    mapping = {}
+    for name in kernels:
+        # every backward op takes (grad_out, query, key, value, ...) first
+        for op, formula in ((name, attention_forward_flops), (name + "_backward", attention_backward_flops)):
+            if hasattr(torch.ops.aten, op):    # older/newer torch builds may lack one
+                mapping[getattr(torch.ops.aten, op)] = formula
+    return mapping
+
+
+ATTENTION_FLOP_FORMULAS = _attention_formulas()
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that counts the fused attention kernels like the math kernel (see
+    the module docstring). Passed as ``custom_mapping``: torch's global registry is left alone."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS)
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Total FLOPs dispatched while running ``fn()`` (forward and backward, if fn does both)."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         fn()
     return int(counter.get_total_flops())

@@ -151,6 +151,16 @@ class AttentionBlock(nn.Module):
     is GLIDE's design (cheaper than two blocks); the always-valid null token keeps the softmax
     well defined when every context token is masked (dropped text) and there is no
     self-attention (Imagen's SR1024 UNet has cross-attention only).
+
+    Layout (what keeps `scaled_dot_product_attention` on its fused kernels: CPU flash, CUDA
+    flash / memory-efficient / cuDNN all need each head's q, k, v with a unit last-dim stride):
+    the normalised map is turned into tokens [B, HW, C] once, and the projections are Linears on
+    tokens, so every head is a *view* of a projection output ([B, L, heads, D] -> [B, heads, L, D],
+    D innermost). The old layout (1x1 convs on [B, C, H, W], then transposed into heads) gave q a
+    last-dim stride of HW, which sent CPU SDPA to the unfused math kernel and would cost CUDA its
+    flash kernel. Self-attention uses one fused qkv projection (same parameters as separate
+    q and kv: 3*C*C + 3*C); with context, k/v of the positions, the null token and the context
+    are concatenated once ([B, S, 2C]), then split into heads as views.
     """
 
     def __init__(self, ch: int, head_dim: int, ctx_dim: int | None = None, self_attn: bool = True):
@@ -160,43 +170,46 @@ class AttentionBlock(nn.Module):
         self.heads = max(1, ch // head_dim)
         self.self_attn = self_attn
         self.norm = group_norm(ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.kv = nn.Conv2d(ch, 2 * ch, 1) if self_attn else None
+        # Self-attention: q, k, v of the positions in one matmul; cross-only: q alone.
+        self.qkv = nn.Linear(ch, 3 * ch) if self_attn else None
+        self.q = None if self_attn else nn.Linear(ch, ch)
         if ctx_dim:
             self.ctx_kv = nn.Linear(ctx_dim, 2 * ch)
             self.null_kv = nn.Parameter(torch.randn(2 * ch) * 0.02)
         else:
             self.ctx_kv = None
-        self.proj = zero_(nn.Conv2d(ch, ch, 1))
-
-    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, C/heads]
-        b, n, c = t.shape
-        return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        self.proj = zero_(nn.Linear(ch, ch))
 
     def forward(self, x, emb=None, ctx=None, ctx_mask=None):
         b, c, hgt, wid = x.shape
-        h = self.norm(x)
-        # reshape (not view): works for channels_last inputs too.
-        q = self.q(h).reshape(b, c, hgt * wid).transpose(1, 2)
-        ks, vs, masks = [], [], []
-        if self.self_attn:
-            k, v = self.kv(h).reshape(b, 2 * c, hgt * wid).transpose(1, 2).chunk(2, dim=-1)
-            ks.append(k), vs.append(v)
-            masks.append(torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device))
+        n, heads = hgt * wid, self.heads
+        # Tokens [B, HW, C]: one copy of the normalised map for NCHW input, none for channels_last
+        # (its flatten+transpose is already contiguous). Made contiguous here, not inside the
+        # Linear, so autograd keeps this one copy for the weight gradient instead of redoing it.
+        tok = self.norm(x).flatten(2).transpose(1, 2).contiguous()
+        if self.qkv is not None:
+            qkv = self.qkv(tok)                                       # [B, N, 3C]
+            q, kvs = qkv[..., :c], [qkv[..., c:]]
+        else:
+            q, kvs = self.q(tok), []
+        mask = None
         if self.ctx_kv is not None:
-            nk, nv = self.null_kv.to(q.dtype).expand(b, 1, 2 * c).chunk(2, dim=-1)
-            ks.append(nk), vs.append(nv)
-            masks.append(torch.ones(b, 1, dtype=torch.bool, device=x.device))
+            kvs.append(self.null_kv.to(q.dtype).expand(b, 1, 2 * c))
             if ctx is not None:
-                ck, cv = self.ctx_kv(ctx).to(q.dtype).chunk(2, dim=-1)
-                ks.append(ck), vs.append(cv)
-                masks.append(ctx_mask if ctx_mask is not None
-                             else torch.ones(ck.shape[:2], dtype=torch.bool, device=x.device))
-        k, v, mask = torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(masks, 1)
-        # Only pass a mask when some key can be masked: no mask keeps the flash kernel eligible
-        # (and avoids a host sync that `mask.all()` would cost).
-        attn_mask = mask[:, None, None, :] if (ctx is not None and ctx_mask is not None) else None
-        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v),
-                                             attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
-        return x + self.proj(out)
+                kvs.append(self.ctx_kv(ctx).to(q.dtype))
+                # Only pass a mask when some key can be masked: no mask keeps the CUDA flash
+                # kernel eligible (and avoids a host sync that `mask.all()` would cost). A bool
+                # [B, 1, 1, S] mask is accepted by CPU flash and CUDA memory-efficient attention.
+                if ctx_mask is not None:
+                    keep = torch.ones(b, (n if self.self_attn else 0) + 1, dtype=torch.bool, device=x.device)
+                    mask = torch.cat([keep, ctx_mask.to(torch.bool)], 1)[:, None, None, :]
+        kv = kvs[0] if len(kvs) == 1 else torch.cat(kvs, 1)          # [B, S, 2C]
+        d = c // heads
+        q = q.view(b, n, heads, d).transpose(1, 2)                    # [B, heads, N, D] views
+        k, v = kv.view(b, kv.shape[1], 2, heads, d).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # [B, heads, N, D] -> tokens [B, N, C] (a view where the kernel wrote [B, N, heads, D]),
+        # project, and view the result as [B, C, H, W] (channels_last strides): the residual
+        # add writes the output in x's layout without another copy.
+        out = self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return x + out.transpose(1, 2).view(b, c, hgt, wid)
