@@ -14,9 +14,11 @@ class StageContext:
     run_uri: str
     out_uri: str
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    spec: Any = None
     ray_enabled: bool = False
     progress: Callable[[str], None] = lambda msg: None
+    # This attempt's manifest from an earlier finish, when the stage is being extended (more
+    # steps): what that run produced must be kept (e.g. its checkpoints are never pruned).
+    previous: dict[str, Any] | None = None
 
     def input_uri(self, stage: str) -> str:
         """Output URI of an upstream stage (from its manifest)."""

@@ -1,13 +1,24 @@
-"""Stage manifests and fingerprints: "a stage is done iff its manifest exists" (DESIGN inv. 4).
+"""Stage manifests and fingerprints: an attempt is done iff its manifest exists (docs/design.md).
 
-Layout of a stage directory ``<run>/<stage>/``:
+Layout of one attempt folder ``<run>/<stage>/<attempt>/`` (pipeline/layout.py):
 
-* ``_STARTED.json``  written when the stage starts: its fingerprint. A later run with the same
-  fingerprint resumes in place (keeping finished shards and checkpoints); a different one
-  clears the directory first.
-* ``_MANIFEST.json`` written *last*, atomically: fingerprint, outputs with sizes, counts,
-  metrics, times, where it ran. Its presence with a matching fingerprint is the only thing that
-  makes a stage "done".
+* ``_STARTED.json``  written when the attempt starts: its fingerprint.
+* ``_MANIFEST.json`` written *last*, atomically: fingerprint, extent (how far it trained),
+  outputs with sizes, counts, metrics, times, where it ran. Its presence is the only thing that
+  makes an attempt "done".
+
+What a fingerprint covers. A config field belongs to one of three kinds, declared on the
+config class:
+
+* *identity* (the default): what the stage produces — network, data, diffusion, optimizer
+  settings, seed. A change means different outputs: a new attempt beside the old one.
+* ``fingerprint_exclude``: how the work is scheduled, logged or placed (process counts,
+  cadences, W&B, resources). Never part of the fingerprint: a change re-runs nothing.
+* ``extent_fields`` (also excluded): how far the work goes (``steps``). A finished attempt
+  whose extent is short of the spec's is *continued in place* from its latest checkpoint.
+
+The package version is not hashed: upgrading never invalidates a finished stage. A stage's
+own ``code_version`` (pipeline/graph.py) is bumped only when its outputs change meaning.
 """
 from __future__ import annotations
 
@@ -26,35 +37,48 @@ STARTED = "_STARTED.json"
 
 
 def code_version() -> str:
+    """The installed package version (recorded in manifests for information; never hashed)."""
     try:
         return version("t2i-pipeline")
     except PackageNotFoundError:
         return "dev"
 
 
+def _excluded(cfg) -> set[str]:
+    kind = type(cfg)
+    return set(getattr(kind, "fingerprint_exclude", ()) or ()) | set(getattr(kind, "extent_fields", ()) or ())
+
+
 def config_for_fingerprint(cfg) -> dict:
-    """The part of a stage config that changes its outputs.
+    """The identity part of a stage config (what changes its outputs), with defaults."""
+    return cfg.model_dump(mode="json", exclude=_excluded(cfg))
 
-    Config classes may list fields that only change *how* the work is scheduled (process
-    counts, actors, resources) in ``fingerprint_exclude``; changing those must not re-run a
-    finished stage.
+
+def extent(cfg) -> dict[str, int]:
+    """How far a stage's work goes (``{"steps": 1000}`` for training; empty for the others)."""
+    return {f: int(getattr(cfg, f)) for f in (getattr(type(cfg), "extent_fields", ()) or ())}
+
+
+def fingerprint(stage_name: str, cfg, input_ids: dict[str, str], stage_code_version: str = "1") -> str:
+    """Hash of the stage's identity config, its inputs' output ids and its code version.
+
+    Values left at their defaults are not hashed: a release that adds a config field (with a
+    default that keeps today's behaviour) must not invalidate every finished stage of every run.
     """
-    exclude = set(getattr(type(cfg), "fingerprint_exclude", ()) or ())
-    return cfg.model_dump(mode="json", exclude=exclude)
-
-
-def fingerprint(stage_name: str, cfg, input_manifests: dict[str, dict], stage_code_version: str = "1") -> str:
-    # Values left at their defaults are not hashed: a release that adds a config field (with a
-    # default that keeps today's behaviour) must not invalidate every finished stage of every
-    # run. A change of behaviour bumps the stage's code_version instead (pipeline/graph.py).
-    exclude = set(getattr(type(cfg), "fingerprint_exclude", ()) or ())
     payload = {
         "stage": stage_name,
-        "config": cfg.model_dump(mode="json", exclude=exclude, exclude_defaults=True),
-        "inputs": {k: m["fingerprint"] for k, m in sorted(input_manifests.items())},
-        "code": f"{code_version()}/{stage_code_version}",
+        "config": cfg.model_dump(mode="json", exclude=_excluded(cfg), exclude_defaults=True),
+        "inputs": dict(sorted(input_ids.items())),
+        "code": stage_code_version,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def output_id(attempt_name: str, ext: dict[str, int]) -> str:
+    """What downstream fingerprints hash: which attempt, trained how far. Extending a training
+    stage (or re-running it as a new attempt) changes it, so sampling re-runs; the stage's own
+    fingerprint stays, so its checkpoints are continued."""
+    return hashlib.sha256(json.dumps({"attempt": attempt_name, "extent": ext}, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_uri(stage_uri: str) -> str:
@@ -83,20 +107,29 @@ def read_started(stage_uri: str) -> dict | None:
 
 @dataclass
 class StageState:
-    state: str            # done | partial | stale | pending
+    state: str            # done | short | partial | pending  (short: done, but to a smaller extent)
     manifest: dict | None
     started: dict | None
 
 
-def stage_state(stage_uri: str, fp: str | None) -> StageState:
-    m = read_manifest(stage_uri)
-    s = read_started(stage_uri)
+def covers(done_extent: dict | None, wanted: dict[str, int]) -> bool:
+    """Whether work finished to ``done_extent`` already reaches ``wanted`` (e.g. steps >= steps)."""
+    done_extent = done_extent or {}
+    return all(int(done_extent.get(k, -1)) >= v for k, v in wanted.items())
+
+
+def stage_state(attempt_uri: str, fp: str | None, wanted: dict[str, int] | None = None) -> StageState:
+    """The state of one attempt for the fingerprint ``fp`` (None: any) and extent ``wanted``.
+
+    A manifest of another fingerprint in this folder (an attempt folder is named after its
+    fingerprint, so only a hand-made folder has one) never counts as done.
+    """
+    m = read_manifest(attempt_uri)
+    s = read_started(attempt_uri)
     if m is not None and (fp is None or m.get("fingerprint") == fp):
-        return StageState("done", m, s)
-    if m is not None:
-        return StageState("stale", m, s)
-    if s is not None:
-        return StageState("partial" if fp is None or s.get("fingerprint") == fp else "stale", None, s)
+        return StageState("done" if covers(m.get("extent"), wanted or {}) else "short", m, s)
+    if s is not None and (fp is None or s.get("fingerprint") == fp):
+        return StageState("partial", m, s)
     return StageState("pending", None, None)
 
 
@@ -124,12 +157,17 @@ def list_outputs(stage_uri: str, limit: int = 2000) -> tuple[list[dict], int]:
 
 def write_manifest(stage_uri: str, *, stage: str, fp: str, started_at: float, counts: dict[str, Any],
                    metrics: dict[str, Any], outputs: dict[str, str], node: dict[str, Any],
-                   config: dict) -> dict:
+                   config: dict, extent: dict[str, int] | None = None, output_id: str | None = None,
+                   inputs: dict[str, str] | None = None) -> dict:
     files, total = list_outputs(stage_uri)
     manifest = {
         "stage": stage,
         "fingerprint": fp,
+        "attempt": stage_uri.rstrip("/").rsplit("/", 1)[-1],
         "out_uri": stage_uri,
+        "extent": extent or {},
+        "output_id": output_id,
+        "inputs": inputs or {},
         "code_version": code_version(),
         "config": config,
         "counts": counts,

@@ -29,7 +29,7 @@ def init_ray(cluster, address: str | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
         return
-    from pipeline.runner import start_orphan_reaper
+    from pipeline.reaper import start_orphan_reaper
 
     start_orphan_reaper()  # a SIGKILLed driver leaves Ray's agents behind otherwise
     ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), num_gpus=cluster.num_gpus,
@@ -37,22 +37,22 @@ def init_ray(cluster, address: str | None = None) -> None:
              runtime_env={"env_vars": env}, logging_level="WARNING")
 
 
-def run_on_ray(spec, todo, fps, manifests, summary, *, address: str | None, log: Callable[[str], None]) -> None:
+def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, log: Callable[[str], None]) -> None:
     import ray
 
     owned = not ray.is_initialized()  # a Ray we start, we stop: callers in one process run many specs
     init_ray(spec.cluster, address)
     try:
-        _schedule(spec, todo, fps, manifests, summary, log)
+        _schedule(spec, todo, plans, manifests, summary, log)
     finally:
         if owned:
             ray.shutdown()
 
 
-def _schedule(spec, todo, fps, manifests, summary, log) -> None:
+def _schedule(spec, todo, plans, manifests, summary, log) -> None:
     import ray
 
-    from pipeline.runner import StageOutcome, _error_message, execute_stage
+    from pipeline.stage_exec import StageOutcome, error_message, execute_stage
 
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     data = spec.model_dump(mode="json")
@@ -72,7 +72,7 @@ def _schedule(spec, todo, fps, manifests, summary, log) -> None:
                 placed = getattr(spec, s.name)
                 task_resources = dict(placed.resources) if isinstance(placed, TaskPlacement) else {}
                 ref = remote_stage.options(name=f"stage:{s.name}", resources=task_resources).remote(
-                    s.name, data, {d: manifests[d] for d in deps}, fps[s.name], True)
+                    plans[s.name], data, {d: manifests[d] for d in deps}, True)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
                 log(f"▶ {s.name}: started")
@@ -84,8 +84,8 @@ def _schedule(spec, todo, fps, manifests, summary, log) -> None:
             try:
                 m = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - reported in the summary, independent stages go on
-                summary.outcomes[name] = StageOutcome(name, "failed", error=_error_message(e), duration_s=time.time() - t0)
-                log(f"✗ {name}: {_error_message(e)}")
+                summary.outcomes[name] = StageOutcome(name, "failed", error=error_message(e), duration_s=time.time() - t0)
+                log(f"✗ {name}: {error_message(e)}")
                 continue
             manifests[name] = m
             summary.outcomes[name] = StageOutcome(name, "ran", m, duration_s=time.time() - t0)

@@ -6,6 +6,7 @@ messages that name the field path and what is allowed.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -174,6 +175,9 @@ def load_spec(path: str | os.PathLike | None = None, overrides: dict | None = No
         data = yaml.safe_load(path.read_text())  # safe_load: a spec is data, never code
     except yaml.YAMLError as e:
         raise SpecError(f"run spec {path} is not valid YAML: {e}") from None
+    # YAML anchors (`train_base: *debug`) share one dict between sections: copy them apart so an
+    # override of one section (--set train_base.steps=8) never changes the others.
+    data = json.loads(json.dumps(data, default=str))
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return parse_spec(data, str(path))

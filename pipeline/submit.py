@@ -163,10 +163,8 @@ def staged_working_dir(root: Path, spec_name: str, spec_yaml: str) -> Iterator[s
 
 
 def entrypoint_for(spec_rel_path: str) -> str:
-    # ``python -c`` rather than ``python -m pipeline.cli``: run as __main__, cli.py would exist
-    # twice (as __main__ and, via cli_extra's imports, as pipeline.cli) with two separate apps.
     # ``python`` is the cluster's interpreter (the image's / the nodes' venv), not this one.
-    return (f"python -c 'from pipeline.cli import main; main()' run {shlex.quote(spec_rel_path)} "
+    return (f"python -m pipeline.cli run {shlex.quote(spec_rel_path)} "
             "--address auto")
 
 

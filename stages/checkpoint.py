@@ -65,8 +65,11 @@ class CheckpointManager:
     """Decides when to save, saves, finds the latest complete checkpoint, loads it, prunes old ones."""
 
     def __init__(self, out_uri: str, *, keep_last: int, every_steps: int, every_minutes: float,
-                 rank: int, world_size: int, device: torch.device):
+                 rank: int, world_size: int, device: torch.device, protect_through: int = -1):
         self.root = store.join(out_uri, "checkpoints")
+        # Checkpoints up to this step belong to an earlier *finished* run of the stage (it is
+        # being extended): keep_last never prunes them; only ``t2i gc`` may, when asked.
+        self.protect_through = protect_through
         self.keep_last, self.every_steps, self.every_minutes = keep_last, every_steps, every_minutes
         self.rank, self.world_size, self.device = rank, world_size, device
         self._last_save_time = time.monotonic()
@@ -104,8 +107,10 @@ class CheckpointManager:
              ema_sharded: bool) -> str:
         """Collective. ``state`` is this rank's JSON-able state; EMA as described in the module doc."""
         uri = store.join(self.root, step_dir_name(step))
+        if store.exists(store.join(uri, "COMPLETE")):
+            return uri  # a complete checkpoint of this very step exists already: never overwrite it
         if self.rank == 0 and store.exists(uri):
-            store.remove(uri)  # leftovers of a crashed attempt at this same step
+            store.remove(uri)  # leftovers of a crashed save at this same step (no COMPLETE marker)
         _barrier()
         local = tempfile.mkdtemp(prefix=f"ckpt-r{self.rank}-")
         try:
@@ -141,8 +146,9 @@ class CheckpointManager:
             if not m:
                 continue
             s = int(m.group(1))
-            # Old complete ones beyond keep_last, and incomplete ones older than the newest complete one.
-            if s not in keep and s <= newest:
+            # Old complete ones beyond keep_last, and incomplete ones older than the newest complete
+            # one; never those of an earlier finished run (see protect_through).
+            if s not in keep and s <= newest and s > self.protect_through:
                 store.remove(uri)
 
     # -- load ------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""A training stage's final output: ``final/model.safetensors`` + ``final/config.json``.
+"""A training stage's final output: ``final/step_N/model.safetensors`` + ``config.json``.
+
+Each time a stage finishes (first run, or an extension to more steps) it writes a new
+``final/step_N/`` folder, so the weights an earlier finished run wrote are never overwritten;
+the stage manifest's ``outputs["final"]`` says which one is current.
 
 Written by the training loop, read by sampling and by anyone who wants the weights without
 DeepSpeed. The config is written after the weights, so its presence means they are whole.
@@ -8,16 +12,42 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import store
+from pipeline import layout, store
 
 
-def write_final(out_uri: str, weights: dict[str, torch.Tensor], config: dict) -> None:
-    """final/model.safetensors, then final/config.json (its presence means the weights are whole)."""
+def write_final(out_uri: str, weights: dict[str, torch.Tensor], config: dict) -> str:
+    """final/step_N/model.safetensors, then its config.json (whose presence means the weights are
+    whole). Returns the folder."""
     from safetensors.torch import save as st_save
 
+    folder = layout.final_dir(out_uri, int(config["step"]))
+    if store.exists(store.join(folder, layout.FINAL_CONFIG)):
+        return folder  # written whole before (a resume that had nothing left to train): never overwrite
     body = st_save({k: v.contiguous() for k, v in weights.items()})
-    store.write_bytes_atomic(store.join(out_uri, "final", "model.safetensors"), body)
-    store.write_json(store.join(out_uri, "final", "config.json"), config)
+    store.write_bytes_atomic(store.join(folder, layout.FINAL_WEIGHTS), body)
+    store.write_json(store.join(folder, layout.FINAL_CONFIG), config)
+    return folder
+
+
+def latest_final(out_uri: str) -> str | None:
+    """The newest complete ``final/step_N/`` folder of a training attempt, or None."""
+    best = None
+    for uri in store.listdir(store.join(out_uri, layout.FINAL)):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step_") and name[5:].isdigit() and store.exists(store.join(uri, layout.FINAL_CONFIG)):
+            best = max(best or (0, ""), (int(name[5:]), store.join(out_uri, layout.FINAL, name)))
+    return best[1] if best else None
+
+
+def resolve_final(stage_uri: str) -> str:
+    """The final-weights folder of a finished training attempt: what its manifest names, else the
+    newest complete one (a manifest is written only after it)."""
+    m_uri = store.join(stage_uri, "_MANIFEST.json")
+    if store.exists(m_uri):
+        final = (store.read_json(m_uri).get("outputs") or {}).get("final")
+        if final:
+            return final
+    return latest_final(stage_uri) or store.join(stage_uri, layout.FINAL)
 
 
 def load_final(uri: str, device: str | torch.device = "cpu", config: dict | None = None) -> tuple[torch.nn.Module, dict]:
@@ -30,7 +60,7 @@ def load_final(uri: str, device: str | torch.device = "cpu", config: dict | None
 
     from stages.nets.flavors import build_network
 
-    config = config if config is not None else store.read_json(store.join(uri, "config.json"))
+    config = config if config is not None else store.read_json(store.join(uri, layout.FINAL_CONFIG))
     net = build_network(config["role"], config["flavor"], config["cond_dims"])
-    net.load_state_dict(st_load(store.read_bytes(store.join(uri, "model.safetensors"))))
+    net.load_state_dict(st_load(store.read_bytes(store.join(uri, layout.FINAL_WEIGHTS))))
     return net.to(device).eval(), config

@@ -174,9 +174,9 @@ class LoadedModel:
 def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
     """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
     from stages.diffusion import Diffusion
-    from stages.final_weights import load_final
+    from stages.final_weights import load_final, resolve_final
 
-    final = store.join(stage_uri, "final")
+    final = resolve_final(stage_uri)
     cfg_uri, w_uri = store.join(final, "config.json"), store.join(final, "model.safetensors")
     # config.json is written after the weights: its absence means "not (completely) trained".
     missing = [u for u in (cfg_uri, w_uri) if not store.exists(u)]
@@ -333,6 +333,19 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def _finished_attempt(run_uri: str, stage: str) -> str:
+    """The attempt of ``stage`` the run last finished (for callers that pass no stage URIs)."""
+    from pipeline import layout
+
+    uri = layout.read_current(run_uri, stage)
+    if uri is not None:
+        return uri
+    flat = store.join(run_uri, stage)  # a folder laid out by hand (or by an older release): no attempts
+    if store.exists(store.join(flat, layout.FINAL)) or store.exists(store.join(flat, layout.ENCODERS)):
+        return flat
+    raise StageFailed(f"{run_uri} has no finished {stage} stage: run it first (t2i resume {run_uri})")
+
+
 def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
                   embed_uri: str | None = None, encoders: PromptEncoders | None = None,
                   progress=lambda msg: None) -> list[Sample]:
@@ -344,11 +357,11 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
     needed = [r for r in ROLES if any(r in rs for rs in roles_by_cascade.values())]
     models = {}
     for role in needed:  # load (and fail on a missing stage) before the slow part
-        uri = stage_uris.get(stage_of(role)) or store.join(run_uri, stage_of(role))
+        uri = stage_uris.get(stage_of(role)) or _finished_attempt(run_uri, stage_of(role))
         models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
 
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
-    encoders = encoders or PromptEncoders.load(embed_uri or store.join(run_uri, "embed"), device=device)
+    encoders = encoders or PromptEncoders.load(embed_uri or _finished_attempt(run_uri, "embed"), device=device)
     for role, m in models.items():  # a model trained on other encoders' features cannot read these
         if dict(m.config["cond_dims"]) != encoders.dims:
             raise StageFailed(f"{stage_of(role)} was trained on conditioning dims {m.config['cond_dims']} but the "

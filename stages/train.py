@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from pipeline import store
+from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 from stages.checkpoint import CheckpointManager
 from stages.ema import EMA
@@ -62,12 +62,14 @@ class TrainJob:
     download_uri: str | None  # None for the prior: it reads embeddings only
     embed_uri: str
     cond_dims: dict[str, int]
+    protect_through: int = -1  # steps of an earlier finished run of this attempt: its checkpoints stay
 
     @classmethod
     def from_ctx(cls, ctx: StageContext, needs_images: bool) -> "TrainJob":
         embed = ctx.input_uri("embed")
         download = ctx.input_uri("download") if needs_images else None
-        return cls(ctx.out_uri, download, embed, read_cond_dims(embed))
+        finished = int(((ctx.previous or {}).get("extent") or {}).get("steps", -1))
+        return cls(ctx.out_uri, download, embed, read_cond_dims(embed), finished)
 
 
 def read_cond_dims(embed_uri: str) -> dict[str, int]:
@@ -290,7 +292,7 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
     flavor = get_flavor(spec.role, cfg.flavor)
     ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
                              every_minutes=cfg.checkpoint_every_minutes, rank=rank, world_size=world,
-                             device=device)
+                             device=device, protect_through=job.protect_through)
 
     # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
     latest = ckpt.latest()
@@ -390,12 +392,13 @@ def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *
 
     # 5. The stage's output: consolidated EMA weights (a collective under ZeRO-3).
     weights = ema.consolidated_state_dict(engine.module)
+    final_uri = None
     if rank == 0:
-        write_final(job.out_uri, weights, {
+        final_uri = write_final(job.out_uri, weights, {
             "role": spec.role, "flavor": cfg.flavor, "cond_dims": dict(job.cond_dims),
             "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
             "diffusion": cfg.diffusion.model_dump(), "condaug": spec.extra_config(cfg), "step": step})
-    out = {"step": step, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
+    out = {"step": step, "final": final_uri, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
            "skipped": sum(tracker.skipped.values()), "precision": precision, "nonfinite_steps": nonfinite_total}
     if rank == 0:
         # Also in the store: Ray Train (v2) keeps reported metrics only alongside a Ray checkpoint,
@@ -448,10 +451,12 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwarg
         loop_out = launch(loop_fn, cfg, ctx)
     else:
         loop_out = loop_fn(DistEnv.from_env())
-    result = stage_result(job.out_uri, cfg)
     luri = store.join(job.out_uri, LOOP_RESULT)
-    if not (loop_out or {}).get("step") and store.exists(luri):
-        loop_out = store.read_json(luri)
+    if not (loop_out or {}).get("final") and store.exists(luri):
+        loop_out = store.read_json(luri)  # Ray Train: rank 0 wrote it (see train_loop)
+    if not (loop_out or {}).get("final"):
+        raise StageFailed(f"{spec.stage}: training ended without final weights (no {luri})")
+    result = stage_result(job.out_uri, loop_out["final"])
     resumed = int((loop_out or {}).get("resumed_from", -1))
     if resumed >= 0:  # the attempt that finished started from this checkpoint (after a restart or resume)
         result.counts["resumed_from_step"] = resumed
@@ -463,12 +468,11 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwarg
     return result
 
 
-def stage_result(out_uri: str, cfg: TrainConfig) -> StageResult:
+def stage_result(out_uri: str, final: str) -> StageResult:
     """Read back what the loop wrote (the same whether it ran here or on Ray workers)."""
-    final = store.join(out_uri, "final")
-    config = store.read_json(store.join(final, "config.json"))
+    config = store.read_json(store.join(final, layout.FINAL_CONFIG))
     metrics: dict[str, float] = {}
-    muri = store.join(out_uri, "metrics.jsonl")
+    muri = store.join(out_uri, layout.METRICS)
     if store.exists(muri):
         lines = [json.loads(x) for x in store.read_bytes(muri).decode().splitlines() if x.strip()]
         if lines:
@@ -476,6 +480,7 @@ def stage_result(out_uri: str, cfg: TrainConfig) -> StageResult:
     return StageResult(
         counts={"steps": int(config["step"])},
         metrics=metrics,
-        outputs={"weights": store.join(final, "model.safetensors"), "config": store.join(final, "config.json"),
-                 "checkpoints": store.join(out_uri, "checkpoints"), "tb": store.join(out_uri, "tb"),
+        outputs={"final": final, "weights": store.join(final, layout.FINAL_WEIGHTS),
+                 "config": store.join(final, layout.FINAL_CONFIG),
+                 "checkpoints": store.join(out_uri, layout.CHECKPOINTS), "tb": store.join(out_uri, layout.TENSORBOARD),
                  "metrics": muri})

@@ -7,7 +7,7 @@ is allowed instead of a DeepSpeed assertion an hour into a run.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -63,7 +63,21 @@ class CondAugSettings(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Everything one training stage needs; defaults suit the CPU demo."""
+    """Everything one training stage needs; defaults suit the CPU demo.
+
+    Fields are of three kinds (pipeline/manifest.py). Everything not listed below defines the
+    model and its data (flavor, batch, optimizer, diffusion, conditioning, seed, ZeRO stage and
+    precision, whose checkpoints cannot be continued under another): a change starts a new
+    attempt beside the old one. ``steps`` says how far to train: raising it continues the
+    finished attempt from its latest checkpoint (the cosine LR schedule is stretched to the new
+    length). The rest say how the work is scheduled, logged or placed: a change re-runs nothing.
+    """
+
+    extent_fields: ClassVar[tuple[str, ...]] = ("steps",)
+    fingerprint_exclude: ClassVar[tuple[str, ...]] = (
+        "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last", "log_every", "sample_every",
+        "sample_steps", "wandb_project", "num_workers", "cpus_per_worker", "gpus_per_worker", "resources",
+        "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing")
 
     flavor: str = Field("debug", description="network size: debug, demo or the role's paper-scale name")
     steps: int = Field(100, description="optimizer steps to train (each = grad_accum micro-batches)")

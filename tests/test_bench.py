@@ -107,7 +107,7 @@ _NO_RAY = textwrap.dedent("""
                 raise ImportError("ray is not installed on this host (blocked by the test)")
     sys.meta_path.insert(0, NoRay())
     import torch; torch.set_num_threads(1)
-    import pipeline.cli_bench, stages.bench_loader, data_prep.bench_embed
+    import pipeline.cli.bench, stages.bench_loader, data_prep.bench_embed
     from stages.bench_train import bench_train
     res = bench_train("sr256", "debug", zero_stages=(0,), batch=1, steps=1, warmup=0, device="cpu")
     bad = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
@@ -127,7 +127,6 @@ def test_bench_path_imports_no_ray():
 
 
 def test_cli_bench_commands():
-    import pipeline.cli_bench  # noqa: F401  registers the commands (cli_extra imports it in the app)
     from pipeline.cli import app
 
     runner = CliRunner()

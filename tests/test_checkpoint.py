@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from fixtures_train import DIMS, make_dataset, tiny_train_kwargs
 from pipeline import store
+from stages.final_weights import latest_final
 from stages import base, prior, superres
 from stages.checkpoint import CheckpointManager
 from stages.ema import EMA
@@ -66,13 +67,13 @@ def test_checkpoints_on_s3_resume_and_final_loads_without_deepspeed(s3_bucket, t
     # Longer run over the same output: resumes from the object store at step 2.
     cfg3 = base.BaseTrainConfig(**tiny_train_kwargs(steps=3, checkpoint_every_steps=1, keep_last=1))
     assert train_loop(base.SPEC, cfg3, job, DistEnv.from_env())["resumed_from"] == 2
-    assert store.read_json(store.join(out, "final", "config.json"))["step"] == 3
+    assert store.read_json(store.join(latest_final(out), "config.json"))["step"] == 3
 
     # Consolidated weights load in a fresh interpreter where DeepSpeed cannot be imported.
     local = tmp_path / "final"
     local.mkdir()
     for name in ("model.safetensors", "config.json"):
-        (local / name).write_bytes(store.read_bytes(store.join(out, "final", name)))
+        (local / name).write_bytes(store.read_bytes(store.join(latest_final(out), name)))
     code = textwrap.dedent(f"""
         import sys
         sys.modules["deepspeed"] = None  # any import of deepspeed now fails

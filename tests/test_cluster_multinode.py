@@ -50,7 +50,6 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def cli():
-    import pipeline.cli_submit  # noqa: F401  (registers submit/logs/stop on the app)
     from typer.testing import CliRunner
 
     from pipeline.cli import app
@@ -96,7 +95,7 @@ def _node_with(cluster, resource: str) -> str:
 
 def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli, tmp_path, monkeypatch):
     from pipeline import store
-    from pipeline.runner import run_status
+    from pipeline.planning import run_status, stage_uri
     from pipeline.submit import JOB_FILE, job_status_line
 
     spec = _write_spec(tmp_path / "spec.yaml", "cluster-submit", f"file://{tmp_path}/store",
@@ -125,7 +124,7 @@ def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli,
     assert "pip" not in info.runtime_env  # --no-pip is the default: the nodes share this venv
 
     # The stage really ran: its manifest, written last, with the override applied.
-    manifest = store.read_json(store.join(run, "download", "_MANIFEST.json"))
+    manifest = store.read_json(store.join(stage_uri(run, "download"), "_MANIFEST.json"))
     assert manifest["counts"]["successes"] == 12
     assert manifest["config"]["timeout"] == 5
     node_ids = {n["node_id"] for n in cluster.nodes_info}
@@ -156,6 +155,7 @@ def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli,
 
 def test_stop_a_running_job(cluster, cli, tmp_path):
     from pipeline import store
+    from pipeline.planning import stage_uri
     from pipeline.submit import job_status_line
 
     # A stage that asks for a resource no node has waits forever: the job is running, cheaply.
@@ -176,7 +176,7 @@ def test_stop_a_running_job(cluster, cli, tmp_path):
     assert f"job {sid}: STOPPED" in stopped.output
     assert "STOPPED" in job_status_line(run)
     # A stopped stage never looks complete.
-    assert not store.exists(store.join(run, "download", "_MANIFEST.json"))
+    assert not store.exists(store.join(stage_uri(run, "download"), "_MANIFEST.json"))
 
     # Once stopped, the run may be submitted again (that is how a run is resumed): a new job id.
     again = cli("submit", str(spec), "--address", cluster.dashboard_url)
@@ -198,7 +198,7 @@ def direct_run(cluster, tmp_path_factory):
                        resources={HEAD: 1})
     address = cluster.gcs_address
     log = open(tmp / "driver.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(spec),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec),
                              "--address", address], cwd=REPO, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc, tmp, log
@@ -217,7 +217,9 @@ def test_run_with_address_drives_the_cluster(cluster, direct_run):
     rc = proc.wait(timeout=150)
     log.seek(0)
     assert rc == 0, log.read()[-4000:]
-    manifest = store.read_json(f"file://{tmp}/store/cluster-direct/download/_MANIFEST.json")
+    from pipeline.planning import stage_uri
+
+    manifest = store.read_json(store.join(stage_uri(f"file://{tmp}/store/cluster-direct", "download"), "_MANIFEST.json"))
     assert manifest["counts"]["successes"] == 8
     # It ran on one of *this* cluster's nodes, not in a private local Ray -- on the one it asked for.
     assert manifest["node"]["node_id"] in {n["node_id"] for n in cluster.nodes_info}

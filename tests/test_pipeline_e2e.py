@@ -10,6 +10,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.planning import stage_uri
+from stages.final_weights import resolve_final
 from pipeline import manifest as mf
 from pipeline import store
 from pipeline.cli import app
@@ -40,12 +42,13 @@ def test_whole_pipeline_on_ray(tmp_path):
     run = f"file://{tmp_path}/store/e2e"
     for stage in ("download", "embed", "train_prior", "train_decoder", "train_base", "train_sr256", "train_sr1024",
                   "sample"):
-        m = store.read_json(store.join(run, stage, mf.MANIFEST))
+        m = store.read_json(store.join(stage_uri(run, stage), mf.MANIFEST))
         assert m["node"].get("node_id"), f"{stage} should record the Ray node it ran on"
     for stage in ("train_prior", "train_decoder", "train_base", "train_sr256", "train_sr1024"):
-        assert store.exists(store.join(run, stage, "final", "model.safetensors"))
-        assert store.read_json(store.join(run, stage, "final", "config.json"))["step"] == 2
-    pngs = [u for u in store.glob(store.join(run, "sample", "*.png")) if not u.endswith("grid.png")]
+        final = resolve_final(stage_uri(run, stage))
+        assert store.exists(store.join(final, "model.safetensors"))
+        assert store.read_json(store.join(final, "config.json"))["step"] == 2
+    pngs = [u for u in store.glob(store.join(stage_uri(run, "sample"), "*.png")) if not u.endswith("grid.png")]
     assert len(pngs) == 2, pngs  # one prompt x two cascades
     local = store.local_path(pngs[0])
     assert Image.open(local).size == (64, 64), "debug cascade ends at sr1024's 64px"

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.planning import stage_uri
 from pipeline import manifest as mf
 from pipeline import store
 
@@ -101,12 +102,12 @@ def _cleanup(kids):
 def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliability):
     spec = _spec(tmp_path)
     run = f"file://{tmp_path / 'store'}/drv"
-    emb_shards = store.join(run, "embed", "shards")
+    emb_shards = store.join(stage_uri(run, "embed"), "shards")
     orphans_all: list[str] = []
 
     # 1. Kill while embed is half-way: some shards done, not all.
     proc, log = _start(["run", spec], tmp_path, "run1.log")
-    n_tars = lambda: len(store.glob(store.join(run, "download", "shards", "*.tar")))  # noqa: E731
+    n_tars = lambda: len(store.glob(store.join(stage_uri(run, "download"), "shards", "*.tar")))  # noqa: E731
     _wait_for(lambda: len(store.glob(store.join(emb_shards, "*.done.json"))) >= 2, proc, 240, "two embedded shards")
     kids = _kill_driver(proc)
     log.close()
@@ -116,13 +117,13 @@ def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliabil
     orphans = _survivors(kids)
     orphans_all += orphans
     _cleanup(kids)
-    assert not store.exists(store.join(run, "embed", mf.MANIFEST))
+    assert not store.exists(store.join(stage_uri(run, "embed"), mf.MANIFEST))
     assert len(done_before) < total, f"embed finished before the kill ({len(done_before)}/{total}); test is moot"
-    t_download = store.read_json(store.join(run, "download", mf.MANIFEST))["finished_at"]
+    t_download = store.read_json(store.join(stage_uri(run, "download"), mf.MANIFEST))["finished_at"]
 
     # 2. Resume; kill again once training has written a checkpoint.
     proc, log = _start(["resume", run], tmp_path, "run2.log")
-    ck = store.join(run, "train_prior", "checkpoints")
+    ck = store.join(stage_uri(run, "train_prior"), "checkpoints")
     _wait_for(lambda: any(store.exists(store.join(u, "COMPLETE")) for u in store.listdir(ck)), proc, 240,
               "a training checkpoint")
     kids = _kill_driver(proc)
@@ -130,12 +131,12 @@ def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliabil
     orphans = _survivors(kids)
     orphans_all += orphans
     _cleanup(kids)
-    emb = store.read_json(store.join(run, "embed", mf.MANIFEST))
+    emb = store.read_json(store.join(stage_uri(run, "embed"), mf.MANIFEST))
     for u, body in done_before.items():
         assert store.read_bytes(u) == body, f"{u} was embedded again"
         assert os.path.getmtime(store.local_path(u.replace(".done.json", ".npz"))) == npz_mtime[u]
     assert len(store.glob(store.join(emb_shards, "*.done.json"))) == total
-    assert not store.exists(store.join(run, "train_prior", mf.MANIFEST))
+    assert not store.exists(store.join(stage_uri(run, "train_prior"), mf.MANIFEST))
     reliability.record(kind="fault", name="driver SIGKILL during embed", survived=True, lost_samples=0,
                        detail=f"resumed at shard {len(done_before)}/{total}; finished shards not re-embedded")
 
@@ -143,11 +144,11 @@ def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliabil
     r = subprocess.run([T2I, "resume", run], env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert store.read_json(store.join(run, "download", mf.MANIFEST))["finished_at"] == t_download
-    assert store.read_json(store.join(run, "embed", mf.MANIFEST))["finished_at"] == emb["finished_at"]
-    tm = store.read_json(store.join(run, "train_prior", mf.MANIFEST))
+    assert store.read_json(store.join(stage_uri(run, "download"), mf.MANIFEST))["finished_at"] == t_download
+    assert store.read_json(store.join(stage_uri(run, "embed"), mf.MANIFEST))["finished_at"] == emb["finished_at"]
+    tm = store.read_json(store.join(stage_uri(run, "train_prior"), mf.MANIFEST))
     assert tm["counts"]["steps"] == STEPS and tm["counts"]["resumed_from_step"] > 0, tm["counts"]
-    lines = [json.loads(x) for x in store.read_bytes(store.join(run, "train_prior", "metrics.jsonl")).decode().splitlines()]
+    lines = [json.loads(x) for x in store.read_bytes(store.join(stage_uri(run, "train_prior"), "metrics.jsonl")).decode().splitlines()]
     assert [x["step"] for x in lines] == list(range(10, STEPS + 1, 10))
     assert tm["counts"]["resumed_from_step"] < STEPS, "training had finished before the kill; test is moot"
     assert emb["counts"]["n_embedded"] == 36

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.planning import stage_uri
 from pipeline import store
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
@@ -152,7 +153,7 @@ def test_credentials_never_written_or_printed(s3_bucket, tmp_path, reliability):
     r1 = _t2i(["run", spec], env, tmp_path)
     assert r1.returncode == 0, r1.stdout + r1.stderr
     # A failing stage too (its _ERROR.json and printed error): a truncated download shard.
-    tar = store.glob(store.join(run, "download", "shards", "*.tar"))[0]
+    tar = store.glob(store.join(stage_uri(run, "download"), "shards", "*.tar"))[0]
     body = store.read_bytes(tar)
     store.write_bytes_atomic(tar, body[: len(body) // 2 + 100])
     r2 = _t2i(["resume", run, "--stage", "embed"], env, tmp_path)
@@ -160,8 +161,8 @@ def test_credentials_never_written_or_printed(s3_bucket, tmp_path, reliability):
     out2 = r2.stdout + r2.stderr
     assert "Traceback" not in out2, out2
     assert tar.rsplit("/", 1)[-1] in out2, f"the error names the truncated shard:\n{out2}"
-    err = store.read_json(store.join(run, "embed", "_ERROR.json"))
-    assert not store.exists(store.join(run, "embed", "_MANIFEST.json"))
+    err = store.read_json(store.join(stage_uri(run, "embed"), "_ERROR.json"))
+    assert not store.exists(store.join(stage_uri(run, "embed"), "_MANIFEST.json"))
     reliability.record(kind="bad_input", name="truncated tar shard at embed", survived=True,
                        detail=err["error"][:120])
 

@@ -14,6 +14,7 @@ import pytest
 
 from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import manifest as mf
+from stages.final_weights import latest_final
 from pipeline import store
 from pipeline.faults import WriteFaults, failing_writes
 from stages import prior
@@ -84,7 +85,7 @@ def test_checkpoint_write_down_then_resume(s3_data, fast_retries, reliability):
     # Checkpoint 2 never counts as complete; checkpoint 1 is intact.
     assert not store.exists(store.join(ck2, "COMPLETE"))
     assert _complete(out_uri) == [1]
-    assert not store.exists(store.join(out_uri, "final", "config.json"))
+    assert latest_final(out_uri) is None, "no final weights from a failed run"
 
     # The endpoint is back: a later run resumes from checkpoint 1 and finishes.
     ctx, out = _loop(root, download, embed, "train_prior", cfg)
@@ -113,7 +114,7 @@ def test_complete_marker_write_fails(s3_data, fast_retries, reliability):
 
 def test_manifest_write_fails_stage_not_done(s3_data, fast_retries, reliability):
     """The runner's last write fails: the stage must not look done, and resume completes it."""
-    from pipeline.runner import execute_stage
+    from pipeline.stage_exec import execute_stage
 
     root, download, embed = s3_data
     out_uri = store.join(root, "train_prior")
@@ -126,7 +127,7 @@ def test_manifest_write_fails_stage_not_done(s3_data, fast_retries, reliability)
                               counts=result.counts, metrics=result.metrics, outputs=result.outputs, node={},
                               config={})
     assert mf.stage_state(out_uri, "f" * 64).state != "done"
-    # Resume: the loop finds checkpoint 3 == steps, trains nothing, rewrites final/ and the manifest.
+    # Resume: the loop finds checkpoint 3 == steps, trains nothing, keeps final/step_3 and writes the manifest.
     ctx2, out = _loop(root, download, embed, "train_prior", cfg)
     assert out["resumed_from"] == 3 and out["step"] == 3
     mf.write_manifest(out_uri, stage="train_prior", fp="f" * 64, started_at=time.time(), counts={}, metrics={},

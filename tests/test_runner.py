@@ -1,8 +1,9 @@
 """`t2i run`, `status` and `resume` end to end on the data stages (real img2dataset, tiny encoders).
 
-One run is driven through its whole life: first run, no-op re-run, a changed config re-running a
-stage and everything downstream, resume of one stage / one stage and downstream, an interrupted
-stage resumed in place, and a failing stage reported without a traceback.
+One run is driven through its whole life: first run, no-op re-run, a no-op resume of a finished
+stage, reruns as new attempts (one stage / one stage and downstream), a changed config making new
+attempts beside the old ones, an interrupted stage resumed in place, and a failing stage reported
+without a traceback.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from pipeline import manifest as mf
 from pipeline import store
 from pipeline.cli import app
+from pipeline.planning import stage_uri
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +45,7 @@ def _cli(*args):
 
 
 def _finished(run: str, stage: str) -> float:
-    return store.read_json(store.join(run, stage, mf.MANIFEST))["finished_at"]
+    return store.read_json(store.join(stage_uri(run, stage), mf.MANIFEST))["finished_at"]
 
 
 def test_run_status_resume_lifecycle(tmp_path):
@@ -52,10 +54,10 @@ def test_run_status_resume_lifecycle(tmp_path):
 
     code, out = _cli("run", spec)
     assert code == 0, out
-    dl = store.read_json(store.join(run, "download", mf.MANIFEST))
+    dl = store.read_json(store.join(stage_uri(run, "download"), mf.MANIFEST))
     assert dl["counts"]["successes"] == 36 and dl["counts"]["total"] == 40, dl["counts"]
     assert any(f["path"].endswith(".tar") and f["bytes"] > 0 for f in dl["files"])
-    emb = store.read_json(store.join(run, "embed", mf.MANIFEST))
+    emb = store.read_json(store.join(stage_uri(run, "embed"), mf.MANIFEST))
     assert emb["counts"]["n_embedded"] == 36
     t_dl, t_emb = _finished(run, "download"), _finished(run, "embed")
 
@@ -67,26 +69,38 @@ def test_run_status_resume_lifecycle(tmp_path):
     assert code == 0 and "download: done already" in out and "embed: done already" in out, out
     assert (_finished(run, "download"), _finished(run, "embed")) == (t_dl, t_emb)
 
-    # One stage: embed re-runs, download is untouched, and downstream fingerprints stay valid.
+    # resume --stage of a finished stage: a no-op (resume never restarts or deletes).
     code, out = _cli("resume", run, "--stage", "embed")
+    assert code == 0 and "embed: done already" in out, out
+    assert _finished(run, "embed") == t_emb
+
+    # rerun --stage: a new attempt of embed beside the old one; download untouched.
+    old_embed = stage_uri(run, "embed")
+    code, out = _cli("rerun", run, "--stage", "embed")
     assert code == 0, out
+    assert stage_uri(run, "embed") != old_embed and store.exists(store.join(old_embed, mf.MANIFEST))
     assert _finished(run, "download") == t_dl and _finished(run, "embed") > t_emb
     t_emb = _finished(run, "embed")
 
-    # A changed download config re-runs download and everything downstream.
+    # A changed download config: new download and embed attempts; the old ones stay, intact.
+    old_dl, old_emb = stage_uri(run, "download"), stage_uri(run, "embed")
     spec2 = _spec(tmp_path, min_image_size=8)
     code, out = _cli("run", spec2)
     assert code == 0, out
-    assert _finished(run, "download") > t_dl and _finished(run, "embed") > t_emb
+    assert stage_uri(run, "download") != old_dl and stage_uri(run, "embed") != old_emb
+    assert store.read_json(store.join(old_dl, mf.MANIFEST))["finished_at"] == t_dl
+    assert store.read_json(store.join(old_emb, mf.MANIFEST))["finished_at"] == t_emb
     t_dl, t_emb = _finished(run, "download"), _finished(run, "embed")
+    code, out = _cli("status", run)
+    assert code == 0 and "superseded" in out and old_dl.rsplit("/", 1)[-1] in out, out
 
-    # --from re-runs the stage and its downstream.
-    code, out = _cli("resume", run, "--from", "download")
+    # rerun --from: the stage and its downstream as new attempts.
+    code, out = _cli("rerun", run, "--from", "download")
     assert code == 0, out
     assert _finished(run, "download") > t_dl and _finished(run, "embed") > t_emb
 
     # A stage killed half-way: no manifest, its finished shards kept, resumed in place.
-    emb_uri = store.join(run, "embed")
+    emb_uri = stage_uri(run, "embed")
     done_markers = store.glob(store.join(emb_uri, "shards", "*.done.json"))
     kept = store.read_bytes(done_markers[0])
     store.remove(mf.manifest_uri(emb_uri))
@@ -107,10 +121,10 @@ def test_failing_stage_is_reported_and_blocks_downstream(tmp_path):
     assert code == 1
     assert "download" in out and "success rate" in out.lower(), out
     assert "Traceback" not in out
-    assert not store.exists(store.join(run, "download", mf.MANIFEST)), "a failed stage never looks done"
+    assert not store.exists(store.join(stage_uri(run, "download"), mf.MANIFEST)), "a failed stage never looks done"
     code, out = _cli("status", run)
     assert "failed" in out, out
-    err = store.read_json(store.join(run, "download", "_ERROR.json"))
+    err = store.read_json(store.join(stage_uri(run, "download"), "_ERROR.json"))
     assert "success rate" in err["error"].lower()
 
 

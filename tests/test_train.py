@@ -10,6 +10,7 @@ from safetensors.torch import load as st_load
 
 from fixtures_train import DIMS, make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
+from stages.final_weights import latest_final
 from stages import base, decoder, prior, superres
 from stages.nets.flavors import build_network, get_flavor
 from stages.final_weights import load_final
@@ -60,7 +61,7 @@ def test_stage_two_steps(stage, data, tmp_path):
     assert (config["condaug"] is not None) == stage.startswith("train_sr")
     weights = st_load(store.read_bytes(result.outputs["weights"]))
     assert set(weights) == set(build_network(role, "debug", DIMS).state_dict())
-    net, _ = load_final(store.join(ctx.out_uri, "final"))
+    net, _ = load_final(latest_final(ctx.out_uri))
     assert all(torch.isfinite(p).all() for p in net.parameters())
     if stage != "train_prior":  # the prior's samples are embeddings, not images
         grids = store.glob(store.join(ctx.out_uri, "samples", "grid_*.png"))
@@ -101,8 +102,8 @@ def test_resume_is_exact_and_skips_incomplete_checkpoint(data, tmp_path):
     assert seen_b1[:4] == seen_a[:4]
     assert seen_b2 == seen_a[4:]
     # Weights: bit-identical final EMA weights.
-    wa = st_load(store.read_bytes(store.join(job("a").out_uri, "final", "model.safetensors")))
-    wb = st_load(store.read_bytes(store.join(job("b").out_uri, "final", "model.safetensors")))
+    wa = st_load(store.read_bytes(store.join(latest_final(job("a").out_uri), "model.safetensors")))
+    wb = st_load(store.read_bytes(store.join(latest_final(job("b").out_uri), "model.safetensors")))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -166,7 +167,7 @@ def test_bf16_zero2_with_activation_checkpointing(data, tmp_path):
     job = TrainJob(str(tmp_path / "o"), download, embed, dict(DIMS))
     out = train_loop(base.SPEC, cfg, job, DistEnv.from_env())
     assert out["precision"] == "bf16" and out["step"] == 2
-    weights = st_load(store.read_bytes(store.join(job.out_uri, "final", "model.safetensors")))
+    weights = st_load(store.read_bytes(store.join(latest_final(job.out_uri), "model.safetensors")))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     init = build_network("base", "debug", DIMS).state_dict()
     assert not torch.equal(weights["conv_out.weight"], init["conv_out.weight"])  # zero-init, trained away

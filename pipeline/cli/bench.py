@@ -12,7 +12,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli import _fail, bench_app, console
+from pipeline.cli.common import console
+from pipeline.cli.common import fail as _fail
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: training step, embedding, loader.")
 
 _STAGES = "base | sr256 | sr1024 | decoder | prior"
 
@@ -92,7 +95,7 @@ def bench_loader_cmd(
 
     run_uri = None
     if run:
-        from pipeline.cli import resolve_run
+        from pipeline.cli.common import resolve_run
 
         run_uri = resolve_run(run)
     try:

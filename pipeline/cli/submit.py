@@ -1,6 +1,6 @@
 """``t2i submit / logs / stop``: a run as a Ray job on a remote cluster (see pipeline/submit.py).
 
-Registers on the main app when pipeline/cli_extra.py imports this module.
+Its commands join the main app in pipeline/cli/__init__.py.
 """
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli import _fail, app, console
+from pipeline.cli.common import console
+from pipeline.cli.common import fail as _fail
+
+app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.py
 
 ADDRESS_HELP = ("Ray dashboard (Jobs API) address, e.g. http://127.0.0.1:8265 after `ray dashboard cluster/aws.yaml`; "
                 "default: the one recorded in the run's _JOB.json, then $RAY_API_SERVER_ADDRESS.")

@@ -1,0 +1,174 @@
+"""``t2i run | resume | rerun | status | gc``: a run's life on the store.
+
+``resume`` continues (never deletes, never restarts); ``rerun`` starts stages as new attempts
+beside the old ones; ``gc`` is the only command that deletes, and only with ``--yes``.
+"""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.common import console, err_console, fail, load_spec_or_fail, resolve_run
+
+app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.py
+
+
+def _summary_table(summary) -> Table:
+    t = Table(title=f"run {summary.run_uri}")
+    for col in ("stage", "status", "duration", "counts", "where"):
+        t.add_column(col)
+    for name, o in summary.outcomes.items():
+        m = o.manifest or {}
+        counts = ", ".join(f"{k}={v}" for k, v in list((m.get("counts") or {}).items())[:4])
+        dur = f"{(m.get('duration_s') if o.status == 'skipped' else o.duration_s) or 0:.1f}s"
+        node = m.get("node") or {}
+        style = {"ran": "green", "skipped": "cyan", "failed": "red", "blocked": "yellow"}[o.status]
+        t.add_row(name, f"[{style}]{o.status}[/]", dur, counts or (o.error or ""),
+                  node.get("node_ip") or node.get("hostname", ""))
+    return t
+
+
+def _run_and_report(spec, **kw) -> None:
+    from pipeline.context import StageFailed
+    from pipeline.runner import run_pipeline
+
+    try:
+        summary = run_pipeline(spec, log=lambda m: console.print(m), **kw)
+    except StageFailed as e:
+        fail(str(e))
+    console.print(_summary_table(summary))
+    failed = {k: o for k, o in summary.outcomes.items() if o.status in ("failed", "blocked")}
+    for k, o in failed.items():
+        err_console.print(f"[red]{k}[/]: {o.error}")
+    sample = summary.outcomes.get("sample")
+    if sample and sample.manifest:
+        outs = sample.manifest.get("outputs", {})
+        console.print(f"samples: {outs.get('dir') or sample.manifest.get('out_uri')}")
+        if outs.get("report"):
+            console.print(f"report:  {outs['report']}")
+        met = sample.manifest.get("metrics", {})
+        for casc in ("imagen", "unclip"):  # the demo check: do the samples follow their prompts?
+            if f"{casc}_demo_colour_accuracy" in met:
+                console.print(f"demo check ({casc}): colour accuracy {met[casc + '_demo_colour_accuracy']:.2f} "
+                              f"(chance {met[casc + '_demo_colour_chance']:.2f}), position accuracy "
+                              f"{met[casc + '_demo_position_accuracy']:.2f} over {int(met[casc + '_demo_n'])} prompts")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(spec: Optional[str] = typer.Argument(None, help="Run spec YAML (default: the demo spec)."),
+        address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster (auto, ray://host:10001)."),
+        set_: List[str] = typer.Option([], "--set", help="Override a spec field: section.field=value (repeatable)."),
+        no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray."),
+        ) -> None:
+    """Run a pipeline: skip finished stages, continue or extend the rest, print a summary."""
+    overrides = list(set_) + (["cluster.use_ray=false"] if no_ray else [])
+    _run_and_report(load_spec_or_fail(spec, overrides), address=address)
+
+
+def _run_spec_and_targets(run: str, stage: Optional[str], from_: Optional[str], no_ray: bool):
+    from pipeline.context import StageFailed
+    from pipeline.planning import load_run_spec
+    from pipeline.runner import targets
+
+    uri = resolve_run(run)
+    try:
+        spec = load_run_spec(uri)
+        names = targets(spec, stage, from_)
+    except (StageFailed, KeyError) as e:
+        fail(str(e).strip("'\""))
+    if no_ray:
+        spec.cluster.use_ray = False
+    return spec, names
+
+
+@app.command()
+def resume(run: str = typer.Argument(..., help="Run URI or run id."),
+           stage: Optional[str] = typer.Option(None, help="Resume just this stage (finish it, or extend it to the "
+                                                          "spec's steps)."),
+           from_: Optional[str] = typer.Option(None, "--from", help="Resume this stage and everything downstream."),
+           address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster."),
+           no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray.")) -> None:
+    """Finish a run from where it stopped. Continues from the latest complete checkpoint;
+    a finished stage is a no-op. Nothing is deleted or restarted (see `t2i rerun`)."""
+    spec, names = _run_spec_and_targets(run, stage, from_, no_ray)
+    _run_and_report(spec, only=names, address=address)
+
+
+@app.command()
+def rerun(run: str = typer.Argument(..., help="Run URI or run id."),
+          stage: Optional[str] = typer.Option(None, help="Start just this stage afresh."),
+          from_: Optional[str] = typer.Option(None, "--from", help="Start this stage and everything downstream afresh."),
+          address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster."),
+          no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray.")) -> None:
+    """Start stages from scratch as new attempts; the old attempts stay on the store until `t2i gc`."""
+    if not stage and not from_:
+        fail("name what to start afresh: --stage STAGE or --from STAGE")
+    spec, names = _run_spec_and_targets(run, stage, from_, no_ray)
+    _run_and_report(spec, only=names, fresh=names, address=address)
+
+
+@app.command()
+def status(run: str = typer.Argument(..., help="Run URI or run id."),
+           as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")) -> None:
+    """Each stage's state, attempt, counts and duration, and the superseded attempts kept beside it."""
+    from pipeline.context import StageFailed
+    from pipeline.gc import human_age, human_bytes
+    from pipeline.planning import run_status
+
+    uri = resolve_run(run)
+    try:
+        rows = run_status(uri)
+    except StageFailed as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps({"run": uri, "stages": rows}, indent=2, default=str))
+        return
+    t = Table(title=f"run {uri}")
+    for col in ("stage", "state", "attempt", "duration", "counts", "where"):
+        t.add_column(col, overflow="fold")
+    colors = {"done": "green", "partial": "yellow", "pending": "white", "extend": "magenta", "failed": "red"}
+    for r in rows:
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items()) or (r["error"] or "")
+        dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else ""
+        t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["attempt"], dur, counts, r["node"] or "")
+    console.print(t)
+    old = [(r["stage"], a) for r in rows for a in r["superseded"]]
+    if old:
+        console.print(f"superseded attempts (kept; `t2i gc {run}` lists what it would remove):")
+        for stage, a in old:
+            console.print(f"  {stage}/{a['attempt']}: {a['state']}, {human_bytes(a['bytes'])}, {human_age(a['age_s'])} old")
+    from pipeline.submit import job_status_line
+
+    line = job_status_line(uri)  # a submitted run: the Ray job's own state too
+    if line:
+        console.print(line)
+
+
+@app.command()
+def gc(run: str = typer.Argument(..., help="Run URI or run id."),
+       yes: bool = typer.Option(False, "--yes", help="Really delete (without it: list only)."),
+       as_json: bool = typer.Option(False, "--json", help="Print what would be removed as JSON.")) -> None:
+    """List superseded attempts and incomplete checkpoints with their sizes; delete them with --yes."""
+    from pipeline.context import StageFailed
+    from pipeline.gc import collect, find_garbage, human_age, human_bytes
+
+    uri = resolve_run(run)
+    try:
+        items = find_garbage(uri)
+    except StageFailed as e:
+        fail(str(e))
+    total = sum(g.bytes for g in items)
+    if as_json:
+        print(json.dumps({"run": uri, "items": [g.as_dict() for g in items], "bytes": total, "deleted": yes}))
+    else:
+        for g in items:
+            console.print(f"{g.kind:22s} {g.stage}: {g.uri}  {human_bytes(g.bytes)}, {human_age(g.age_s)} old  ({g.note})")
+        console.print(f"{len(items)} item(s), {human_bytes(total)}" +
+                      ("" if yes or not items else f" — nothing deleted; `t2i gc {run} --yes` removes them"))
+    if yes and items:
+        collect(items, log=(lambda m: None) if as_json else console.print)
