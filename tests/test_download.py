@@ -92,6 +92,10 @@ def test_download_counts_every_bad_row_exactly(downloaded):
     assert c["failed_to_download"] == kinds["missing"]  # 404
     assert c["failed_to_resize"] == kinds["html"] + kinds["truncated"] + kinds["empty"] + kinds["bomb"]
     assert c["shards"] == 3 and c["failed_shards"] == 0 and c["rows_in_failed_shards"] == 0
+    # ... and by reason: the bomb is refused from its header (40000x40000), before any decoding.
+    assert c["rejected_http_error"] == kinds["missing"] and c["rejected_too_large"] == kinds["bomb"]
+    assert c["rejected_undecodable"] == kinds["html"] + kinds["truncated"] + kinds["empty"]
+    assert sum(v for k, v in c.items() if k.startswith("rejected_")) == c["total"] - c["successes"]
     assert result.metrics["success_rate"] == pytest.approx(0.75)
     assert result.metrics["images_per_s"] > 0
     assert result.outputs["shards"] == out + "/shards"
@@ -100,7 +104,7 @@ def test_download_counts_every_bad_row_exactly(downloaded):
     assert [shard_id(u) for u in shards] == ["00000", "00001", "00002"]
     stats = read_shard_stats(result.outputs["shards"])
     errors = {k for st in stats.values() for k in st["status_dict"]}
-    assert any("404" in k for k in errors) and "Image decoding error" in errors
+    assert any("404" in k for k in errors) and "Image decoding error" in errors and "image too large" in errors
     assert not store.exists(out + "/shards/_tmp")  # img2dataset's scratch folder is gone
     assert "File sharded" in store.read_bytes(out + "/img2dataset.log").decode()  # its chatter went to the log
     assert any("shards done" in m for m in ctx.messages)
