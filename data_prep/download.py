@@ -36,7 +36,8 @@ from typing import Any, Iterator
 
 from data_prep.demo_corpus import serve_demo_corpus
 from data_prep.download_config import DEMO, DownloadConfig, local_path
-from data_prep.download_verify import SHARD_DIGITS, summarize
+from data_prep.download_retry import build_retry_list, next_first_id
+from data_prep.download_verify import SHARD_DIGITS, Pass, summarize
 from data_prep.url_list import UrlListError, prepare_url_list
 from pipeline import store
 from pipeline.context import StageContext, StageFailed, StageResult
@@ -135,7 +136,7 @@ def _decode_settings(cfg: DownloadConfig) -> dict[str, Any]:
 
 
 def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | None, shards_uri: str,
-               num_shards: int, log_path: str, ctx: StageContext) -> int:
+               ids: list[str], log_path: str, ctx: StageContext) -> int:
     env = _child_env(cfg)
     args_path = log_path + ".args.json"
     worker_env = {k: env[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE", "WANDB_SILENT", "TQDM_DISABLE",
@@ -152,7 +153,7 @@ def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | N
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=_REPO_ROOT, start_new_session=True)
         try:
-            return _wait_with_progress(proc, shards_uri, num_shards, ctx)
+            return _wait_with_progress(proc, shards_uri, ids, ctx)
         finally:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -160,7 +161,7 @@ def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | N
                 proc.wait()
 
 
-def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, num_shards: int, ctx: StageContext) -> int:
+def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, ids: list[str], ctx: StageContext) -> int:
     """Wait for the child, reporting shards as they finish and naming the ones that stall."""
     done_before, last_check = -1, time.monotonic()
     last_change, last_stuck_note = time.monotonic(), time.monotonic()
@@ -174,11 +175,12 @@ def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, num_shards: int
             continue
         last_check = now
         done_ids = {os.path.basename(u)[:SHARD_DIGITS] for u in store.glob(store.join(shards_uri, "*_stats.json"))}
+        done_ids &= set(ids)  # this pass's shards only
         if len(done_ids) != done_before:
-            ctx.progress(f"download: {len(done_ids)}/{num_shards} shards done")
+            ctx.progress(f"download: {len(done_ids)}/{len(ids)} shards done")
             done_before, last_change = len(done_ids), now
         elif now - last_change > _STUCK_AFTER_S and now - last_stuck_note > _STUCK_AFTER_S:
-            pending = [f"{i:0{SHARD_DIGITS}d}" for i in range(num_shards) if f"{i:0{SHARD_DIGITS}d}" not in done_ids]
+            pending = [i for i in ids if i not in done_ids]
             shown = ", ".join(pending[:8]) + (f" (+{len(pending) - 8} more)" if len(pending) > 8 else "")
             ctx.progress(f"download: no shard finished for {now - last_change:.0f} s; still running or queued: {shown}")
             last_stuck_note = now
@@ -189,6 +191,23 @@ def _tail(path: str, n: int = 4000) -> str:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - n))
         return f.read().decode("utf-8", errors="replace")
+
+
+def _img2dataset_pass(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | None, shards_uri: str,
+                      this: Pass, tmp: str, n: int, ctx: StageContext) -> str:
+    """One img2dataset run; its log is appended to ``<out>/img2dataset.log``. Returns the log's end."""
+    log_path = os.path.join(tmp, f"img2dataset.{n}.log")
+    try:
+        rc = _run_child(cfg, kwargs, ray_address, shards_uri, this.ids(), log_path, ctx)
+    finally:
+        with contextlib.suppress(Exception):
+            logs = sorted(f for f in os.listdir(tmp) if f.startswith("img2dataset.") and f.endswith(".log"))
+            data = b"".join(open(os.path.join(tmp, f), "rb").read() for f in logs)
+            store.write_bytes_atomic(store.join(ctx.out_uri, "img2dataset.log"), data)
+    log_tail = _tail(log_path, 20000)
+    if rc != 0:
+        raise StageFailed(f"download: img2dataset exited with status {rc}; end of its log:\n{log_tail[-4000:]}")
+    return log_tail
 
 
 def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
@@ -210,7 +229,6 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
         ray_address = _ray_address(cfg, ctx)
         distributor = "ray" if ray_address else "multiprocessing"
         kwargs = _img2dataset_kwargs(cfg, prepared.folder, shards_uri, distributor)
-        log_path = os.path.join(tmp, "img2dataset.log")
         # The runner clears a stage dir before a re-run; this makes a direct call just as safe:
         # a half-finished earlier attempt can never be mistaken for done shards.
         store.remove(shards_uri)
@@ -218,18 +236,26 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
         ctx.progress(f"download: {num_rows} rows ({filtered} filtered out of {lc['rows_in_list']}) -> "
                      f"{len(rows_per_shard)} shards with img2dataset ({distributor})")
         t0 = time.time()
-        try:
-            rc = _run_child(cfg, kwargs, ray_address, shards_uri, len(rows_per_shard), log_path, ctx)
-        finally:
-            with contextlib.suppress(Exception):
-                with open(log_path, "rb") as f:
-                    store.write_bytes_atomic(store.join(ctx.out_uri, "img2dataset.log"), f.read())
+        passes = [Pass(0, rows_per_shard)]
+        log_tail = _img2dataset_pass(cfg, kwargs, ray_address, shards_uri, passes[0], tmp, 0, ctx)
+        list_folder = prepared.folder
+        for n in range(1, cfg.retry_failed + 1):
+            retry_folder = os.path.join(tmp, f"retry{n}")
+            rps = build_retry_list(shards_uri, passes[-1], list_folder, cfg.number_sample_per_shard,
+                                   list(cfg.save_additional_columns), retry_folder)
+            if not rps:
+                break
+            first = next_first_id(shards_uri)
+            ctx.progress(f"download: pass {n + 1}: fetching again the {sum(rps)} rows that failed transiently "
+                         f"(timeouts, refused connections, HTTP 429/5xx, unfinished shards) into shards from "
+                         f"{first:0{SHARD_DIGITS}d}")
+            kw = dict(kwargs, url_list=retry_folder, incremental_mode="extend")
+            passes.append(Pass(first, rps))
+            log_tail = _img2dataset_pass(cfg, kw, ray_address, shards_uri, passes[-1], tmp, n, ctx)
+            list_folder = retry_folder
         elapsed = time.time() - t0
-        log_tail = _tail(log_path, 20000)
-        if rc != 0:
-            raise StageFailed(f"download: img2dataset exited with status {rc}; end of its log:\n{log_tail[-4000:]}")
     store.remove(store.join(shards_uri, "_tmp"))  # img2dataset's scratch copies of the URL list
-    result = summarize(shards_uri, rows_per_shard, cfg.min_success_rate, elapsed, log_tail, lc)
+    result = summarize(shards_uri, rows_per_shard, cfg.min_success_rate, elapsed, log_tail, lc, passes)
     c = result.counts
     reasons = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in c.items() if k.startswith("rejected_") and v)
     ctx.progress(f"download: {c['successes']}/{c['total']} rows became samples in {c['shards']} shards"

@@ -112,7 +112,13 @@ class DownloadConfig(TaskPlacement):
         30.0, gt=0, description="Overall time one request may take (connect + whole body), seconds, on top of "
         "timeout: a server trickling a byte a second is cut off here (checked between reads).",
     )
-    retries: int = Field(0, ge=0, description="Extra attempts per failed URL.")
+    retries: int = Field(0, ge=0, description="Extra attempts per failed URL, at once.")
+    retry_failed: int = Field(
+        0, ge=0, le=5, description="Extra passes, after the whole list is done, that fetch again only the rows "
+        "whose download failed for a transient reason (timeout, refused/reset connection, HTTP 408/425/429/5xx) "
+        "or whose shard did not finish, into new shards after the others; counted as retried_rows, "
+        "retry_successes. 0: one pass.",
+    )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES),
         description="X-Robots-Tag directives that make img2dataset skip an image (counted as "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from data_prep.image_decode import reason_of
@@ -37,31 +38,34 @@ def download_reason(error: str) -> str:
     return "connection_error"  # refused, reset, DNS, TLS, a server that closed without answering
 
 
-def rejection_counts(shards_uri: str, good: dict[str, dict[str, Any]]) -> Counter[str]:
-    """``rejected_<reason>`` for every row of the finished shards that did not become a sample."""
+def retryable(status: str | None, error: str) -> bool:
+    """A row whose download failed for a reason that may pass later: a timeout, a refused or reset
+    connection, HTTP 408/425/429 or 5xx. Not a 404, not an image rejected for what it is."""
+    if status != "failed_to_download":
+        return False
+    reason = download_reason(error)
+    if reason in ("timeout", "connection_error"):
+        return True
+    m = re.match(r"HTTP Error (\d+)", error)
+    return bool(m) and (int(m.group(1)) in (408, 425, 429) or int(m.group(1)) >= 500)
+
+
+def shard_rows(shards_uri: str, s: str, st: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(status, error) of every row of a finished shard, from img2dataset's per-shard parquet
+    (one row per URL); without that file, from the stats' (capped) error counter."""
     import pyarrow.parquet as pq
 
-    out: Counter[str] = Counter({f"rejected_{r}": 0 for r in REJECTION_REASONS})
-    for s, st in good.items():
-        uri = store.join(shards_uri, f"{s}.parquet")
-        try:
-            with store.open_uri(uri, "rb") as f:
-                t = pq.read_table(f, columns=["status", "error_message"]).to_pydict()
-            rows = zip(t["status"], t["error_message"])
-        except Exception:  # no per-row file: fall back to the stats' (capped) error counter
-            rows = ((None, msg) for msg, n in st.get("status_dict", {}).items() if msg != "success" for _ in range(n))
-        for status, msg in rows:
-            if status == "success":
-                continue
-            msg = msg or ""
-            if status == "failed_to_download" or (status is None and _looks_like_download_error(msg)):
-                out[f"rejected_{download_reason(msg)}"] += 1
-            else:
-                out[f"rejected_{reason_of(msg)}"] += 1
-    return out
+    try:
+        with store.open_uri(store.join(shards_uri, f"{s}.parquet"), "rb") as f:
+            t = pq.read_table(f, columns=["status", "error_message"]).to_pydict()
+        return [(a, b or "") for a, b in zip(t["status"], t["error_message"])]
+    except Exception:
+        return [(None, msg) for msg, n in st.get("status_dict", {}).items() for _ in range(int(n))]
 
 
-def _looks_like_download_error(msg: str) -> bool:
+def _is_download_failure(status: str | None, msg: str) -> bool:
+    if status is not None:
+        return status == "failed_to_download"
     return reason_of(msg) == "undecodable" and not msg.startswith("Image decoding error")
 
 
@@ -94,40 +98,82 @@ def img2dataset_error(log_tail: str) -> str:
     return " | ".join(lines[-3:]) if lines else "none in its log (see img2dataset.log)"
 
 
-def summarize(shards_uri: str, rows_per_shard: list[int], min_success_rate: float, elapsed: float,
-              log_tail: str = "", list_counts: dict[str, int] | None = None):
-    """Counts and metrics of a finished img2dataset run, or StageFailed (unfinished or short shards,
-    no samples at all, success rate under the threshold)."""
-    from pipeline.context import StageResult
+@dataclass
+class Pass:
+    """One img2dataset run: its shards are first_id, first_id + 1, ... with these row counts."""
 
-    stats = read_shard_stats(shards_uri)
+    first_id: int
+    rows_per_shard: list[int]
+
+    def ids(self) -> list[str]:
+        return [f"{self.first_id + i:0{SHARD_DIGITS}d}" for i in range(len(self.rows_per_shard))]
+
+
+def drop_unfinished(shards_uri: str, ids: list[str]) -> list[str]:
+    """Remove the files of shards that never finished (no stats file, or no tar): their partial
+    files must not look like output. Returns their ids."""
+    stats = {shard_id(u) for u in store.glob(store.join(shards_uri, "*_stats.json"))}
     tars = {shard_id(u) for u in list_shards(shards_uri)}
-    expected = [f"{i:0{SHARD_DIGITS}d}" for i in range(len(rows_per_shard))]
-    # A shard with no stats file (or no tar) never finished: its partial files must not look like
-    # output, and all its rows count as failures.
-    failed_shards = [s for s in expected if s not in stats or s not in tars]
-    for s in failed_shards:
+    failed = [s for s in ids if s not in stats or s not in tars]
+    for s in failed:
         for ext in (".tar", ".parquet", "_stats.json"):
             store.remove(store.join(shards_uri, s + ext))
-    good = {s: st for s, st in stats.items() if s not in failed_shards}
-    verify_tars(shards_uri, good, log_tail)
-    counts = dict(list_counts or {})
-    counts.update({
-        "total": sum(rows_per_shard),
-        "successes": sum(int(st["successes"]) for st in good.values()),
-        "failed_to_download": sum(int(st["failed_to_download"]) for st in good.values()),
-        "failed_to_resize": sum(int(st["failed_to_resize"]) for st in good.values()),
-        "rows_in_failed_shards": sum(rows_per_shard[int(s)] for s in failed_shards),
-        "shards": len(good),
-        "failed_shards": len(failed_shards),
-    })
-    counts.update(rejection_counts(shards_uri, good))
-    total = max(1, counts["total"])
-    rate = counts["successes"] / total
+    return failed
+
+
+def summarize(shards_uri: str, rows_per_shard: list[int], min_success_rate: float, elapsed: float,
+              log_tail: str = "", list_counts: dict[str, int] | None = None, passes: list[Pass] | None = None):
+    """Counts and metrics of finished img2dataset run(s), or StageFailed (short shards, no samples
+    at all, success rate under the threshold).
+
+    With several ``passes`` (retries of the failed rows into new shards) every row counts once, by
+    its last outcome: a retryable failure of an earlier pass, and every row of an earlier pass's
+    unfinished shards, was fetched again later and is counted there.
+    """
+    from pipeline.context import StageResult
+
+    passes = passes or [Pass(0, list(rows_per_shard))]
+    stats = read_shard_stats(shards_uri)
+    counts: dict[str, int] = dict(list_counts or {})
+    c = Counter({"successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "rows_in_failed_shards": 0,
+                 "shards": 0, "failed_shards": 0, **{f"rejected_{r}": 0 for r in REJECTION_REASONS}})
+    good_all: dict[str, dict[str, Any]] = {}
+    failed_all: list[str] = []
+    for n, p in enumerate(passes):
+        last = n == len(passes) - 1
+        failed = drop_unfinished(shards_uri, p.ids())
+        good = {s: stats[s] for s in p.ids() if s not in failed}
+        verify_tars(shards_uri, good, log_tail)
+        for s, st in good.items():
+            c["successes"] += int(st["successes"])
+            if n > 0:
+                c["retry_successes"] += int(st["successes"])
+            for status, msg in shard_rows(shards_uri, s, st):
+                if status == "success" or (not last and retryable(status, msg)):
+                    continue  # a success, or fetched again by the next pass
+                if _is_download_failure(status, msg):
+                    c["failed_to_download"] += 1
+                    c[f"rejected_{download_reason(msg)}"] += 1
+                else:
+                    c["failed_to_resize"] += 1
+                    c[f"rejected_{reason_of(msg)}"] += 1
+        if last:
+            c["rows_in_failed_shards"] += sum(p.rows_per_shard[int(s) - p.first_id] for s in failed)
+            failed_all += failed
+        c["shards"] += len(good)
+        c["failed_shards"] += len(failed)
+        good_all.update(good)
+    counts.update(c)
+    counts["total"] = sum(passes[0].rows_per_shard)
+    if len(passes) > 1:
+        counts["retried_rows"] = sum(sum(p.rows_per_shard) for p in passes[1:])
+        counts["retry_passes"] = len(passes) - 1
+        counts.setdefault("retry_successes", 0)
+    rate = counts["successes"] / max(1, counts["total"])
     metrics = {"success_rate": rate, "images_per_s": counts["total"] / max(elapsed, 1e-9),
                "download_seconds": elapsed}
     if counts["successes"] == 0 or rate < min_success_rate:
-        raise StageFailed(_failure_message(counts, good, failed_shards, rate, min_success_rate))
+        raise StageFailed(_failure_message(counts, good_all, failed_all, rate, min_success_rate))
     return StageResult(counts=counts, metrics=metrics, outputs={"shards": shards_uri})
 
 

@@ -200,6 +200,14 @@ class ClipEncoder:
         ids = self.tokenizer(list(captions))
         return ids, _clip_lengths(ids, self.model, self.tokenizer)
 
+    def count_truncated(self, captions: Sequence[str]) -> int:
+        """Captions longer than the context (EOT included): ``tokenize`` cuts them silently.
+        Tokenized again with 4x the context so the real length is seen."""
+        if not captions:
+            return 0
+        ids = self.tokenizer(list(captions), context_length=4 * self.context_length)
+        return int((_clip_lengths(ids, self.model, self.tokenizer) > self.context_length).sum())
+
     @torch.inference_mode()
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """(pooled [B, Dc] L2-normalised, per-token features trimmed [L_i, Dct] each, lengths [B]).
@@ -280,6 +288,13 @@ class T5Encoder:
         enc = self.tokenizer(list(captions), truncation=True, max_length=self.max_length, padding=False)
         return [list(x) for x in enc["input_ids"]]
 
+    def count_truncated(self, captions: Sequence[str]) -> int:
+        """Captions whose token count (EOS included) exceeds max_length: ``token_ids`` cuts them."""
+        if not captions:
+            return 0
+        enc = self.tokenizer(list(captions), truncation=False, padding=False, verbose=False)
+        return sum(len(x) > self.max_length for x in enc["input_ids"])
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
@@ -336,6 +351,20 @@ def load_t5(cfg: T5Config, device: torch.device | str | None = None) -> T5Encode
     model.to(device).eval().requires_grad_(False)
     return T5Encoder(model=model, tokenizer=tokenizer, device=device, max_length=cfg.max_length,
                      identity={"model": cfg.model, "max_length": cfg.max_length, "resolved": path})
+
+
+def caption_counts(captions: Sequence[str | None], clip: "ClipEncoder | None" = None,
+                   t5: "T5Encoder | None" = None) -> dict[str, int]:
+    """What happens to a batch of captions, counted: null (the list had none) apart from empty
+    (the list had "" or only spaces), and, per encoder given, how many its context cuts."""
+    out = {"n_null_caption": sum(c is None for c in captions),
+           "n_empty_caption": sum(c is not None and not c.strip() for c in captions)}
+    text = [c for c in captions if c is not None and c.strip()]
+    if clip is not None:
+        out["n_truncated_clip"] = clip.count_truncated(text)
+    if t5 is not None:
+        out["n_truncated_t5"] = t5.count_truncated(text)
+    return out
 
 
 def encoder_identity(clip: ClipConfig, t5: T5Config) -> dict[str, Any]:

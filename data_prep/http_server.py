@@ -18,12 +18,21 @@ from dataclasses import dataclass, field
 @dataclass
 class Route:
     """A canned response for one path (tests of what real servers do): extra headers such as
-    ``X-Robots-Tag: noai``, or a body trickled one byte every ``trickle_s`` seconds."""
+    ``X-Robots-Tag: noai``, a body trickled one byte every ``trickle_s`` seconds, or a 503 for
+    the first ``fail_first`` requests."""
 
     body: bytes
     content_type: str = "application/octet-stream"
     headers: dict[str, str] = field(default_factory=dict)
     trickle_s: float | None = None
+    fail_first: int = 0  # answer this many requests with 503 first (a flaky or rate-limiting server)
+    _served: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def take_failure(self) -> bool:
+        with self._lock:
+            self._served += 1
+            return self._served <= self.fail_first
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -36,6 +45,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         route = self.routes.get(self.path.split("?", 1)[0])
         if route is None:
             return super().do_GET()
+        if route.take_failure():
+            self.send_error(503, "Service Unavailable")
+            return
         self.send_response(200)
         self.send_header("Content-Type", route.content_type)
         self.send_header("Content-Length", str(len(route.body)))

@@ -31,7 +31,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class Sample:
     key: str  # img2dataset key, e.g. "000010042" (shard id digits + index digits)
     image_bytes: bytes  # the encoded image exactly as stored (JPEG for the download stage)
-    caption: str | None  # None when the shard has no .txt member for this key
+    caption: str | None  # None when the shard has no .txt member for this key, or the list's caption was null
     meta: dict[str, Any] = field(default_factory=dict)  # the parsed .json member ({} if absent)
     image_ext: str = "jpg"
 
@@ -92,6 +92,8 @@ def _make_sample(key: str, parts: dict[str, bytes], counts: dict[str, int] | Non
         return None
     caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
     meta = json.loads(parts["json"]) if "json" in parts else {}
+    if caption == "" and "caption" in meta and meta["caption"] is None:
+        caption = None  # img2dataset writes a null caption as an empty .txt; its json keeps the null
     return Sample(key=key, image_bytes=parts[img_ext], caption=caption, meta=meta, image_ext=img_ext)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import time
 
@@ -150,3 +151,28 @@ def test_degenerate_defaults_can_be_turned_off():
     with pytest.raises(ValueError, match="alpha_background"):
         DownloadConfig(alpha_background=(0, 0, 300))
     assert json.loads(d.model_dump_json())["alpha_background"] == [255, 255, 255]
+
+
+def test_retry_fetches_only_the_transient_failures_into_new_shards(tmp_path):
+    jpeg = faithful_cases()["jpeg"][0]
+    (tmp_path / "good.jpg").write_bytes(jpeg)
+    routes = {"/flaky.jpg": Route(jpeg, "image/jpeg", fail_first=1)}  # 503 once, then the image
+    with DemoHTTPServer(str(tmp_path), routes=routes) as srv:
+        urls = [srv.url("good.jpg"), srv.url("flaky.jpg"), srv.url("missing.jpg"),
+                f"http://127.0.0.1:{_closed_port()}/x.jpg"]
+        lst = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": ["good", "flaky", "missing", "refused"]}), lst)
+        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=4, timeout=3, retry_failed=1,
+                             min_success_rate=0.5)
+        ctx = _ctx(str(tmp_path / "run" / "download"))
+        result = run(cfg, ctx)
+    c = result.counts
+    assert routes["/flaky.jpg"]._served == 2  # fetched twice; the good row and the 404 only once
+    assert (c["retry_passes"], c["retried_rows"], c["retry_successes"]) == (1, 2, 1)  # flaky + refused
+    assert (c["successes"], c["rejected_http_error"], c["rejected_connection_error"]) == (2, 1, 1)
+    assert c["successes"] + c["failed_to_download"] + c["failed_to_resize"] + c["rows_in_failed_shards"] == 4
+    shards = list_shards(result.outputs["shards"])
+    assert [os.path.basename(u) for u in shards] == ["00000.tar", "00001.tar"]  # the retry's own shard
+    caps = {s.key: s.caption for u in shards for s in iter_shard(u)}
+    assert sorted(caps.values()) == ["flaky", "good"] and len(caps) == 2  # keys unique across passes
+    assert any("pass 2: fetching again the 2 rows" in m for m in ctx.messages), ctx.messages
