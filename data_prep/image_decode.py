@@ -166,9 +166,41 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_
     return img
 
 
-def decode_bgr_array(data: bytes, **kw) -> np.ndarray:
-    """decode_rgb as OpenCV's HxWx3 uint8 BGR array (what img2dataset's resizer works on)."""
-    arr = np.asarray(decode_rgb(data, **kw), dtype=np.uint8)
+def _complete(img: Image.Image, data: bytes) -> bool:
+    """Whether the file ends the way its format ends (OpenCV decodes half a JPEG into a grey-filled
+    image without complaint; Pillow raises). Odd but valid files fail this and take Pillow's path."""
+    if img.format == "JPEG":
+        return b"\xff\xd9" in data[-32:]
+    if img.format == "PNG":
+        return data[-12:-4] == b"\x00\x00\x00\x00IEND"
+    if img.format == "WEBP":
+        return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return False
+
+
+# Modes OpenCV's IMREAD_COLOR turns into the same pixels as decode_rgb (grey -> BGR, 16-bit -> 8-bit).
+_CV2_MODES = ("RGB", "L", "I;16", "I;16B", "I;16L", "CMYK")
+
+
+def decode_bgr_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 0,
+                     max_aspect_ratio: float | None = None, background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+    """decode_rgb as OpenCV's HxWx3 uint8 BGR array (what img2dataset's resizer works on).
+
+    Same header checks first. A complete, opaque, single-frame JPEG/PNG/WebP (nearly all web
+    images) is then decoded by OpenCV, ~3x faster than Pillow here: IMREAD_COLOR applies the EXIF
+    orientation and scales 16 bits to 8 itself. Everything else (transparency, animation,
+    palettes, truncated files, other formats) goes through decode_rgb.
+    """
+    img = open_checked(data, max_pixels, min_side, max_aspect_ratio)
+    if img.format in ("JPEG", "PNG", "WEBP") and img.mode in _CV2_MODES and not _has_alpha(img) \
+            and getattr(img, "n_frames", 1) == 1 and _complete(img, data):
+        import cv2
+
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if arr is not None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
+            return arr
+    arr = np.asarray(decode_rgb(data, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
+                                background=background), dtype=np.uint8)
     return np.ascontiguousarray(arr[:, :, ::-1])
 
 

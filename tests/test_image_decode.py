@@ -147,3 +147,25 @@ def test_garbage_is_undecodable(data):
     with pytest.raises(ImageRejected, match="Image decoding error") as e:
         decode_rgb(data)
     assert e.value.reason == "undecodable"
+
+
+@pytest.mark.parametrize("name", sorted(faithful_cases()))
+def test_bgr_path_matches_the_pillow_path(name):
+    """decode_bgr_array (img2dataset's child) takes OpenCV for plain files, Pillow for the rest:
+    either way the same pixels as decode_rgb."""
+    from data_prep.image_decode import decode_bgr_array
+
+    data, want = faithful_cases()[name]
+    bgr = decode_bgr_array(data, background=BACKGROUND)
+    assert bgr.dtype == np.uint8 and bgr.shape == want.shape, (name, bgr.shape)
+    rgb = bgr[:, :, ::-1]
+    assert corr(rgb, np.asarray(decode_rgb(data, background=BACKGROUND))) > 0.99, name
+    assert corr(rgb, want) > 0.98, name
+
+
+def test_truncated_jpeg_is_rejected_not_grey_filled():
+    data = _save(Image.fromarray(truth_rgb(256, 256)), "JPEG")
+    from data_prep.image_decode import decode_bgr_array
+
+    with pytest.raises(ImageRejected, match="Image decoding error"):
+        decode_bgr_array(data[: len(data) // 2])
