@@ -214,32 +214,46 @@ def apply_filters(table: pa.Table, cfg: "DownloadConfig", counts: dict[str, int]
     return table
 
 
+def _prepare_file(fs: Any, path: str, cfg: "DownloadConfig", fmt: str, out_path: str) -> tuple[int, dict[str, int]]:
+    """One list file -> its normalised parquet (not written when no row is left); (rows, counts)."""
+    counts: dict[str, int] = {}
+    table = read_list_file(fs, path, cfg, fmt)
+    counts["rows_in_list"] = table.num_rows
+    table = apply_filters(table, cfg, counts, path)
+    has_url = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(table[cfg.url_col])), 0), False)
+    before = table.num_rows
+    table = table.filter(has_url)
+    counts["rejected_missing_url"] = before - table.num_rows
+    cap = table[cfg.caption_col]
+    counts["null_captions"] = cap.null_count
+    counts["empty_captions"] = (pc.sum(pc.equal(pc.utf8_length(cap), 0).cast(pa.int64())).as_py() or 0
+                                if table.num_rows else 0)
+    if table.num_rows:  # img2dataset would write an empty shard for an empty file
+        out = {"url": table[cfg.url_col], "caption": cap, **{c: table[c] for c in cfg.save_additional_columns}}
+        pq.write_table(pa.table(out), out_path)
+    return table.num_rows, counts
+
+
 def prepare_url_list(cfg: "DownloadConfig", url_list: str, fmt: str, out_dir: str) -> PreparedList:
-    """Read, decode, filter every list file into ``out_dir/NNNNN.parquet`` for img2dataset."""
+    """Read, decode, filter every list file into ``out_dir/NNNNNNNN.parquet`` for img2dataset.
+
+    Files are prepared on a few threads (pyarrow reads, casts and writes without the GIL): ~1.5 s
+    per million LAION rows each; img2dataset then reads the normalised files as it would the originals.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     fs, files = list_files(url_list, fmt)
+    os.makedirs(out_dir, exist_ok=True)
     counts = {"rows_in_list": 0, "rejected_missing_url": 0, "null_captions": 0, "empty_captions": 0}
     counts.update({f"filtered_{c}": 0 for c in cfg.filters})
-    rows_per_shard: list[int] = []
-    os.makedirs(out_dir, exist_ok=True)
     per = cfg.number_sample_per_shard
-    for i, path in enumerate(files):
-        table = read_list_file(fs, path, cfg, fmt)
-        counts["rows_in_list"] += table.num_rows
-        table = apply_filters(table, cfg, counts, path)
-        url = table[cfg.url_col]
-        has_url = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(url)), 0), False)
-        before = table.num_rows
-        table = table.filter(has_url)
-        counts["rejected_missing_url"] += before - table.num_rows
-        cap = table[cfg.caption_col]
-        counts["null_captions"] += cap.null_count
-        counts["empty_captions"] += pc.sum(pc.equal(pc.utf8_length(cap), 0).cast(pa.int64())).as_py() or 0
-        out = {"url": table[cfg.url_col], "caption": cap}
-        out.update({c: table[c] for c in cfg.save_additional_columns})
-        if table.num_rows == 0:
-            continue  # img2dataset would write an empty shard for it
-        pq.write_table(pa.table(out), os.path.join(out_dir, f"{i:05d}.parquet"))
-        n = table.num_rows
+    with ThreadPoolExecutor(max_workers=min(4, len(files), os.cpu_count() or 1)) as pool:
+        done = list(pool.map(lambda ip: _prepare_file(fs, ip[1], cfg, fmt, os.path.join(out_dir, f"{ip[0]:08d}.parquet")),
+                             enumerate(files)))
+    rows_per_shard: list[int] = []
+    for n, c in done:  # in file order: img2dataset cuts the sorted files into shards in this order
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
         rows_per_shard += [min(per, n - k * per) for k in range(math.ceil(n / per))]
     return PreparedList(folder=out_dir, rows_per_shard=rows_per_shard, counts=counts)
 

@@ -195,5 +195,19 @@ def test_json_lists_are_read_null_and_empty_captions_counted(tmp_path, fmt):
     prep = prepare_url_list(cfg, str(path), fmt, str(tmp_path / "prep"))
     assert prep.rows_per_shard == [3]
     assert prep.counts == {"rows_in_list": 4, "rejected_missing_url": 1, "null_captions": 1, "empty_captions": 1}
-    t = pq.read_table(tmp_path / "prep" / "00000.parquet").to_pylist()
+    t = pq.read_table(tmp_path / "prep" / "00000000.parquet").to_pylist()
     assert [r["caption"] for r in t] == ["a", None, ""] and [r["score"] for r in t] == [1, 2, 3]
+
+
+def test_a_folder_of_files_is_sharded_file_by_file(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name, n in (("b.parquet", 3), ("a.parquet", 5), ("c.parquet", 0)):
+        pq.write_table(pa.table({"url": [f"http://127.0.0.1:1/{name}/{i}.jpg" for i in range(n)],
+                                 "caption": [f"{name} {i}" for i in range(n)]},
+                                schema=pa.schema([("url", pa.string()), ("caption", pa.string())])), folder / name)
+    cfg = DownloadConfig(url_list=str(folder), number_sample_per_shard=4)
+    assert cfg.input_format == "parquet"
+    prep = prepare_url_list(cfg, str(folder), "parquet", str(tmp_path / "prep"))
+    assert prep.rows_per_shard == [4, 1, 3] and prep.counts["rows_in_list"] == 8  # a: 4+1, b: 3, c: none
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == ["00000000.parquet", "00000001.parquet"]
