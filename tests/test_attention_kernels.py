@@ -194,6 +194,29 @@ def test_attention_block_matches_the_math_kernel():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ctx_dim,self_attn", [(None, True), (32, True), (32, False)])
+def test_weights_of_the_conv_layout_still_load(ctx_dim, self_attn):
+    """A state dict of the earlier 1x1-conv layout (q [C,C,1,1], kv [2C,C,1,1], proj [C,C,1,1])
+    loads into the block and gives the same outputs as the block it was taken from."""
+    torch.manual_seed(0)
+    a = AttentionBlock(64, 16, ctx_dim, self_attn)
+    torch.nn.init.normal_(a.proj.weight)
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    if self_attn:
+        w, bias = sd.pop("qkv.weight"), sd.pop("qkv.bias")
+        sd.update({"q.weight": w[:64, :, None, None], "q.bias": bias[:64],
+                   "kv.weight": w[64:, :, None, None], "kv.bias": bias[64:]})
+    else:
+        sd["q.weight"] = sd["q.weight"][:, :, None, None]
+    sd["proj.weight"] = sd["proj.weight"][:, :, None, None]
+    b = AttentionBlock(64, 16, ctx_dim, self_attn)
+    b.load_state_dict(sd)
+    x = torch.randn(2, 64, 8, 8)
+    kw = {} if ctx_dim is None else {"ctx": torch.randn(2, 5, 32), "ctx_mask": torch.arange(5).expand(2, 5) < 3}
+    with torch.no_grad():
+        torch.testing.assert_close(b(x, **kw), a(x, **kw))
+
+
 # ----------------------------------------------------------------------------- FLOPs
 def _fwd_bwd(module, *args, **kw):
     def step():

@@ -180,6 +180,21 @@ class AttentionBlock(nn.Module):
             self.ctx_kv = None
         self.proj = zero_(nn.Linear(ch, ch))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved by the earlier layout (1x1 convs `q` [C, C, 1, 1], `kv` [2C, C, 1, 1],
+        # `proj` [C, C, 1, 1]) are the same matrices: reshape them, and join q and kv into qkv
+        # (q rows first, as split in forward), so trained weights still load after the upgrade.
+        def take(name):
+            return state_dict.pop(prefix + name)
+        if self.self_attn and prefix + "kv.weight" in state_dict and prefix + "qkv.weight" not in state_dict:
+            state_dict[prefix + "qkv.weight"] = torch.cat([take("q.weight"), take("kv.weight")]).flatten(1)
+            state_dict[prefix + "qkv.bias"] = torch.cat([take("q.bias"), take("kv.bias")])
+        for name in ("q.weight", "proj.weight"):
+            w = state_dict.get(prefix + name)
+            if w is not None and w.ndim == 4:
+                state_dict[prefix + name] = w.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x, emb=None, ctx=None, ctx_mask=None):
         b, c, hgt, wid = x.shape
         n, heads = hgt * wid, self.heads
@@ -208,7 +223,7 @@ class AttentionBlock(nn.Module):
         q = q.view(b, n, heads, d).transpose(1, 2)                    # [B, heads, N, D] views
         k, v = kv.view(b, kv.shape[1], 2, heads, d).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        # [B, heads, N, D] -> tokens [B, N, C] (a view where the kernel wrote [B, N, heads, D]),
+        # [B, heads, N, D] -> tokens [B, N, C]: a view, as the fused kernels write q's layout,
         # project, and view the result as [B, C, H, W] (channels_last strides): the residual
         # add writes the output in x's layout without another copy.
         out = self.proj(out.transpose(1, 2).reshape(b, n, c))
