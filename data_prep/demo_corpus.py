@@ -156,19 +156,39 @@ def nearest_color(rgb) -> str:
     return min(COLORS, key=lambda k: float(np.sum((np.asarray(COLORS[k], dtype=np.float64) - v) ** 2)))
 
 
-def demo_prompts() -> list[str]:
-    """A fixed prompt list for sampling: every colour once, varied shapes, positions, sizes, backgrounds."""
-    picks = [
-        ("large", "red", "circle", "center", "white"),
-        ("large", "green", "square", "top left", "white"),
-        ("large", "blue", "triangle", "bottom right", "white"),
-        ("large", "yellow", "diamond", "center", "black"),
-        ("small", "orange", "cross", "top right", "gray"),
-        ("large", "purple", "circle", "bottom left", "white"),
-        ("large", "cyan", "square", "center", "black"),
-        ("small", "pink", "triangle", "middle left", "gray"),
-    ]
-    return [caption_of(CaptionAttrs(color=c, shape=s, position=p, size=z, background=b)) for z, c, s, p, b in picks]
+# The demo check's prompts. Each is a caption the corpus never contains (make_demo_corpus leaves
+# them out), while every colour, position and (colour, position) pair of them is still taught
+# by other captions: the check then measures composition, not recall of a memorised image.
+NUM_CHECK_PROMPTS = 48
+
+
+def check_attrs(n: int = NUM_CHECK_PROMPTS) -> list[CaptionAttrs]:
+    """``n`` held-out captions: every colour equally often, positions spread evenly over the grid
+    (colour i takes positions i, i+1, ... of the 9, so no colour is checked at one place only),
+    shape/size/background varied by a fixed seed. A pure function of ``n``."""
+    colours, positions = list(COLORS), list(POSITIONS)
+    rng = np.random.default_rng(12345)
+    out: list[CaptionAttrs] = []
+    for i in range(n):
+        ci, k = i % len(colours), i // len(colours)
+        out.append(CaptionAttrs(color=colours[ci], position=positions[(ci + k) % len(positions)],
+                                shape=SHAPES[int(rng.integers(len(SHAPES)))],
+                                size=list(SIZES)[int(rng.integers(len(SIZES)))],
+                                background=list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]))
+    if len(set(out)) != len(out):
+        raise ValueError(f"check_attrs({n}): more prompts than distinct (colour, position) pairs allow")
+    return out
+
+
+def training_attrs() -> list[CaptionAttrs]:
+    """Every caption the corpus may draw: :func:`all_attrs` minus the held-out check prompts."""
+    held = set(check_attrs())
+    return [a for a in all_attrs() if a not in held]
+
+
+def demo_prompts(n: int = NUM_CHECK_PROMPTS) -> list[str]:
+    """The fixed prompt list of the demo check: the held-out captions of :func:`check_attrs`."""
+    return [caption_of(a) for a in check_attrs(n)]
 
 
 def render(attrs: CaptionAttrs, image_size: int, rng: np.random.Generator | None = None) -> Image.Image:
@@ -260,8 +280,9 @@ def make_demo_corpus(
     kinds = BAD_KINDS + (("bomb",) if include_bomb else ())
     bad_rows = set(rng.choice(num_images, size=num_bad, replace=False).tolist()) if num_bad else set()
 
-    # A random order over all distinct captions; cycled (with fresh jitter) past 2160 images.
-    catalogue = all_attrs()
+    # A random order over the distinct captions minus the check's held-out ones; cycled (with
+    # fresh jitter) past their number.
+    catalogue = training_attrs()
     order = rng.permutation(len(catalogue))
 
     if base_url is None:

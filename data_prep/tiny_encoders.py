@@ -3,18 +3,31 @@
 They are saved in the same layout a real model uses (open_clip ``local-dir`` with
 open_clip_config.json + safetensors; a transformers ``save_pretrained`` directory with a
 tokenizer.json) and loaded back through ``load_clip`` / ``load_t5``, so tests cover the real
-loading path. Weights are a function of the seed only, so every worker that builds them gets
-the same encoders.
+loading path.
+
+The tiny CLIP is *trained*: a random CLIP's image embedding says little about colour or
+position, so an unCLIP prior + decoder conditioned on it would have nothing to learn from. It is
+trained contrastively (open_clip's own model and ``ClipLoss``) on images drawn exactly as the demo
+corpus draws them, captions minus the demo check's held-out prompts, for about half a CPU-minute
+on one thread (one thread: the weights are then a function of the seed and the recipe, whatever
+the caller's thread count). A trained copy is kept in a per-user cache keyed by config, recipe
+and seed (``T2I_CACHE_DIR``, default ``~/.cache/t2i-pipeline``), like a hub cache keeps a
+pretrained model, so each machine pays for it once; ``T2I_CACHE_DIR=off`` disables the cache.
+The T5 encoder stays random: its token features already tell tokens apart, which is all the
+Imagen path needs from it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TINY_CLIP_CFG = {
@@ -26,6 +39,10 @@ TINY_CLIP_CFG = {
 TINY_CLIP_PREPROCESS = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
                         "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
                         "resize_mode": "shortest"}
+# Contrastive training of the tiny CLIP (see the module docstring). Batches hold distinct captions
+# (a repeated caption would be a false negative of itself).
+TINY_CLIP_TRAIN = {"steps": 400, "batch_size": 128, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.1,
+                   "renders_per_caption": 2, "render_size": 128, "version": 1}
 TINY_T5 = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
 _DONE = "TINY_OK"
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
@@ -46,18 +63,142 @@ def _corpus() -> list[str]:
     return [" ".join(w[(i * 7 + j * 3) % len(w)] for j in range(3 + i % 6)) for i in range(600)] + [" ".join(w)]
 
 
-def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_clip(out_dir: str | Path, seed: int = 0, train: bool = True) -> Path:
+    """Write the tiny CLIP into ``out_dir``: trained on the demo corpus (``train=True``, from the
+    cache when present) or with its random initial weights."""
     import open_clip
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**json.loads(json.dumps(TINY_CLIP_CFG)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    weights = out / "open_clip_model.safetensors"
+    cached = _clip_cache_path(seed) if train else None
+    if cached is not None and cached.is_file():
+        shutil.copyfile(cached, weights)
+    else:
+        torch.manual_seed(seed)
+        model = open_clip.model.CLIP(**json.loads(json.dumps(TINY_CLIP_CFG)))
+        if train:
+            train_tiny_clip(model, seed)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        if cached is not None:
+            _store_in_cache(weights, cached)
+    load_file(str(weights))  # a truncated cache copy fails here, not at load time in a worker
     (out / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_CLIP_PREPROCESS}, indent=2))
     return out
+
+
+def _clip_cache_path(seed: int) -> Path | None:
+    root = os.environ.get("T2I_CACHE_DIR", "~/.cache/t2i-pipeline")
+    if root.strip().lower() in ("", "off", "0", "none"):
+        return None
+    from data_prep import demo_corpus
+
+    # Everything the trained weights depend on: architecture, preprocessing, recipe, seed, and the
+    # captions/pixels the corpus draws (its tables and the held-out prompts).
+    key = json.dumps([TINY_CLIP_CFG, TINY_CLIP_PREPROCESS, TINY_CLIP_TRAIN, seed, demo_corpus.COLORS,
+                      demo_corpus.BACKGROUNDS, demo_corpus.SHAPES, demo_corpus.POSITIONS, demo_corpus.SIZES,
+                      demo_corpus.demo_prompts(), torch.__version__.split("+")[0]], sort_keys=True)
+    return Path(os.path.expanduser(root)) / f"tiny-clip-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _store_in_cache(weights: Path, cached: Path) -> None:
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}")
+        shutil.copyfile(weights, tmp)
+        os.replace(tmp, cached)  # atomic: a concurrent builder sees the old or the whole new file
+    except OSError:
+        pass  # a read-only home only costs the next build its training time
+
+
+def _training_pool(seed: int, image_size: int):
+    """(pixels [N, 3, S, S] normalised like the embed stage, caption ids [N, 77], caption index [N]).
+
+    Images go through the corpus's own path: render (with its jitter), JPEG, then the embed
+    stage's CLIP preprocessing, so the CLIP is trained on what it will embed."""
+    import open_clip
+
+    from data_prep import demo_corpus
+    from data_prep.embed_decode import preprocess_image
+
+    attrs = demo_corpus.training_attrs()
+    reps, size = TINY_CLIP_TRAIN["renders_per_caption"], TINY_CLIP_TRAIN["render_size"]
+    pp = dict(TINY_CLIP_PREPROCESS, size=[image_size, image_size])
+    pix, which = [], []
+    for r in range(reps):
+        for i, a in enumerate(attrs):
+            img = demo_corpus.render(a, size, np.random.default_rng([seed, r, i]))
+            pix.append(preprocess_image(demo_corpus._jpeg_bytes(img), pp))
+            which.append(i)
+    ids = open_clip.tokenize([demo_corpus.caption_of(a) for a in attrs], context_length=77)
+    return torch.from_numpy(np.stack(pix)), ids, torch.tensor(which), len(attrs)
+
+
+def _encode_text_trimmed(model, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` over the first max-length positions only: with its causal
+    mask a token never sees later positions, so this is the full 77-position pass (the same
+    identity data_prep.encoders.ClipEncoder.encode_text relies on), at a fraction of the cost."""
+    from open_clip.transformer import text_global_pool
+
+    L = int((ids != 0).sum(1).max())
+    ids = ids[:, :L]
+    x = model.token_embedding(ids) + model.positional_embedding[:L]
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))
+    x = text_global_pool(x, ids, model.text_pool_type)
+    return torch.nn.functional.normalize(x @ model.text_projection, dim=-1)
+
+
+def train_tiny_clip(model, seed: int = 0, log=None) -> dict[str, float]:
+    """Contrastive training of ``model`` (an open_clip CLIP) on the demo corpus, in place.
+    Returns {"loss": last loss, "accuracy": image->text top-1 over a batch, "seconds": time}."""
+    from open_clip.loss import ClipLoss
+
+    cfg = TINY_CLIP_TRAIN
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    try:
+        pix, ids, which, n_caps = _training_pool(seed, TINY_CLIP_CFG["vision_cfg"]["image_size"])
+        g = torch.Generator().manual_seed(seed)
+        loss_fn = ClipLoss()
+        # The token table stays at its random init: 49k x 64 rows of which the demo uses ~40, and
+        # random rows already tell words apart; AdamW over it was a third of each step.
+        model.token_embedding.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        rest = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                 {"params": rest, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+        steps, warm = cfg["steps"], cfg["warmup_steps"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, s / steps))))
+        reps = len(which) // n_caps
+        model.train()
+        stats: dict[str, float] = {}
+        for step in range(steps):
+            caps = torch.randperm(n_caps, generator=g)[: cfg["batch_size"]]  # distinct captions
+            rows = caps + n_caps * torch.randint(reps, (len(caps),), generator=g)
+            img_f = model.encode_image(pix[rows], normalize=True)
+            txt_f = _encode_text_trimmed(model, ids[caps])
+            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # open_clip's training clamp
+            if step == steps - 1 or (log and step % 50 == 0):
+                acc = float(((img_f @ txt_f.T).argmax(1) == torch.arange(len(caps))).float().mean())
+                stats = {"loss": float(loss.detach()), "accuracy": acc, "seconds": time.time() - t0}
+                if log:
+                    log(f"tiny CLIP step {step}: loss {stats['loss']:.3f}, batch top-1 {acc:.2f}")
+        model.token_embedding.requires_grad_(True)
+        model.eval()
+        return stats
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build_tiny_t5_tokenizer(out_dir: str | Path):
@@ -118,18 +259,28 @@ def ensure_tiny_encoders(root: str | Path, seed: int = 0) -> tuple[str, str]:
     dirs = []
     for name, build in (("tiny-clip", build_tiny_clip), ("tiny-t5", build_tiny_t5)):
         final = root / name
-        if not (final / _DONE).exists():
+        # The marker names the recipe: a directory built by an older recipe (e.g. a random CLIP) is rebuilt.
+        done = json.dumps({"seed": seed, **({"clip_train": TINY_CLIP_TRAIN} if name == "tiny-clip" else {})},
+                          sort_keys=True)
+        if not _built(final, done):
             tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
             build(tmp, seed=seed)
-            (tmp / _DONE).write_text(json.dumps({"seed": seed}))
+            (tmp / _DONE).write_text(done)
             try:
-                if final.exists() and not (final / _DONE).exists():
-                    shutil.rmtree(final, ignore_errors=True)  # a half-built leftover from a crash
+                if final.exists() and not _built(final, done):
+                    shutil.rmtree(final, ignore_errors=True)  # a half-built leftover or an older recipe
                 os.replace(tmp, final)
             except OSError:
-                if not (final / _DONE).exists():
+                if not _built(final, done):
                     raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         dirs.append(str(final))
     return dirs[0], dirs[1]
+
+
+def _built(d: Path, done: str) -> bool:
+    try:
+        return json.loads((d / _DONE).read_text()) == json.loads(done)
+    except (OSError, ValueError):
+        return False

@@ -12,6 +12,10 @@ can plausibly learn:
 * position (when the prompt names one): the centroid of the coloured mass must be nearest to
   the prompt's nominal position among the corpus ``POSITIONS`` (a 3x3 grid; chance 1/9).
 
+* grain: the pixel standard deviation (0-255) of the background in the image's border band
+  (the outer 1/16 of the side, shape pixels left out). The corpus's backgrounds are flat, so a
+  model that learned them scores ~0-3; visible grain is > 8.
+
 The background colour is estimated from the image border (median), so the check needs nothing
 from the corpus beyond ``parse_caption``, ``COLORS`` and ``POSITIONS``.
 """
@@ -26,6 +30,7 @@ from PIL import Image, ImageFilter
 ANALYSIS_SIZE = 96  # samples are analysed at <= this size: colour and centroid survive, cost doesn't grow
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is "coloured"
 MIN_FOREGROUND_FRACTION = 0.002  # fewer coloured pixels than this: the image shows nothing
+BORDER_FRACTION = 1 / 16  # the band whose background grain is measured (shapes stay inside it mostly)
 
 
 # ---------------------------------------------------------------- corpus adapters
@@ -56,19 +61,45 @@ def is_demo_prompt(prompt: str) -> bool:
 # ---------------------------------------------------------------- measurement
 
 
-def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
+def _as_image(img: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img.astype(np.uint8))
     img = img.convert("RGB")
     if max(img.size) > ANALYSIS_SIZE:
         # NEAREST keeps pure palette colours (a box filter would invent blends at shape edges)
+        # and keeps per-pixel grain (a box filter would average it away before it is measured).
         scale = ANALYSIS_SIZE / max(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.NEAREST)
+    return img
+
+
+def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
     # A median filter removes per-pixel grain (few-step samplers, small upsamplers) that would
     # otherwise count as "coloured" pixels of every hue; flat shapes and their colours survive it.
-    img = img.filter(ImageFilter.MedianFilter(5))
-    return np.asarray(img, dtype=np.float32)
+    return np.asarray(_as_image(img).filter(ImageFilter.MedianFilter(5)), dtype=np.float32)
+
+
+def background_std(img: Image.Image | np.ndarray) -> float:
+    """Grain of the background: std (0-255, RMS over the RGB channels) of the unfiltered pixels of
+    the border band that are background. Which pixels are background is decided on the
+    median-filtered image, so grain itself cannot hide from the measurement, while the pixels of a
+    shape reaching into the band are left out."""
+    small = _as_image(img)
+    raw = np.asarray(small, dtype=np.float32)
+    smooth = np.asarray(small.filter(ImageFilter.MedianFilter(5)), dtype=np.float32)
+    h, w = raw.shape[:2]
+    k = max(1, round(min(h, w) * BORDER_FRACTION))
+    band = np.zeros((h, w), dtype=bool)
+    band[:k], band[-k:], band[:, :k], band[:, -k:] = True, True, True, True
+    bg = background_colour(smooth)
+    fg = np.linalg.norm(smooth - bg, axis=-1) > FOREGROUND_DISTANCE
+    # Grown by 3 pixels: the median filter rounds a shape's corners, whose raw pixels are no grain.
+    fg = np.asarray(Image.fromarray(fg.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(7))) > 0
+    sel = band & ~fg
+    if sel.sum() < 2:
+        sel = band
+    return float(np.sqrt(raw[sel].var(axis=0).mean()))
 
 
 def background_colour(arr: np.ndarray) -> np.ndarray:
@@ -152,6 +183,7 @@ class DemoCheck:
     position_n: int = 0  # checked samples whose prompt names a position
     position_correct: int = 0
     position_chance: float | None = None  # 1 / number of corpus positions
+    background_std: float | None = None  # mean over checked samples of background_std (0-255)
     verdicts: list[SampleVerdict] = field(default_factory=list)
 
     def line(self) -> str:
@@ -162,12 +194,17 @@ class DemoCheck:
         if self.position_accuracy is not None:
             s += (f", position {self.position_correct}/{self.position_n} = {self.position_accuracy:.2f}"
                   f" (chance {self.position_chance:.2f})")
+        if self.background_std is not None:
+            s += f", background std {self.background_std:.1f}/255"
         return s
 
     def metrics(self) -> dict[str, float]:
         m = {"demo_n": float(self.n), "demo_colour_accuracy": self.colour_accuracy, "demo_colour_chance": self.chance}
         if self.position_accuracy is not None:
             m["demo_position_accuracy"] = self.position_accuracy
+            m["demo_position_chance"] = float(self.position_chance)
+        if self.background_std is not None:
+            m["demo_background_std"] = self.background_std
         return m
 
 
@@ -177,6 +214,7 @@ def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
     colours = dict(colours) if colours is not None else corpus_colours()
     positions: dict[str, tuple[float, float]] | None = None
     verdicts: list[SampleVerdict] = []
+    grain: list[float] = []
     for prompt, img in samples:
         parsed = parse_demo_prompt(prompt)
         if parsed is None:
@@ -190,6 +228,7 @@ def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
             positions = positions if positions is not None else corpus_positions()
             pos_ok = position_matches(want_pos, a.centroid, positions)
         verdicts.append(SampleVerdict(prompt, want_colour, a.colour, want_pos, pos_ok))
+        grain.append(background_std(img))
     n = len(verdicts)
     cm = sum(v.colour_ok for v in verdicts)
     with_pos = [v for v in verdicts if v.position_ok is not None]
@@ -198,7 +237,8 @@ def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
         n=n, colour_matches=cm, colour_accuracy=cm / n if n else 0.0,
         position_accuracy=pm / len(with_pos) if with_pos else None,
         chance=1.0 / len(colours), position_n=len(with_pos), position_correct=pm,
-        position_chance=1.0 / len(positions) if positions else None, verdicts=verdicts,
+        position_chance=1.0 / len(positions) if positions else None,
+        background_std=float(np.mean(grain)) if grain else None, verdicts=verdicts,
     )
 
 

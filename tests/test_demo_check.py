@@ -98,3 +98,20 @@ def test_position_matches_uses_the_corpus_grid():
     assert position_matches("center", (0.52, 0.48))
     with pytest.raises(ValueError, match="allowed"):
         position_matches("somewhere", (0.5, 0.5))
+
+
+def test_background_std_measures_grain_not_shapes():
+    from stages.demo_check import background_std
+
+    a = CaptionAttrs(color="blue", shape="square", position="top left", size="large", background="gray")
+    flat = render(a, 128)
+    assert background_std(flat) < 1.0  # a large corner shape reaching into the band is not grain
+    rng = np.random.default_rng(4)
+    noisy = [np.clip(np.asarray(flat, dtype=np.float64) + rng.normal(0, s, (128, 128, 3)), 0, 255) for s in (6, 20)]
+    lo, hi = (background_std(x) for x in noisy)
+    assert lo == pytest.approx(6, abs=1) and hi == pytest.approx(20, abs=2)  # gray: no clipping at 0/255
+    chk = check_samples([(caption_of(a), flat), (caption_of(a), noisy[1])])
+    assert chk.background_std == pytest.approx((background_std(flat) + hi) / 2)
+    m = chk.metrics()
+    assert m["demo_background_std"] == chk.background_std and m["demo_position_chance"] == pytest.approx(1 / 9)
+    assert "background std" in chk.line()

@@ -136,3 +136,18 @@ def test_server_serves_bad_rows_as_designed_and_stops(tmp_path):
 def test_server_refuses_non_loopback(tmp_path):
     with pytest.raises(ValueError, match="127.0.0.1 only"):
         DemoHTTPServer(str(tmp_path), host="0.0.0.0")
+
+
+def test_check_prompts_are_held_out_but_their_parts_are_taught(tmp_path):
+    from data_prep.demo_corpus import check_attrs, training_attrs
+
+    held = check_attrs()
+    assert len(held) == len(set(held)) >= 32 and demo_prompts() == [caption_of(a) for a in held]
+    assert {a.color for a in held} == set(COLORS) and {a.position for a in held} == set(POSITIONS)
+    taught = training_attrs()
+    assert not set(held) & set(taught) and len(taught) + len(held) == len(all_attrs())
+    pairs = {(a.color, a.position) for a in taught}
+    assert all((a.color, a.position) in pairs for a in held)  # composition, not an unseen pair
+    info = make_demo_corpus(str(tmp_path), 400, 32, seed=5)
+    captions = set(pq.read_table(info.parquet_path).column("caption").to_pylist())
+    assert len(captions) == 400 and not captions & set(demo_prompts())
