@@ -116,6 +116,19 @@ def read_current(run_uri: str, stage: str) -> str | None:
     return attempt_uri(run_uri, stage, name) if name and parse_attempt(name) else None
 
 
+def finished_stage_dir(run_uri: str, stage: str) -> str | None:
+    """The folder holding a stage's finished outputs for tools without a spec: the attempt
+    ``_CURRENT.json`` names, else ``<run>/<stage>`` itself when it holds outputs directly (a run
+    laid out by hand or by an older release), else None."""
+    uri = read_current(run_uri, stage)
+    if uri is not None:
+        return uri
+    flat = stage_root(run_uri, stage)
+    if any(store.exists(store.join(flat, name)) for name in (FINAL, ENCODERS, SHARDS)):
+        return flat
+    return None
+
+
 def final_dir(attempt: str, step: int) -> str:
     """Final weights of a training attempt at ``step``: each extension writes a new folder, so
     the weights an earlier finished run wrote are never overwritten."""

@@ -12,6 +12,7 @@ from typing import Callable
 
 from pipeline.configbase import TaskPlacement
 from pipeline.graph import deps_in_spec
+from pipeline.ray_executor import RayExecutor, trains_in_task
 
 
 def init_ray(cluster, address: str | None = None) -> None:
@@ -56,6 +57,7 @@ def _schedule(spec, todo, plans, manifests, summary, log) -> None:
 
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     data = spec.model_dump(mode="json")
+    executor = RayExecutor(address=None)
     pending = list(todo)
     running: dict = {}  # ObjectRef -> (stage name, start time)
     while pending or running:
@@ -67,12 +69,8 @@ def _schedule(spec, todo, plans, manifests, summary, log) -> None:
                 pending.remove(s)
                 log(f"- {s.name}: not run, {', '.join(failed)} failed")
             elif all(d in manifests for d in deps):
-                # Download/embed run inside this task: their `resources` pin it. Training stages
-                # place their Ray Train workers themselves.
-                placed = getattr(spec, s.name)
-                task_resources = dict(placed.resources) if isinstance(placed, TaskPlacement) else {}
-                ref = remote_stage.options(name=f"stage:{s.name}", resources=task_resources).remote(
-                    plans[s.name], data, {d: manifests[d] for d in deps}, True)
+                ref = remote_stage.options(name=f"stage:{s.name}", **_task_options(getattr(spec, s.name))).remote(
+                    plans[s.name], data, {d: manifests[d] for d in deps}, executor)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
                 log(f"▶ {s.name}: started")
@@ -91,3 +89,17 @@ def _schedule(spec, todo, plans, manifests, summary, log) -> None:
             summary.outcomes[name] = StageOutcome(name, "ran", m, duration_s=time.time() - t0)
             where = (m.get("node") or {}).get("node_ip", "")
             log(f"✓ {name}: finished in {time.time() - t0:.1f}s{' on ' + where if where else ''}")
+
+
+def _task_options(cfg) -> dict:
+    """What a stage's own Ray task reserves. Download/embed run inside it: their ``resources`` pin
+    it. A one-rank CPU training stage trains inside it too, so it reserves that rank's CPUs (and
+    its restarts are task retries); other training stages place Ray Train workers themselves."""
+    if isinstance(cfg, TaskPlacement):
+        return {"resources": dict(cfg.resources)}
+    placement = getattr(cfg, "placement", None)
+    p = placement() if callable(placement) else None
+    if p is not None and trains_in_task(p):
+        return {"num_cpus": p.cpus_per_worker, "resources": dict(p.resources), "max_retries": p.max_failures,
+                "retry_exceptions": False}
+    return {}

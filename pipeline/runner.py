@@ -105,7 +105,7 @@ def _run_in_process(spec, todo, plans, manifests, summary, log) -> None:
         log(f"▶ {s.name}: running")
         t0 = time.time()
         try:
-            m = execute_stage(plans[s.name], data, {d: manifests[d] for d in deps_in_spec(s, spec)}, False)
+            m = execute_stage(plans[s.name], data, {d: manifests[d] for d in deps_in_spec(s, spec)})
         except Exception as e:  # noqa: BLE001 - reported in the summary, the run goes on
             summary.outcomes[s.name] = StageOutcome(s.name, "failed", error=error_message(e),
                                                     duration_s=time.time() - t0)

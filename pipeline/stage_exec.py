@@ -14,6 +14,7 @@ from typing import Any, Callable
 from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageContext, StageFailed
+from pipeline.executors import LocalExecutor
 
 ERROR_FILE = "_ERROR.json"
 
@@ -64,7 +65,7 @@ def node_info() -> dict[str, Any]:
     return info
 
 
-def execute_stage(plan: PlannedStage, spec_data: dict, inputs: dict[str, dict], ray_enabled: bool = False,
+def execute_stage(plan: PlannedStage, spec_data: dict, inputs: dict[str, dict], executor: Any = None,
                   progress: Callable[[str], None] | None = None) -> dict:
     """Run one stage attempt to completion and write its manifest, then point ``_CURRENT`` at it."""
     from pipeline.graph import get_stage
@@ -81,7 +82,7 @@ def execute_stage(plan: PlannedStage, spec_data: dict, inputs: dict[str, dict], 
     store.remove(store.join(out_uri, ERROR_FILE))
     mf.mark_started(out_uri, plan.fingerprint)
     cfg = getattr(spec, plan.name)
-    ctx = StageContext(run_uri=ruri, out_uri=out_uri, inputs=inputs, ray_enabled=ray_enabled,
+    ctx = StageContext(run_uri=ruri, out_uri=out_uri, inputs=inputs, executor=executor or LocalExecutor(),
                        progress=progress or (lambda m: print(f"[{plan.name}] {m}", flush=True)),
                        previous=state.manifest)
     t0 = time.time()

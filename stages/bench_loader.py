@@ -86,9 +86,10 @@ def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict
 def loader_rate(download_uri: str | None, embed_uri: str, *, image_size: int | None, batch: int, workers: int,
                 batches: int, pin_memory: bool, seed: int = 0) -> dict[str, float]:
     """Samples/s of the training DataLoader over ``batches`` batches after the first (worker start-up)."""
+    from pipeline import store
     from stages.loader import LoaderSpec, make_loader, pair_shards
 
-    shards = pair_shards(download_uri, embed_uri)
+    shards = pair_shards(download_uri and store.join(download_uri, "shards"), store.join(embed_uri, "shards"))
     loader = make_loader(shards, LoaderSpec(image_size, batch, seed), None, workers, pin_memory=pin_memory)
     it = iter(loader)
     t_start = time.perf_counter()
@@ -128,8 +129,12 @@ def bench_loader(stage: str = "base", flavor: str = "debug", *, batch: int = 4, 
         raise ValueError(f"workers must be >= 0, batches and batch >= 1 (got {workers}, {batches}, {batch})")
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         if run_uri:
-            download = store.join(run_uri, "download") if spec.needs_images else None
-            embed = store.join(run_uri, "embed")
+            from pipeline import layout
+
+            download = layout.finished_stage_dir(run_uri, "download") if spec.needs_images else None
+            embed = layout.finished_stage_dir(run_uri, "embed")
+            if embed is None or (spec.needs_images and download is None):
+                raise ValueError(f"{run_uri} has no finished download/embed stages to read")
             dims = read_cond_dims(embed)
             source = run_uri
         else:

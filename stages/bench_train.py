@@ -8,7 +8,7 @@ and MFU against the device's dense peak. Each DeepSpeed run is reported as a rat
 
 The step is the real one: the stage's own batch builder (``StageSpec.build_batch``: CFG dropout,
 SR conditioning augmentation, host->device copies), ``stages.diffusion.Diffusion.training_loss``
-and ``stages.train.train_step`` / ``plain_train_step``. Only the loader is replaced by one
+and ``stages.engine.train_step`` / ``plain_train_step``. Only the loader is replaced by one
 pre-made micro-batch in the loader's format (``bench loader`` measures the loader). Ray is
 never imported: this runs on a bare single-GPU host.
 
@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from stages.flops import count_flops, mfu, peak_flops
+from stages.optim import build_optimizer, build_scheduler
 
 # stage -> (module, StageSpec attribute, config class): the stage's own defaults (CFG rates, SR condaug)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -132,7 +133,7 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
     from stages.diffusion import Diffusion
     from stages.nets.flavors import build_network
     from stages.optim import resolve_precision
-    from stages.train import build_engine, build_plain, plain_train_step, train_step
+    from stages.engine import build_engine, train_step
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -211,7 +212,8 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
     """
     from stages.nets.flavors import get_flavor
     from stages.optim import configure_cuda_fast_path, resolve_precision
-    from stages.train import DistEnv, setup_distributed
+    from pipeline.executors import DistEnv
+    from stages.distributed import setup_distributed
 
     opts = options or BenchOptions()
     spec, cfg_cls = stage_parts(stage)
@@ -320,3 +322,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- the plain baseline
+def build_plain(cfg, model: torch.nn.Module, *, device: torch.device):
+    """The same optimizer and schedule without DeepSpeed (the bench's plain-PyTorch baseline)."""
+    model.to(device)
+    optimizer = build_optimizer(cfg, model.parameters(), device)
+    return model, optimizer, build_scheduler(cfg, optimizer)
+
+
+def plain_train_step(model, optimizer, scheduler, diffusion, micro_batches, *, grad_clip: float,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """:func:`train_step` in plain PyTorch (bf16 via autocast, fp32 weights) for comparison."""
+    total = None
+    for x0, cond in micro_batches:
+        with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = diffusion.training_loss(model, x0, cond)
+        (loss / len(micro_batches)).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"), foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return {"loss": total / len(micro_batches), "grad_norm": norm}

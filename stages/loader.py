@@ -49,25 +49,26 @@ class ShardPair:
     npz_uri: str
 
 
-def pair_shards(download_uri: str | None, embed_uri: str) -> list[ShardPair]:
-    """Each ``download/shards/NNNNN.tar`` with its ``embed/shards/NNNNN.npz``; error if one is missing.
+def pair_shards(download_shards: str | None, embed_shards: str) -> list[ShardPair]:
+    """Each download shard ``NNNNN.tar`` with its embedding shard ``NNNNN.npz`` (the folders the
+    upstream manifests name as their ``shards`` output); error if one is missing.
 
-    Without ``download_uri`` (the prior) the embedding shards alone.
+    Without ``download_shards`` (the prior) the embedding shards alone.
     """
-    npzs = {os.path.basename(u)[: -len(".npz")]: u for u in store.glob(store.join(embed_uri, "shards", "*.npz"))}
-    if download_uri is None:
+    npzs = {os.path.basename(u)[: -len(".npz")]: u for u in store.glob(store.join(embed_shards, "*.npz"))}
+    if download_shards is None:
         if not npzs:
-            raise LoaderError(f"no embedding shards (*.npz) under {store.join(embed_uri, 'shards')}")
+            raise LoaderError(f"no embedding shards (*.npz) under {embed_shards}")
         return [ShardPair(i, None, npzs[k]) for i, k in enumerate(sorted(npzs))]
-    tars = [u for u in store.glob(store.join(download_uri, "shards", "*.tar"))]
+    tars = [u for u in store.glob(store.join(download_shards, "*.tar"))]
     if not tars:
-        raise LoaderError(f"no download shards (*.tar) under {store.join(download_uri, 'shards')}")
+        raise LoaderError(f"no download shards (*.tar) under {download_shards}")
     pairs = []
     for i, t in enumerate(sorted(tars)):
         stem = os.path.basename(t)[: -len(".tar")]
         if stem not in npzs:
             raise LoaderError(f"download shard {t} has no embedding shard {stem}.npz under "
-                              f"{store.join(embed_uri, 'shards')}; re-run the embed stage")
+                              f"{embed_shards}; re-run the embed stage")
         pairs.append(ShardPair(i, t, npzs[stem]))
     return pairs
 

@@ -337,12 +337,9 @@ def _finished_attempt(run_uri: str, stage: str) -> str:
     """The attempt of ``stage`` the run last finished (for callers that pass no stage URIs)."""
     from pipeline import layout
 
-    uri = layout.read_current(run_uri, stage)
+    uri = layout.finished_stage_dir(run_uri, stage)
     if uri is not None:
         return uri
-    flat = store.join(run_uri, stage)  # a folder laid out by hand (or by an older release): no attempts
-    if store.exists(store.join(flat, layout.FINAL)) or store.exists(store.join(flat, layout.ENCODERS)):
-        return flat
     raise StageFailed(f"{run_uri} has no finished {stage} stage: run it first (t2i resume {run_uri})")
 
 

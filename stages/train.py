@@ -1,22 +1,21 @@
-"""The one training loop, shared by train_prior, train_decoder, train_base, train_sr256, train_sr1024.
+"""The one training loop, shared by every training stage (train_prior, train_decoder, train_base,
+train_sr256, train_sr1024).
 
-Reads top to bottom (torchtitan style): set up the process group, find the latest complete
-checkpoint, build the data loader at the saved position, build the network and the DeepSpeed
-engine, restore, then ``while step < steps``: step, EMA, log, save. At the end: a last checkpoint
-and the consolidated EMA weights as ``final/model.safetensors`` + ``final/config.json``.
+Reads top to bottom (torchtitan's ``Trainer``): :class:`Trainer` sets up the process group,
+finds the latest complete checkpoint, builds the data loader at the saved position, the network
+and the DeepSpeed engine, and restores; :meth:`Trainer.train` is the loop, where each component
+(checkpointer, metrics window, sample grid, non-finite guard) decides its own cadence. At the
+end: a last checkpoint and the consolidated EMA weights in ``final/step_N/``.
 
 A stage module contributes only a :class:`StageSpec` (role, batch builder, what data it needs)
-and its config class. Ray never appears here (DESIGN invariant 2): the rank and world size
-arrive in a :class:`DistEnv`, filled from torchrun's environment, from a single process, or by
-``pipeline/train_ray.py`` from ``ray.train.get_context()``.
+and its config class. Where the ranks run is the executor's business (pipeline/executors.py):
+the loop receives its rank and world size in a :class:`DistEnv`.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 import random
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,23 +23,28 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from data_prep.embed_ledger import read_encoders_doc
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
+from pipeline.executors import DistEnv
 from stages.checkpoint import CheckpointManager
+from stages.distributed import setup_distributed
 from stages.ema import EMA
+from stages.engine import build_engine, train_step
 from stages.final_weights import write_final
 from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
-from stages.optim import configure_cuda_fast_path, build_optimizer, build_scheduler, deepspeed_config, resolve_precision
+from stages.optim import configure_cuda_fast_path
 from stages.train_config import TrainConfig
 from stages.train_metrics import MetricsLogger, image_grid
 
 Batch = dict[str, Any]
+LOOP_RESULT = "loop_result.json"
 
 
 # ----------------------------------------------------------------------------- what a stage gives
 @dataclass(frozen=True)
 class StageSpec:
-    """Everything that differs between the five training stages."""
+    """Everything that differs between the training stages."""
 
     stage: str  # graph name, e.g. "train_base"
     role: str  # network role for stages.nets.flavors
@@ -59,411 +63,276 @@ class TrainJob:
     """Where a stage reads and writes; picklable, so it travels to Ray workers."""
 
     out_uri: str
-    download_uri: str | None  # None for the prior: it reads embeddings only
-    embed_uri: str
+    download_uri: str | None  # download shards folder; None for the prior: it reads embeddings only
+    embed_uri: str            # embedding shards folder
     cond_dims: dict[str, int]
     protect_through: int = -1  # steps of an earlier finished run of this attempt: its checkpoints stay
 
     @classmethod
     def from_ctx(cls, ctx: StageContext, needs_images: bool) -> "TrainJob":
-        embed = ctx.input_uri("embed")
-        download = ctx.input_uri("download") if needs_images else None
+        embed = ctx.input_output("embed", "shards")
+        download = ctx.input_output("download", "shards") if needs_images else None
         finished = int(((ctx.previous or {}).get("extent") or {}).get("steps", -1))
-        return cls(ctx.out_uri, download, embed, read_cond_dims(embed), finished)
+        return cls(ctx.out_uri, download, embed, read_cond_dims(ctx.input_uri("embed")), finished)
 
 
-def read_cond_dims(embed_uri: str) -> dict[str, int]:
-    """Conditioning widths from ``embed/encoders.json`` (or, failing that, the first shard)."""
-    uri = store.join(embed_uri, "encoders.json")
-    if store.exists(uri):
-        enc = store.read_json(uri)
-        return {k: int(enc[k]) for k in ("t5_dim", "clip_dim", "clip_token_dim")}
+def read_cond_dims(embed_attempt: str) -> dict[str, int]:
+    """Conditioning widths from the embed stage's ``encoders.json`` (or, failing that, a shard)."""
+    doc = read_encoders_doc(embed_attempt)
+    if doc is not None:
+        return {k: int(doc[k]) for k in ("t5_dim", "clip_dim", "clip_token_dim")}
     from data_prep.embed_format import read_embedding_shard
 
-    shards = store.glob(store.join(embed_uri, "shards", "*.npz"))
+    shards = store.glob(store.join(embed_attempt, layout.SHARDS, "*.npz"))
     if not shards:
-        raise FileNotFoundError(f"neither {uri} nor any embedding shard under {embed_uri}/shards")
+        raise FileNotFoundError(f"neither {layout.ENCODERS} nor any embedding shard under {embed_attempt}")
     return read_embedding_shard(shards[0]).dims
 
 
-@dataclass
-class DistEnv:
-    """This process's place in the job. ``initialized``: someone (Ray Train) already made the group."""
+# ----------------------------------------------------------------------------- loop components
+class LossWindow:
+    """The mean loss since the last log line; decides when a line is due (every ``log_every``)."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0
-    initialized: bool = False
+    def __init__(self, every: int, last: int):
+        self.every, self.last = every, last
+        self.total, self.n, self.samples, self.t0 = None, 0, 0, time.perf_counter()
 
-    @classmethod
-    def from_env(cls) -> "DistEnv":
-        """torchrun's variables when present, else a single process on a free local port."""
-        e = os.environ
-        if "RANK" in e and "WORLD_SIZE" in e:
-            return cls(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
-                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)))
-        return cls(0, 1, 0, "127.0.0.1", _free_port())
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.total = loss if self.total is None else self.total + loss
+        self.n += 1
+        self.samples += samples
 
+    def due(self, step: int) -> bool:
+        return self.n > 0 and (step % self.every == 0 or step == self.last)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def import_deepspeed(device: torch.device):
-    """Import DeepSpeed with the right accelerator; it must be chosen before the first import."""
-    if device.type != "cuda":
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator, set_accelerator
-
-    want = "cuda" if device.type == "cuda" else "cpu"
-    if get_accelerator()._name != want:  # imported earlier in this process with another choice
-        if want == "cpu":
-            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-            set_accelerator(CPU_Accelerator())
-        else:
-            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
-
-            set_accelerator(CUDA_Accelerator())
-    _no_jit_ops(deepspeed)
-    return deepspeed
+    def flush(self, world: int) -> tuple[float, float]:
+        """(mean loss over ranks, samples/s); one tiny collective per log line."""
+        mean = (self.total / self.n).float().reshape(1)
+        dist.all_reduce(mean)
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.t0, 1e-9)
+        self.total, self.n, self.samples, self.t0 = None, 0, 0, now
+        return mean.item() / world, rate
 
 
-def _no_jit_ops(deepspeed) -> None:
-    """Never compile a DeepSpeed C++/CUDA op at run time.
+class NonFiniteGuard:
+    """Counts steps skipped for a NaN/inf loss; a streak means the run diverged: stop it before
+    anything overwrites the last good checkpoint."""
 
-    ``init_distributed`` on the CPU accelerator JIT-builds a shared-memory allreduce op (a C++
-    compile: about a minute, and a toolchain on every worker). gloo does the same job. DeepSpeed
-    consults ``deepspeed.ops.__compatible_ops__`` before building; marking the op incompatible
-    there makes it fall back. We pre-seed the dict rather than reading it, because reading it runs
-    DeepSpeed's (slow) compiler probe. Our optimizer is torch's AdamW, so no other op is needed.
-    """
-    import deepspeed.ops as ds_ops
+    def __init__(self, stage: str, limit: int, ckpt: CheckpointManager):
+        self.stage, self.limit, self.ckpt = stage, limit, ckpt
+        self.streak = self.total = 0
 
-    compat = ds_ops.__dict__.get("__compatible_ops__")
-    if compat is None:
-        compat = ds_ops.__dict__["__compatible_ops__"] = {}
-    compat["deepspeed_shm_comm"] = False
-
-
-def setup_distributed(env: DistEnv, device: torch.device) -> bool:
-    """Make sure a process group exists and DeepSpeed's comm layer wraps it; True if we created it.
-
-    Under Ray Train torch.distributed is already up; ``deepspeed.init_distributed`` then only
-    adopts it (``deepspeed.zero.Init`` reads the world size from DeepSpeed's comm layer, not torch's).
-    A group we create stays up for the life of the process: DeepSpeed caches groups derived from
-    it (``deepspeed.utils.groups``), so destroying it would break the next stage run in-process.
-    """
-    created = not dist.is_initialized()
-    if created:
-        os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                          MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    deepspeed = import_deepspeed(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
-                               verbose=False)
-    return created
-
-
-# ----------------------------------------------------------------------------- engine + step
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device, world_size: int = 1):
-    """DeepSpeed engine around ``model`` with our AdamW + warmup/cosine LambdaLR. -> (engine, precision)."""
-    deepspeed = import_deepspeed(device)
-    precision = resolve_precision(cfg, device)
-    model.to(device)
-    optimizer = build_optimizer(cfg, model.parameters(), device)
-    scheduler = build_scheduler(cfg, optimizer)
-    ds_cfg = deepspeed_config(cfg, world_size, precision)
-    if _clips_itself(cfg, precision):
-        ds_cfg["gradient_clipping"] = 0.0  # see train_step: DeepSpeed would clip but not report the norm
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
-                                           dist_init_required=False)
-    engine.t2i_clip = cfg.grad_clip if _clips_itself(cfg, precision) else None
-    engine.t2i_params = [p for p in engine.module.parameters() if p.requires_grad]  # listed once, not per step
-    return engine, precision
-
-
-def _clips_itself(cfg: TrainConfig, precision: str) -> bool:
-    # ZeRO-0 in fp32 hands our optimizer the raw grads: DeepSpeed clips them without keeping the norm.
-    return cfg.zero_stage == 0 and precision == "fp32"
-
-
-def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches. Returns detached tensors plus
-    ``finite`` (bool): False means the loss was NaN/inf on some rank and the update was skipped.
-
-    The finiteness check is the step's one host sync (one scalar; an all-reduce of it when there
-    are several ranks, so every rank skips together and the ZeRO collectives stay in lockstep).
-    """
-    total = None
-    finite = True
-    for x0, cond in micro_batches:
-        loss, _ = diffusion.training_loss(engine, x0, cond)
-        engine.backward(loss)
-        total = loss.detach() if total is None else total + loss.detach()
-        if engine.is_gradient_accumulation_boundary():
-            finite = _all_finite(total)
-            if not finite:
-                _skip_engine_step(engine)
-                break
-            if getattr(engine, "t2i_clip", None) is not None:
-                engine.t2i_norm = torch.nn.utils.clip_grad_norm_(engine.t2i_params, engine.t2i_clip or float("inf"),
-                                                                 foreach=True)
-        engine.step()
-    if not finite:
-        return {"loss": total, "grad_norm": None, "finite": False}
-    norm = engine.get_global_grad_norm() if getattr(engine, "t2i_clip", None) is None else engine.t2i_norm
-    return {"loss": total / len(micro_batches), "grad_norm": norm, "finite": True}
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    flag = torch.isfinite(loss).to(torch.float32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _skip_engine_step(engine) -> None:
-    """Drop this step's gradients and advance DeepSpeed's micro-step counter without an update.
-
-    What DeepSpeed's own fp16 overflow path does (ZeRO-1/2 ``step`` on overflow): zero the grads,
-    forget the reduced partitions, count a skipped step; no optimizer, LR-schedule or EMA update.
-    """
-    opt = engine.optimizer
-    if hasattr(opt, "zero_grad"):
-        try:
-            opt.zero_grad(set_to_none=True)
-        except TypeError:
-            opt.zero_grad()
-    engine.zero_grad()
-    for attr in ("averaged_gradients", "all_grad_tensors"):  # ZeRO-1/2 reduced partitions
-        d = getattr(opt, attr, None)
-        if isinstance(d, dict):
-            for k in d:
-                d[k] = None
-    engine.micro_steps += 1  # what engine.step() would have done: keeps the accumulation boundary aligned
-    engine.skipped_steps += 1
-
-
-def build_plain(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device):
-    """The same optimizer and schedule without DeepSpeed (the bench's plain-PyTorch baseline)."""
-    model.to(device)
-    optimizer = build_optimizer(cfg, model.parameters(), device)
-    return model, optimizer, build_scheduler(cfg, optimizer)
-
-
-def plain_train_step(model, optimizer, scheduler, diffusion, micro_batches, *, grad_clip: float,
-                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """:func:`train_step` in plain PyTorch (bf16 via autocast, fp32 weights) for comparison."""
-    total = None
-    for x0, cond in micro_batches:
-        with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = diffusion.training_loss(model, x0, cond)
-        (loss / len(micro_batches)).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"), foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return {"loss": total / len(micro_batches), "grad_norm": norm}
+    def record(self, finite: bool, step: int) -> None:
+        if finite:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.total += 1
+        if self.streak >= self.limit:
+            latest = self.ckpt.latest()
+            raise StageFailed(
+                f"{self.stage}: loss was NaN/inf for {self.streak} steps in a row (up to step {step}; "
+                f"{self.total} non-finite steps in all, limit train.max_nonfinite_steps={self.limit}); the "
+                f"last good checkpoint is {latest[1] if latest else 'none'}. Lower lr, check the data, or resume "
+                "from it.")
 
 
 # ----------------------------------------------------------------------------- the loop
-def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
-               _fault_at_step: int | None = None) -> dict[str, Any]:
-    """Train one stage to ``cfg.steps``, resuming from the latest complete checkpoint.
+class Trainer:
+    """One rank of one training stage. ``after_step(step, start_step)``: an extension point called
+    after every step's checkpoint (the reliability tests inject faults through it)."""
 
-    ``_fault_at_step`` (tests): raise right after that step's checkpoint, like a killed worker,
-    unless this attempt resumed at or after that step (so a restarted attempt gets past it).
-    """
-    from stages.diffusion import Diffusion
-    from stages.nets.flavors import build_network, get_flavor
+    def __init__(self, spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
+                 after_step: Callable[[int, int], None] | None = None):
+        from stages.diffusion import Diffusion
+        from stages.nets.flavors import build_network, get_flavor
 
-    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        configure_cuda_fast_path()  # TF32 matmuls, cudnn autotune
-    setup_distributed(env, device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    flavor = get_flavor(spec.role, cfg.flavor)
-    ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
-                             every_minutes=cfg.checkpoint_every_minutes, rank=rank, world_size=world,
-                             device=device, protect_through=job.protect_through)
+        self.spec, self.cfg, self.job, self.after_step = spec, cfg, job, after_step
+        device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            configure_cuda_fast_path()  # TF32 matmuls, cudnn autotune
+        setup_distributed(env, device)
+        self.device, self.rank, self.world = device, dist.get_rank(), dist.get_world_size()
+        self.flavor = get_flavor(spec.role, cfg.flavor)
+        self.ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
+                                      every_minutes=cfg.checkpoint_every_minutes, rank=self.rank,
+                                      world_size=self.world, device=device, protect_through=job.protect_through)
 
-    # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
-    latest = ckpt.latest()
-    start = torch.tensor([latest[0] if latest else -1], device=device)
-    dist.broadcast(start, src=0)
-    start_step = int(start.item())
-    resume_uri = store.join(ckpt.root, f"step_{start_step:08d}") if start_step >= 0 else None
-    state = ckpt.read_state(resume_uri) if resume_uri else {}
+        # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
+        latest = self.ckpt.latest()
+        start = torch.tensor([latest[0] if latest else -1], device=device)
+        dist.broadcast(start, src=0)
+        self.start_step = int(start.item())
+        resume_uri = store.join(self.ckpt.root, f"step_{self.start_step:08d}") if self.start_step >= 0 else None
+        state = self.ckpt.read_state(resume_uri) if resume_uri else {}
 
-    # 2. Data, at the saved position (built before the engine: workers fork a small process).
-    shards = pair_shards(job.download_uri, job.embed_uri)
-    lspec = LoaderSpec(flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed, rank, world)
-    loader = make_loader(shards, lspec, state.get("data"), cfg.loader_workers, pin_memory=device.type == "cuda")
-    tracker = PositionTracker(cfg.loader_workers, world, state.get("data"))
+        # 2. Data, at the saved position (built before the engine: workers fork a small process).
+        self.shards = pair_shards(job.download_uri, job.embed_uri)
+        lspec = LoaderSpec(self.flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed,
+                           self.rank, self.world)
+        self.loader = make_loader(self.shards, lspec, state.get("data"), cfg.loader_workers,
+                                  pin_memory=device.type == "cuda")
+        self.tracker = PositionTracker(cfg.loader_workers, self.world, state.get("data"))
 
-    # 3. Network (same init on every rank) and engine.
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    # Built whole, then partitioned by deepspeed.initialize. Not under deepspeed.zero.Init: it
-    # partitions each submodule as soon as its own __init__ returns, so the parent's later
-    # re-initialisation (zero_() on output convs, guided-diffusion style) would hit empty
-    # partitions and silently leave random weights where zeros belong.
-    model = build_network(spec.role, cfg.flavor, job.cond_dims, gradient_checkpointing=cfg.activation_checkpointing)
-    engine, precision = build_engine(cfg, model, device=device, world_size=world)
-    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    ema = EMA(engine.module, cfg.ema_decay)
-    diffusion = Diffusion(**cfg.diffusion.model_dump())
-    torch.manual_seed(cfg.seed * 1000 + rank + 1)  # noise, t and CFG masks differ per rank
+        # 3. Network (same init on every rank) and engine.
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        # Built whole, then partitioned by deepspeed.initialize. Not under deepspeed.zero.Init: it
+        # partitions each submodule as soon as its own __init__ returns, so the parent's later
+        # re-initialisation (zero_() on output convs, guided-diffusion style) would hit empty
+        # partitions and silently leave random weights where zeros belong.
+        model = build_network(spec.role, cfg.flavor, job.cond_dims, gradient_checkpointing=cfg.activation_checkpointing)
+        self.engine, self.precision = build_engine(cfg, model, device=device, world_size=self.world)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.ema = EMA(self.engine.module, cfg.ema_decay)
+        self.diffusion = Diffusion(**cfg.diffusion.model_dump())
+        torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # noise, t and CFG masks differ per rank
 
-    step = 0
-    if resume_uri:
-        ema_tensors = ckpt.load(engine, resume_uri, ema.zero3)  # also restores the RNG states
-        if ema_tensors is not None:
-            ema.load_state_tensors(ema_tensors)
-        step = int(state["step"])
-    logger = MetricsLogger(job.out_uri, enabled=rank == 0, resume_step=step, wandb_project=cfg.wandb_project,
-                           run_name=spec.stage, config=cfg.model_dump())
-    fixed = _fixed_conditioning(spec, cfg, flavor, shards, device, compute_dtype) \
-        if cfg.sample_every and spec.needs_images else None
+        self.step = 0
+        if resume_uri:
+            ema_tensors = self.ckpt.load(self.engine, resume_uri, self.ema.zero3)  # also restores the RNG states
+            if ema_tensors is not None:
+                self.ema.load_state_tensors(ema_tensors)
+            self.step = int(state["step"])
+        self.logger = MetricsLogger(job.out_uri, enabled=self.rank == 0, resume_step=self.step,
+                                    wandb_project=cfg.wandb_project, run_name=spec.stage, config=cfg.model_dump())
+        self.grid = SampleGrid.build(self) if cfg.sample_every and spec.needs_images else None
+        self.window = LossWindow(cfg.log_every, cfg.steps)
+        self.guard = NonFiniteGuard(spec.stage, cfg.max_nonfinite_steps, self.ckpt)
 
-    # 4. The loop.
-    engine.train()
-    data = iter(loader)
-    loss_sum, n_loss = None, 0
-    nonfinite_streak, nonfinite_total = 0, 0
-    t_log, samples_since = time.perf_counter(), 0
-    while step < cfg.steps:
+    def next_step_batches(self) -> list[tuple[torch.Tensor, dict]]:
         micro = []
-        for _ in range(cfg.grad_accum):
-            batch = next(data)
-            tracker.update(batch)
-            micro.append(spec.build_batch(batch, cfg, flavor, device, compute_dtype))
-        lr = engine.get_lr()[0]
-        out = train_step(engine, diffusion, micro)
-        step += 1
-        samples_since += cfg.batch_size * cfg.grad_accum * world
-        if not out["finite"]:
-            # Skipped: no optimizer, LR or EMA update, not in the logged mean; counted. A streak
-            # means the run has diverged: stop before anything overwrites the last good checkpoint.
-            nonfinite_total += 1
-            nonfinite_streak += 1
-            if nonfinite_streak >= cfg.max_nonfinite_steps:
-                latest_ok = ckpt.latest()
-                raise StageFailed(
-                    f"{spec.stage}: loss was NaN/inf for {nonfinite_streak} steps in a row (up to step {step}; "
-                    f"{nonfinite_total} non-finite steps in all, limit train.max_nonfinite_steps="
-                    f"{cfg.max_nonfinite_steps}); the last good checkpoint is "
-                    f"{latest_ok[1] if latest_ok else 'none'}. Lower lr, check the data, or resume from it.")
-            continue
-        nonfinite_streak = 0
-        ema.update(step)
-        loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
-        n_loss += 1
+        for _ in range(self.cfg.grad_accum):
+            batch = next(self.data)
+            self.tracker.update(batch)
+            micro.append(self.spec.build_batch(batch, self.cfg, self.flavor, self.device, self.dtype))
+        return micro
 
-        if (step % cfg.log_every == 0 or step == cfg.steps) and n_loss:
-            mean_loss = (loss_sum / n_loss).float().reshape(1)
-            dist.all_reduce(mean_loss)  # mean over ranks, one tiny collective per log line
-            now = time.perf_counter()
-            gn = out["grad_norm"]
-            logger.log(step, {"loss": mean_loss.item() / world,
-                              "grad_norm": float(gn) if gn is not None else float("nan"),
-                              "lr": lr, "samples_per_s": samples_since / max(now - t_log, 1e-9),
-                              **({"nonfinite_steps": nonfinite_total} if nonfinite_total else {})})
-            loss_sum, n_loss, t_log, samples_since = None, 0, now, 0
+    def train(self) -> dict[str, Any]:
+        """Train to ``cfg.steps`` from wherever the checkpoints say; returns this rank's result."""
+        cfg = self.cfg
+        self.engine.train()
+        self.data = iter(self.loader)
+        while self.step < cfg.steps:
+            micro = self.next_step_batches()
+            lr = self.engine.get_lr()[0]
+            out = train_step(self.engine, self.diffusion, micro)
+            self.step += 1
+            self.guard.record(out["finite"], self.step)
+            if not out["finite"]:
+                continue  # skipped: no optimizer, LR or EMA update, not in the logged mean; counted
+            self.ema.update(self.step)
+            self.window.add(out["loss"], cfg.batch_size * cfg.grad_accum * self.world)
+            if self.window.due(self.step):
+                self.log(lr, out["grad_norm"])
+            if self.grid is not None and self.grid.due(self.step):
+                self.grid.write(self)
+            if self.ckpt.due(self.step) or self.step == cfg.steps:  # the last step is always saved
+                self.save()
+            if self.after_step is not None:
+                self.after_step(self.step, self.start_step)
+        return self.finish()
 
-        if fixed is not None and step % cfg.sample_every == 0:
-            _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device)
+    def log(self, lr: float, grad_norm) -> None:
+        loss, rate = self.window.flush(self.world)
+        self.logger.log(self.step, {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                                    "lr": lr, "samples_per_s": rate,
+                                    **({"nonfinite_steps": self.guard.total} if self.guard.total else {})})
 
-        if ckpt.due(step) or step == cfg.steps:  # the last step is always saved: export can then be redone
-            # Metrics first: a crash after COMPLETE but before the sync lost the rows of the
-            # resumed-from checkpoint's interval; rows past an older checkpoint are dropped on resume.
-            logger.sync()
-            _save(ckpt, engine, step, tracker, ema)
-        if _fault_at_step is not None and step == _fault_at_step > start_step:
-            raise RuntimeError(f"injected fault after step {step}")
+    def save(self) -> None:
+        # Metrics first: a crash after COMPLETE but before the sync lost the rows of the
+        # resumed-from checkpoint's interval; rows past an older checkpoint are dropped on resume.
+        self.logger.sync()
+        self.ckpt.save(self.engine, self.step, {"data": self.tracker.state()}, self.ema.state_tensors(),
+                       ema_sharded=self.ema.zero3)
 
-
-    # 5. The stage's output: consolidated EMA weights (a collective under ZeRO-3).
-    weights = ema.consolidated_state_dict(engine.module)
-    final_uri = None
-    if rank == 0:
-        final_uri = write_final(job.out_uri, weights, {
-            "role": spec.role, "flavor": cfg.flavor, "cond_dims": dict(job.cond_dims),
-            "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
-            "diffusion": cfg.diffusion.model_dump(), "condaug": spec.extra_config(cfg), "step": step})
-    out = {"step": step, "final": final_uri, "resumed_from": start_step, "samples": tracker.consumed * cfg.batch_size * world,
-           "skipped": sum(tracker.skipped.values()), "precision": precision, "nonfinite_steps": nonfinite_total}
-    if rank == 0:
-        # Also in the store: Ray Train (v2) keeps reported metrics only alongside a Ray checkpoint,
-        # which this loop does not use, so the driver reads the finishing attempt's result here.
-        store.write_json(store.join(job.out_uri, LOOP_RESULT), out)
-    logger.close()
-    dist.barrier()
-    return out
-
-
-LOOP_RESULT = "loop_result.json"
+    def finish(self) -> dict[str, Any]:
+        """The stage's output: consolidated EMA weights (a collective under ZeRO-3) in final/step_N/."""
+        weights = self.ema.consolidated_state_dict(self.engine.module)
+        final_uri = None
+        if self.rank == 0:
+            final_uri = write_final(self.job.out_uri, weights, {
+                "role": self.spec.role, "flavor": self.cfg.flavor, "cond_dims": dict(self.job.cond_dims),
+                "image_size": self.flavor.image_size, "low_res_size": self.flavor.low_res_size,
+                "diffusion": self.cfg.diffusion.model_dump(), "condaug": self.spec.extra_config(self.cfg),
+                "step": self.step})
+        out = {"step": self.step, "final": final_uri, "resumed_from": self.start_step,
+               "samples": self.tracker.consumed * self.cfg.batch_size * self.world,
+               "skipped": sum(self.tracker.skipped.values()), "precision": self.precision,
+               "nonfinite_steps": self.guard.total}
+        if self.rank == 0:
+            # Also in the store: Ray Train (v2) keeps reported metrics only alongside a Ray checkpoint,
+            # which this loop does not use, so the driver reads the finishing attempt's result here.
+            store.write_json(store.join(self.job.out_uri, LOOP_RESULT), out)
+        self.logger.close()
+        dist.barrier()
+        return out
 
 
-def _save(ckpt: CheckpointManager, engine, step: int, tracker: PositionTracker, ema: EMA) -> None:
-    ckpt.save(engine, step, {"data": tracker.state()}, ema.state_tensors(), ema_sharded=ema.zero3)
+def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
+               after_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train one stage to ``cfg.steps``, resuming from the latest complete checkpoint."""
+    return Trainer(spec, cfg, job, env, after_step=after_step).train()
 
 
-# ----------------------------------------------------------------------------- sample grid
-def _fixed_conditioning(spec, cfg, flavor, shards, device, dtype) -> tuple[torch.Tensor, dict]:
-    """Conditioning of the first few samples of the first shard (fixed across steps and resumes)."""
+class SampleGrid:
+    """Every ``sample_every`` steps: the same few training conditionings sampled with the live
+    weights, next to their real images (fixed across steps and resumes)."""
+
+    def __init__(self, every: int, x0: torch.Tensor, cond: dict):
+        self.every, self.x0, self.cond = every, x0, cond
+
+    @classmethod
+    def build(cls, t: "Trainer") -> "SampleGrid":
+        return cls(t.cfg.sample_every, *fixed_conditioning(t.spec, t.cfg, t.flavor, t.shards, t.device, t.dtype))
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def write(self, t: "Trainer") -> None:
+        """Every rank samples (under ZeRO-3 a forward needs all ranks); rank 0 writes."""
+        t.engine.eval()
+        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
+            g = torch.Generator(device=t.device).manual_seed(t.cfg.seed)
+            imgs = t.diffusion.sample(t.engine.module, tuple(self.x0.shape), self.cond, steps=t.cfg.sample_steps,
+                                      generator=g, device=t.device)
+        t.engine.train()
+        t.logger.image(t.step, "grid", image_grid(torch.cat([imgs, self.x0.float()])))
+
+
+def fixed_conditioning(spec: StageSpec, cfg: TrainConfig, flavor, shards, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Conditioning of the first few samples of the first shard (no CFG dropout, no condaug)."""
     n = min(4, max(1, cfg.batch_size))
-    stream = ShardStream(shards[:1], LoaderSpec(flavor.image_size, n, cfg.seed, 0, 1))
-    batch = next(iter(stream))
+    batch = next(iter(ShardStream(shards[:1], LoaderSpec(flavor.image_size, n, cfg.seed, 0, 1))))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x0, cond = spec.build_batch(batch, spec.clean_config(cfg), flavor, device, dtype)
     return x0, {k: v for k, v in cond.items() if not k.startswith("drop_")}
 
 
-def _sample_grid(engine, diffusion, fixed, cfg, flavor, logger, step, device) -> None:
-    """Every rank samples (under ZeRO-3 a forward needs all ranks); rank 0 writes. Live weights."""
-    x0, cond = fixed
-    engine.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        imgs = diffusion.sample(engine.module, tuple(x0.shape), cond, steps=cfg.sample_steps, generator=g,
-                                device=device)
-    engine.train()
-    logger.image(step, "grid", image_grid(torch.cat([imgs, x0.float()])))
-
-
 # ----------------------------------------------------------------------------- stage entry
-def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, **loop_kwargs) -> StageResult:
-    """``run(cfg, ctx)`` of every training stage: Ray Train when the runner uses Ray, else in-process."""
-    job = TrainJob.from_ctx(ctx, spec.needs_images)
-    loop_fn = functools.partial(train_loop, spec, cfg, job, **loop_kwargs)
-    ctx.progress(f"{spec.stage}: training {cfg.flavor} for {cfg.steps} steps")
-    if ctx.ray_enabled:
-        from pipeline.train_ray import launch  # Ray stays in pipeline/
 
-        loop_out = launch(loop_fn, cfg, ctx)
-    else:
-        loop_out = loop_fn(DistEnv.from_env())
+def run_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, *,
+              after_step: Callable[[int, int], None] | None = None) -> StageResult:
+    """``run(cfg, ctx)`` of every training stage: the executor decides where the ranks run."""
+    job = TrainJob.from_ctx(ctx, spec.needs_images)
+    loop_fn = functools.partial(train_loop, spec, cfg, job, after_step=after_step)
+    ctx.progress(f"{spec.stage}: training {cfg.flavor} for {cfg.steps} steps")
+    loop_out = ctx.executor.run_workers(loop_fn, cfg.placement(), name=spec.stage, progress=ctx.progress)
     luri = store.join(job.out_uri, LOOP_RESULT)
     if not (loop_out or {}).get("final") and store.exists(luri):
-        loop_out = store.read_json(luri)  # Ray Train: rank 0 wrote it (see train_loop)
+        loop_out = store.read_json(luri)  # Ray Train: rank 0 wrote it (see Trainer.finish)
     if not (loop_out or {}).get("final"):
         raise StageFailed(f"{spec.stage}: training ended without final weights (no {luri})")
     result = stage_result(job.out_uri, loop_out["final"])
-    resumed = int((loop_out or {}).get("resumed_from", -1))
+    resumed = int(loop_out.get("resumed_from", -1))
     if resumed >= 0:  # the attempt that finished started from this checkpoint (after a restart or resume)
         result.counts["resumed_from_step"] = resumed
         ctx.progress(f"{spec.stage}: resumed from checkpoint step {resumed}")
-    if "skipped" in (loop_out or {}):  # rank 0's undecodable images, this attempt
+    if "skipped" in loop_out:  # rank 0's undecodable images, this attempt
         result.counts["skipped_samples"] = int(loop_out["skipped"])
-    if "nonfinite_steps" in (loop_out or {}):  # steps whose update was skipped (NaN/inf loss), this attempt
+    if "nonfinite_steps" in loop_out:  # steps whose update was skipped (NaN/inf loss), this attempt
         result.counts["nonfinite_steps"] = int(loop_out["nonfinite_steps"])
     return result
 

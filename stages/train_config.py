@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.configbase import StrictModel
+from pipeline.executors import WorkerPlacement
 
 
 class DiffusionSettings(StrictModel):
@@ -181,6 +182,11 @@ class TrainConfig(StrictModel):
             if amount < 0:
                 raise ValueError(f"resources[{k!r}] must be >= 0 (got {amount})")
         return v
+
+    def placement(self) -> WorkerPlacement:
+        """Where this stage's ranks run (what the executor needs)."""
+        return WorkerPlacement(self.num_workers, self.cpus_per_worker, self.gpus_per_worker, dict(self.resources),
+                               self.accelerator_type, self.max_failures)
 
     @model_validator(mode="after")
     def _cadence(self) -> "TrainConfig":

@@ -17,6 +17,7 @@ from PIL import Image
 from data_prep.embed_format import EmbeddingShard, write_embedding_shard
 from pipeline import store
 from pipeline.context import StageContext
+from pipeline.executors import LocalExecutor
 
 DIMS = {"t5_dim": 8, "clip_dim": 8, "clip_token_dim": 8}
 
@@ -88,12 +89,21 @@ def embedding_shard(keys: list[str]) -> EmbeddingShard:
     )
 
 
+def upstream(uri: str, **outputs: str) -> dict:
+    """What a finished upstream stage's manifest tells its downstream: its folder and outputs."""
+    return {"out_uri": uri, "outputs": {"shards": store.join(uri, "shards"), **outputs}}
+
+
 def stage_ctx(root_uri: str, stage: str, download: str, embed: str, ray_enabled: bool = False) -> StageContext:
-    inputs = {"embed": {"out_uri": embed}}
+    inputs = {"embed": upstream(embed, encoders=store.join(embed, "encoders.json"))}
     if stage != "train_prior":
-        inputs["download"] = {"out_uri": download}
-    return StageContext(run_uri=root_uri, out_uri=store.join(root_uri, stage), inputs=inputs,
-                        ray_enabled=ray_enabled)
+        inputs["download"] = upstream(download)
+    executor = LocalExecutor()
+    if ray_enabled:
+        from pipeline.ray_executor import RayExecutor
+
+        executor = RayExecutor()
+    return StageContext(run_uri=root_uri, out_uri=store.join(root_uri, stage), inputs=inputs, executor=executor)
 
 
 def tiny_train_kwargs(**over) -> dict:

@@ -1,6 +1,6 @@
 """Fault injection for the reliability tests: object-store writes that fail on cue.
 
-Nothing in the pipeline imports this module; tests do. :func:`failing_writes` swaps
+Test code (tests/), not part of the package. :func:`failing_writes` swaps
 ``pipeline.store.fs_and_path`` for one that wraps the real filesystem, so every store write of
 the pipeline (``write_bytes_atomic`` -> ``pipe_file``, checkpoint uploads -> ``put_file``,
 streamed ``open(..., "wb")``) passes a :class:`WriteFaults` plan that decides which ones fail.

@@ -54,7 +54,7 @@ def test_time_cadence():
 def test_checkpoints_on_s3_resume_and_final_loads_without_deepspeed(s3_bucket, tmp_path):
     download, embed = make_dataset(str(tmp_path / "data"), n_shards=1, per_shard=4)
     out = s3_bucket + "/run/train_base"
-    job = TrainJob(out, download, embed, dict(DIMS))
+    job = TrainJob(out, store.join(download, "shards"), store.join(embed, "shards"), dict(DIMS))
     cfg = base.BaseTrainConfig(**tiny_train_kwargs(steps=2, checkpoint_every_steps=1, keep_last=1))
     assert train_loop(base.SPEC, cfg, job, DistEnv.from_env())["resumed_from"] == -1
     steps = [u.rsplit("/", 1)[-1] for u in store.listdir(store.join(out, "checkpoints"))]

@@ -160,7 +160,8 @@ def test_resume_after_kill(env, tmp_path):
 
 def test_stage_run_and_reuse_check(env, baseline, tmp_path):
     ctx = StageContext(run_uri=str(tmp_path), out_uri=str(tmp_path / "embed"),
-                       inputs={"download": {"out_uri": str(env["root"] / "download")}})
+                       inputs={"download": {"out_uri": str(env["root"] / "download"),
+                                             "outputs": {"shards": str(env["root"] / "download" / "shards")}}})
     res = run(env["cfg"], ctx)
     assert res.counts["n_embedded"] == 18 and res.counts["n_bad_image"] == 2
     assert res.metrics["clip_dim"] == 32 and res.metrics["t5_dim"] == 32 and res.metrics["clip_token_dim"] == 64
@@ -237,7 +238,10 @@ def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        s = embed_offline(env["shards"], str(tmp_path), env["cfg"], address="local", progress=False)
+        from pipeline.ray_executor import ray_session
+
+        with ray_session("local") as executor:
+            s = embed_offline(env["shards"], str(tmp_path), env["cfg"], executor=executor, progress=False)
         assert ray.is_initialized()  # an existing connection is reused, not shut down
     finally:
         ray.shutdown()

@@ -25,7 +25,7 @@ def _epoch_keys(shards, spec: LoaderSpec, g: int, G: int) -> list[str]:
 def test_split_covers_every_sample_once_per_epoch(tmp_path, n_shards):
     download, embed = make_dataset(str(tmp_path), n_shards=n_shards, per_shard=5, not_embedded=("000000001",),
                                    corrupt=("000010002",))
-    shards = pair_shards(download, embed)
+    shards = pair_shards(store.join(download, "shards"), store.join(embed, "shards"))
     spec = LoaderSpec(image_size=16, batch_size=2, seed=3)
     per_worker = [_epoch_keys(shards, spec, g, 4) for g in range(4)]
     flat = [k for keys in per_worker for k in keys]
@@ -37,7 +37,7 @@ def test_split_covers_every_sample_once_per_epoch(tmp_path, n_shards):
 
 def test_batches_images_and_padding(tmp_path):
     download, embed = make_dataset(str(tmp_path), n_shards=1, per_shard=4, image_size=(24, 20))
-    shards = pair_shards(download, embed)
+    shards = pair_shards(store.join(download, "shards"), store.join(embed, "shards"))
     batch = next(iter(ShardStream(shards, LoaderSpec(16, 3, seed=0))))
     assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.uint8
     assert batch["keys"] == ["000000000", "000000001", "000000002"]
@@ -57,7 +57,7 @@ def test_batches_images_and_padding(tmp_path):
 
 def test_prior_reads_embeddings_only(tmp_path):
     _, embed = make_dataset(str(tmp_path), n_shards=2, per_shard=3)
-    shards = pair_shards(None, embed)
+    shards = pair_shards(None, store.join(embed, "shards"))
     assert all(s.tar_uri is None for s in shards)
     batch = next(iter(ShardStream(shards, LoaderSpec(None, 2, seed=0))))
     assert "image" not in batch and batch["clip_image"].shape == (2, 8)
@@ -69,21 +69,21 @@ def test_misaligned_keys_name_shard_and_key(tmp_path):
     # Out of order relative to the tar.
     write_embedding_shard(npz, embedding_shard(["000000001", "000000000", "000000002"]))
     with pytest.raises(LoaderError, match=r"00000\.npz is misaligned with .*00000\.tar.*000000000"):
-        next(iter(ShardStream(pair_shards(download, embed), LoaderSpec(16, 4, seed=0))))
+        next(iter(ShardStream(pair_shards(store.join(download, "shards"), store.join(embed, "shards")), LoaderSpec(16, 4, seed=0))))
     # A key the tar does not have.
     write_embedding_shard(npz, embedding_shard(["000000000", "000000999"]))
     with pytest.raises(LoaderError, match=r"key 000000999 \(row 1\) is not in the tar"):
-        next(iter(ShardStream(pair_shards(download, embed), LoaderSpec(16, 4, seed=0))))
+        next(iter(ShardStream(pair_shards(store.join(download, "shards"), store.join(embed, "shards")), LoaderSpec(16, 4, seed=0))))
     # A tar without embeddings.
     store.remove(npz)
     with pytest.raises(LoaderError, match=r"00000\.tar has no embedding shard 00000\.npz"):
-        pair_shards(download, embed)
+        pair_shards(store.join(download, "shards"), store.join(embed, "shards"))
 
 
 def test_resume_from_position_continues_exactly(tmp_path):
     """3 batches, save, new loader from the state: the next batches equal an uninterrupted run's."""
     download, embed = make_dataset(str(tmp_path), n_shards=3, per_shard=5)
-    shards = pair_shards(download, embed)
+    shards = pair_shards(store.join(download, "shards"), store.join(embed, "shards"))
     spec = LoaderSpec(16, 2, seed=7, rank=1, world_size=2)
 
     straight = [b["keys"] for _, b in zip(range(10), make_loader(shards, spec, None, num_workers=2))]
@@ -104,7 +104,7 @@ def test_resume_from_position_continues_exactly(tmp_path):
 
 def test_reads_from_s3(s3_bucket, tmp_path):
     download, embed = make_dataset(s3_bucket + "/run", n_shards=2, per_shard=3)
-    shards = pair_shards(download, embed)
+    shards = pair_shards(store.join(download, "shards"), store.join(embed, "shards"))
     assert [s.tar_uri.rsplit("/", 1)[-1] for s in shards] == ["00000.tar", "00001.tar"]
     batch = next(iter(ShardStream(shards, LoaderSpec(16, 4, seed=0))))
     assert len(batch["keys"]) == 4 and batch["image"].shape == (4, 3, 16, 16)

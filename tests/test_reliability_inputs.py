@@ -108,7 +108,7 @@ def dataset(tmp_path):
 def _drain(download, embed, n=8, image_size=16):
     spec = LoaderSpec(image_size, 2, 0, 0, 1)
     out = []
-    for _, b in zip(range(n), iter(ShardStream(pair_shards(download, embed), spec))):
+    for _, b in zip(range(n), iter(ShardStream(pair_shards(store.join(download, "shards"), store.join(embed, "shards")), spec))):
         out.append(b)
     return out
 
@@ -179,7 +179,7 @@ def test_missing_and_garbage_embedding_shards(dataset, reliability):
                            detail=f"{type(ei.value).__name__} naming the file")
     store.remove(npzs[1])
     with pytest.raises(LoaderError, match="has no embedding shard 00001.npz"):
-        pair_shards(download, embed)
+        pair_shards(store.join(download, "shards"), store.join(embed, "shards"))
     reliability.record(kind="bad_input", name="training: download shard without its .npz", survived=True,
                        detail="LoaderError naming the shard")
 

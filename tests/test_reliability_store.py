@@ -16,7 +16,7 @@ from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import manifest as mf
 from stages.final_weights import latest_final
 from pipeline import store
-from pipeline.faults import WriteFaults, failing_writes
+from store_faults import WriteFaults, failing_writes
 from stages import prior
 from stages.checkpoint import CheckpointManager
 from stages.train import DistEnv, TrainJob, train_loop

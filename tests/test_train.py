@@ -15,6 +15,7 @@ from stages import base, decoder, prior, superres
 from stages.nets.flavors import build_network, get_flavor
 from stages.final_weights import load_final
 from stages.train import DistEnv, TrainJob, train_loop
+from stages.train_hooks import InjectFaultAfterStep
 
 STAGES = {
     "train_prior": (prior, prior.PriorTrainConfig),
@@ -82,14 +83,14 @@ def test_resume_is_exact_and_skips_incomplete_checkpoint(data, tmp_path):
                                                    grad_accum=2, log_every=2))
 
     def job(name):
-        return TrainJob(str(tmp_path / name), download, embed, dict(DIMS))
+        return TrainJob(str(tmp_path / name), store.join(download, "shards"), store.join(embed, "shards"), dict(DIMS))
 
     seen_a: list = []
     train_loop(_recording(base.SPEC, seen_a), cfg, job("a"), DistEnv.from_env())
 
     seen_b1: list = []
     with pytest.raises(RuntimeError, match="injected fault after step 3"):
-        train_loop(_recording(base.SPEC, seen_b1), cfg, job("b"), DistEnv.from_env(), _fault_at_step=3)
+        train_loop(_recording(base.SPEC, seen_b1), cfg, job("b"), DistEnv.from_env(), after_step=InjectFaultAfterStep(3))
     ckpts = store.join(job("b").out_uri, "checkpoints")
     assert [u.rsplit("/", 1)[-1] for u in store.listdir(ckpts)] == ["step_00000002"]
     # A half-written newer checkpoint (no COMPLETE marker) must be ignored.
@@ -118,13 +119,15 @@ def test_build_engine_and_train_step_match_plain_pytorch(data):
     """The bench's entry points: one DeepSpeed step (fp32, ZeRO-0) equals the plain PyTorch step."""
     from stages.diffusion import Diffusion
     from stages.loader import LoaderSpec, ShardStream, pair_shards
-    from stages.train import build_engine, build_plain, plain_train_step, setup_distributed, train_step
+    from stages.bench_train import build_plain, plain_train_step
+    from stages.distributed import setup_distributed
+    from stages.engine import build_engine, train_step
 
     _, download, embed = data
     cfg = base.BaseTrainConfig(**tiny_train_kwargs(grad_clip=0.5))
     cpu = torch.device("cpu")
     setup_distributed(DistEnv.from_env(), cpu)
-    batch = next(iter(ShardStream(pair_shards(download, embed), LoaderSpec(16, 2, seed=0))))
+    batch = next(iter(ShardStream(pair_shards(store.join(download, "shards"), store.join(embed, "shards")), LoaderSpec(16, 2, seed=0))))
     micro = [base.build_batch(batch, cfg, get_flavor("base", "debug"), cpu, torch.float32)]
     diffusion = Diffusion(**cfg.diffusion.model_dump())
 
@@ -148,12 +151,12 @@ def test_sample_grid_conditioning_is_clean(data):
     """SR grids condition on the real, un-augmented low-res image and never drop the text."""
     from stages.condaug import make_low_res
     from stages.loader import pair_shards
-    from stages.train import _fixed_conditioning
+    from stages.train import fixed_conditioning
 
     _, download, embed = data
     cfg = superres.SR256TrainConfig(**tiny_train_kwargs(cfg_drop_text=1.0))
     flavor = get_flavor("sr256", "debug")
-    x0, cond = _fixed_conditioning(superres.SPEC_SR256, cfg, flavor, pair_shards(download, embed),
+    x0, cond = fixed_conditioning(superres.SPEC_SR256, cfg, flavor, pair_shards(store.join(download, "shards"), store.join(embed, "shards")),
                                    torch.device("cpu"), torch.float32)
     assert not any(k.startswith("drop_") for k in cond)
     assert torch.equal(cond["aug_level"], torch.zeros(len(x0)))
@@ -164,7 +167,7 @@ def test_bf16_zero2_with_activation_checkpointing(data, tmp_path):
     """The GPU configuration's code path (bf16 + fp32 master weights, ZeRO-2, recompute), on CPU."""
     _, download, embed = data
     cfg = base.BaseTrainConfig(**tiny_train_kwargs(precision="bf16", zero_stage=2, activation_checkpointing=True))
-    job = TrainJob(str(tmp_path / "o"), download, embed, dict(DIMS))
+    job = TrainJob(str(tmp_path / "o"), store.join(download, "shards"), store.join(embed, "shards"), dict(DIMS))
     out = train_loop(base.SPEC, cfg, job, DistEnv.from_env())
     assert out["precision"] == "bf16" and out["step"] == 2
     weights = st_load(store.read_bytes(store.join(latest_final(job.out_uri), "model.safetensors")))

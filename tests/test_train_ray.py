@@ -9,8 +9,9 @@ from safetensors.torch import load as st_load
 
 from fixtures_train import DIMS, make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
-from pipeline.train_ray import scaling_kwargs
+from pipeline.ray_executor import scaling_kwargs
 from stages import base
+from stages.train_hooks import InjectFaultAfterStep
 from stages.nets.flavors import build_network
 from stages.train import run_stage
 
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.slow
 def test_scaling_config_from_train_config():
     cfg = base.BaseTrainConfig(num_workers=4, cpus_per_worker=8, gpus_per_worker=1, resources={"h200": 1.0},
                                accelerator_type="H200")
-    assert scaling_kwargs(cfg) == {"num_workers": 4, "use_gpu": True, "accelerator_type": "H200",
+    assert scaling_kwargs(cfg.placement()) == {"num_workers": 4, "use_gpu": True, "accelerator_type": "H200",
                                    "resources_per_worker": {"CPU": 8, "GPU": 1, "h200": 1.0}}
-    assert scaling_kwargs(base.BaseTrainConfig())["use_gpu"] is False
+    assert scaling_kwargs(base.BaseTrainConfig().placement())["use_gpu"] is False
 
 
 def test_zero2_and_zero3_on_two_ray_workers_agree(local_ray, tmp_path):
@@ -36,7 +37,7 @@ def test_zero2_and_zero3_on_two_ray_workers_agree(local_ray, tmp_path):
         ctx = stage_ctx(root, f"train_base_z{zero}", download, embed, ray_enabled=True)
         # ZeRO-3 also loses its workers after step 2: Ray Train restarts the group (FailureConfig),
         # and the loop resumes both ranks' partitions from the store.
-        result = run_stage(base.SPEC, cfg, ctx, _fault_at_step=2 if zero == 3 else None)
+        result = run_stage(base.SPEC, cfg, ctx, after_step=InjectFaultAfterStep(2) if zero == 3 else None)
         assert result.counts["steps"] == 3
         ckpt = store.join(ctx.out_uri, "checkpoints", "step_00000003")
         assert store.exists(store.join(ckpt, "COMPLETE"))

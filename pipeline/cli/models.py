@@ -48,8 +48,16 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
         cfg = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"model": name, "pretrained": pretrained or None})})
     if t5:
         cfg = cfg.model_copy(update={"t5": cfg.t5.model_copy(update={"model": t5})})
-    result = embed_offline(shards, out, cfg, address=address, progress=True)
-    console.print(result)
+    if address is None:
+        result = embed_offline(shards, out, cfg, progress=True)
+    else:
+        from pipeline.ray_executor import ray_session
+
+        with ray_session(address) as executor:
+            result = embed_offline(shards, out, cfg, executor=executor, progress=True)
+    c = result["counts"]
+    console.print(f"embedded {c['n_embedded']} of {c['n_total']} samples in {c['shards']} shards "
+                  f"({c['shards_embedded_now']} now) -> {result['encoders_uri']}")
 
 
 @app.command()
