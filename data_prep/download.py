@@ -36,13 +36,13 @@ from typing import Any, Iterator
 
 from data_prep.demo_corpus import serve_demo_corpus
 from data_prep.download_config import DEMO, DownloadConfig, local_path
-from data_prep.download_retry import build_retry_list, next_first_id
+from data_prep.download_retry import build_retry_list, fetch_list, load_state, next_first_id, save_list, save_pass
 from data_prep.download_verify import SHARD_DIGITS, Pass, summarize
 from data_prep.url_list import UrlListError, prepare_url_list
 from pipeline import store
 from pipeline.context import StageContext, StageFailed, StageResult
 
-__all__ = ["DEMO", "DownloadConfig", "run"]
+__all__ = ["DEMO", "DownloadConfig", "resume_failed", "run"]
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A shard that has not finished this long after the previous one did is named in the progress.
@@ -74,6 +74,9 @@ def _ray_address(cfg: DownloadConfig, ctx: StageContext) -> str | None:
     """
     if not ctx.ray_enabled or cfg.url_list == DEMO:
         return None
+    executor = getattr(ctx, "executor", None)
+    if executor is not None and hasattr(executor, "ray_address"):
+        return executor.ray_address()  # the runner's executor knows its cluster
     try:
         import ray
     except ImportError:
@@ -201,9 +204,10 @@ def _img2dataset_pass(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: 
         rc = _run_child(cfg, kwargs, ray_address, shards_uri, this.ids(), log_path, ctx)
     finally:
         with contextlib.suppress(Exception):
-            logs = sorted(f for f in os.listdir(tmp) if f.startswith("img2dataset.") and f.endswith(".log"))
-            data = b"".join(open(os.path.join(tmp, f), "rb").read() for f in logs)
-            store.write_bytes_atomic(store.join(ctx.out_uri, "img2dataset.log"), data)
+            uri = store.join(ctx.out_uri, "img2dataset.log")
+            before = store.read_bytes(uri) if n > 0 and store.exists(uri) else b""
+            with open(log_path, "rb") as f:
+                store.write_bytes_atomic(uri, before + f.read())
     log_tail = _tail(log_path, 20000)
     if rc != 0:
         raise StageFailed(f"download: img2dataset exited with status {rc}; end of its log:\n{log_tail[-4000:]}")
@@ -226,36 +230,74 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
             dropped = ", ".join(f"{k} {v}" for k, v in lc.items() if v and k != "rows_in_list")
             raise StageFailed(f"download: url_list {cfg.url_list!r} has no rows to download "
                               f"({lc['rows_in_list']} rows in the list{'; dropped: ' + dropped if dropped else ''})")
-        ray_address = _ray_address(cfg, ctx)
-        distributor = "ray" if ray_address else "multiprocessing"
-        kwargs = _img2dataset_kwargs(cfg, prepared.folder, shards_uri, distributor)
         # The runner clears a stage dir before a re-run; this makes a direct call just as safe:
         # a half-finished earlier attempt can never be mistaken for done shards.
         store.remove(shards_uri)
         filtered = sum(v for k, v in lc.items() if k.startswith("filtered_"))
         ctx.progress(f"download: {num_rows} rows ({filtered} filtered out of {lc['rows_in_list']}) -> "
-                     f"{len(rows_per_shard)} shards with img2dataset ({distributor})")
-        t0 = time.time()
-        passes = [Pass(0, rows_per_shard)]
+                     f"{len(rows_per_shard)} shards with img2dataset ({_distributor(cfg, ctx)[1]})")
+        state = save_list(ctx.out_uri, prepared.folder, lc, Pass(0, rows_per_shard))
+        passes, elapsed = _passes(cfg, ctx, state, prepared.folder, tmp, cfg.retry_failed, first_pass=True)
+    return _finish(cfg, ctx, state, passes, elapsed)
+
+
+def resume_failed(cfg: DownloadConfig, ctx: StageContext, passes: int | None = None) -> StageResult:
+    """Finish a download whose earlier attempt (into this ``ctx.out_uri``) stopped, typically on
+    ``min_success_rate``: its finished shards are kept, and only the rows that failed transiently
+    or whose shard did not finish are fetched, into new shards (``passes`` more passes, default
+    ``max(1, retry_failed)``). The counts cover every pass. ``t2i resume`` calls this instead of
+    clearing the stage when the attempt left its state (``<out>/url_list/state.json``)."""
+    state = load_state(ctx.out_uri)
+    if state is None:
+        raise StageFailed(f"download: nothing to resume under {ctx.out_uri} (no url_list/state.json); run it afresh")
+    with tempfile.TemporaryDirectory(prefix="t2i-download-") as tmp:
+        folder = fetch_list(ctx.out_uri, len(state["passes"]) - 1, os.path.join(tmp, "list"))
+        done, elapsed = _passes(cfg, ctx, state, folder, tmp, passes or max(1, cfg.retry_failed), first_pass=False)
+    return _finish(cfg, ctx, state, done, elapsed)
+
+
+def _distributor(cfg: DownloadConfig, ctx: StageContext) -> tuple[str | None, str]:
+    ray_address = _ray_address(cfg, ctx)
+    return ray_address, "ray" if ray_address else "multiprocessing"
+
+
+def _passes(cfg: DownloadConfig, ctx: StageContext, state: dict[str, Any], list_folder: str, tmp: str,
+            retries: int, first_pass: bool) -> tuple[list[Pass], float]:
+    """The first img2dataset pass (unless resuming), then up to ``retries`` passes over what failed."""
+    shards_uri = store.join(ctx.out_uri, "shards")
+    ray_address, distributor = _distributor(cfg, ctx)
+    kwargs = _img2dataset_kwargs(cfg, list_folder, shards_uri, distributor)
+    t0 = time.time()
+    passes = [Pass(p["first_id"], p["rows_per_shard"]) for p in state["passes"]]
+    log_tail = ""
+    if first_pass:
         log_tail = _img2dataset_pass(cfg, kwargs, ray_address, shards_uri, passes[0], tmp, 0, ctx)
-        list_folder = prepared.folder
-        for n in range(1, cfg.retry_failed + 1):
-            retry_folder = os.path.join(tmp, f"retry{n}")
-            rps = build_retry_list(shards_uri, passes[-1], list_folder, cfg.number_sample_per_shard,
-                                   list(cfg.save_additional_columns), retry_folder)
-            if not rps:
-                break
-            first = next_first_id(shards_uri)
-            ctx.progress(f"download: pass {n + 1}: fetching again the {sum(rps)} rows that failed transiently "
-                         f"(timeouts, refused connections, HTTP 429/5xx, unfinished shards) into shards from "
-                         f"{first:0{SHARD_DIGITS}d}")
-            kw = dict(kwargs, url_list=retry_folder, incremental_mode="extend")
-            passes.append(Pass(first, rps))
-            log_tail = _img2dataset_pass(cfg, kw, ray_address, shards_uri, passes[-1], tmp, n, ctx)
-            list_folder = retry_folder
-        elapsed = time.time() - t0
+    for _ in range(retries):
+        n = len(passes)
+        retry_folder = os.path.join(tmp, f"retry{n}")
+        rps = build_retry_list(shards_uri, passes[-1], list_folder, cfg.number_sample_per_shard,
+                               list(cfg.save_additional_columns), retry_folder)
+        if not rps:
+            break
+        first = next_first_id(shards_uri)
+        ctx.progress(f"download: pass {n + 1}: fetching again the {sum(rps)} rows that failed transiently "
+                     f"(timeouts, refused connections, HTTP 429/5xx, unfinished shards) into shards from "
+                     f"{first:0{SHARD_DIGITS}d}")
+        passes.append(Pass(first, rps))
+        save_pass(ctx.out_uri, state, retry_folder, passes[-1])  # before it runs: a kill mid-pass can resume
+        kw = dict(kwargs, url_list=retry_folder, incremental_mode="extend")
+        log_tail = _img2dataset_pass(cfg, kw, ray_address, shards_uri, passes[-1], tmp, n, ctx)
+        list_folder = retry_folder
+    state["log_tail"] = log_tail
+    return passes, time.time() - t0
+
+
+def _finish(cfg: DownloadConfig, ctx: StageContext, state: dict[str, Any], passes: list[Pass],
+            elapsed: float) -> StageResult:
+    shards_uri = store.join(ctx.out_uri, "shards")
     store.remove(store.join(shards_uri, "_tmp"))  # img2dataset's scratch copies of the URL list
-    result = summarize(shards_uri, rows_per_shard, cfg.min_success_rate, elapsed, log_tail, lc, passes)
+    result = summarize(shards_uri, passes[0].rows_per_shard, cfg.min_success_rate, elapsed,
+                       state.get("log_tail", ""), state["list_counts"], passes)
     c = result.counts
     reasons = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in c.items() if k.startswith("rejected_") and v)
     ctx.progress(f"download: {c['successes']}/{c['total']} rows became samples in {c['shards']} shards"

@@ -58,3 +58,51 @@ def build_retry_list(shards_uri: str, done: Pass, list_folder: str, per_shard: i
 def next_first_id(shards_uri: str) -> int:
     """The shard id img2dataset's extend mode starts from: one past the highest finished shard."""
     return max((int(s) for s in read_shard_stats(shards_uri)), default=-1) + 1
+
+
+# What a later resume needs, kept with the stage's output (small next to the shards): the
+# normalised list of every pass (to find the rows of a shard that did not finish) and the passes.
+STATE = "url_list/state.json"
+
+
+def _pass_dict(p: Pass) -> dict:
+    return {"first_id": p.first_id, "rows_per_shard": list(p.rows_per_shard)}
+
+
+def _upload(folder: str, uri: str) -> None:
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            store.write_bytes_atomic(store.join(uri, name), f.read())
+
+
+def save_list(out_uri: str, list_folder: str, list_counts: dict[str, int], first: Pass) -> dict:
+    """Keep the first pass's normalised list under ``<out>/url_list/pass0`` and start the state."""
+    store.remove(store.join(out_uri, "url_list"))
+    _upload(list_folder, store.join(out_uri, "url_list", "pass0"))
+    state: dict = {"list_counts": dict(list_counts), "passes": []}
+    save_pass(out_uri, state, None, first)
+    return state
+
+
+def save_pass(out_uri: str, state: dict, list_folder: str | None, p: Pass) -> None:
+    """Record a pass (and upload its list, unless it is the first pass's, already kept)."""
+    n = len(state["passes"])
+    if list_folder is not None and n > 0:
+        _upload(list_folder, store.join(out_uri, "url_list", f"pass{n}"))
+    state["passes"].append(_pass_dict(p))
+    store.write_json(store.join(out_uri, STATE), {k: v for k, v in state.items() if k != "log_tail"})
+
+
+def load_state(out_uri: str) -> dict | None:
+    uri = store.join(out_uri, STATE)
+    return store.read_json(uri) if store.exists(uri) else None
+
+
+def fetch_list(out_uri: str, n: int, folder: str) -> str:
+    """Pass ``n``'s normalised list, copied to a local folder (img2dataset and pyarrow read it there)."""
+    os.makedirs(folder, exist_ok=True)
+    src = store.join(out_uri, "url_list", f"pass{n}")
+    for uri in store.glob(store.join(src, "*.parquet")):
+        with open(os.path.join(folder, uri.rsplit("/", 1)[-1]), "wb") as f:
+            f.write(store.read_bytes(uri))
+    return folder

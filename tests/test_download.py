@@ -31,8 +31,15 @@ except ImportError:  # tests/ not importable as a package: pytest put tests/ its
 PER_SHARD = 16
 
 
-def _ctx(out_uri: str, **kw) -> StageContext:
+def _ctx(out_uri: str, ray: bool = False) -> StageContext:
     msgs: list[str] = []
+    kw: dict = {}
+    if ray and "executor" in StageContext.__dataclass_fields__:  # the runner hands stages an executor
+        from pipeline.ray_executor import RayExecutor
+
+        kw["executor"] = RayExecutor()
+    elif ray:
+        kw["ray_enabled"] = True
     ctx = StageContext(run_uri=out_uri.rsplit("/", 1)[0], out_uri=out_uri, progress=msgs.append, **kw)
     ctx.messages = msgs  # type: ignore[attr-defined]
     return ctx
@@ -201,7 +208,7 @@ def test_low_success_rate_fails_with_the_cause_under_ray(served_corpus, tmp_path
                          thread_count=4, timeout=5, min_success_rate=0.9)
     assert cfg.input_format == "csv"
     out = str(tmp_path / "run" / "download")
-    ctx = _ctx(out, ray_enabled=True)
+    ctx = _ctx(out, ray=True)
     with pytest.raises(StageFailed) as e:
         run(cfg, ctx)
     assert any("img2dataset (ray)" in m for m in ctx.messages), ctx.messages

@@ -176,3 +176,31 @@ def test_retry_fetches_only_the_transient_failures_into_new_shards(tmp_path):
     caps = {s.key: s.caption for u in shards for s in iter_shard(u)}
     assert sorted(caps.values()) == ["flaky", "good"] and len(caps) == 2  # keys unique across passes
     assert any("pass 2: fetching again the 2 rows" in m for m in ctx.messages), ctx.messages
+
+
+def test_a_failed_download_resumes_fetching_only_what_failed(tmp_path):
+    """The stage stops on min_success_rate but keeps its shards and its list; resume_failed (what
+    `t2i resume` calls) fetches only the failed rows into a new shard; the counts cover both passes."""
+    from data_prep.download import resume_failed
+
+    jpeg = faithful_cases()["jpeg"][0]
+    for i in range(3):
+        (tmp_path / f"good{i}.jpg").write_bytes(jpeg)
+    routes = {"/flaky.jpg": Route(jpeg, "image/jpeg", fail_first=1)}
+    with DemoHTTPServer(str(tmp_path), routes=routes) as srv:
+        urls = [srv.url(f"good{i}.jpg") for i in range(3)] + [srv.url("flaky.jpg")]
+        lst = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": ["g0", "g1", "g2", "flaky"]}), lst)
+        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=4, timeout=3, min_success_rate=0.9)
+        ctx = _ctx(str(tmp_path / "run" / "download"))
+        with pytest.raises(StageFailed, match=r"success rate 75.0% \(3/4 rows\)"):
+            run(cfg, ctx)
+        result = resume_failed(cfg, ctx)
+    c = result.counts
+    assert routes["/flaky.jpg"]._served == 2
+    assert (c["successes"], c["total"], c["retry_passes"], c["retried_rows"], c["retry_successes"]) == (4, 4, 1, 1, 1)
+    assert c["shards"] == 2 and c["failed_to_download"] == 0
+    shards = list_shards(result.outputs["shards"])
+    assert sorted(s.caption for u in shards for s in iter_shard(u)) == ["flaky", "g0", "g1", "g2"]
+    log = open(tmp_path / "run" / "download" / "img2dataset.log", "rb").read()
+    assert log.count(b"Starting the downloading of this file") == 2  # both passes' logs kept
