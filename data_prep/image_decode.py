@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from typing import Sequence
 
@@ -117,13 +118,31 @@ def _composite(img: Image.Image, background: Sequence[int]) -> Image.Image:
     return Image.alpha_composite(bg, rgba).convert("RGB")
 
 
+_PIL_LIMIT = threading.Lock()
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Image.open under our limit. Pillow refuses at open above 2x its global MAX_IMAGE_PIXELS; a
+    config allowing more lifts that global only for this (lazy, header-only) call, so the rest of
+    the process keeps Pillow's guard."""
+    ceiling = Image.MAX_IMAGE_PIXELS
+    if ceiling is None or (max_pixels is not None and max_pixels <= 2 * ceiling):
+        return Image.open(io.BytesIO(data))
+    with _PIL_LIMIT:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = ceiling
+
+
 def open_checked(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 0,
                  max_aspect_ratio: float | None = None) -> Image.Image:
     """Image.open + the header checks; raises ImageRejected. Nothing is decoded yet."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = _open(data, max_pixels)
         except Image.DecompressionBombError as e:
             raise ImageRejected(TOO_LARGE, str(e)) from e
         except Exception as e:  # not an image Pillow knows (HTML, empty, garbage)

@@ -169,3 +169,17 @@ def test_truncated_jpeg_is_rejected_not_grey_filled():
 
     with pytest.raises(ImageRejected, match="Image decoding error"):
         decode_bgr_array(data[: len(data) // 2])
+
+
+def test_a_higher_configured_limit_is_honoured_and_pillows_guard_stays():
+    huge = png_gray(15_000, 14_000)  # 210 MP: over twice Pillow's own limit, which refuses it at open
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(huge))
+    # Allowed by the config, so the header checks run (here the shorter side decides, nothing decoded).
+    with pytest.raises(ImageRejected, match="image too small: 15000x14000") as e:
+        decode_rgb(huge, max_pixels=300_000_000, min_side=20_000)
+    assert e.value.reason == "too_small"
+    with pytest.raises(ImageRejected, match="too large"):
+        decode_rgb(huge)  # the default limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(huge))  # Pillow's global guard is back for everyone else
