@@ -1,6 +1,6 @@
 """The stage graph: which stages exist, what each depends on, and where its code lives.
 
-download -> embed -> {train_prior, train_decoder, train_base, train_sr256, train_sr1024} -> sample
+download -> embed -> {one training stage per model of stages/models.py} -> sample
 
 The training stages do not depend on each other (SR trains on real low-res images), so the
 runner can run them side by side. A stage whose module is not part of this installation is
@@ -29,25 +29,26 @@ class StageDef:
         return mod
 
 
-_ALL = (
-    StageDef("download", "data_prep.download", "DownloadConfig", (),
-             "img2dataset download of a URL+caption list into webdataset shards.", required=True),
-    StageDef("embed", "data_prep.embed", "EmbedConfig", ("download",),
-             "CLIP image/text and T5 text embeddings of every downloaded sample."),
-    StageDef("train_prior", "stages.prior", "PriorTrainConfig", ("embed",),
-             "unCLIP diffusion prior: CLIP text -> CLIP image embedding."),
-    StageDef("train_decoder", "stages.decoder", "DecoderTrainConfig", ("download", "embed"),
-             "unCLIP decoder: CLIP image embedding (+ text) -> 64px image."),
-    StageDef("train_base", "stages.base", "BaseTrainConfig", ("download", "embed"),
-             "Imagen base model: T5 tokens -> 64px image."),
-    StageDef("train_sr256", "stages.superres", "SR256TrainConfig", ("download", "embed"),
-             "Super-resolution 64->256 with conditioning augmentation."),
-    StageDef("train_sr1024", "stages.superres", "SR1024TrainConfig", ("download", "embed"),
-             "Super-resolution 256->1024 with conditioning augmentation."),
-    StageDef("sample", "stages.sample", "SampleConfig",
-             ("embed", "train_prior", "train_decoder", "train_base", "train_sr256", "train_sr1024"),
-             "Samples the prompts through the trained cascades and writes a report."),
-)
+def _training_stages() -> tuple[StageDef, ...]:
+    from stages.models import MODELS  # the registry of trained models: pure data, no torch
+
+    return tuple(StageDef(m.stage, m.module, m.config_class, ("embed",) if not m.needs_images else ("download", "embed"),
+                          m.description) for m in MODELS)
+
+
+def _all() -> tuple[StageDef, ...]:
+    """Every stage, in topological order."""
+    from stages.models import TRAIN_STAGES
+
+    return (
+        StageDef("download", "data_prep.download", "DownloadConfig", (),
+                 "img2dataset download of a URL+caption list into webdataset shards.", required=True),
+        StageDef("embed", "data_prep.embed", "EmbedConfig", ("download",),
+                 "CLIP image/text and T5 text embeddings of every downloaded sample."),
+        *_training_stages(),
+        StageDef("sample", "stages.sample", "SampleConfig", ("embed", *TRAIN_STAGES),
+                 "Samples the prompts through the trained cascades and writes a report."),
+    )
 
 
 def _available(stage: StageDef) -> bool:
@@ -58,7 +59,7 @@ def _available(stage: StageDef) -> bool:
 
 @lru_cache(maxsize=1)
 def available_stages() -> tuple[StageDef, ...]:
-    return tuple(s for s in _ALL if _available(s))
+    return tuple(s for s in _all() if _available(s))
 
 
 class _Stages:
@@ -86,7 +87,7 @@ def get_stage(name: str) -> StageDef:
 
 
 def enabled_stages(spec) -> list[StageDef]:
-    """Stages the spec configures, in topological order (``_ALL`` is already topological)."""
+    """Stages the spec configures, in topological order (``_all()`` is already topological)."""
     return [s for s in available_stages() if getattr(spec, s.name, None) is not None]
 
 

@@ -115,16 +115,16 @@ def parse_spec(data: dict, source: str = "<dict>"):
     return spec
 
 
-TRAIN_ROLES = {"train_prior": "prior", "train_decoder": "decoder", "train_base": "base",
-               "train_sr256": "sr256", "train_sr1024": "sr1024"}
 
 
 def cross_stage_problems(spec) -> list[str]:
     """Checks that need more than one field: flavors exist, the cascade's sizes chain up,
     the downloaded images are large enough for every model that trains on them."""
+    from stages.models import MODELS, chained_pairs
+
     problems: list[str] = []
     flavors = {}
-    for stage, role in TRAIN_ROLES.items():
+    for stage, role in ((m.stage, m.role) for m in MODELS):
         cfg = getattr(spec, stage, None)
         if cfg is None:
             continue
@@ -139,8 +139,7 @@ def cross_stage_problems(spec) -> list[str]:
         if f.low_res_size is not None and f.image_size is not None and f.image_size <= f.low_res_size:
             problems.append(f"train_{role}.flavor: an SR model must output more pixels than it takes "
                             f"({f.low_res_size} -> {f.image_size})")
-    chain = [("base", "sr256"), ("decoder", "sr256"), ("sr256", "sr1024")]
-    for lo, hi in chain:
+    for lo, hi in chained_pairs():
         if lo in flavors and hi in flavors and flavors[lo].image_size != flavors[hi].low_res_size:
             problems.append(f"train_{hi}.flavor: takes {flavors[hi].low_res_size}px input but train_{lo} "
                             f"({flavors[lo].name}) makes {flavors[lo].image_size}px; pick matching flavors")

@@ -21,7 +21,12 @@ def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
     return x0, cond
 
 
-SPEC = StageSpec(stage="train_base", role="base", needs_images=True, build_batch=build_batch)
+def sample_cond(f, prev):
+    """What build_batch gives the network, from prompt features (stages/sample.py PromptFeatures)."""
+    return {"text_tokens": f.t5_tokens, "text_mask": f.t5_mask}
+
+
+SPEC = StageSpec(stage="train_base", role="base", needs_images=True, build_batch=build_batch, sample_cond=sample_cond)
 
 
 def run(cfg: BaseTrainConfig, ctx: StageContext) -> StageResult:

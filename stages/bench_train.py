@@ -30,16 +30,11 @@ from typing import Any, Callable
 import torch
 
 from stages.flops import count_flops, mfu, peak_flops
+from stages.models import MODELS
 from stages.optim import build_optimizer, build_scheduler
 
-# stage -> (module, StageSpec attribute, config class): the stage's own defaults (CFG rates, SR condaug)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "base": ("stages.base", "SPEC", "BaseTrainConfig"),
-    "sr256": ("stages.superres", "SPEC_SR256", "SR256TrainConfig"),
-    "sr1024": ("stages.superres", "SPEC_SR1024", "SR1024TrainConfig"),
-    "decoder": ("stages.decoder", "SPEC", "DecoderTrainConfig"),
-    "prior": ("stages.prior", "SPEC", "PriorTrainConfig"),
-}
+# role -> (module, StageSpec attribute, config class): the stage's own defaults (CFG rates, SR condaug)
+STAGES: dict[str, tuple[str, str, str]] = {m.role: (m.module, m.spec_attr, m.config_class) for m in MODELS}
 # Targets of issue 8 on one H200 in bf16 (MFU per stage; DeepSpeed step time / plain step time).
 MFU_TARGETS = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45}
 ZERO_RATIO_TARGETS = {0: 1.10, 1: 1.10, 2: 1.10, 3: 1.30}

@@ -28,7 +28,13 @@ def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
     return x0, cond
 
 
-SPEC = StageSpec(stage="train_decoder", role="decoder", needs_images=True, build_batch=build_batch)
+def sample_cond(f, prev):
+    """What build_batch gives the network; ``prev`` is the prior's sampled CLIP image embedding."""
+    return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "image_embed": prev}
+
+
+SPEC = StageSpec(stage="train_decoder", role="decoder", needs_images=True, build_batch=build_batch,
+                 sample_cond=sample_cond)
 
 
 def run(cfg: DecoderTrainConfig, ctx: StageContext) -> StageResult:

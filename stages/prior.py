@@ -39,7 +39,13 @@ def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
     return x0, cond
 
 
-SPEC = StageSpec(stage="train_prior", role="prior", needs_images=False, build_batch=build_batch)
+def sample_cond(f, prev):
+    """What build_batch gives the network, from prompt features (stages/sample.py PromptFeatures)."""
+    return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "text_embed": f.clip_text}
+
+
+SPEC = StageSpec(stage="train_prior", role="prior", needs_images=False, build_batch=build_batch,
+                 sample_cond=sample_cond)
 
 
 def run(cfg: PriorTrainConfig, ctx: StageContext) -> StageResult:

@@ -260,12 +260,11 @@ def encode_prompts(embed_uri: str, prompts: Sequence[str], device: torch.device 
 
 # ----------------------------------------------------------------------------- one stage
 def _cond(role: str, f: PromptFeatures, prev: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The network's keyword arguments, as the role's training batch builder makes them."""
-    if role == "prior":
-        return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "text_embed": f.clip_text}
-    if role == "decoder":
-        return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "image_embed": prev}
-    return {"text_tokens": f.t5_tokens, "text_mask": f.t5_mask}  # base, sr256, sr1024 (+ low_res below)
+    """The network's keyword arguments: the model module's own ``sample_cond``, written beside its
+    training batch builder (stages/models.py)."""
+    from stages.models import model
+
+    return model(role).stage_spec.sample_cond(f, prev)
 
 
 def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:

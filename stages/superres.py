@@ -50,10 +50,16 @@ def _clean(cfg: SRTrainConfig) -> SRTrainConfig:
                                                                             "blur_prob": 0.0})})
 
 
+def sample_cond(f, prev):
+    """The text part of build_batch's kwargs; sampling adds ``low_res`` (the previous model's output
+    at low_res_size) and ``aug_level`` (its fixed conditioning-augmentation level)."""
+    return {"text_tokens": f.t5_tokens, "text_mask": f.t5_mask}
+
+
 SPEC_SR256 = StageSpec(stage="train_sr256", role="sr256", needs_images=True, build_batch=build_batch,
-                       extra_config=_condaug, clean_config=_clean)
+                       sample_cond=sample_cond, extra_config=_condaug, clean_config=_clean)
 SPEC_SR1024 = StageSpec(stage="train_sr1024", role="sr1024", needs_images=True, build_batch=build_batch,
-                        extra_config=_condaug, clean_config=_clean)
+                        sample_cond=sample_cond, extra_config=_condaug, clean_config=_clean)
 
 
 def run(cfg: SRTrainConfig, ctx: StageContext) -> StageResult:

@@ -51,6 +51,9 @@ class StageSpec:
     needs_images: bool
     # (loader batch, cfg, flavor, device, compute dtype) -> (x0, cond kwargs of the network)
     build_batch: Callable[[Batch, TrainConfig, Any, torch.device, torch.dtype], tuple[torch.Tensor, dict]]
+    # (prompt features, previous model's output or None) -> the same cond kwargs at sampling time;
+    # stages/sample.py adds what only sampling knows (SR: the low-res input and its aug level)
+    sample_cond: Callable[[Any, Any], dict] = lambda features, prev: {}
     # the "condaug" entry of final/config.json (SR only)
     extra_config: Callable[[TrainConfig], dict | None] = lambda cfg: None
     # the config the sample grid builds its fixed conditioning with: no CFG dropout (SR: no condaug)
