@@ -1,6 +1,6 @@
 """The run spec: YAML -> one typed config per stage, validated before any worker starts.
 
-Each stage owns its config class (DESIGN: "one typed config per stage, owned by that stage");
+Each stage owns its config class (docs/design.md: one typed config per stage, owned by that stage);
 this module only composes them, adds ``store`` and ``cluster``, and turns pydantic's errors into
 messages that name the field path and what is allowed.
 """

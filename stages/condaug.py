@@ -13,7 +13,7 @@ Low-res input convention: `make_low_res` keeps the image at low resolution by de
 (`upsample=False`); the UNet bilinearly resizes `low_res` to x's size itself, so both forms are
 accepted, but the low-res form is 16x smaller to ship through a batch.
 
-Pure PyTorch (DESIGN invariant 1).
+Pure PyTorch (docs/design.md, invariant 1).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Works for any tensor shape [B, ...]: images [B, 3, H, W] and CLIP-embedding vect
 unCLIP prior (which predicts x0 and must run with thresholding="none": embeddings are not in
 [-1, 1]).
 
-Pure PyTorch by design (DESIGN invariant 1): no distributed or storage imports here.
+Pure PyTorch by design (docs/design.md, invariant 1): no distributed or storage imports here.
 """
 from __future__ import annotations
 

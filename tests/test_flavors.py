@@ -78,7 +78,7 @@ def test_unknown_names_and_bad_arguments_say_what_is_allowed():
 
 
 def test_model_code_imports_no_distributed_or_storage_libraries():
-    """DESIGN invariant 1, checked in a fresh interpreter (this one may have them loaded)."""
+    """docs/design.md invariant 1, checked in a fresh interpreter (this one may have them loaded)."""
     code = ("import sys, stages.diffusion, stages.condaug, stages.nets; "
             "bad = [m for m in ('ray', 'deepspeed', 'torch.distributed.fsdp', 'fsspec', 'boto3', "
             "'botocore', 's3fs') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
