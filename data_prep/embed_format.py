@@ -75,10 +75,10 @@ class EmbeddingShard:
 
     def padded_t5(self, indices: Sequence[int], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """([B, L, Dt] float16, [B, L] bool mask); L = max_len, or the longest selected when None."""
-        return _pad([self.t5_of(i) for i in indices], max_len, self.t5_tokens.shape[-1])
+        return pad_sequences([self.t5_of(i) for i in indices], max_len, self.t5_tokens.shape[-1])
 
     def padded_clip_tokens(self, indices: Sequence[int], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return _pad([self.clip_tokens_of(i) for i in indices], max_len, self.clip_tokens.shape[-1])
+        return pad_sequences([self.clip_tokens_of(i) for i in indices], max_len, self.clip_tokens.shape[-1])
 
     @classmethod
     def concat(cls, parts: Sequence["EmbeddingShard"]) -> "EmbeddingShard":
@@ -95,7 +95,8 @@ class EmbeddingShard:
                    t5_tokens=np.zeros([0, t5_dim], f), t5_lengths=np.zeros([0], np.int32))
 
 
-def _pad(seqs: list[np.ndarray], max_len: int | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_sequences(seqs: list[np.ndarray], max_len: int | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, L, dim] float16 + [N, L] bool mask: the one padding helper for trimmed token features."""
     # Sequences longer than max_len are cut (the caller chose the context size); mask marks real tokens.
     L = max_len if max_len is not None else max((len(s) for s in seqs), default=0)
     out = np.zeros([len(seqs), L, dim], dtype=np.float16)

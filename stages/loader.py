@@ -23,9 +23,7 @@ and takes every G-th sample, so no rank idles.
 """
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -33,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.embed_format import EmbeddingShard, read_embedding_shard
+from data_prep.embed_format import EmbeddingShard, pad_sequences, read_embedding_shard
+from data_prep.shards import ShardCorruptError, iter_shard
 from data_prep.image_decode import decode_rgb
 from pipeline import store
 
@@ -116,43 +115,20 @@ def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _tar_groups(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive members sharing a key, streamed.
-
-    A truncated or corrupt tar stops training with an error naming it (tarfile's own says only
-    "unexpected end of data"); the group being read when it broke is never yielded.
-    """
-    key, n = None, 0
+def _tar_samples(uri: str) -> Iterator[Any]:
+    """The shard's samples in tar order (data_prep.shards.iter_shard, the one tar reader). A
+    truncated or corrupt tar stops training with an error naming it; the sample being read when
+    it broke is never yielded."""
     try:
-        with store.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            group: dict[str, bytes] = {}
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                k, _, ext = base.partition(".")
-                if k != key and key is not None:
-                    n += 1
-                    yield key, group
-                    group = {}
-                key = k
-                ex = tar.extractfile(m)
-                group[ext] = ex.read() if ex is not None else b""
-            if key is not None:
-                yield key, group
-    except (tarfile.TarError, EOFError) as e:
-        raise LoaderError(f"download shard {uri} is truncated or corrupt ({type(e).__name__}: {e}) after {n} "
-                          f"complete samples (at key {key}); re-run the download stage for it") from e
+        yield from iter_shard(uri, on_corrupt="raise")
+    except ShardCorruptError as e:
+        raise LoaderError(f"download shard {e}; re-run the download stage for it") from e
 
 
 def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(1, max(len(s) for s in seqs))
-    out = torch.zeros(len(seqs), L, seqs[0].shape[-1], dtype=torch.float16)
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        out[b, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float16))
-        mask[b, : len(s)] = True
-    return out, mask
+    """Token features padded to the longest (at least 1, so an all-empty batch keeps its shape)."""
+    out, mask = pad_sequences(seqs, max(1, max(len(s) for s in seqs)), seqs[0].shape[-1])
+    return torch.from_numpy(out), torch.from_numpy(mask)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,14 +212,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         row = {str(k): j for j, k in enumerate(emb.keys)}
         j = 0  # next embedding row we expect to meet in the tar
-        for key, group in _tar_groups(pair.tar_uri):
+        for smp in _tar_samples(pair.tar_uri):
+            key = smp.key
             if key not in row:
                 continue  # not embedded (bad image/caption at embed time): skipped there, counted there
             if row[key] != j:
                 raise LoaderError(f"embedding shard {pair.npz_uri} is misaligned with {pair.tar_uri}: tar key "
                                   f"{key} is embedding row {row[key]} but row {j} ({emb.keys[j]}) was expected next")
             if wanted(j):
-                data = group.get("jpg") or group.get("jpeg") or group.get("png") or group.get("webp")
+                data = smp.image_bytes
                 rng = np.random.default_rng([self.spec.seed, epoch, pair.index, j])
                 try:
                     if data is None:

@@ -16,23 +16,27 @@ from pipeline.executors import WorkerPlacement
 
 
 class DiffusionSettings(StrictModel):
-    """Keyword arguments of ``stages.diffusion.Diffusion`` (also written to final/config.json)."""
+    """Keyword arguments of ``stages.diffusion.Diffusion`` (also written to final/config.json).
+
+    The allowed values are checked where they are used: validation builds the Diffusion itself,
+    so the spec and the pure core can never disagree on what is valid.
+    """
 
     schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="noise schedule")
     # v (Salimans & Ho 2022): unlike eps, its target still carries the image at high noise, so
     # the network learns global content (colour, layout, text conditioning) early, and x0 has no
     # 1/alpha blow-up at t -> 1 when sampling. eps stays available for paper reproductions.
     prediction: Literal["eps", "x0", "v"] = Field("v", description="what the network predicts")
-    min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma; None = plain MSE")
+    min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma (> 0); None = plain MSE")
     thresholding: Literal["none", "static", "dynamic"] = Field(
         "dynamic", description="x0 thresholding when sampling ('none' for the prior: embeddings are not in [-1, 1])")
 
-    @field_validator("min_snr_gamma")
-    @classmethod
-    def _gamma(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0 or null (got {v})")
-        return v
+    @model_validator(mode="after")
+    def _as_the_core_checks(self) -> "DiffusionSettings":
+        from stages.diffusion import Diffusion
+
+        Diffusion(**self.model_dump())  # raises ValueError naming the field and what is allowed
+        return self
 
 
 class CondAugSettings(StrictModel):
@@ -40,27 +44,21 @@ class CondAugSettings(StrictModel):
 
     SR models train on real low-res images; corrupting them (noise at a random level, optional
     blur) closes the gap to the generated low-res images they see at sampling (Imagen §2.5).
+    Validation builds the CondAugConfig itself (one home for the checks).
     """
 
     schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="aug level -> noise")
-    max_train_level: float = Field(0.5, description="training aug levels ~ U[0, max_train_level]")
-    sample_level: float = Field(0.1, description="fixed aug level used when sampling")
+    max_train_level: float = Field(0.5, description="training aug levels ~ U[0, max_train_level], within [0, 1]")
+    sample_level: float = Field(0.1, description="fixed aug level used when sampling, within [0, 1]")
     blur_prob: float = Field(0.0, description="probability of blurring a training low-res image (unCLIP: 0.5)")
-    blur_sigma: tuple[float, float] = Field((0.4, 0.6), description="blur sigma range (lo, hi)")
+    blur_sigma: tuple[float, float] = Field((0.4, 0.6), description="blur sigma range (lo, hi), 0 < lo <= hi")
 
-    @field_validator("max_train_level", "sample_level", "blur_prob")
-    @classmethod
-    def _unit(cls, v: float, info) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"condaug.{info.field_name} must be within [0, 1] (got {v})")
-        return v
+    @model_validator(mode="after")
+    def _as_the_core_checks(self) -> "CondAugSettings":
+        from stages.condaug import CondAugConfig
 
-    @field_validator("blur_sigma")
-    @classmethod
-    def _sigma(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1]:
-            raise ValueError(f"condaug.blur_sigma must be (lo, hi) with 0 < lo <= hi (got {v})")
-        return v
+        CondAugConfig(**self.model_dump())  # raises ValueError naming the field and what is allowed
+        return self
 
 
 class TrainConfig(StrictModel):
