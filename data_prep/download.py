@@ -45,6 +45,12 @@ from pipeline.context import StageContext, StageFailed, StageResult
 __all__ = ["DEMO", "DownloadConfig", "resume_failed", "run"]
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The child's first lines. torch is imported only by webdataset's optional PyTorch integration
+# (it falls back to stand-ins without it) and wandb only by img2dataset's logger process, which the
+# child replaces: keeping both out cuts the child's start from ~7 s to ~2.6 s on 2 cores.
+_CHILD_BOOT = ("import sys, types; sys.modules.setdefault('torch', None); "
+               "sys.modules.setdefault('wandb', types.ModuleType('wandb')); "
+               "from data_prep.download_child import child_main; child_main()")
 # A shard that has not finished this long after the previous one did is named in the progress.
 _STUCK_AFTER_S = 30.0
 
@@ -149,7 +155,7 @@ def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | N
     with open(args_path, "w") as f:
         json.dump({"kwargs": kwargs, "ray_address": ray_address, "worker_env": worker_env,
                    "decode": _decode_settings(cfg), "request_deadline": cfg.request_deadline}, f)
-    cmd = [sys.executable, "-c", "from data_prep.download_child import child_main; child_main()", args_path]
+    cmd = [sys.executable, "-c", _CHILD_BOOT, args_path]
     with open(log_path, "wb") as log:
         # A session of its own, so the pool and logger processes img2dataset spawns can be ended
         # together (by this child's process-group id) if the stage is interrupted.
