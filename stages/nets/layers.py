@@ -199,8 +199,8 @@ class AttentionBlock(nn.Module):
         b, c, hgt, wid = x.shape
         n, heads = hgt * wid, self.heads
         # Tokens [B, HW, C]: one copy of the normalised map for NCHW input, none for channels_last
-        # (its flatten+transpose is already contiguous). Made contiguous here, not inside the
-        # Linear, so autograd keeps this one copy for the weight gradient instead of redoing it.
+        # (its flatten+transpose is already contiguous). The Linear would make this copy anyway:
+        # a [B, N, C] view with channel stride N cannot be flattened to [B*N, C] without one.
         tok = self.norm(x).flatten(2).transpose(1, 2).contiguous()
         if self.qkv is not None:
             qkv = self.qkv(tok)                                       # [B, N, 3C]
