@@ -13,6 +13,7 @@ feeding encoder actors. The stage never knows which. Resume is per shard (the le
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
@@ -160,7 +161,15 @@ def _summarize(out_uri: str, sources: list[dict[str, Any]], identity: dict[str, 
 
 def run(cfg: EmbedConfig, ctx: StageContext) -> StageResult:
     shards_uri = ctx.input_output("download", "shards")
-    s = embed_shards(shards_uri, ctx.out_uri, cfg, executor=ctx.executor, progress=ctx.progress)
+    total = len(list_sources(shards_uri))
+    t0, done = time.perf_counter(), {"shards": 0, "rows": 0}
+
+    def live(marker: dict) -> None:  # the driver's progress line: shards done/total, rows/s
+        done["shards"] += 1
+        done["rows"] += int(marker["counts"]["n_total"])
+        rate = done["rows"] / max(time.perf_counter() - t0, 1e-9)
+        ctx.report(done=done["shards"], total=total, unit="shards", rows_per_s=rate)
+    s = embed_shards(shards_uri, ctx.out_uri, cfg, executor=ctx.executor, progress=ctx.progress, on_shard_done=live)
     return StageResult(
         counts=s["counts"], metrics=s["metrics"],
         outputs={"shards": store.join(ctx.out_uri, layout.SHARDS), "encoders": s["encoders_uri"],

@@ -23,6 +23,13 @@ class StageContext:
     # steps): what that run produced must be kept (e.g. its checkpoints are never pruned).
     previous: dict[str, Any] | None = None
 
+    def report(self, **fields: Any) -> None:
+        """Live figures for the driver's progress line (pipeline/progress.py); a plain callable
+        ``progress`` (tests) ignores them."""
+        update = getattr(self.progress, "update", None)
+        if update is not None:
+            update(**fields)
+
     @property
     def ray_enabled(self) -> bool:
         return self.executor.kind == "ray"

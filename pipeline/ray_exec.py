@@ -15,7 +15,13 @@ from pipeline.graph import deps_in_spec
 from pipeline.ray_executor import RayExecutor, trains_in_task
 
 
-def init_ray(cluster, address: str | None = None) -> None:
+def _level(verbose: bool) -> str:
+    # Ray's own start-up notices (token auth on, dashboard disabled, ...) are for --debug; errors
+    # still show. The stages' progress reaches the user through the store (pipeline/console.py).
+    return "INFO" if verbose else "ERROR"
+
+
+def init_ray(cluster, address: str | None = None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
@@ -28,29 +34,31 @@ def init_ray(cluster, address: str | None = None) -> None:
            # not fail after Ray Train's default 60 s worker-group start timeout.
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level=_level(verbose), log_to_driver=verbose)
         return
     from pipeline.reaper import start_orphan_reaper
 
     start_orphan_reaper()  # a SIGKILLed driver leaves Ray's agents behind otherwise
     ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), num_gpus=cluster.num_gpus,
              include_dashboard=cluster.include_dashboard, dashboard_host=cluster.dashboard_host,
-             runtime_env={"env_vars": env}, logging_level="WARNING")
+             runtime_env={"env_vars": env}, logging_level=_level(verbose), log_to_driver=verbose)
 
 
-def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, log: Callable[[str], None]) -> None:
+def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, console, verbose: bool = False) -> None:
+    """Stages' own output stays on their workers (``verbose``: forward it, with Ray's logs); the
+    driver shows what they report through the store (pipeline/console.py)."""
     import ray
 
     owned = not ray.is_initialized()  # a Ray we start, we stop: callers in one process run many specs
-    init_ray(spec.cluster, address)
+    init_ray(spec.cluster, address, verbose)
     try:
-        _schedule(spec, todo, plans, manifests, summary, log)
+        _schedule(spec, todo, plans, manifests, summary, console)
     finally:
         if owned:
             ray.shutdown()
 
 
-def _schedule(spec, todo, plans, manifests, summary, log) -> None:
+def _schedule(spec, todo, plans, manifests, summary, console) -> None:
     import ray
 
     from pipeline.stage_exec import StageOutcome, error_message, execute_stage
@@ -67,28 +75,30 @@ def _schedule(spec, todo, plans, manifests, summary, log) -> None:
             if failed:
                 summary.outcomes[s.name] = StageOutcome(s.name, "blocked", error=f"{', '.join(failed)} failed")
                 pending.remove(s)
-                log(f"- {s.name}: not run, {', '.join(failed)} failed")
+                console.say(f"- {s.name}: not run, {', '.join(failed)} failed")
             elif all(d in manifests for d in deps):
                 ref = remote_stage.options(name=f"stage:{s.name}", **_task_options(getattr(spec, s.name))).remote(
                     plans[s.name], data, {d: manifests[d] for d in deps}, executor)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
-                log(f"▶ {s.name}: started")
+                console.say(f"▶ {s.name}: started")
+                console.started(s.name, plans[s.name].attempt_uri)
         if not running:
             break
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             name, t0 = running.pop(ref)
+            console.finished(name)
             try:
                 m = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - reported in the summary, independent stages go on
                 summary.outcomes[name] = StageOutcome(name, "failed", error=error_message(e), duration_s=time.time() - t0)
-                log(f"✗ {name}: {error_message(e)}")
+                console.say(f"✗ {name}: {error_message(e)}")
                 continue
             manifests[name] = m
             summary.outcomes[name] = StageOutcome(name, "ran", m, duration_s=time.time() - t0)
             where = (m.get("node") or {}).get("node_ip", "")
-            log(f"✓ {name}: finished in {time.time() - t0:.1f}s{' on ' + where if where else ''}")
+            console.say(f"✓ {name}: finished in {time.time() - t0:.1f}s{' on ' + where if where else ''}")
 
 
 def _task_options(cfg) -> dict:

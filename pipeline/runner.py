@@ -19,6 +19,7 @@ from pipeline import manifest as mf
 from pipeline.context import StageFailed
 from pipeline.graph import StageDef, deps_in_spec, downstream, enabled_stages, get_stage
 from pipeline.planning import load_run_spec, plan_stages  # noqa: F401  (load_run_spec: re-exported for callers)
+from pipeline.console import ProgressConsole
 from pipeline.reaper import start_orphan_reaper
 from pipeline.spec import run_uri, spec_to_yaml
 from pipeline.stage_exec import RunSummary, StageOutcome, error_message, execute_stage
@@ -29,7 +30,8 @@ def save_spec(spec) -> None:
 
 
 def run_pipeline(spec, *, only: list[str] | None = None, fresh: list[str] | None = None,
-                 address: str | None = None, log: Callable[[str], None] = print) -> RunSummary:
+                 address: str | None = None, log: Callable[[str], None] = print, live_console=None,
+                 verbose: bool = False) -> RunSummary:
     """Run (or resume) the spec's stages. ``only`` limits the run to those stages (their
     dependencies must be done); ``fresh`` starts those stages as new attempts (the old
     attempts stay on the store until ``t2i gc``)."""
@@ -63,13 +65,38 @@ def run_pipeline(spec, *, only: list[str] | None = None, fresh: list[str] | None
     if not todo:
         return summary
     start_orphan_reaper()
-    if spec.cluster.use_ray:
-        from pipeline.ray_exec import run_on_ray
+    todo = _longest_first(todo, spec)
+    with ProgressConsole(log, live_console=live_console) as console:
+        if spec.cluster.use_ray:
+            from pipeline.ray_exec import run_on_ray
 
-        run_on_ray(spec, todo, plans, manifests, summary, address=address, log=log)
-    else:
-        _run_in_process(spec, todo, plans, manifests, summary, log)
+            run_on_ray(spec, todo, plans, manifests, summary, address=address, console=console, verbose=verbose)
+        else:
+            _run_in_process(spec, todo, plans, manifests, summary, console)
     return summary
+
+
+def _longest_first(todo: list[StageDef], spec) -> list[StageDef]:
+    """Among stages that can run side by side, start the one with the most work first (training
+    steps x batch), so the longest stage never waits for short ones to finish: the run's wall
+    time is then bounded by it, not by the sum (dependencies keep their order)."""
+    def work(s: StageDef) -> float:
+        cfg = getattr(spec, s.name)
+        return float(getattr(cfg, "steps", 0) * getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1))
+
+    order = {s.name: i for i, s in enumerate(todo)}
+    return sorted(todo, key=lambda s: (len(_ancestors(s, spec)), -work(s), order[s.name]))
+
+
+def _ancestors(s: StageDef, spec) -> set[str]:
+    out: set[str] = set()
+    stack = list(deps_in_spec(s, spec))
+    while stack:
+        d = stack.pop()
+        if d not in out:
+            out.add(d)
+            stack += deps_in_spec(get_stage(d), spec)
+    return out
 
 
 def _attempt(p) -> str:
@@ -95,25 +122,28 @@ def run_uri_of(p) -> str:
     return p.attempt_uri.rstrip("/").rsplit("/", 2)[0]
 
 
-def _run_in_process(spec, todo, plans, manifests, summary, log) -> None:
+def _run_in_process(spec, todo, plans, manifests, summary, console) -> None:
     data = spec.model_dump(mode="json")
-    for s in todo:
+    for s in sorted(todo, key=lambda s: len(_ancestors(s, spec))):  # dependencies first
         blocked = [d for d in deps_in_spec(s, spec) if d not in manifests]
         if blocked:
             summary.outcomes[s.name] = StageOutcome(s.name, "blocked", error=f"needs {', '.join(blocked)}")
             continue
-        log(f"▶ {s.name}: running")
+        console.say(f"▶ {s.name}: running")
+        console.started(s.name, plans[s.name].attempt_uri)
         t0 = time.time()
         try:
             m = execute_stage(plans[s.name], data, {d: manifests[d] for d in deps_in_spec(s, spec)})
         except Exception as e:  # noqa: BLE001 - reported in the summary, the run goes on
+            console.finished(s.name)
             summary.outcomes[s.name] = StageOutcome(s.name, "failed", error=error_message(e),
                                                     duration_s=time.time() - t0)
-            log(f"✗ {s.name}: {error_message(e)}")
+            console.say(f"✗ {s.name}: {error_message(e)}")
             continue
+        console.finished(s.name)
         manifests[s.name] = m
         summary.outcomes[s.name] = StageOutcome(s.name, "ran", m, duration_s=time.time() - t0)
-        log(f"✓ {s.name}: finished in {time.time() - t0:.1f}s")
+        console.say(f"✓ {s.name}: finished in {time.time() - t0:.1f}s")
 
 
 def targets(spec, stage: str | None, from_stage: str | None) -> list[str] | None:

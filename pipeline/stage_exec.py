@@ -15,6 +15,7 @@ from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageContext, StageFailed
 from pipeline.executors import LocalExecutor
+from pipeline.progress import StageProgress
 
 ERROR_FILE = "_ERROR.json"
 
@@ -82,15 +83,19 @@ def execute_stage(plan: PlannedStage, spec_data: dict, inputs: dict[str, dict], 
     store.remove(store.join(out_uri, ERROR_FILE))
     mf.mark_started(out_uri, plan.fingerprint)
     cfg = getattr(spec, plan.name)
+    # Messages and live figures go to the attempt's progress file; the driver shows them
+    # (pipeline/console.py), wherever this runs.
+    reporter = StageProgress(out_uri, echo=progress)
     ctx = StageContext(run_uri=ruri, out_uri=out_uri, inputs=inputs, executor=executor or LocalExecutor(),
-                       progress=progress or (lambda m: print(f"[{plan.name}] {m}", flush=True)),
-                       previous=state.manifest)
+                       progress=reporter, previous=state.manifest)
     t0 = time.time()
     try:
         result = get_stage(plan.name).load().run(cfg, ctx)
     except BaseException as e:
+        reporter.flush()
         _record_error(out_uri, e)
         raise
+    reporter.flush()
     m = mf.write_manifest(out_uri, stage=plan.name, fp=plan.fingerprint, started_at=t0, counts=result.counts,
                           metrics=result.metrics, outputs=result.outputs, node=node_info(),
                           config=mf.config_for_fingerprint(cfg), extent=plan.extent, output_id=plan.output_id,

@@ -27,6 +27,7 @@ from data_prep.embed_ledger import read_encoders_doc
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 from pipeline.executors import DistEnv
+from pipeline.progress import TRAIN_PROGRESS, StageProgress
 from stages.checkpoint import CheckpointManager
 from stages.distributed import setup_distributed
 from stages.ema import EMA
@@ -118,6 +119,28 @@ class LossWindow:
         return mean.item() / world, rate
 
 
+class LiveFigures:
+    """Rank 0's live line for the driver (pipeline/progress.py): step/total, loss, samples/s, ETA
+    from this segment's step rate, last checkpoint. Writes are throttled by StageProgress."""
+
+    def __init__(self, attempt_uri: str, start_step: int, total: int):
+        self.progress = StageProgress(attempt_uri, name=TRAIN_PROGRESS, every_s=2.0)
+        self.start_step, self.total, self.t0 = start_step, total, time.perf_counter()
+        self.progress.update(step=start_step, total=total)
+
+    def step(self, step: int) -> None:
+        done = step - self.start_step
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(step=step, total=self.total, eta_s=(self.total - step) / rate if rate > 0 else None)
+
+    def figures(self, **fields) -> None:
+        self.progress.update(**fields)
+
+    def done(self) -> None:
+        self.progress.update(eta_s=0)
+        self.progress.flush()
+
+
 class NonFiniteGuard:
     """Counts steps skipped for a NaN/inf loss; a streak means the run diverged: stop it before
     anything overwrites the last good checkpoint."""
@@ -204,6 +227,7 @@ class Trainer:
         self.grid = SampleGrid.build(self) if cfg.sample_every and spec.needs_images else None
         self.window = LossWindow(cfg.log_every, cfg.steps)
         self.guard = NonFiniteGuard(spec.stage, cfg.max_nonfinite_steps, self.ckpt)
+        self.live = LiveFigures(job.out_uri, self.step, cfg.steps) if self.rank == 0 else None
 
     def next_step_batches(self) -> list[tuple[torch.Tensor, dict]]:
         micro = []
@@ -234,12 +258,16 @@ class Trainer:
                 self.grid.write(self)
             if self.ckpt.due(self.step) or self.step == cfg.steps:  # the last step is always saved
                 self.save()
+            if self.live is not None:
+                self.live.step(self.step)
             if self.after_step is not None:
                 self.after_step(self.step, self.start_step)
         return self.finish()
 
     def log(self, lr: float, grad_norm) -> None:
         loss, rate = self.window.flush(self.world)
+        if self.live is not None:
+            self.live.figures(loss=loss, samples_per_s=rate)
         self.logger.log(self.step, {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                                     "lr": lr, "samples_per_s": rate,
                                     **({"nonfinite_steps": self.guard.total} if self.guard.total else {})})
@@ -250,6 +278,8 @@ class Trainer:
         self.logger.sync()
         self.ckpt.save(self.engine, self.step, {"data": self.tracker.state()}, self.ema.state_tensors(),
                        ema_sharded=self.ema.zero3)
+        if self.live is not None:
+            self.live.figures(last_checkpoint=self.step)
 
     def finish(self) -> dict[str, Any]:
         """The stage's output: consolidated EMA weights (a collective under ZeRO-3) in final/step_N/."""
@@ -270,6 +300,8 @@ class Trainer:
             # which this loop does not use, so the driver reads the finishing attempt's result here.
             store.write_json(store.join(self.job.out_uri, LOOP_RESULT), out)
         self.logger.close()
+        if self.live is not None:
+            self.live.done()
         dist.barrier()
         return out
 

@@ -31,12 +31,22 @@ def _summary_table(summary) -> Table:
     return t
 
 
+def _verbose() -> bool:
+    """``t2i --debug``: also forward the stages' own output and Ray's logs."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.params.get("debug"))
+
+
 def _run_and_report(spec, **kw) -> None:
     from pipeline.context import StageFailed
     from pipeline.runner import run_pipeline
 
     try:
-        summary = run_pipeline(spec, log=lambda m: console.print(m), **kw)
+        summary = run_pipeline(spec, log=lambda m: console.print(m), live_console=console,
+                               verbose=_verbose(), **kw)
     except StageFailed as e:
         fail(str(e))
     console.print(_summary_table(summary))
