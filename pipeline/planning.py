@@ -53,6 +53,21 @@ def stage_uri(run: str, stage: str) -> str:
     return plans[stage].attempt_uri
 
 
+def finished_attempt(run: str, stage: str) -> str:
+    """The finished attempt a tool should read for ``stage``: the one the run's spec uses when it
+    is done, else the one the stage last finished (``_CURRENT.json``)."""
+    try:
+        uri = stage_uri(run, stage)
+        if mf.read_manifest(uri) is not None:
+            return uri
+    except StageFailed:
+        pass
+    uri = layout.read_current(run, stage)
+    if uri is None or mf.read_manifest(uri) is None:
+        raise StageFailed(f"{run} has no finished {stage} stage; run it first (t2i resume {run})")
+    return uri
+
+
 def _size(uri: str, manifest: dict | None) -> int:
     if manifest and manifest.get("total_bytes") is not None:
         return int(manifest["total_bytes"])

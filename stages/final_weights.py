@@ -61,6 +61,39 @@ def load_final(uri: str, device: str | torch.device = "cpu", config: dict | None
     from stages.nets.flavors import build_network
 
     config = config if config is not None else store.read_json(store.join(uri, layout.FINAL_CONFIG))
-    net = build_network(config["role"], config["flavor"], config["cond_dims"])
+    if config.get("network"):  # self-describing: every constructor argument, no flavor table needed
+        net = network_from_config(config["network"])
+    else:  # written before final/config.json held the network: rebuild it from the flavor name
+        net = build_network(config["role"], config["flavor"], config["cond_dims"])
     net.load_state_dict(st_load(store.read_bytes(store.join(uri, layout.FINAL_WEIGHTS))))
     return net.to(device).eval(), config
+
+
+def network_config(net: torch.nn.Module) -> dict:
+    """``{"class": "UNet" | "PriorTransformer", "config": every constructor field}``: what
+    :func:`network_from_config` rebuilds the network from, with nothing but this package's nets.
+    Training-only switches (activation checkpointing) are left at their defaults."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(net.cfg)
+    cfg.pop("gradient_checkpointing", None)
+    return {"class": type(net).__name__, "config": cfg}
+
+
+def network_from_config(doc: dict) -> torch.nn.Module:
+    import dataclasses
+
+    from stages.nets.prior_transformer import PriorConfig, PriorTransformer
+    from stages.nets.unet import UNet, UNetConfig
+
+    classes = {"UNet": (UNet, UNetConfig), "PriorTransformer": (PriorTransformer, PriorConfig)}
+    if doc.get("class") not in classes:
+        raise ValueError(f"final config network.class must be one of {sorted(classes)} (got {doc.get('class')!r})")
+    net_cls, cfg_cls = classes[doc["class"]]
+    kinds = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(doc["config"]) - set(kinds))
+    if unknown:
+        raise ValueError(f"final config network.config has fields this {doc['class']} does not know: {unknown}")
+    # JSON has no tuples: give tuple-typed fields their tuples back.
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
+    return net_cls(cfg_cls(**args))

@@ -74,3 +74,19 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One finished run of the shipped smoke spec (no Ray), shared by the end-to-end tests that
+    only read it: ``(working dir, run URI)``. Tests that change a run make their own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "smoke.yaml"
+    cwd = tmp_path_factory.mktemp("smoke-shared")
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(spec), "--no-ray"], cwd=cwd,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    return cwd, f"file://{cwd}/runs/smoke"

@@ -13,18 +13,25 @@ app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.p
 
 
 @app.command()
-def flavors() -> None:
+def flavors(run: Optional[str] = typer.Option(None, "--run", help="Count with this run's conditioning widths "
+                                                                  "(its encoders), as its weights files hold.")) -> None:
     """Named network sizes per model, with parameter counts (counted on the meta device)."""
-    from stages.nets.flavors import count_params, list_flavors
+    from stages.nets.flavors import PAPER_COND_DIMS, count_params, list_flavors
 
-    t = Table(title="flavors")
+    dims = dict(PAPER_COND_DIMS)
+    if run:
+        from pipeline.planning import finished_attempt
+        from stages.train import read_cond_dims
+
+        dims = read_cond_dims(finished_attempt(resolve_run(run), "embed"))
+    t = Table(title=f"flavors (conditioning widths {dims})")
     for col in ("role", "flavor", "image", "params", "target"):
         t.add_column(col)
     for f in list_flavors():
-        n = count_params(f.role, f.name)
+        n = count_params(f.role, f.name, dims)
         size = f"{f.low_res_size}→{f.image_size}" if f.low_res_size else (str(f.image_size) if f.image_size else "-")
         tgt = f"{f.target_params / 1e6:,.0f}M" if f.target_params else ""
-        t.add_row(f.role, f.name, size, f"{n / 1e6:,.1f}M", tgt)
+        t.add_row(f.role, f.name, size, f"{n:,}", tgt)
     console.print(t)
 
 
@@ -75,3 +82,41 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
     paths = sample_cli(uri, list(prompt), cascade=cascade, guidance=guidance, steps=steps, out=out)
     for p in paths:
         console.print(p)
+
+
+@app.command()
+def export(run: str = typer.Argument(..., help="Run URI or run id."),
+           stage: str = typer.Option(..., "--stage", help="Training stage to export, e.g. train_base."),
+           out: str = typer.Option(..., "--out", help="Folder (or store URI) to write."),
+           fmt: str = typer.Option("diffusers", "--format", help="diffusers | folder"),
+           push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
+           ) -> None:
+    """Write a trained model as a standalone folder (config.json + safetensors + model card)."""
+    from pipeline.cli.common import fail
+    from pipeline.context import StageFailed
+    from pipeline.planning import finished_attempt, load_run_spec
+    from pipeline.store import normalize, read_json
+    from stages.export import export_model
+    from stages.final_weights import resolve_final
+    from stages.models import by_stage
+
+    uri = resolve_run(run)
+    try:
+        model = by_stage(stage)
+        attempt = finished_attempt(uri, stage)
+    except (StageFailed, KeyError) as e:
+        fail(str(e).strip("'\""))
+    manifest = read_json(f"{attempt}/_MANIFEST.json")
+    spec = load_run_spec(uri)
+    card = {"name": f"{spec.run_id}/{stage}", "description": model.description, "metrics": manifest.get("metrics"),
+            "data": getattr(spec.download, "url_list", "unknown") if spec.download else "unknown",
+            "samples": (manifest.get("counts") or {}).get("steps")}
+    try:
+        folder = export_model(resolve_final(attempt), normalize(out), fmt=fmt, card=card)
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"exported {stage} ({fmt}) -> {folder}")
+    if push_to_hub:
+        from stages.export import push_to_hub as push
+
+        console.print(f"pushed -> {push(folder, push_to_hub)}")
