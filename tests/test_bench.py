@@ -138,7 +138,7 @@ def test_cli_bench_commands():
     assert r.exit_code == 2 and "--zero" in r.output
     r = runner.invoke(app, ["bench", "embed", "--model-size", "vit-h"])
     assert r.exit_code == 2 and "tiny" in r.output
-    r = runner.invoke(app, ["bench", "train", "--stage", "prior", "--zero", "", "--batch", "2", "--steps", "1",
+    r = runner.invoke(app, ["bench", "train", "--stage", "prior", "--zero", "", "--batch-size", "2", "--steps", "1",
                             "--warmup", "0", "--threads", "1", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
@@ -178,3 +178,14 @@ def test_unet_channels_last_option_is_numerically_the_same():
     cond = {"text_tokens": torch.randn(2, 5, 64), "text_mask": torch.ones(2, 5, dtype=torch.bool),
             "low_res": torch.randn(2, 3, 16, 16)}
     torch.testing.assert_close(nhwc(x, t, **cond), ref(x, t, **cond), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_bench_repeats_print_the_spread():
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "train", "--stage", "prior", "--zero", "", "--batch-size", "2", "--steps",
+                                 "1", "--warmup", "0", "--threads", "1", "--repeats", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    s = res["step_ms_spread"]["plain"]
+    assert res["repeats"] == 2 and 0 < s["min"] <= s["median"] <= s["max"]

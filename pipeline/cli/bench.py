@@ -40,14 +40,35 @@ def _table(title: str, rows: list[list[str]]) -> Table:
     return t
 
 
+def _spread(series: dict[str, list]) -> dict[str, dict[str, float]]:
+    """min / median / max of each named series (None values, e.g. a failed run, left out)."""
+    import statistics
+
+    out = {}
+    for name, xs in series.items():
+        xs = [float(x) for x in xs if x is not None]
+        if xs:
+            out[name] = {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+    return out
+
+
+def _print_spread(what: str, series: dict[str, list], repeats: int) -> None:
+    if repeats < 2:
+        return
+    for name, s in _spread(series).items():
+        console.print(f"{name} {what} over {repeats} repeats: min {s['min']:.4g}, median {s['median']:.4g}, "
+                      f"max {s['max']:.4g}")
+
+
 @bench_app.command("train")
 def bench_train_cmd(
     stage: str = typer.Option("base", help=_STAGES),
     flavor: str = typer.Option("debug", help="debug, demo or the role's paper-scale flavor (t2i flavors)"),
     zero: str = typer.Option("2", help="DeepSpeed ZeRO stage(s) to compare with plain PyTorch, e.g. 2 or 0,2,3"),
-    batch: int = typer.Option(4, help="micro-batch size (the same for every run)"),
-    steps: int = typer.Option(5, help="timed steps per run"),
+    batch: int = typer.Option(4, "--batch-size", help="micro-batch size (the same for every run)"),
+    steps: int = typer.Option(5, "--steps", help="timed steps per run"),
     warmup: int = typer.Option(2, help="untimed warm-up steps per run"),
+    repeats: int = typer.Option(1, "--repeats", help="measure this many times; print min/median/max"),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)"),
     precision: str = typer.Option("auto", help="bf16 | fp32 | auto (bf16 on GPU)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network"),
@@ -62,28 +83,34 @@ def bench_train_cmd(
     if precision not in ("auto", "bf16", "fp32"):
         _fail(f"--precision must be auto, bf16 or fp32 (got {precision!r})")
     try:
-        res = bench_train(stage, flavor, zero_stages=_zeros(zero), batch=batch, steps=steps, warmup=warmup,
-                          device=device, threads=threads,
-                          options=BenchOptions(compile, channels_last, activation_checkpointing, precision))
+        results = [bench_train(stage, flavor, zero_stages=_zeros(zero), batch=batch, steps=steps, warmup=warmup,
+                               device=device, threads=threads,
+                               options=BenchOptions(compile, channels_last, activation_checkpointing, precision))
+                   for _ in range(max(1, repeats))]
     except ValueError as e:
         _fail(str(e))
+    res = results[-1]
+    spread = {f"{r['mode']}{'-zero' + str(r['zero']) if r.get('zero') is not None else ''}":
+              [(x["runs"][i].get("step_s") or 0) * 1e3 or None for x in results] for i, r in enumerate(res["runs"])}
     if as_json:
-        console.print_json(json.dumps(res))
+        console.print_json(json.dumps({**res, "repeats": len(results), "step_ms_spread": _spread(spread)}))
         return
     peak = f"{res['peak_tflops']:.0f} TFLOP/s peak" if res["peak_tflops"] else "no peak rate known: no MFU"
     console.print(_table(f"bench train {stage}/{flavor} batch {batch} on {res['device_name']} ({peak})",
                          format_table(res)))
     console.print(f"params {res['runs'][0]['params']:,}; DS/plain = DeepSpeed step time / plain step time "
                   f"(targets: ZeRO-2 <= 1.10, ZeRO-3 <= 1.30)")
+    _print_spread("step ms", spread, len(results))
 
 
 @bench_app.command("loader")
 def bench_loader_cmd(
     stage: str = typer.Option("base", help=_STAGES),
     flavor: str = typer.Option("debug", help="flavor whose image size and step rate to use"),
-    batch: int = typer.Option(4, help="micro-batch size"),
+    batch: int = typer.Option(4, "--batch-size", help="micro-batch size"),
     workers: int = typer.Option(1, help="DataLoader worker processes (the stage's loader_workers)"),
-    batches: int = typer.Option(20, help="timed loader batches"),
+    batches: int = typer.Option(20, "--steps", help="timed loader batches"),
+    repeats: int = typer.Option(1, "--repeats", help="measure this many times; print min/median/max"),
     run: Optional[str] = typer.Option(None, help="read an existing run's download/ + embed/ instead of synthetic shards"),
     zero: Optional[int] = typer.Option(None, help="measure the step with DeepSpeed at this ZeRO stage (default: plain)"),
     device: Optional[str] = typer.Option(None, help="device of the training step"),
@@ -99,18 +126,25 @@ def bench_loader_cmd(
 
         run_uri = resolve_run(run)
     try:
-        res = bench_loader(stage, flavor, batch=batch, workers=workers, batches=batches, run_uri=run_uri,
-                           device=device, step_zero=zero, source_size=source_size)
+        results = [bench_loader(stage, flavor, batch=batch, workers=workers, batches=batches, run_uri=run_uri,
+                                device=device, step_zero=zero, source_size=source_size)
+                   for _ in range(max(1, repeats))]
     except ValueError as e:
         _fail(str(e))
-    console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
+    res, spread = results[-1], {"loader/step": [r["loader_over_step"] for r in results]}
+    if as_json:
+        console.print_json(json.dumps({**res, "repeats": len(results), "loader_over_step_spread": _spread(spread)}))
+        return
+    console.print(format_result(res))
+    _print_spread("ratio", spread, len(results))
 
 
 @bench_app.command("embed")
 def bench_embed_cmd(
     model_size: str = typer.Option("tiny", help="tiny | vit-l-14+t5-xxl (random weights, real shapes)"),
-    batch_size: int = typer.Option(16, help="encoder batch size"),
-    num_batches: int = typer.Option(4, help="timed batches"),
+    batch_size: int = typer.Option(16, "--batch-size", help="encoder batch size"),
+    num_batches: int = typer.Option(4, "--steps", help="timed batches"),
+    repeats: int = typer.Option(1, "--repeats", help="measure this many times; print min/median/max"),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
@@ -120,7 +154,12 @@ def bench_embed_cmd(
     if model_size not in MODEL_SIZES:
         _fail(f"--model-size must be one of {', '.join(MODEL_SIZES)} (got {model_size!r})")
     try:
-        res = bench_embed(model_size, batch_size, num_batches, device)
+        results = [bench_embed(model_size, batch_size, num_batches, device) for _ in range(max(1, repeats))]
     except ValueError as e:
         _fail(str(e))
-    console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
+    res, spread = results[-1], {"e2e/raw": [r["e2e_over_raw"] for r in results]}
+    if as_json:
+        console.print_json(json.dumps({**res, "repeats": len(results), "e2e_over_raw_spread": _spread(spread)}))
+        return
+    console.print(format_result(res))
+    _print_spread("ratio", spread, len(results))
