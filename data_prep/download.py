@@ -72,24 +72,16 @@ def _resolved_url_list(cfg: DownloadConfig, ctx: StageContext) -> Iterator[str]:
 
 
 def _ray_address(cfg: DownloadConfig, ctx: StageContext) -> str | None:
-    """The running Ray cluster's GCS address when the stage should use img2dataset's ray distributor.
+    """The Ray cluster's GCS address when the stage should use img2dataset's ray distributor: the
+    runner's executor says whether the stage runs on Ray and where (no Ray import here).
 
     The demo corpus is served on this machine's loopback, which other nodes of a cluster cannot
-    reach, so the demo always downloads with local processes. Ray is imported only here (DESIGN:
-    data_prep touches Ray only when the pipeline says it runs under Ray).
+    reach, so the demo always downloads with local processes.
     """
-    if not ctx.ray_enabled or cfg.url_list == DEMO:
+    executor = ctx.executor
+    if cfg.url_list == DEMO or getattr(executor, "kind", "local") != "ray":
         return None
-    executor = getattr(ctx, "executor", None)
-    if executor is not None and hasattr(executor, "ray_address"):
-        return executor.ray_address()  # the runner's executor knows its cluster
-    try:
-        import ray
-    except ImportError:
-        return None
-    if not ray.is_initialized():
-        return None
-    return ray.get_runtime_context().gcs_address
+    return executor.ray_address()
 
 
 def _child_env(cfg: DownloadConfig) -> dict[str, str]:
@@ -152,9 +144,14 @@ def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | N
                                       "OPENCV_IO_MAX_IMAGE_PIXELS")}
     # Ray tasks unpickle data_prep.download_child.SafeDownloader: this checkout must be importable there.
     worker_env["PYTHONPATH"] = _REPO_ROOT + os.pathsep + "${PYTHONPATH}"
+    if ray_address:
+        # img2dataset's ray distributor starts Ray itself on its first task (ray.init() reads
+        # RAY_ADDRESS); Ray's runtime-env hook gives its tasks the environment above.
+        env["RAY_ADDRESS"] = ray_address
+        env["RAY_RUNTIME_ENV_HOOK"] = "data_prep.download_child.ray_runtime_env"
+        env["T2I_RAY_WORKER_ENV"] = json.dumps(worker_env)
     with open(args_path, "w") as f:
-        json.dump({"kwargs": kwargs, "ray_address": ray_address, "worker_env": worker_env,
-                   "decode": _decode_settings(cfg), "request_deadline": cfg.request_deadline}, f)
+        json.dump({"kwargs": kwargs, "decode": _decode_settings(cfg), "request_deadline": cfg.request_deadline}, f)
     cmd = [sys.executable, "-c", _CHILD_BOOT, args_path]
     with open(log_path, "wb") as log:
         # A session of its own, so the pool and logger processes img2dataset spawns can be ended

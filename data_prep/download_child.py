@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -172,16 +173,21 @@ def _trim_img2dataset(i2d, processes_count: int, decode: dict[str, Any], request
     i2d.Downloader = _downloader_factory(decode, request_deadline)
 
 
+def ray_runtime_env(runtime_env: dict | None) -> dict:
+    """Ray's RAY_RUNTIME_ENV_HOOK, called by the ``ray.init()`` img2dataset's distributor triggers in
+    the child: its tasks get the child's worker environment (no album/wandb phone-home, the
+    checkout importable)."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), **json.loads(os.environ.get("T2I_RAY_WORKER_ENV", "{}"))}
+    return env
+
+
 def child_main() -> None:
     """Entry point of the child process: ``python -c '...; child_main()' args.json``."""
     with open(sys.argv[1]) as f:
         args = json.load(f)
-    if args.get("ray_address"):
-        import ray
-
-        # Connect to the runner's cluster as a second driver; img2dataset's ray_distributor then
-        # submits one task per shard (it ignores processes_count: parallelism is the cluster's).
-        ray.init(address=args["ray_address"], runtime_env={"env_vars": args["worker_env"]})
+    # With the ray distributor, img2dataset connects to the runner's cluster itself (RAY_ADDRESS,
+    # see ray_runtime_env) and submits one task per shard (parallelism is the cluster's).
     i2d = sys.modules["img2dataset.main"]
     decode = args["decode"]
     decode["background"] = tuple(decode["background"])

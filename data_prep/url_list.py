@@ -18,7 +18,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,8 +28,19 @@ import pyarrow.parquet as pq
 
 from pipeline import store
 
-if TYPE_CHECKING:
-    from data_prep.download_config import DownloadConfig
+
+
+class ListSpec(Protocol):
+    """What of the download config this module reads (data_prep.download_config.DownloadConfig)."""
+
+    url_col: str
+    caption_col: str
+    column_names: list[str] | None
+    caption_encoding: str | None
+    save_additional_columns: list[str]
+    filters: dict[str, Any]  # column -> an object with .min / .max (None = unbounded)
+    number_sample_per_shard: int
+    input_format: str | None
 
 
 class UrlListError(ValueError):
@@ -54,16 +65,16 @@ def list_files(url_list: str, fmt: str) -> tuple[Any, list[str]]:
     return fs, [path]
 
 
-def _needed_columns(cfg: "DownloadConfig") -> list[str]:
+def _needed_columns(cfg: ListSpec) -> list[str]:
     cols = [cfg.url_col, cfg.caption_col, *cfg.save_additional_columns, *cfg.filters]
     return list(dict.fromkeys(cols))
 
 
-def _text_columns(cfg: "DownloadConfig") -> list[str]:
+def _text_columns(cfg: ListSpec) -> list[str]:
     return [cfg.url_col, cfg.caption_col]
 
 
-def _read_csv(data: bytes, cfg: "DownloadConfig", fmt: str) -> pa.Table:
+def _read_csv(data: bytes, cfg: ListSpec, fmt: str) -> pa.Table:
     tsv = fmt == "tsv"
     read = pacsv.ReadOptions(column_names=cfg.column_names, block_size=1 << 24)
     # TSV as the format defines it (and CC3M writes it): fields hold no tabs/newlines, no quoting,
@@ -93,7 +104,7 @@ class _MissingColumns(Exception):
         self.missing, self.have = missing, have
 
 
-def _read_json(data: bytes, cfg: "DownloadConfig", fmt: str, name: str) -> pa.Table:
+def _read_json(data: bytes, cfg: ListSpec, fmt: str, name: str) -> pa.Table:
     enc = cfg.caption_encoding or "utf-8"
     try:
         text = data.decode(enc)
@@ -115,7 +126,7 @@ def _read_json(data: bytes, cfg: "DownloadConfig", fmt: str, name: str) -> pa.Ta
     return pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows])
 
 
-def read_list_file(fs: Any, path: str, cfg: "DownloadConfig", fmt: str) -> pa.Table:
+def read_list_file(fs: Any, path: str, cfg: ListSpec, fmt: str) -> pa.Table:
     """The needed columns of one list file, text columns decoded to strings; UrlListError names the file."""
     name = path
     try:
@@ -151,7 +162,7 @@ def read_list_file(fs: Any, path: str, cfg: "DownloadConfig", fmt: str) -> pa.Ta
     return table
 
 
-def _decode(col: pa.ChunkedArray, cfg: "DownloadConfig", name: str, file: str) -> pa.ChunkedArray:
+def _decode(col: pa.ChunkedArray, cfg: ListSpec, name: str, file: str) -> pa.ChunkedArray:
     """A text column as strings: valid UTF-8 kept, bytes decoded with caption_encoding or rejected."""
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -195,7 +206,7 @@ def _first_bad_utf8(col: pa.ChunkedArray) -> tuple[int, bytes]:
     return 0, b""
 
 
-def apply_filters(table: pa.Table, cfg: "DownloadConfig", counts: dict[str, int], file: str) -> pa.Table:
+def apply_filters(table: pa.Table, cfg: ListSpec, counts: dict[str, int], file: str) -> pa.Table:
     """Rows outside a filter's range (or null there) removed; each removal counted under the first
     filter (in spec order) it fails, as ``filtered_<column>``."""
     for col, rng in cfg.filters.items():
@@ -214,7 +225,7 @@ def apply_filters(table: pa.Table, cfg: "DownloadConfig", counts: dict[str, int]
     return table
 
 
-def _prepare_file(fs: Any, path: str, cfg: "DownloadConfig", fmt: str, out_path: str) -> tuple[int, dict[str, int]]:
+def _prepare_file(fs: Any, path: str, cfg: ListSpec, fmt: str, out_path: str) -> tuple[int, dict[str, int]]:
     """One list file -> its normalised parquet (not written when no row is left); (rows, counts)."""
     counts: dict[str, int] = {}
     table = read_list_file(fs, path, cfg, fmt)
@@ -234,7 +245,7 @@ def _prepare_file(fs: Any, path: str, cfg: "DownloadConfig", fmt: str, out_path:
     return table.num_rows, counts
 
 
-def prepare_url_list(cfg: "DownloadConfig", url_list: str, fmt: str, out_dir: str) -> PreparedList:
+def prepare_url_list(cfg: ListSpec, url_list: str, fmt: str, out_dir: str) -> PreparedList:
     """Read, decode, filter every list file into ``out_dir/NNNNNNNN.parquet`` for img2dataset.
 
     Files are prepared on a few threads (pyarrow reads, casts and writes without the GIL): ~1.5 s
@@ -258,7 +269,7 @@ def prepare_url_list(cfg: "DownloadConfig", url_list: str, fmt: str, out_dir: st
     return PreparedList(folder=out_dir, rows_per_shard=rows_per_shard, counts=counts)
 
 
-def check_url_list(cfg: "DownloadConfig", local: str) -> None:
+def check_url_list(cfg: ListSpec, local: str) -> None:
     """Validation-time check of a local list (file or folder): every file readable, columns present,
     text columns decodable, filter columns numeric. Raises ValueError naming the file and row."""
     fmt = cfg.input_format or "parquet"
@@ -273,7 +284,7 @@ def check_url_list(cfg: "DownloadConfig", local: str) -> None:
         raise ValueError(str(e)) from None
 
 
-def _parquet_needs_scan(fs: Any, path: str, cfg: "DownloadConfig") -> bool:
+def _parquet_needs_scan(fs: Any, path: str, cfg: ListSpec) -> bool:
     """Whether a parquet file must be read to validate it. Its schema settles the rest cheaply (a LAION
     part file is ~1M rows): columns present, filter columns numeric, text columns typed string."""
     try:
