@@ -51,6 +51,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD_BOOT = ("import sys, types; sys.modules.setdefault('torch', None); "
                "sys.modules.setdefault('wandb', types.ModuleType('wandb')); "
                "from data_prep.download_child import child_main; child_main()")
+_POLL_S = 2.0  # how often the shards folder is listed (listing an object store is not free)
 # A shard that has not finished this long after the previous one did is named in the progress.
 _STUCK_AFTER_S = 30.0
 
@@ -177,13 +178,16 @@ def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, ids: list[str],
         except subprocess.TimeoutExpired:
             pass
         now = time.monotonic()
-        if now - last_check < 2.0:  # listing an object store is not free
+        if now - last_check < _POLL_S:
             continue
         last_check = now
         done_ids = {os.path.basename(u)[:SHARD_DIGITS] for u in store.glob(store.join(shards_uri, "*_stats.json"))}
         done_ids &= set(ids)  # this pass's shards only
         if len(done_ids) != done_before:
             ctx.progress(f"download: {len(done_ids)}/{len(ids)} shards done")
+            report = getattr(ctx, "report", None)  # the driver's live line (pipeline/progress.py)
+            if report is not None:
+                report(done=len(done_ids), total=len(ids), unit="shards")
             done_before, last_change = len(done_ids), now
         elif now - last_change > _STUCK_AFTER_S and now - last_stuck_note > _STUCK_AFTER_S:
             pending = [i for i in ids if i not in done_ids]

@@ -204,3 +204,31 @@ def test_a_failed_download_resumes_fetching_only_what_failed(tmp_path):
     assert sorted(s.caption for u in shards for s in iter_shard(u)) == ["flaky", "g0", "g1", "g2"]
     log = open(tmp_path / "run" / "download" / "img2dataset.log", "rb").read()
     assert log.count(b"Starting the downloading of this file") == 2  # both passes' logs kept
+
+
+def test_a_stalled_pass_names_its_unfinished_shards(tmp_path, monkeypatch):
+    """Progress while img2dataset runs: shards done as they land, and which ones are still open
+    when nothing has finished for a while (here 0.6 s instead of 30)."""
+    import subprocess
+
+    import data_prep.download as dl
+
+    class SlowChild:  # stands in for the img2dataset child: done after ~3 s, writes shard 00000 at ~0.3 s
+        def __init__(self):
+            self.t0 = time.monotonic()
+
+        def wait(self, timeout):
+            time.sleep(timeout)
+            if time.monotonic() - self.t0 > 0.3 and not (tmp_path / "00000_stats.json").exists():
+                (tmp_path / "00000_stats.json").write_text("{}")
+            if time.monotonic() - self.t0 > 3.0:
+                return 0
+            raise subprocess.TimeoutExpired("child", timeout)
+
+    monkeypatch.setattr(dl, "_STUCK_AFTER_S", 0.6)
+    monkeypatch.setattr(dl, "_POLL_S", 0.2)
+    ctx = _ctx(str(tmp_path))
+    assert dl._wait_with_progress(SlowChild(), str(tmp_path), ["00000", "00001", "00002"], ctx) == 0
+    assert "download: 1/3 shards done" in ctx.messages
+    stalled = [m for m in ctx.messages if "no shard finished for" in m]
+    assert stalled and stalled[0].endswith("still running or queued: 00001, 00002"), ctx.messages
