@@ -4,8 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
-from stages import batches
-from stages.train import StageSpec, run_stage
+from stages.stage_spec import StageSpec
 from stages.train_config import TrainConfig
 
 
@@ -16,6 +15,8 @@ class BaseTrainConfig(TrainConfig):
 
 
 def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
+    from stages import batches  # torch: imported when training, not when a spec is read
+
     x0 = batches.images(batch, device)
     cond = {**batches.t5(batch, device, dtype), "drop_text": batches.drop_mask(len(x0), cfg.cfg_drop_text, device)}
     return x0, cond
@@ -30,4 +31,6 @@ SPEC = StageSpec(stage="train_base", role="base", needs_images=True, build_batch
 
 
 def run(cfg: BaseTrainConfig, ctx: StageContext) -> StageResult:
+    from stages.train import run_stage
+
     return run_stage(SPEC, cfg, ctx)

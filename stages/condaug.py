@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import Schedule, _bc
+from .process_args import check_condaug
 
 
 @dataclass
@@ -37,16 +38,7 @@ class CondAugConfig:
     blur_sigma: tuple[float, float] = (0.4, 0.6)    # unCLIP's range for the first upsampler
 
     def __post_init__(self):
-        if not 0.0 <= self.max_train_level <= 1.0:
-            raise ValueError(f"CondAugConfig.max_train_level must be in [0, 1], got {self.max_train_level}")
-        if not 0.0 <= self.sample_level <= 1.0:
-            raise ValueError(f"CondAugConfig.sample_level must be in [0, 1], got {self.sample_level}")
-        if not 0.0 <= self.blur_prob <= 1.0:
-            raise ValueError(f"CondAugConfig.blur_prob must be in [0, 1], got {self.blur_prob}")
-        lo, hi = self.blur_sigma
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"CondAugConfig.blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.blur_sigma}")
-        Schedule(self.schedule)        # validates the name
+        check_condaug(self.schedule, self.max_train_level, self.sample_level, self.blur_prob, self.blur_sigma)
 
 
 def make_low_res(x: torch.Tensor, low_res_size: int, *, upsample: bool = False) -> torch.Tensor:

@@ -8,8 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
-from stages import batches
-from stages.train import StageSpec, run_stage
+from stages.stage_spec import StageSpec
 from stages.train_config import TrainConfig
 
 
@@ -19,6 +18,8 @@ class DecoderTrainConfig(TrainConfig):
 
 
 def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
+    from stages import batches  # torch: imported when training, not when a spec is read
+
     x0 = batches.images(batch, device)
     b = len(x0)
     cond = {**batches.clip_tokens(batch, device, dtype),
@@ -38,4 +39,6 @@ SPEC = StageSpec(stage="train_decoder", role="decoder", needs_images=True, build
 
 
 def run(cfg: DecoderTrainConfig, ctx: StageContext) -> StageResult:
+    from stages.train import run_stage
+
     return run_stage(SPEC, cfg, ctx)

@@ -20,9 +20,7 @@ from typing import Callable
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "logsnr_cosine")
-PREDICTIONS = ("eps", "x0", "v")
-THRESHOLDING = ("none", "static", "dynamic")
+from .process_args import PREDICTIONS, SCHEDULES, THRESHOLDING, check_diffusion, check_schedule  # noqa: F401
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
@@ -38,10 +36,7 @@ class Schedule:
     """
 
     def __init__(self, name: str = "cosine", logsnr_min: float = -20.0, logsnr_max: float = 20.0):
-        if name not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
-        if not logsnr_min < logsnr_max:
-            raise ValueError(f"logsnr_min ({logsnr_min}) must be < logsnr_max ({logsnr_max})")
+        check_schedule(name, logsnr_min, logsnr_max)
         self.name, self.logsnr_min, self.logsnr_max = name, logsnr_min, logsnr_max
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
@@ -135,18 +130,9 @@ class Diffusion:
                  dynamic_percentile: float = 0.995, cond_drop_prob: dict | None = None,
                  null_keys: tuple[str, ...] = ("drop_text", "drop_image"),
                  logsnr_min: float = -20.0, logsnr_max: float = 20.0):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
-        if thresholding not in THRESHOLDING:
-            raise ValueError(f"unknown thresholding {thresholding!r}; allowed: {', '.join(THRESHOLDING)}")
-        if not 0.5 < dynamic_percentile <= 1.0:
-            raise ValueError(f"dynamic_percentile must be in (0.5, 1], got {dynamic_percentile}")
-        if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma}")
-        for k, p in (cond_drop_prob or {}).items():
-            if not k.startswith("drop_") or not 0.0 <= p <= 1.0:
-                raise ValueError(f"cond_drop_prob[{k!r}]={p}: keys are the network's drop_* "
-                                 f"arguments and probabilities must be in [0, 1]")
+        check_diffusion(schedule, prediction, min_snr_gamma=min_snr_gamma, thresholding=thresholding,
+                        dynamic_percentile=dynamic_percentile, cond_drop_prob=cond_drop_prob,
+                        logsnr_min=logsnr_min, logsnr_max=logsnr_max)
         self.schedule = Schedule(schedule, logsnr_min, logsnr_max)
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma

@@ -9,8 +9,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from pipeline.context import StageContext, StageResult
-from stages import batches
-from stages.train import StageSpec, run_stage
+from stages.stage_spec import StageSpec
 from stages.train_config import DiffusionSettings, TrainConfig
 
 
@@ -32,6 +31,8 @@ class PriorTrainConfig(TrainConfig):
 
 
 def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
+    from stages import batches  # torch: imported when training, not when a spec is read
+
     x0 = batch["clip_image"].to(device, non_blocking=True).float()
     cond = {**batches.clip_tokens(batch, device, dtype),
             "text_embed": batch["clip_text"].to(device, dtype, non_blocking=True),
@@ -49,4 +50,6 @@ SPEC = StageSpec(stage="train_prior", role="prior", needs_images=False, build_ba
 
 
 def run(cfg: PriorTrainConfig, ctx: StageContext) -> StageResult:
+    from stages.train import run_stage
+
     return run_stage(SPEC, cfg, ctx)

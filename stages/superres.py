@@ -10,9 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
-from stages import batches
-from stages.condaug import CondAugConfig, ConditioningAugmentation, make_low_res
-from stages.train import StageSpec, run_stage
+from stages.stage_spec import StageSpec
 from stages.train_config import CondAugSettings, TrainConfig
 
 
@@ -31,6 +29,9 @@ class SR1024TrainConfig(SRTrainConfig):
 
 
 def build_batch(batch, cfg: SRTrainConfig, flavor, device, dtype):
+    from stages import batches  # torch: imported when training, not when a spec is read
+    from stages.condaug import CondAugConfig, ConditioningAugmentation, make_low_res
+
     x0 = batches.images(batch, device)
     low = make_low_res(x0, flavor.low_res_size)
     low, level = ConditioningAugmentation(CondAugConfig(**cfg.condaug.model_dump())).train(low)
@@ -64,5 +65,7 @@ SPEC_SR1024 = StageSpec(stage="train_sr1024", role="sr1024", needs_images=True, 
 
 def run(cfg: SRTrainConfig, ctx: StageContext) -> StageResult:
     """One entry for both stages: the config class says which (the graph gives each its own)."""
+    from stages.train import run_stage
+
     spec = SPEC_SR1024 if isinstance(cfg, SR1024TrainConfig) else SPEC_SR256
     return run_stage(spec, cfg, ctx)

@@ -13,13 +13,14 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.configbase import StrictModel
 from pipeline.executors import WorkerPlacement
+from stages.process_args import check_condaug, check_diffusion
 
 
 class DiffusionSettings(StrictModel):
     """Keyword arguments of ``stages.diffusion.Diffusion`` (also written to final/config.json).
 
-    The allowed values are checked where they are used: validation builds the Diffusion itself,
-    so the spec and the pure core can never disagree on what is valid.
+    The allowed values are checked by the pure core's own checks (stages/process_args.py, also
+    run by ``Diffusion``), so the spec and the core can never disagree on what is valid.
     """
 
     schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="noise schedule")
@@ -33,9 +34,7 @@ class DiffusionSettings(StrictModel):
 
     @model_validator(mode="after")
     def _as_the_core_checks(self) -> "DiffusionSettings":
-        from stages.diffusion import Diffusion
-
-        Diffusion(**self.model_dump())  # raises ValueError naming the field and what is allowed
+        check_diffusion(**self.model_dump())  # Diffusion's own checks; raises naming the field
         return self
 
 
@@ -44,7 +43,7 @@ class CondAugSettings(StrictModel):
 
     SR models train on real low-res images; corrupting them (noise at a random level, optional
     blur) closes the gap to the generated low-res images they see at sampling (Imagen §2.5).
-    Validation builds the CondAugConfig itself (one home for the checks).
+    Validation runs CondAugConfig's own checks (stages/process_args.py: one home for them).
     """
 
     schedule: Literal["cosine", "linear", "logsnr_cosine"] = Field("cosine", description="aug level -> noise")
@@ -55,9 +54,7 @@ class CondAugSettings(StrictModel):
 
     @model_validator(mode="after")
     def _as_the_core_checks(self) -> "CondAugSettings":
-        from stages.condaug import CondAugConfig
-
-        CondAugConfig(**self.model_dump())  # raises ValueError naming the field and what is allowed
+        check_condaug(**self.model_dump())  # CondAugConfig's own checks; raises naming the field
         return self
 
 
@@ -76,7 +73,8 @@ class TrainConfig(StrictModel):
     fingerprint_exclude: ClassVar[tuple[str, ...]] = (
         "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last", "log_every", "sample_every",
         "sample_steps", "wandb_project", "num_workers", "cpus_per_worker", "gpus_per_worker", "resources",
-        "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing")
+        "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing",
+        "eval_every", "val_samples")
 
     flavor: str = Field("debug", description="network size: debug, demo or the role's paper-scale name")
     steps: int = Field(100, description="optimizer steps to train (each = grad_accum micro-batches)")
@@ -100,6 +98,10 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, description="log metrics every N steps")
     sample_every: int = Field(0, description="write a sample grid every N steps; 0 disables")
     sample_steps: int = Field(10, description="sampler steps used for the sample grid")
+    eval_every: int = Field(1000, description=(
+        "compute the validation loss (held-out batch, fixed t and noise) every N steps and at the end; "
+        "0 = only at the end"))
+    val_samples: int = Field(16, description="held-out samples in the fixed validation batch")
     seed: int = Field(0, description="seed of initialization, noise, dropout masks and data order")
     num_workers: int = Field(1, description="training workers (ranks) under Ray Train")
     cpus_per_worker: float = Field(1.0, description="CPUs reserved per Ray Train worker")
@@ -114,7 +116,7 @@ class TrainConfig(StrictModel):
     diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings, description="diffusion process")
 
     @field_validator("steps", "batch_size", "grad_accum", "num_workers", "keep_last", "log_every",
-                     "max_nonfinite_steps")
+                     "max_nonfinite_steps", "val_samples")
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v <= 0:
@@ -122,7 +124,7 @@ class TrainConfig(StrictModel):
         return v
 
     @field_validator("warmup_steps", "checkpoint_every_steps", "sample_every", "max_failures", "loader_workers",
-                     "seed")
+                     "seed", "eval_every")
     @classmethod
     def _non_negative(cls, v: int, info) -> int:
         if v < 0:

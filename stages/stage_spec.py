@@ -1,0 +1,31 @@
+"""What a training stage contributes to the one loop: its role, data needs, batch builder and
+its sampling twin. Torch-free at import time, so reading a run spec (which imports the model
+modules for their config classes) stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything that differs between the training stages."""
+
+    stage: str  # graph name, e.g. "train_base"
+    role: str  # network role for stages.nets.flavors
+    needs_images: bool
+    # (loader batch, cfg, flavor, device, compute dtype) -> (x0, cond kwargs of the network)
+    build_batch: Callable[[Batch, Any, Any, Any, Any], tuple[Any, dict]]
+    # (prompt features, previous model's output or None) -> the same cond kwargs at sampling time;
+    # stages/sample.py adds what only sampling knows (SR: the low-res input and its aug level)
+    sample_cond: Callable[[Any, Any], dict] = lambda features, prev: {}
+    # the "condaug" entry of final/config.json (SR only)
+    extra_config: Callable[[Any], dict | None] = lambda cfg: None
+    # the config the sample grid builds its fixed conditioning with: no CFG dropout (SR: no condaug)
+    clean_config: Callable[[Any], Any] = \
+        lambda cfg: cfg.model_copy(update={"cfg_drop_text": 0.0, "cfg_drop_image": 0.0})
+
+
