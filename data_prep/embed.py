@@ -23,8 +23,9 @@ from pydantic import Field, field_validator
 from data_prep.embed_decode import DecodedChunk, decode_shard, preprocess_image  # noqa: F401  (re-exported)
 from data_prep.embed_encode import Encoders, encode_chunk, load_encoders  # noqa: F401  (re-exported)
 from data_prep.embed_format import write_embedding_shard
+from data_prep.holdout import split_rule
 from data_prep.embed_ledger import (COUNT_KEYS, done_uri, embed_identity, finalize_from_parts, is_done,
-                                    list_sources, part_uri, read_encoders_doc, write_encoders_doc)
+                                    list_sources, npz_uri, part_uri, read_encoders_doc, write_encoders_doc)
 from data_prep.encoders import ClipConfig, T5Config, clip_preprocess_cfg
 from pipeline import layout, store
 from pipeline.configbase import TaskPlacement
@@ -54,6 +55,16 @@ class EmbedConfig(TaskPlacement):
     max_bad_fraction: float = Field(0.5, ge=0, le=1, description=(
         "Stop the stage if a shard loses more than this fraction of its samples (bad image, missing caption, "
         "non-finite embedding)."))
+    # The held-out split (data_prep/holdout.py): part of the identity, so a new fraction gives new
+    # attempts downstream (training on other samples, evaluating on other samples).
+    holdout_fraction: float = Field(0.01, ge=0, lt=1, description=(
+        "Fraction of samples held out of training for evaluation, chosen by a hash of the sample key "
+        "(0 = none)."))
+    holdout_min: int = Field(256, ge=0, description=(
+        "Hold out at least this many samples (raises the fraction on small sets), but never more than "
+        "holdout_max_fraction of them."))
+    holdout_max_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Cap on the held-out fraction that holdout_min may raise it to (small corpora keep most data for training)."))
 
     @field_validator("num_actors")
     @classmethod
@@ -148,15 +159,33 @@ def _summarize(out_uri: str, sources: list[dict[str, Any]], identity: dict[str, 
     counts = {k: sum(int(m["counts"][k]) for m in markers) for k in COUNT_KEYS}
     nbytes = sum(int(m["npz_bytes"]) for m in markers)
     dims = markers[0]["dims"]
-    doc = {"identity": identity, "clip": {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained},
-           "t5": {"model": cfg.t5.model, "max_length": cfg.t5.max_length}, **dims,
+    rule = split_rule([npz_uri(out_shards, s["shard"]) for s in sources], counts["n_embedded"],
+                      cfg.holdout_fraction, cfg.holdout_min, cfg.holdout_max_fraction)
+    # Encoder locations as absolute paths: sampling reloads them from any working directory.
+    doc = {"identity": identity, "clip": {"model": absolute_location(cfg.clip.model), "pretrained": cfg.clip.pretrained},
+           "t5": {"model": absolute_location(cfg.t5.model), "max_length": cfg.t5.max_length}, **dims,
            "clip_preprocess": pp, "shards": [{"shard": s["shard"], "size": s["size"]} for s in sources],
-           "counts": counts}
+           "counts": counts, "holdout": rule.to_doc(cfg.holdout_fraction, cfg.holdout_min,
+                                                    cfg.holdout_max_fraction, counts["n_embedded"])}
     enc_uri = write_encoders_doc(out_uri, doc)
-    return {"counts": {**counts, "shards": len(sources), "shards_embedded_now": len(embedded_now)},
+    return {"counts": {**counts, "shards": len(sources), "shards_embedded_now": len(embedded_now),
+                       "n_holdout": rule.count, "n_train": counts["n_embedded"] - rule.count},
             "metrics": {**{k: float(v) for k, v in dims.items()}, "npz_bytes_total": float(nbytes),
-                        "bytes_per_sample": nbytes / max(1, counts["n_embedded"])},
+                        "bytes_per_sample": nbytes / max(1, counts["n_embedded"]),
+                        "holdout_fraction": rule.fraction},
             "dims": dims, "embedded_now": embedded_now, "encoders_uri": enc_uri}
+
+
+def absolute_location(model: str) -> str:
+    """``tiny:./runs/_encoders`` -> ``tiny:/abs/runs/_encoders``; a relative local directory ->
+    its absolute path; hub names and URIs unchanged."""
+    import os
+
+    prefix = "tiny:" if model.startswith("tiny:") else ""
+    path = model[len(prefix):]
+    if "://" in path or not (prefix or path.startswith(".") or os.path.isdir(path)):
+        return model
+    return prefix + os.path.abspath(path)
 
 
 def run(cfg: EmbedConfig, ctx: StageContext) -> StageResult:
@@ -216,4 +245,8 @@ def find_compatible_embedding(out_uri: str, shards_uri: str, cfg: EmbedConfig) -
         return False
     if doc.get("shards") != [{"shard": s["shard"], "size": s["size"]} for s in sources]:
         return False
+    held = doc.get("holdout") or {}
+    if (held.get("requested_fraction"), held.get("min"), held.get("max_fraction")) != (
+            cfg.holdout_fraction, cfg.holdout_min, cfg.holdout_max_fraction):
+        return False  # another split: training would read other samples
     return all(is_done(store.join(out_uri, "shards"), s, identity) for s in sources)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from data_prep.embed_format import EmbeddingShard, pad_sequences, read_embedding_shard
+from data_prep.holdout import NO_HOLDOUT, HoldoutRule
 from data_prep.shards import ShardCorruptError, iter_shard
 from data_prep.image_decode import decode_rgb
 from pipeline import store
@@ -81,6 +82,7 @@ class LoaderSpec:
     seed: int
     rank: int = 0
     world_size: int = 1
+    holdout: HoldoutRule = NO_HOLDOUT  # the embed stage's held-out rule (data_prep/holdout.py)
 
 
 def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[int, int, int]]:
@@ -158,10 +160,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated micro-batches for one rank (see module docstring)."""
 
     def __init__(self, shards: list[ShardPair], spec: LoaderSpec, positions: dict[int, dict] | None = None,
-                 rotate: int = 0):
+                 rotate: int = 0, split: str = "train"):
         if not shards:
             raise LoaderError("no shards to train on")
-        self.shards, self.spec = shards, spec
+        if split not in ("train", "holdout"):
+            raise ValueError(f"split must be 'train' or 'holdout' (got {split!r})")
+        # 'train' never yields a held-out key; 'holdout' (validation) yields only those.
+        self.shards, self.spec, self.split = shards, spec, split
         self.positions = positions or {}
         self.rotate = rotate
 
@@ -186,13 +191,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             # A resumed epoch may legitimately have nothing left; two empty epochs in a row mean none ever will.
             empty_epochs = empty_epochs + 1 if produced == 0 else 0
             if empty_epochs >= 2:
-                raise LoaderError(f"data worker {g} of {G} gets no usable samples from {len(self.shards)} shards "
-                                  f"(fewer usable samples than ranks x loader_workers?)")
+                raise LoaderError(f"data worker {g} of {G} gets no usable {self.split} samples from "
+                                  f"{len(self.shards)} shards (fewer usable samples than ranks x loader_workers?)")
             epoch, cursor = epoch + 1, 0
 
     def _rows(self, pair: ShardPair, emb: EmbeddingShard, start: int, first: int, stride: int, epoch: int):
+        in_split = self.spec.holdout.keep([str(k) for k in emb.keys], self.split)
+
         def wanted(j: int) -> bool:
-            return j >= start and (j - first) % stride == 0
+            return j >= start and (j - first) % stride == 0 and bool(in_split[j])
 
         def sample(j: int, image: np.ndarray | None) -> dict | None:
             d = {"key": str(emb.keys[j]), "clip_image": emb.clip_image[j], "clip_text": emb.clip_text[j],

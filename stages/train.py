@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.embed_ledger import read_encoders_doc
+from data_prep.holdout import NO_HOLDOUT, HoldoutRule, read_rule
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 from pipeline.executors import DistEnv
@@ -37,6 +38,7 @@ from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader,
 from stages.optim import configure_cuda_fast_path
 from stages.train_config import TrainConfig
 from stages.train_metrics import MetricsLogger, image_grid
+from stages.validation import Validator
 
 Batch = dict[str, Any]
 LOOP_RESULT = "loop_result.json"
@@ -71,13 +73,15 @@ class TrainJob:
     embed_uri: str            # embedding shards folder
     cond_dims: dict[str, int]
     protect_through: int = -1  # steps of an earlier finished run of this attempt: its checkpoints stay
+    holdout: HoldoutRule = NO_HOLDOUT  # the embed stage's held-out split: never trained on, validated on
 
     @classmethod
     def from_ctx(cls, ctx: StageContext, needs_images: bool) -> "TrainJob":
         embed = ctx.input_output("embed", "shards")
         download = ctx.input_output("download", "shards") if needs_images else None
         finished = int(((ctx.previous or {}).get("extent") or {}).get("steps", -1))
-        return cls(ctx.out_uri, download, embed, read_cond_dims(ctx.input_uri("embed")), finished)
+        return cls(ctx.out_uri, download, embed, read_cond_dims(ctx.input_uri("embed")), finished,
+                   read_rule(ctx.input_uri("embed")))
 
 
 def read_cond_dims(embed_attempt: str) -> dict[str, int]:
@@ -197,7 +201,7 @@ class Trainer:
         # 2. Data, at the saved position (built before the engine: workers fork a small process).
         self.shards = pair_shards(job.download_uri, job.embed_uri)
         lspec = LoaderSpec(self.flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed,
-                           self.rank, self.world)
+                           self.rank, self.world, job.holdout)
         self.loader = make_loader(self.shards, lspec, state.get("data"), cfg.loader_workers,
                                   pin_memory=device.type == "cuda")
         self.tracker = PositionTracker(cfg.loader_workers, self.world, state.get("data"))
@@ -225,6 +229,7 @@ class Trainer:
         self.logger = MetricsLogger(job.out_uri, enabled=self.rank == 0, resume_step=self.step,
                                     wandb_project=cfg.wandb_project, run_name=spec.stage, config=cfg.model_dump())
         self.grid = SampleGrid.build(self) if cfg.sample_every and spec.needs_images else None
+        self.validator = Validator.build(self)  # None without a held-out split
         self.window = LossWindow(cfg.log_every, cfg.steps)
         self.guard = NonFiniteGuard(spec.stage, cfg.max_nonfinite_steps, self.ckpt)
         self.live = LiveFigures(job.out_uri, self.step, cfg.steps) if self.rank == 0 else None
@@ -252,8 +257,9 @@ class Trainer:
                 continue  # skipped: no optimizer, LR or EMA update, not in the logged mean; counted
             self.ema.update(self.step)
             self.window.add(out["loss"], cfg.batch_size * cfg.grad_accum * self.world)
-            if self.window.due(self.step):
-                self.log(lr, out["grad_norm"])
+            val = self.validator.run(self) if self.validator is not None and self.validator.due(self.step) else {}
+            if self.window.due(self.step) or val:
+                self.log(lr, out["grad_norm"], val)
             if self.grid is not None and self.grid.due(self.step):
                 self.grid.write(self)
             if self.ckpt.due(self.step) or self.step == cfg.steps:  # the last step is always saved
@@ -264,13 +270,17 @@ class Trainer:
                 self.after_step(self.step, self.start_step)
         return self.finish()
 
-    def log(self, lr: float, grad_norm) -> None:
-        loss, rate = self.window.flush(self.world)
+    def log(self, lr: float, grad_norm, val: dict[str, float]) -> None:
+        """One metrics row: the loss window when it is due, the validation figures when computed."""
+        row = dict(val)
+        if self.window.due(self.step):
+            loss, rate = self.window.flush(self.world)
+            row.update({"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "lr": lr, "samples_per_s": rate,
+                        **({"nonfinite_steps": self.guard.total} if self.guard.total else {})})
         if self.live is not None:
-            self.live.figures(loss=loss, samples_per_s=rate)
-        self.logger.log(self.step, {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                                    "lr": lr, "samples_per_s": rate,
-                                    **({"nonfinite_steps": self.guard.total} if self.guard.total else {})})
+            self.live.figures(**{k: row[k] for k in ("loss", "samples_per_s", "val_loss") if k in row})
+        self.logger.log(self.step, row)
 
     def save(self) -> None:
         # Metrics first: a crash after COMPLETE but before the sync lost the rows of the
@@ -379,8 +389,12 @@ def stage_result(out_uri: str, final: str) -> StageResult:
     muri = store.join(out_uri, layout.METRICS)
     if store.exists(muri):
         lines = [json.loads(x) for x in store.read_bytes(muri).decode().splitlines() if x.strip()]
-        if lines:
-            metrics = {f"final_{k}": float(v) for k, v in lines[-1].items() if k != "step"}
+        train_rows = [r for r in lines if "loss" in r]  # rows with only validation figures have no loss
+        if train_rows:
+            metrics = {f"final_{k}": float(v) for k, v in train_rows[-1].items() if k not in ("step", "val_loss")}
+        val_rows = [r for r in lines if "val_loss" in r]
+        if val_rows:  # the held-out loss at the last step (stages/validation.py)
+            metrics["val_loss"] = float(val_rows[-1]["val_loss"])
     return StageResult(
         counts={"steps": int(config["step"])},
         metrics=metrics,
