@@ -222,6 +222,11 @@ def _img2dataset_pass(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: 
 
 
 def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
+    # An earlier run of this very attempt (same config) stopped: on min_success_rate, a killed
+    # driver, a crash. Its finished shards are kept and only what failed is fetched again.
+    if load_state(ctx.out_uri) is not None:
+        ctx.progress("download: continuing this attempt: keeping its finished shards, fetching only failed rows")
+        return resume_failed(cfg, ctx)
     shards_uri = store.join(ctx.out_uri, "shards")
     with tempfile.TemporaryDirectory(prefix="t2i-download-") as tmp, _resolved_url_list(cfg, ctx) as url_list:
         input_format = cfg.input_format or "parquet"  # demo corpus is parquet; otherwise set by validation
@@ -237,8 +242,8 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
             dropped = ", ".join(f"{k} {v}" for k, v in lc.items() if v and k != "rows_in_list")
             raise StageFailed(f"download: url_list {cfg.url_list!r} has no rows to download "
                               f"({lc['rows_in_list']} rows in the list{'; dropped: ' + dropped if dropped else ''})")
-        # The runner clears a stage dir before a re-run; this makes a direct call just as safe:
-        # a half-finished earlier attempt can never be mistaken for done shards.
+        # No state: whatever shards are here are leftovers of a start that never saved its list
+        # (nothing to continue from); they must never be mistaken for done shards.
         store.remove(shards_uri)
         filtered = sum(v for k, v in lc.items() if k.startswith("filtered_"))
         ctx.progress(f"download: {num_rows} rows ({filtered} filtered out of {lc['rows_in_list']}) -> "

@@ -6,13 +6,13 @@ image is skipped and counted in its chunk's counts.
 """
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from data_prep.image_decode import decode_rgb
 from data_prep.shards import iter_shard, shard_id
 
 
@@ -37,9 +37,7 @@ def preprocess_image(data: bytes, pp: dict[str, Any]) -> np.ndarray:
     size = pp["size"]
     th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     resample = _RESAMPLE.get(pp.get("interpolation", "bicubic"), 3)
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        im = im.convert("RGB")
+    im = decode_rgb(data)  # the download stage's decoder: pixel limits, EXIF, 16-bit, alpha (data_prep/image_decode.py)
     w, h = im.size
     mode = pp.get("resize_mode", "shortest")
     if mode == "squash":
@@ -83,7 +81,10 @@ def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_i
 
     def build(samples: list[Any], chunk: int) -> DecodedChunk:
         keys, caps, pix = [], [], []
-        c = {"n_total": len(samples), "n_bad_image": 0, "n_missing_caption": 0}
+        from data_prep.encoders import caption_counts  # null and empty captions counted apart
+
+        c = {"n_total": len(samples), "n_bad_image": 0, "n_missing_caption": 0,
+             **caption_counts([s.caption for s in samples])}
         samples_c = [s for s in samples if s.caption and s.caption.strip()]
         c["n_missing_caption"] = len(samples) - len(samples_c)
         datas = [s.image_bytes for s in samples_c]

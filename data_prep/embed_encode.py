@@ -35,6 +35,9 @@ def encode_chunk(enc: Encoders, chunk: DecodedChunk, t5_micro_batch: int | None 
     import torch
 
     counts = dict(chunk.counts)
+    # Captions longer than each encoder's context are cut when encoded: counted per encoder.
+    counts.update(n_truncated_clip=enc.clip.count_truncated(chunk.captions),
+                  n_truncated_t5=enc.t5.count_truncated(chunk.captions))
     if not chunk.keys:
         counts.update(n_embedded=0, n_nonfinite=0)
         d = enc.dims

@@ -17,7 +17,8 @@ from data_prep.shards import list_shards, shard_id
 from pipeline import layout, store
 from pipeline.context import StageFailed
 
-COUNT_KEYS = ("n_total", "n_embedded", "n_bad_image", "n_missing_caption", "n_nonfinite")
+COUNT_KEYS = ("n_total", "n_embedded", "n_bad_image", "n_missing_caption", "n_nonfinite", "n_null_caption",
+              "n_empty_caption", "n_truncated_clip", "n_truncated_t5")
 
 
 def npz_uri(out_shards_uri: str, name: str) -> str:

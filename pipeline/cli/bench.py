@@ -163,3 +163,23 @@ def bench_embed_cmd(
         return
     console.print(format_result(res))
     _print_spread("ratio", spread, len(results))
+
+
+@bench_app.command("download")
+def bench_download_cmd(
+    images: int = typer.Option(512, help="images in the served list"),
+    image_px: int = typer.Option(256, help="side of the served JPEGs"),
+    image_size: int = typer.Option(64, help="stored image size (download.image_size)"),
+    processes: int = typer.Option(1, help="img2dataset processes (the same for both runs)"),
+    threads: int = typer.Option(16, help="img2dataset threads per process"),
+    repeats: int = typer.Option(1, "--repeats", help="measure this many times; print min/median/max"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """The download stage end to end against raw img2dataset on the same served list (target >= 0.9x)."""
+    from data_prep.bench_download import bench_download, format_result
+
+    try:
+        res = bench_download(images, image_px, processes, threads, image_size, repeats)
+    except ValueError as e:
+        _fail(str(e))
+    console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
