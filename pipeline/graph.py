@@ -1,6 +1,6 @@
 """The stage graph: which stages exist, what each depends on, and where its code lives.
 
-download -> embed -> {one training stage per model of stages/models.py} -> sample
+download -> embed -> {one training stage per model of stages/models.py} -> sample, evaluate
 
 The training stages do not depend on each other (SR trains on real low-res images), so the
 runner can run them side by side. A stage whose module is not part of this installation is
@@ -48,6 +48,9 @@ def _all() -> tuple[StageDef, ...]:
         *_training_stages(),
         StageDef("sample", "stages.sample", "SampleConfig", ("embed", *TRAIN_STAGES),
                  "Samples the prompts through the trained cascades and writes a report."),
+        StageDef("evaluate", "stages.evaluate", "EvaluateConfig", ("download", "embed", *TRAIN_STAGES),
+                 "Evaluates the trained models on the held-out split and the prompt suite: FID, CLIP score, "
+                 "prior similarity, validation losses."),
     )
 
 

@@ -151,12 +151,32 @@ def cross_stage_problems(spec) -> list[str]:
                             f"spec does not train; add them, pick another cascade, or set sample.max_stage")
         if getattr(spec, "embed", None) is None:
             problems.append("sample: needs the embed stage (it reloads the encoders to embed the prompts)")
+    problems += _evaluate_problems(spec)
     dl = getattr(spec, "download", None)
     if dl is not None:
         for role, f in flavors.items():
             if f.image_size and dl.image_size < f.image_size:
                 problems.append(f"download.image_size: {dl.image_size}px is smaller than train_{role} "
                                 f"({f.name}) needs ({f.image_size}px); raise it to at least {f.image_size}")
+    return problems
+
+
+def _evaluate_problems(spec) -> list[str]:
+    """The evaluate stage samples its cascades like sample does and needs a held-out split."""
+    ev = getattr(spec, "evaluate", None)
+    if ev is None:
+        return []
+    problems = []
+    missing = [st for st in ev.required_stages() if getattr(spec, st, None) is None]
+    if missing:
+        problems.append(f"evaluate.cascade: {ev.cascade!r} samples through {', '.join(missing)}, which this spec "
+                        f"does not train; add them, pick another cascade, or set evaluate.sampling.max_stage")
+    embed = getattr(spec, "embed", None)
+    if embed is None:
+        problems.append("evaluate: needs the embed stage (its held-out split and encoders)")
+    elif embed.holdout_fraction == 0 and (embed.holdout_min == 0 or embed.holdout_max_fraction == 0):
+        problems.append("evaluate: embed holds out no samples (embed.holdout_fraction and holdout_min are 0); "
+                        "set embed.holdout_fraction or embed.holdout_min so there is something to evaluate on")
     return problems
 
 

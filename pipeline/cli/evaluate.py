@@ -1,0 +1,59 @@
+"""``t2i eval RUN [--checkpoint STEP]``: the evaluate stage's figures, offline.
+
+Reads the run's saved spec (its ``evaluate`` section, or the defaults when it has none) and the
+finished attempts of its stages, and runs the same :func:`stages.evaluate.evaluate` as the stage,
+so on the final weights it reproduces the stage's figures. ``--checkpoint STEP`` evaluates every
+training stage at that step instead (a finished ``final/step_N/`` or a checkpoint's EMA).
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from pipeline.cli.common import console, resolve_run
+
+app = typer.Typer()
+
+
+@app.command("eval")
+def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained stages."),
+             checkpoint: Optional[int] = typer.Option(None, "--checkpoint", help=(
+                 "Evaluate every training stage at this step (default: the final weights).")),
+             out: Optional[str] = typer.Option(None, help="Where to write evaluation.json (default: <run>/eval_cli/...)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON.")) -> None:
+    """Evaluate a run's trained models: FID, CLIP score, prior similarity, validation losses."""
+    from pipeline import store
+    from pipeline.manifest import read_manifest
+    from pipeline.planning import finished_attempt, load_run_spec
+    from stages.evaluate import EvaluateConfig, evaluate, evaluation_rows
+    from stages.models import TRAIN_STAGES
+
+    uri = resolve_run(run)
+    spec = load_run_spec(uri)
+    cfg = getattr(spec, "evaluate", None) or EvaluateConfig()
+    inputs = {st: read_manifest(finished_attempt(uri, st)) for st in ("download", "embed", *TRAIN_STAGES)
+              if getattr(spec, st, None) is not None}
+    out_uri = store.normalize(out) if out else store.join(
+        uri, "eval_cli", f"step_{checkpoint:08d}" if checkpoint is not None else "final")
+    stage_uris = None
+    if checkpoint is not None:
+        from stages.evaluate.offline import checkpoint_inputs
+
+        stage_uris, inputs = checkpoint_inputs(inputs, checkpoint, out_uri)
+    progress = (lambda m: None) if as_json else (lambda m: console.print(m))
+    result = evaluate(cfg, uri, inputs, out_uri, progress=progress, stage_uris=stage_uris)
+    if as_json:
+        typer.echo(json.dumps({"metrics": result.metrics, "counts": result.counts, "outputs": result.outputs},
+                              sort_keys=True))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"evaluation of {uri}" + (f" at step {checkpoint}" if checkpoint is not None else ""))
+    for col in ("figure", "value", "meaning"):
+        table.add_column(col)
+    for name, value, meaning in evaluation_rows({"metrics": result.metrics, "outputs": result.outputs}):
+        table.add_row(name, f"{value:.4g}", meaning)
+    console.print(table)
+    console.print(f"written: {result.outputs['evaluation']}")

@@ -1,0 +1,180 @@
+"""The ``evaluate`` stage (issue 14): is the run any good, on samples training never saw?
+
+Figures, all on the embed stage's held-out split (data_prep/holdout.py) or the shipped prompt
+suite, written to the stage manifest's metrics (README "Evaluation" says how to read them):
+
+* ``<cascade>_fid``: FID of the cascade's samples of N held-out captions vs those N held-out
+  images, on the feature network ``fid_features`` names (recorded as ``outputs.fid_features``);
+* ``<cascade>_clip_score``: mean cosine of each sample with its caption under the run's CLIP
+  (the embed stage's encoders), beside ``heldout_clip_score`` (the same for the real images: the
+  ceiling this CLIP gives); ``<cascade>_clip_score_suite`` / ``_<category>`` on the prompt suite;
+* ``prior_cosine_similarity``: the prior's sampled CLIP image embedding vs the true one of
+  held-out samples, beside ``prior_text_baseline`` (the caption's CLIP text embedding vs the
+  image's: what the prior must beat to be worth having, as unCLIP reports);
+* ``<stage>_val_loss``: each training stage's final validation loss (from its manifest);
+* ``<cascade>_demo_*``: the demo check (stages/demo_check.py) when the captions are demo captions.
+
+Sampling goes through stages/sample.py (``sample_images``), so the figures are of exactly what
+``t2i sample`` produces. ``t2i eval RUN`` (pipeline/cli/evaluate.py) runs :func:`evaluate` offline.
+This module imports no torch until a stage runs (reading a spec stays light).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline import store
+from pipeline.configbase import StrictModel
+from pipeline.context import StageContext, StageFailed, StageResult
+
+EVALUATION = "evaluation.json"  # per-prompt figures beside the manifest
+_SAMPLE_OWN = ("prompts", "cascade", "images_per_prompt", "demo_check")  # set by the stage itself
+
+
+class EvaluateConfig(StrictModel):
+    """The ``evaluate`` section of a run spec."""
+
+    fingerprint_exclude: ClassVar[tuple[str, ...]] = ()
+
+    cascade: Literal["imagen", "unclip", "both"] = Field("both", description="cascades to evaluate")
+    num_samples: int = Field(64, ge=2, description=(
+        "held-out captions sampled per cascade for FID and CLIP score (capped by the held-out count; "
+        "FID is biased upwards at small N, compare figures of equal N only)"))
+    prior_samples: int = Field(256, ge=1, description="held-out embeddings for prior_cosine_similarity")
+    fid_features: str = Field("torchvision:inception_v3", description=(
+        "FID feature network: 'torchvision:inception_v3' (local torch cache), "
+        "'torchvision:inception_v3:/path/weights.pth', 'tiny:DIR' (built and saved there once) or a saved DIR"))
+    prompt_suite: str | None = Field("default", description=(
+        "category-grouped prompt suite: 'default' (pipeline/configs/eval_prompts.yaml), a YAML path, or null"))
+    suite_per_category: int = Field(2, ge=0, description="suite prompts sampled per category (0 = all)")
+    sampling: dict[str, Any] = Field(default_factory=dict, description=(
+        "sample-stage settings for the evaluation samples (steps, sampler, guidance_scale, sr_start_t, "
+        "max_stage, batch_size, device, seed ...: the sample section's fields)"))
+
+    @field_validator("fid_features")
+    @classmethod
+    def _features(cls, v: str) -> str:
+        from stages.evaluate.names import check_feature_name
+
+        return check_feature_name(v)
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from stages.sample import SampleConfig
+
+        own = sorted(set(v) & set(_SAMPLE_OWN))
+        if own:
+            raise ValueError(f"sampling.{own[0]} is set by the evaluate stage itself; allowed: the sample "
+                             f"section's other fields")
+        try:
+            SampleConfig(prompts=["x"], **v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"sampling.{'.'.join(str(p) for p in err['loc'])}: "
+                             f"{err['msg'].removeprefix('Value error, ')}") from None
+        return v
+
+    def cascades(self) -> list[str]:
+        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
+
+    def sample_config(self, prompts: list[str]):
+        from stages.sample import SampleConfig
+
+        return SampleConfig(prompts=prompts, cascade=self.cascade, images_per_prompt=1, demo_check=False,
+                            **self.sampling)
+
+    def required_stages(self) -> list[str]:
+        return self.sample_config(["x"]).required_stages()
+
+
+def run(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
+    return evaluate(cfg, ctx.run_uri, ctx.inputs, ctx.out_uri, progress=ctx.progress)
+
+
+def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri: str, *,
+             progress: Callable[[str], None] = lambda m: None,
+             stage_uris: dict[str, str] | None = None) -> StageResult:
+    """Every figure of the stage from upstream manifests ``inputs`` (stage -> manifest);
+    ``stage_uris`` overrides where a training stage's weights are read (``t2i eval --checkpoint``)."""
+    from data_prep.embed_ledger import read_encoders_doc
+    from data_prep.holdout import read_rule
+    from stages.evaluate import figures
+    from stages.models import TRAIN_STAGES
+    from stages.sample import PromptEncoders, resolve_device
+
+    t0 = time.time()
+    if "embed" not in inputs:
+        raise StageFailed("evaluate: needs the embed stage (held-out split, encoders)")
+    embed_uri = inputs["embed"]["out_uri"]
+    rule = read_rule(embed_uri)
+    if not rule.enabled:
+        raise StageFailed(f"evaluate: the embedding {embed_uri} has no held-out split (made before splits existed, "
+                          "or embed.holdout_fraction and holdout_min are 0); set embed.holdout_min (a new embed "
+                          "attempt) so training leaves samples out to evaluate on")
+    uris = {n: m["out_uri"] for n, m in inputs.items() if "out_uri" in m}
+    uris.update(stage_uris or {})
+    metrics: dict[str, float] = {}
+    for st in TRAIN_STAGES:  # each model's held-out diffusion loss, as its training stage measured it
+        v = ((inputs.get(st) or {}).get("metrics") or {}).get("val_loss")
+        if v is not None:
+            metrics[f"{st}_val_loss"] = float(v)
+
+    scfg = cfg.sample_config(["x"])
+    device = resolve_device(scfg.device)
+    encoders = PromptEncoders.load(embed_uri, device=device)
+    preprocess = read_encoders_doc(embed_uri)["clip_preprocess"]
+    embed_shards = inputs["embed"]["outputs"]["shards"]
+    download_shards = (inputs.get("download") or {}).get("outputs", {}).get("shards")
+    ctx = figures.EvalContext(cfg, run_uri, uris, embed_uri, embed_shards, download_shards, rule, encoders,
+                              preprocess, device, progress)
+    per_prompt: dict[str, Any] = {}
+    counts: dict[str, int] = {"n_holdout": rule.count}
+    if download_shards is not None and any(c in figures.runnable_cascades(ctx) for c in cfg.cascades()):
+        m, c, rows = figures.cascade_figures(ctx)
+        metrics.update(m)
+        counts.update(c)
+        per_prompt["samples"] = rows
+    if "train_prior" in uris:
+        m, c = figures.prior_figures(ctx)
+        metrics.update(m)
+        counts.update(c)
+    metrics["evaluate_seconds"] = time.time() - t0
+    doc_uri = store.join(out_uri, EVALUATION)
+    store.write_json(doc_uri, {"metrics": metrics, "counts": counts, "fid_features": cfg.fid_features, **per_prompt})
+    from stages.evaluate.names import feature_kind
+
+    return StageResult(counts=counts, metrics=metrics,
+                       outputs={"evaluation": doc_uri, "fid_features": feature_kind(cfg.fid_features),
+                                "fid_features_spec": cfg.fid_features})
+
+
+# What each figure means, for `t2i status`, report.html and `t2i eval` (README "Evaluation").
+_MEANING = (
+    ("_fid", "FID vs held-out images (lower is better; {features} features)"),
+    ("_clip_score_suite", "CLIP score on the prompt suite"),
+    ("_clip_score", "CLIP score of samples vs their captions (higher is better)"),
+    ("_val_loss", "held-out diffusion loss at 8 fixed t (lower is better)"),
+    ("prior_cosine_similarity", "prior's image embedding vs the true one (higher is better)"),
+    ("prior_text_baseline", "caption's text embedding vs the true image embedding (the prior should beat it)"),
+    ("heldout_clip_score", "CLIP score of the real held-out images (the ceiling)"),
+    ("_demo_", "demo check on demo captions"),
+    ("evaluate_seconds", "time the evaluation took"),
+)
+
+
+def evaluation_rows(manifest: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """(figure, value, what it means) for every figure of an evaluate manifest, in a stable order:
+    for ``t2i status`` and report.html."""
+    feats = (manifest.get("outputs") or {}).get("fid_features", "?")
+    rows = []
+    for name, value in sorted((manifest.get("metrics") or {}).items()):
+        meaning = next((m for key, m in _MEANING if key in name), "")
+        if "_clip_score_" in name and not name.endswith("_suite"):
+            meaning = f"CLIP score on the suite's {name.split('_clip_score_', 1)[1]} prompts"
+        rows.append((name, float(value), meaning.format(features=feats)))
+    return rows

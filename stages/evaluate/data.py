@@ -1,0 +1,125 @@
+"""What the evaluate stage reads: the held-out samples (captions, images, their stored embeddings)
+and the shipped prompt suite.
+
+Held-out samples are the embed stage's split (data_prep/holdout.py), read in shard order and
+row order, so the same run always evaluates the same samples. Images are decoded by the same
+decoder as training (data_prep/image_decode.py) and centre-cropped square at the size asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.embed_format import pad_sequences, read_embedding_shard
+from data_prep.holdout import HoldoutRule
+from data_prep.image_decode import decode_rgb
+from data_prep.shards import iter_shard
+from stages.loader import pair_shards
+from stages.sample import PromptFeatures
+
+SUITE_DEFAULT = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "eval_prompts.yaml"
+
+
+@dataclass
+class HoldoutSet:
+    keys: list[str]
+    captions: list[str]
+    images: list[Any]              # PIL RGB, square at the size asked for ([] when not asked)
+    clip_image: torch.Tensor       # [N, Dc] stored CLIP image embeddings (fp16 -> fp32)
+    features: PromptFeatures       # the stored text features, as sampling would compute them
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _square(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.resize((size, size), Image.BICUBIC) if s != size else img
+
+
+def read_holdout(download_shards: str | None, embed_shards: str, rule: HoldoutRule, limit: int,
+                 image_size: int | None = None) -> HoldoutSet:
+    """The first ``limit`` held-out samples. Captions (and images when ``image_size``) come from
+    the download shards; without ``download_shards`` captions are empty and only embeddings are read."""
+    keys, caps, imgs, ci, ct, ctok, t5 = [], [], [], [], [], [], []
+    for pair in pair_shards(download_shards, embed_shards):
+        if len(keys) >= limit:
+            break
+        emb = read_embedding_shard(pair.npz_uri)
+        rows = {str(k): j for j, k in enumerate(emb.keys) if rule.is_held_out(str(k))}
+        if not rows:
+            continue
+        found: dict[str, tuple[str, Any]] = {}
+        if pair.tar_uri is not None:
+            for smp in iter_shard(pair.tar_uri, on_corrupt="raise"):
+                if smp.key in rows and smp.caption is not None:
+                    img = None
+                    if image_size is not None:
+                        try:
+                            img = _square(decode_rgb(smp.image_bytes), image_size)
+                        except (OSError, ValueError):
+                            continue  # undecodable now (it embedded then): not evaluated, like training skips it
+                    found[smp.key] = (smp.caption, img)
+        for key, j in rows.items():
+            if len(keys) >= limit:
+                break
+            if pair.tar_uri is not None and key not in found:
+                continue
+            cap, img = found.get(key, ("", None))
+            keys.append(key)
+            caps.append(cap)
+            if img is not None:
+                imgs.append(img)
+            ci.append(emb.clip_image[j])
+            ct.append(emb.clip_text[j])
+            ctok.append(emb.clip_tokens_of(j))
+            t5.append(emb.t5_of(j))
+    if not keys:
+        raise ValueError(f"no held-out samples under {embed_shards} (rule: fraction {rule.fraction})")
+    return HoldoutSet(keys, caps, imgs, _f32(np.stack(ci)), _features(ct, ctok, t5))
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+def _padded(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, mask = pad_sequences(seqs, max(1, max(len(s) for s in seqs)), seqs[0].shape[-1])
+    return _f32(out), torch.from_numpy(mask).bool()
+
+
+def _features(clip_text: list[np.ndarray], clip_tokens: list[np.ndarray], t5: list[np.ndarray]) -> PromptFeatures:
+    ctok, cmask = _padded(clip_tokens)
+    t5tok, t5mask = _padded(t5)
+    return PromptFeatures(_f32(np.stack(clip_text)), ctok, cmask, t5tok, t5mask)
+
+
+def load_prompt_suite(name: str | None, per_category: int = 0) -> list[tuple[str, str]]:
+    """(category, prompt) pairs of the prompt suite: 'default' = the shipped
+    pipeline/configs/eval_prompts.yaml, else a YAML file of the same shape
+    (``categories: {name: [prompt, ...]}``); the first ``per_category`` of each (0 = all)."""
+    import yaml
+
+    if not name:
+        return []
+    path = SUITE_DEFAULT if name == "default" else Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluate.prompt_suite: {path} does not exist ('default' is the shipped suite)")
+    doc = yaml.safe_load(path.read_text()) or {}
+    cats = doc.get("categories")
+    if not isinstance(cats, dict) or not cats:
+        raise ValueError(f"evaluate.prompt_suite {path}: expected 'categories: {{name: [prompt, ...]}}'")
+    out = []
+    for cat, prompts in cats.items():
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"evaluate.prompt_suite {path}: category {cat!r} must be a list of non-empty prompts")
+        out += [(str(cat), p) for p in (prompts[:per_category] if per_category else prompts)]
+    return out
