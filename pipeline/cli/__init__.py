@@ -11,13 +11,13 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli import bench, models, plan, runs, submit
+from pipeline.cli import bench, evaluate, models, plan, runs, submit
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT,
                   pretty_exceptions_enable=False,
                   help="Train unCLIP / Imagen text-to-image cascades on Ray + DeepSpeed.")
-for group in (runs.app, models.app, submit.app, plan.app):
+for group in (runs.app, models.app, submit.app, plan.app, evaluate.app):
     app.registered_commands.extend(group.registered_commands)
 bench.bench_app.info.context_settings = CONTEXT
 app.add_typer(bench.bench_app, name="bench")
