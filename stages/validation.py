@@ -11,14 +11,13 @@ rank computes it: under ZeRO-3 a forward needs all ranks, and no reduction is ne
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from stages.loader import LoaderSpec, ShardStream
 
-if TYPE_CHECKING:  # pragma: no cover
-    from stages.train import Trainer
+Trainer = Any  # stages.train.Trainer (not imported: it imports this module)
 
 VAL_TIMESTEPS = 8
 
@@ -33,7 +32,7 @@ class Validator:
         self.every, self.last, self.x0, self.cond, self.seed = every, last, x0, cond, seed
 
     @classmethod
-    def build(cls, t: "Trainer") -> "Validator | None":
+    def build(cls, t: Trainer) -> "Validator | None":
         """None when the embedding has no held-out split (made before splits existed, or fraction 0)."""
         rule, cfg, spec = t.job.holdout, t.cfg, t.spec
         if not rule.enabled:
@@ -62,7 +61,7 @@ class Validator:
             total += float(loss)
         return total / len(ts)
 
-    def run(self, t: "Trainer") -> dict[str, float]:
+    def run(self, t: Trainer) -> dict[str, float]:
         """Every rank computes it (ZeRO-3); the loop logs it on rank 0."""
         t.engine.eval()
         try:
