@@ -84,12 +84,14 @@ class EmbedProcessor:
     pp: dict[str, Any]
     identity: dict[str, Any]
     encoders: Encoders | None = None
+    columns: tuple[str, ...] = ()  # download.save_additional_columns, carried into the npz
 
     def prepare(self, source: dict) -> None:
         store.remove(store.join(self.out_shards, "_parts", source["shard"]))  # an interrupted run's parts
 
     def decode(self, source: dict, threads: int):
-        return decode_shard(source["uri"], self.pp, self.cfg.batch_size, self.cfg.skip_bad_images, workers=threads)
+        return decode_shard(source["uri"], self.pp, self.cfg.batch_size, self.cfg.skip_bad_images, workers=threads,
+                            columns=self.columns)
 
     def to_row(self, ch: DecodedChunk) -> dict[str, np.ndarray]:
         # Fixed-shape tensor column: pad the last chunk to batch_size, carry the real count.
@@ -98,13 +100,14 @@ class EmbedProcessor:
         return {"shard": np.array([ch.shard]), "chunk": np.array([ch.chunk]), "last": np.array([ch.last]),
                 "n": np.array([len(ch.keys)]), "keys": np.array([json.dumps(ch.keys)]),
                 "captions": np.array([json.dumps(ch.captions)]), "counts": np.array([json.dumps(ch.counts)]),
-                "pixels": pix[None]}
+                "columns": np.array([json.dumps(ch.columns)]), "pixels": pix[None]}
 
     def from_row(self, row: dict[str, Any]) -> DecodedChunk:
         n = int(row["n"])
         return DecodedChunk(shard=str(row["shard"]), chunk=int(row["chunk"]), last=bool(row["last"]),
                             keys=json.loads(str(row["keys"])), captions=json.loads(str(row["captions"])),
-                            pixels=np.asarray(row["pixels"])[:n], counts=json.loads(str(row["counts"])))
+                            pixels=np.asarray(row["pixels"])[:n], counts=json.loads(str(row["counts"])),
+                            columns=json.loads(str(row["columns"])))
 
     def open_encoder(self, device: str) -> Callable[[DecodedChunk], dict]:
         enc = self.encoders or load_encoders(self.cfg, device=device)
@@ -122,7 +125,7 @@ class EmbedProcessor:
 def embed_shards(shards_uri: str, out_uri: str, cfg: EmbedConfig, *, executor: Executor | None = None,
                  progress: Callable[[str], None] | None = None,
                  on_shard_done: Callable[[dict[str, Any]], None] | None = None,
-                 encoders: Encoders | None = None) -> dict[str, Any]:
+                 encoders: Encoders | None = None, columns: tuple[str, ...] = ()) -> dict[str, Any]:
     """Embed every unfinished shard of ``shards_uri`` into ``<out_uri>/shards``; returns a summary.
 
     ``on_shard_done(marker)`` is called after each shard's marker is written (progress bars,
@@ -138,7 +141,8 @@ def embed_shards(shards_uri: str, out_uri: str, cfg: EmbedConfig, *, executor: E
     progress(f"embed: {len(sources) - len(todo)}/{len(sources)} shards already done, {len(todo)} to go")
     pp = clip_preprocess_cfg(cfg.clip, cfg.image_size)
     if todo:
-        processor = EmbedProcessor(cfg, out_shards, pp, identity, encoders if executor.kind == "local" else None)
+        processor = EmbedProcessor(cfg, out_shards, pp, identity, encoders if executor.kind == "local" else None,
+                                   tuple(columns))
         placement = ShardPlacement(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_decode_task)
 
         def done(marker: dict) -> None:
@@ -156,7 +160,7 @@ def _summarize(out_uri: str, sources: list[dict[str, Any]], identity: dict[str, 
     missing = [s["shard"] for s, m in zip(sources, markers) if m.get("encoders") != identity]
     if missing:
         raise StageFailed(f"embed: shards {missing} have no matching done marker after the run")
-    counts = {k: sum(int(m["counts"][k]) for m in markers) for k in COUNT_KEYS}
+    counts = {k: sum(int(m["counts"].get(k, 0)) for m in markers) for k in COUNT_KEYS}  # older markers lack new keys
     nbytes = sum(int(m["npz_bytes"]) for m in markers)
     dims = markers[0]["dims"]
     rule = split_rule([npz_uri(out_shards, s["shard"]) for s in sources], counts["n_embedded"],
@@ -198,7 +202,14 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> StageResult:
         done["rows"] += int(marker["counts"]["n_total"])
         rate = done["rows"] / max(time.perf_counter() - t0, 1e-9)
         ctx.report(done=done["shards"], total=total, unit="shards", rows_per_s=rate)
-    s = embed_shards(shards_uri, ctx.out_uri, cfg, executor=ctx.executor, progress=ctx.progress, on_shard_done=live)
+    # The list's extra columns (LAION similarity, punsafe, ...) travel into the embedding shards.
+    columns = ((ctx.inputs.get("download", {}).get("config") or {}).get("save_additional_columns") or ())
+    s = embed_shards(shards_uri, ctx.out_uri, cfg, executor=ctx.executor, progress=ctx.progress, on_shard_done=live,
+                     columns=tuple(columns))
+    landed = (ctx.inputs.get("download", {}).get("counts") or {}).get("successes")
+    if landed is not None and int(landed) != s["counts"]["n_total"]:
+        raise StageFailed(f"embed: read {s['counts']['n_total']} samples from the download shards but the download "
+                          f"stage counted {landed} successes: samples were lost between the stages; re-run download")
     return StageResult(
         counts=s["counts"], metrics=s["metrics"],
         outputs={"shards": store.join(ctx.out_uri, layout.SHARDS), "encoders": s["encoders_uri"],

@@ -6,6 +6,7 @@ image is skipped and counted in its chunk's counts.
 """
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -25,6 +26,7 @@ class DecodedChunk:
     captions: list[str]
     pixels: np.ndarray  # [b, 3, H, W] float16, normalised
     counts: dict[str, int] = field(default_factory=dict)
+    columns: dict[str, list[str]] = field(default_factory=dict)  # extra list columns, JSON per sample
 
 
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "random": 3}  # PIL.Image.Resampling values
@@ -67,7 +69,7 @@ def _try_preprocess(data: bytes, pp: dict[str, Any]) -> np.ndarray | Exception:
 
 
 def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_images: bool = True,
-                 workers: int = 1) -> Iterator[DecodedChunk]:
+                 workers: int = 1, columns: tuple[str, ...] = ()) -> Iterator[DecodedChunk]:
     """Decode one shard into chunks of ``batch_size`` raw samples, in tar order.
 
     Streams the tar (never holds more than one chunk of pixels). Always yields at least one
@@ -81,6 +83,7 @@ def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_i
 
     def build(samples: list[Any], chunk: int) -> DecodedChunk:
         keys, caps, pix = [], [], []
+        cols: dict[str, list[str]] = {name_: [] for name_ in columns}
         from data_prep.encoders import caption_counts  # null and empty captions counted apart
 
         c = {"n_total": len(samples), "n_bad_image": 0, "n_missing_caption": 0,
@@ -98,11 +101,13 @@ def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_i
                 continue
             keys.append(s.key)
             caps.append(s.caption.strip())
+            for col in columns:  # img2dataset put the list's extra columns in the sample's json
+                cols[col].append(json.dumps(s.meta.get(col)))
             pix.append(x)
         size = pp["size"]
         hw = (size, size) if isinstance(size, int) else tuple(size)
         arr = np.stack(pix).astype(np.float16) if pix else np.zeros((0, 3, *hw), np.float16)
-        return DecodedChunk(name, chunk, False, keys, caps, arr, c)
+        return DecodedChunk(name, chunk, False, keys, caps, arr, c, cols)
 
     try:
         yield from _chunks(iter_shard(shard_uri, counts=tar_counts), batch_size, build, tar_counts)

@@ -59,5 +59,6 @@ def encode_chunk(enc: Encoders, chunk: DecodedChunk, t5_micro_batch: int | None 
         keys=np.array([chunk.keys[i] for i in keep], dtype=np.str_),
         clip_image=img[keep], clip_text=txt[keep],
         clip_tokens=np.concatenate([ctoks[i] for i in keep]), clip_lengths=clens.numpy()[keep],
-        t5_tokens=np.concatenate([t5toks[i] for i in keep]), t5_lengths=t5lens.numpy()[keep])
+        t5_tokens=np.concatenate([t5toks[i] for i in keep]), t5_lengths=t5lens.numpy()[keep],
+        columns={c: [v[i] for i in keep] for c, v in chunk.columns.items()})
     return part, counts

@@ -22,6 +22,7 @@ import numpy as np
 from pipeline import store
 
 ARRAYS = ("keys", "clip_image", "clip_text", "clip_tokens", "clip_lengths", "t5_tokens", "t5_lengths")
+COLUMN_PREFIX = "col__"
 
 
 class EmbeddingFormatError(ValueError):
@@ -37,6 +38,9 @@ class EmbeddingShard:
     clip_lengths: np.ndarray  # [N] i32
     t5_tokens: np.ndarray  # [sum Lt, Dt] f16
     t5_lengths: np.ndarray  # [N] i32
+    # The download list's additional columns (download.save_additional_columns), one JSON-encoded
+    # value per row as a string array: stored as ``col__<name>``, still loadable without pickles.
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
     _clip_offsets: np.ndarray = field(init=False, repr=False)
     _t5_offsets: np.ndarray = field(init=False, repr=False)
 
@@ -48,6 +52,10 @@ class EmbeddingShard:
         for name in ("clip_image", "clip_text", "clip_lengths", "t5_lengths"):
             if len(getattr(self, name)) != n:
                 raise EmbeddingFormatError(f"{name} has {len(getattr(self, name))} rows, keys has {n}")
+        self.columns = {k: np.asarray(v, dtype=np.str_) for k, v in (self.columns or {}).items()}
+        for k, v in self.columns.items():
+            if len(v) != n:
+                raise EmbeddingFormatError(f"column {k} has {len(v)} rows, keys has {n}")
         if int(self.clip_lengths.sum()) != len(self.clip_tokens):
             raise EmbeddingFormatError(
                 f"clip_tokens has {len(self.clip_tokens)} rows but clip_lengths sum to {int(self.clip_lengths.sum())}")
@@ -85,7 +93,9 @@ class EmbeddingShard:
         """Join embeddings of consecutive chunks of one shard (parts must be in shard order)."""
         if not parts:
             raise EmbeddingFormatError("cannot concatenate zero embedding parts")
-        return cls(**{a: np.concatenate([getattr(p, a) for p in parts]) for a in ARRAYS})
+        names = sorted({c for p in parts for c in p.columns})
+        cols = {c: np.concatenate([p.columns.get(c, np.full(len(p), "null")) for p in parts]) for c in names}
+        return cls(**{a: np.concatenate([getattr(p, a) for p in parts]) for a in ARRAYS}, columns=cols)
 
     @classmethod
     def empty(cls, clip_dim: int, clip_token_dim: int, t5_dim: int) -> "EmbeddingShard":
@@ -110,6 +120,7 @@ def pad_sequences(seqs: list[np.ndarray], max_len: int | None, dim: int) -> tupl
 
 def to_npz_bytes(shard: EmbeddingShard) -> bytes:
     arrays = {a: getattr(shard, a) for a in ARRAYS}
+    arrays.update({f"{COLUMN_PREFIX}{k}": v for k, v in shard.columns.items()})
     for a in ("clip_image", "clip_text", "clip_tokens", "t5_tokens"):
         arrays[a] = np.ascontiguousarray(arrays[a], dtype=np.float16)
     buf = io.BytesIO()
@@ -123,7 +134,8 @@ def from_npz_bytes(data: bytes, where: str = "<bytes>") -> EmbeddingShard:
             missing = [a for a in ARRAYS if a not in z.files]
             if missing:
                 raise EmbeddingFormatError(f"embedding shard {where} lacks arrays {missing}; expected {list(ARRAYS)}")
-            return EmbeddingShard(**{a: z[a] for a in ARRAYS})
+            cols = {f[len(COLUMN_PREFIX):]: z[f] for f in z.files if f.startswith(COLUMN_PREFIX)}
+            return EmbeddingShard(**{a: z[a] for a in ARRAYS}, columns=cols)
     except EmbeddingFormatError as e:
         raise EmbeddingFormatError(f"{where}: {e}") if where not in str(e) else e
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated or not a zip at all

@@ -33,37 +33,18 @@ from stages.checkpoint import CheckpointManager
 from stages.distributed import setup_distributed
 from stages.ema import EMA
 from stages.engine import build_engine, train_step
-from stages.final_weights import write_final
+from stages.final_weights import network_config, write_final
+from stages.stage_spec import Batch, StageSpec  # noqa: F401  (re-exported: model modules build one)
 from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
 from stages.optim import configure_cuda_fast_path
 from stages.train_config import TrainConfig
 from stages.train_metrics import MetricsLogger, image_grid
 from stages.validation import Validator
 
-Batch = dict[str, Any]
 LOOP_RESULT = "loop_result.json"
 
 
 # ----------------------------------------------------------------------------- what a stage gives
-@dataclass(frozen=True)
-class StageSpec:
-    """Everything that differs between the training stages."""
-
-    stage: str  # graph name, e.g. "train_base"
-    role: str  # network role for stages.nets.flavors
-    needs_images: bool
-    # (loader batch, cfg, flavor, device, compute dtype) -> (x0, cond kwargs of the network)
-    build_batch: Callable[[Batch, TrainConfig, Any, torch.device, torch.dtype], tuple[torch.Tensor, dict]]
-    # (prompt features, previous model's output or None) -> the same cond kwargs at sampling time;
-    # stages/sample.py adds what only sampling knows (SR: the low-res input and its aug level)
-    sample_cond: Callable[[Any, Any], dict] = lambda features, prev: {}
-    # the "condaug" entry of final/config.json (SR only)
-    extra_config: Callable[[TrainConfig], dict | None] = lambda cfg: None
-    # the config the sample grid builds its fixed conditioning with: no CFG dropout (SR: no condaug)
-    clean_config: Callable[[TrainConfig], TrainConfig] = \
-        lambda cfg: cfg.model_copy(update={"cfg_drop_text": 0.0, "cfg_drop_image": 0.0})
-
-
 @dataclass(frozen=True)
 class TrainJob:
     """Where a stage reads and writes; picklable, so it travels to Ray workers."""
@@ -299,6 +280,7 @@ class Trainer:
             final_uri = write_final(self.job.out_uri, weights, {
                 "role": self.spec.role, "flavor": self.cfg.flavor, "cond_dims": dict(self.job.cond_dims),
                 "image_size": self.flavor.image_size, "low_res_size": self.flavor.low_res_size,
+                "network": network_config(self.engine.module),
                 "diffusion": self.cfg.diffusion.model_dump(), "condaug": self.spec.extra_config(self.cfg),
                 "step": self.step})
         out = {"step": self.step, "final": final_uri, "resumed_from": self.start_step,

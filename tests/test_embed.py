@@ -258,3 +258,16 @@ def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
                 np.testing.assert_array_equal(a[k], b[k])
     a, b = (json.load(open(os.path.join(d, "encoders.json"))) for d in (out, str(tmp_path)))
     assert a["counts"] == b["counts"] and a["identity"] == b["identity"]
+
+
+def test_additional_columns_reach_the_embedding_shard(env, tmp_path):
+    """download.save_additional_columns (LAION similarity, punsafe, ...) land in each sample's json;
+    embed carries them into the npz, row for row, still loadable without pickles."""
+    s = embed_shards(env["shards"], str(tmp_path), env["cfg"], encoders=env["enc"], columns=("caption", "absent"))
+    assert s["counts"]["n_embedded"] == 18
+    for name in env["keys"]:
+        shard = read_embedding_shard(os.path.join(tmp_path, "shards", f"{name}.npz"))
+        metas = {smp.key: smp.meta for smp in iter_shard(os.path.join(env["shards"], f"{name}.tar"))}
+        assert set(shard.columns) == {"caption", "absent"}
+        for k, v, missing in zip(shard.keys, shard.columns["caption"], shard.columns["absent"]):
+            assert json.loads(str(v)) == metas[str(k)]["caption"] and json.loads(str(missing)) is None
