@@ -23,6 +23,9 @@ class StageDef:
     description: str
     required: bool = False
     code_version: str = "1"  # bump when a stage's outputs change meaning: it re-runs the stage
+    # Where the config class lives when not in ``module``: a torch-free module, so reading a spec
+    # (t2i status, validation) never imports the stage's heavy code.
+    config_module: str | None = None
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -42,9 +45,11 @@ def _all() -> tuple[StageDef, ...]:
 
     return (
         StageDef("download", "data_prep.download", "DownloadConfig", (),
-                 "img2dataset download of a URL+caption list into webdataset shards.", required=True),
+                 "img2dataset download of a URL+caption list into webdataset shards.", required=True,
+                 config_module="data_prep.download_config"),
         StageDef("embed", "data_prep.embed", "EmbedConfig", ("download",),
-                 "CLIP image/text and T5 text embeddings of every downloaded sample."),
+                 "CLIP image/text and T5 text embeddings of every downloaded sample.",
+                 config_module="data_prep.embed_config"),
         *_training_stages(),
         StageDef("sample", "stages.sample", "SampleConfig", ("embed", *TRAIN_STAGES),
                  "Samples the prompts through the trained cascades and writes a report."),
@@ -55,9 +60,10 @@ def _all() -> tuple[StageDef, ...]:
 
 
 def _available(stage: StageDef) -> bool:
-    if importlib.util.find_spec(stage.module) is None:
+    where = stage.config_module or stage.module
+    if importlib.util.find_spec(where) is None:
         return False
-    return hasattr(importlib.import_module(stage.module), stage.config_class)
+    return hasattr(importlib.import_module(where), stage.config_class)
 
 
 @lru_cache(maxsize=1)
@@ -79,7 +85,8 @@ STAGES = _Stages()
 
 
 def stage_config_classes() -> dict[str, type]:
-    return {s.name: getattr(s.load(), s.config_class) for s in available_stages()}
+    return {s.name: getattr(importlib.import_module(s.config_module or s.module), s.config_class)
+            for s in available_stages()}
 
 
 def get_stage(name: str) -> StageDef:

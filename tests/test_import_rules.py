@@ -24,6 +24,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                       "data_prep.tiny_encoders", "data_prep.http_server", "data_prep.demo_corpus",
                       "data_prep.embed_decode", "data_prep.embed_encode", "data_prep.embed_ledger",
                       "data_prep.image_decode", "data_prep.url_list", "data_prep.download_config", "data_prep.holdout",
+                      "data_prep.embed_config", "data_prep.encoder_config",
                       "data_prep.download_verify", "data_prep.download_retry", "data_prep.download_child")),
     ("training machinery", ("stages.train", "stages.train_config", "stages.stage_spec", "stages.validation", "stages.train_metrics", "stages.train_hooks",
                             "stages.engine", "stages.distributed", "stages.checkpoint", "stages.ema", "stages.optim",
