@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from data_prep.encoder_config import caption_counts  # null and empty captions counted apart
 from data_prep.image_decode import decode_rgb
 from data_prep.shards import iter_shard, shard_id
 
@@ -84,8 +85,6 @@ def decode_shard(shard_uri: str, pp: dict[str, Any], batch_size: int, skip_bad_i
     def build(samples: list[Any], chunk: int) -> DecodedChunk:
         keys, caps, pix = [], [], []
         cols: dict[str, list[str]] = {name_: [] for name_ in columns}
-        from data_prep.encoders import caption_counts  # null and empty captions counted apart
-
         c = {"n_total": len(samples), "n_bad_image": 0, "n_missing_caption": 0,
              **caption_counts([s.caption for s in samples])}
         samples_c = [s for s in samples if s.caption and s.caption.strip()]

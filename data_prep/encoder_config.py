@@ -3,6 +3,7 @@ stays fast (data_prep/encoders.py loads the models)."""
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from pydantic import Field, field_validator, model_validator
 
@@ -74,3 +75,17 @@ class T5Config(StrictModel):
         if not v or (v.startswith(TINY_PREFIX) and not v[len(TINY_PREFIX):].strip()):
             raise ValueError("t5.model must be a hub name, a local directory, or 'tiny:DIR'")
         return v
+
+
+def caption_counts(captions: Sequence[str | None], clip=None,
+                   t5=None) -> dict[str, int]:
+    """What happens to a batch of captions, counted: null (the list had none) apart from empty
+    (the list had "" or only spaces), and, per encoder given, how many its context cuts."""
+    out = {"n_null_caption": sum(c is None for c in captions),
+           "n_empty_caption": sum(c is not None and not c.strip() for c in captions)}
+    text = [c for c in captions if c is not None and c.strip()]
+    if clip is not None:
+        out["n_truncated_clip"] = clip.count_truncated(text)
+    if t5 is not None:
+        out["n_truncated_t5"] = t5.count_truncated(text)
+    return out

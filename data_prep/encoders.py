@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 
-from data_prep.encoder_config import TINY_PREFIX, ClipConfig, T5Config, _looks_like_path  # noqa: F401
+from data_prep.encoder_config import TINY_PREFIX, ClipConfig, T5Config, _looks_like_path, caption_counts  # noqa: F401
 
 
 def default_device() -> torch.device:
@@ -288,20 +288,6 @@ def load_t5(cfg: T5Config, device: torch.device | str | None = None) -> T5Encode
     model.to(device).eval().requires_grad_(False)
     return T5Encoder(model=model, tokenizer=tokenizer, device=device, max_length=cfg.max_length,
                      identity={"model": cfg.model, "max_length": cfg.max_length, "resolved": path})
-
-
-def caption_counts(captions: Sequence[str | None], clip: "ClipEncoder | None" = None,
-                   t5: "T5Encoder | None" = None) -> dict[str, int]:
-    """What happens to a batch of captions, counted: null (the list had none) apart from empty
-    (the list had "" or only spaces), and, per encoder given, how many its context cuts."""
-    out = {"n_null_caption": sum(c is None for c in captions),
-           "n_empty_caption": sum(c is not None and not c.strip() for c in captions)}
-    text = [c for c in captions if c is not None and c.strip()]
-    if clip is not None:
-        out["n_truncated_clip"] = clip.count_truncated(text)
-    if t5 is not None:
-        out["n_truncated_t5"] = t5.count_truncated(text)
-    return out
 
 
 def encoder_identity(clip: ClipConfig, t5: T5Config) -> dict[str, Any]:
