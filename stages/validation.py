@@ -34,15 +34,20 @@ class Validator:
     @classmethod
     def build(cls, t: Trainer) -> "Validator | None":
         """None when the embedding has no held-out split (made before splits existed, or fraction 0)."""
-        rule, cfg, spec = t.job.holdout, t.cfg, t.spec
+        return cls.for_data(t.spec, t.cfg, t.flavor, t.shards, t.job.holdout, t.device, t.dtype)
+
+    @classmethod
+    def for_data(cls, spec, cfg, flavor, shards, rule, device: torch.device, dtype: torch.dtype) -> "Validator | None":
+        """The fixed batch of a stage (``spec``: its StageSpec) over ``shards`` (stages.loader.pair_shards);
+        also what ``t2i eval --checkpoints`` validates a checkpoint's EMA weights on."""
         if not rule.enabled:
             return None
         n = min(cfg.val_samples, rule.count) if rule.count else cfg.val_samples
-        lspec = LoaderSpec(t.flavor.image_size if spec.needs_images else None, n, cfg.seed, 0, 1, rule)
-        batch = next(iter(ShardStream(t.shards, lspec, split="holdout")))
-        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
+        lspec = LoaderSpec(flavor.image_size if spec.needs_images else None, n, cfg.seed, 0, 1, rule)
+        batch = next(iter(ShardStream(shards, lspec, split="holdout")))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # SR's low-res path draws random numbers even without condaug
-            x0, cond = spec.build_batch(batch, spec.clean_config(cfg), t.flavor, t.device, t.dtype)
+            x0, cond = spec.build_batch(batch, spec.clean_config(cfg), flavor, device, dtype)
         return cls(cfg.eval_every, cfg.steps, x0, cond, cfg.seed)
 
     def due(self, step: int) -> bool:

@@ -22,6 +22,9 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
              checkpoint: Optional[int] = typer.Option(None, "--checkpoint", help=(
                  "Evaluate every training stage at this step (default: the final weights).")),
              out: Optional[str] = typer.Option(None, help="Where to write evaluation.json (default: <run>/eval_cli/...)."),
+             checkpoints: bool = typer.Option(False, "--checkpoints", help=(
+                 "Evaluate each complete checkpoint of every training stage not evaluated yet (also while the "
+                 "run trains) and append its row to <attempt>/eval.jsonl.")),
              as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON.")) -> None:
     """Evaluate a run's trained models: FID, CLIP score, prior similarity, validation losses."""
     from pipeline import store
@@ -33,6 +36,8 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
     uri = resolve_run(run)
     spec = load_run_spec(uri)
     cfg = getattr(spec, "evaluate", None) or EvaluateConfig()
+    if checkpoints:
+        return _follow(uri, spec, cfg, as_json)
     inputs = {st: read_manifest(finished_attempt(uri, st)) for st in ("download", "embed", *TRAIN_STAGES)
               if getattr(spec, st, None) is not None}
     out_uri = store.normalize(out) if out else store.join(
@@ -57,3 +62,26 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
         table.add_row(name, f"{value:.4g}", meaning)
     console.print(table)
     console.print(f"written: {result.outputs['evaluation']}")
+
+
+def _follow(uri: str, spec, cfg, as_json: bool) -> None:
+    """``--checkpoints``: training stages may still be running (their attempt is the spec's)."""
+    from pipeline import store
+    from pipeline.manifest import read_manifest
+    from pipeline.planning import finished_attempt, stage_uri
+    from stages.evaluate.follow import EVAL_LOG, evaluate_checkpoints
+    from stages.models import TRAIN_STAGES
+
+    inputs = {st: read_manifest(finished_attempt(uri, st)) for st in ("download", "embed")}
+    train_cfgs = {st: getattr(spec, st) for st in TRAIN_STAGES if getattr(spec, st, None) is not None}
+    for st in train_cfgs:
+        attempt = stage_uri(uri, st)
+        inputs[st] = read_manifest(attempt) or {"out_uri": attempt}
+    progress = (lambda m: None) if as_json else (lambda m: console.print(m))
+    added = evaluate_checkpoints(cfg, uri, inputs, train_cfgs, store.join(uri, "eval_cli", "checkpoints"),
+                                 progress=progress)
+    if as_json:
+        typer.echo(json.dumps(added, sort_keys=True))
+        return
+    for st, rows in added.items():
+        console.print(f"{st}: {len(rows)} new row(s) in {store.join(inputs[st]['out_uri'], EVAL_LOG)}")

@@ -101,13 +101,44 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
              stage_uris: dict[str, str] | None = None) -> StageResult:
     """Every figure of the stage from upstream manifests ``inputs`` (stage -> manifest);
     ``stage_uris`` overrides where a training stage's weights are read (``t2i eval --checkpoint``)."""
-    from data_prep.embed_ledger import read_encoders_doc
-    from data_prep.holdout import read_rule
     from stages.evaluate import figures
+    from stages.evaluate.names import feature_kind
     from stages.models import TRAIN_STAGES
-    from stages.sample import PromptEncoders, resolve_device
 
     t0 = time.time()
+    ctx = context(cfg, run_uri, inputs, stage_uris, progress)
+    metrics: dict[str, float] = {}
+    for st in TRAIN_STAGES:  # each model's held-out diffusion loss, as its training stage measured it
+        v = ((inputs.get(st) or {}).get("metrics") or {}).get("val_loss")
+        if v is not None:
+            metrics[f"{st}_val_loss"] = float(v)
+    per_prompt: dict[str, Any] = {}
+    counts: dict[str, int] = {"n_holdout": ctx.rule.count}
+    if ctx.download_shards is not None and figures.runnable_cascades(ctx):
+        m, c, rows = figures.cascade_figures(ctx)
+        metrics.update(m)
+        counts.update(c)
+        per_prompt["samples"] = rows
+    if "train_prior" in ctx.stage_uris:
+        m, c = figures.prior_figures(ctx)
+        metrics.update(m)
+        counts.update(c)
+    metrics["evaluate_seconds"] = time.time() - t0
+    doc_uri = store.join(out_uri, EVALUATION)
+    store.write_json(doc_uri, {"metrics": metrics, "counts": counts, "fid_features": cfg.fid_features, **per_prompt})
+    return StageResult(counts=counts, metrics=metrics,
+                       outputs={"evaluation": doc_uri, "fid_features": feature_kind(cfg.fid_features),
+                                "fid_features_spec": cfg.fid_features})
+
+
+def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_uris: dict[str, str] | None,
+            progress: Callable[[str], None]):
+    """What every measurement needs: the held-out rule, the run's encoders, where each model is."""
+    from data_prep.embed_ledger import read_encoders_doc
+    from data_prep.holdout import read_rule
+    from stages.evaluate.figures import EvalContext
+    from stages.sample import PromptEncoders, resolve_device
+
     if "embed" not in inputs:
         raise StageFailed("evaluate: needs the embed stage (held-out split, encoders)")
     embed_uri = inputs["embed"]["out_uri"]
@@ -118,39 +149,11 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
                           "attempt) so training leaves samples out to evaluate on")
     uris = {n: m["out_uri"] for n, m in inputs.items() if "out_uri" in m}
     uris.update(stage_uris or {})
-    metrics: dict[str, float] = {}
-    for st in TRAIN_STAGES:  # each model's held-out diffusion loss, as its training stage measured it
-        v = ((inputs.get(st) or {}).get("metrics") or {}).get("val_loss")
-        if v is not None:
-            metrics[f"{st}_val_loss"] = float(v)
-
-    scfg = cfg.sample_config(["x"])
-    device = resolve_device(scfg.device)
-    encoders = PromptEncoders.load(embed_uri, device=device)
-    preprocess = read_encoders_doc(embed_uri)["clip_preprocess"]
-    embed_shards = inputs["embed"]["outputs"]["shards"]
-    download_shards = (inputs.get("download") or {}).get("outputs", {}).get("shards")
-    ctx = figures.EvalContext(cfg, run_uri, uris, embed_uri, embed_shards, download_shards, rule, encoders,
-                              preprocess, device, progress)
-    per_prompt: dict[str, Any] = {}
-    counts: dict[str, int] = {"n_holdout": rule.count}
-    if download_shards is not None and any(c in figures.runnable_cascades(ctx) for c in cfg.cascades()):
-        m, c, rows = figures.cascade_figures(ctx)
-        metrics.update(m)
-        counts.update(c)
-        per_prompt["samples"] = rows
-    if "train_prior" in uris:
-        m, c = figures.prior_figures(ctx)
-        metrics.update(m)
-        counts.update(c)
-    metrics["evaluate_seconds"] = time.time() - t0
-    doc_uri = store.join(out_uri, EVALUATION)
-    store.write_json(doc_uri, {"metrics": metrics, "counts": counts, "fid_features": cfg.fid_features, **per_prompt})
-    from stages.evaluate.names import feature_kind
-
-    return StageResult(counts=counts, metrics=metrics,
-                       outputs={"evaluation": doc_uri, "fid_features": feature_kind(cfg.fid_features),
-                                "fid_features_spec": cfg.fid_features})
+    device = resolve_device(cfg.sample_config(["x"]).device)
+    return EvalContext(cfg, run_uri, uris, embed_uri, inputs["embed"]["outputs"]["shards"],
+                       (inputs.get("download") or {}).get("outputs", {}).get("shards"), rule,
+                       PromptEncoders.load(embed_uri, device=device), read_encoders_doc(embed_uri)["clip_preprocess"],
+                       device, progress)
 
 
 # What each figure means, for `t2i status`, report.html and `t2i eval` (README "Evaluation").

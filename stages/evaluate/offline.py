@@ -52,10 +52,12 @@ def checkpoint_inputs(inputs: dict[str, dict[str, Any]], step: int, out_uri: str
     return uris, new_inputs
 
 
-def _materialise(attempt: str, step: int, view: str, stage: str) -> None:
+def _materialise(attempt: str, step: int, view: str, stage: str, fallback: dict | None = None) -> None:
+    """``fallback``: the final config to use while the stage has never finished (no final/ yet)."""
     from safetensors.torch import load as st_load
 
-    from stages.final_weights import load_final, resolve_final, write_final
+    from stages.final_weights import latest_final, load_final, write_final
+    from stages.nets.flavors import build_network
 
     target = layout.final_dir(view, step)
     if store.exists(store.join(target, layout.FINAL_CONFIG)):
@@ -77,7 +79,14 @@ def _materialise(attempt: str, step: int, view: str, stage: str) -> None:
     if not store.exists(ema_uri):
         raise StageFailed(f"{stage} step {step}: the checkpoint holds no unpartitioned EMA (ZeRO-3 keeps one "
                           f"per rank); evaluate a finished step (final/step_N) of this stage instead")
-    net, config = load_final(resolve_final(attempt))  # the network this stage trains (its last final config)
+    last = latest_final(attempt)
+    if last is not None:  # the network this stage trains, as its last final config describes it
+        net, config = load_final(last)
+    elif fallback is not None:
+        config = fallback
+        net = build_network(config["role"], config["flavor"], config["cond_dims"])
+    else:
+        raise StageFailed(f"{stage} has not finished yet under {attempt}: its network config is unknown")
     state = net.state_dict()
     state.update(st_load(store.read_bytes(ema_uri)))
     net.load_state_dict(state)

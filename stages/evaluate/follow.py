@@ -1,0 +1,129 @@
+"""Evaluation follows training: one row per complete checkpoint in ``<attempt>/eval.jsonl``.
+
+``t2i eval RUN --checkpoints`` (or :func:`evaluate_checkpoints`, e.g. from a task on spare
+resources) evaluates every complete checkpoint of each training stage that has no row yet, so
+running it again while the run trains adds the new ones; it only reads what training wrote
+(checkpoints are picked up only once COMPLETE) and never blocks it. A row holds:
+
+* ``step``; ``val_loss`` when the training logged one at that step (live weights, stages/validation.py);
+* ``val_loss_ema``: the same fixed held-out batch, timesteps and noise on the checkpoint's EMA
+  weights (what sampling uses);
+* base / decoder: ``fid`` and ``clip_score`` of the cascade cut after this model (imagen: base;
+  unclip: the final prior + this decoder) on the held-out captions, at its output size;
+* prior: ``prior_cosine_similarity``.
+
+The SR models get the validation losses only (their FID needs the whole cascade: ``t2i eval``).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from pipeline import layout, store
+from pipeline.context import StageFailed
+
+EVAL_LOG = "eval.jsonl"
+
+
+def read_rows(attempt: str) -> list[dict[str, Any]]:
+    """The rows of a training attempt's eval.jsonl (for curves in report.html and ``t2i status``)."""
+    uri = store.join(attempt, EVAL_LOG)
+    if not store.exists(uri):
+        return []
+    return [json.loads(x) for x in store.read_bytes(uri).decode().splitlines() if x.strip()]
+
+
+def complete_steps(attempt: str) -> list[int]:
+    steps = []
+    for u in store.listdir(store.join(attempt, layout.CHECKPOINTS)):
+        name = u.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step_") and name[5:].isdigit() and store.exists(store.join(u, "COMPLETE")):
+            steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def evaluate_checkpoints(cfg: Any, run_uri: str, inputs: dict[str, dict], train_cfgs: dict[str, Any],
+                         work_uri: str, *, progress: Callable[[str], None] = lambda m: None) -> dict[str, list[dict]]:
+    """Rows added per stage (module docstring). ``train_cfgs``: each stage's TrainConfig from the
+    run's spec (the validation batch is built as training built it)."""
+    from stages.evaluate import context
+    from stages.evaluate.offline import _materialise, checkpoint_val_loss
+    from stages.models import by_stage
+
+    ctx = context(cfg, run_uri, inputs, None, progress)
+    added: dict[str, list[dict]] = {}
+    for st, tcfg in train_cfgs.items():
+        if st not in inputs:
+            continue
+        attempt = inputs[st]["out_uri"]
+        rows = read_rows(attempt)
+        done = {int(r["step"]) for r in rows}
+        new = []
+        for step in (s for s in complete_steps(attempt) if s not in done):
+            view = store.join(work_uri, "weights", st, f"step_{step:08d}")
+            _materialise(attempt, step, view, st, _final_config(by_stage(st), tcfg, ctx.embed_uri, step))
+            row: dict[str, Any] = {"step": step}
+            v = checkpoint_val_loss(attempt, step)
+            if v is not None:
+                row["val_loss"] = v
+            row.update(_model_figures(ctx, by_stage(st), tcfg, view))
+            new.append(row)
+            progress(f"evaluate: {st} step {step}: " + ", ".join(f"{k} {x:.4g}" for k, x in row.items() if k != "step"))
+        if new:
+            rows = sorted(rows + new, key=lambda r: r["step"])
+            store.write_bytes_atomic(store.join(attempt, EVAL_LOG),
+                                     "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        added[st] = new
+    return added
+
+
+def _model_figures(ctx, mdef, tcfg, view: str) -> dict[str, float]:
+    import torch
+
+    from stages.diffusion import Diffusion
+    from stages.evaluate import figures
+    from stages.final_weights import load_final, resolve_final
+    from stages.loader import pair_shards
+    from stages.nets.flavors import get_flavor
+    from stages.validation import Validator
+
+    net, _ = load_final(resolve_final(view), ctx.device)
+    shards = pair_shards(ctx.download_shards if mdef.needs_images else None, ctx.embed_shards)
+    val = Validator.for_data(mdef.stage_spec, tcfg, get_flavor(mdef.role, tcfg.flavor), shards, ctx.rule,
+                             ctx.device, torch.float32)
+    out = {"val_loss_ema": val.loss(net, Diffusion(**tcfg.diffusion.model_dump()))}
+    del net
+    sub = _with(ctx, {**ctx.stage_uris, mdef.stage: view})
+    if mdef.role == "prior":
+        m, _ = figures.prior_figures(sub)
+        out["prior_cosine_similarity"] = m["prior_cosine_similarity"]
+    elif mdef.role in ("base", "decoder"):
+        cascade = "imagen" if mdef.role == "base" else "unclip"
+        cut = ctx.cfg.model_copy(update={"cascade": cascade, "prompt_suite": None,
+                                         "sampling": {**ctx.cfg.sampling, "max_stage": mdef.role}})
+        try:
+            m, c, _ = figures.cascade_figures(_with(sub, sub.stage_uris, cut))
+        except StageFailed as e:  # e.g. the decoder's prior has not finished yet: the losses still count
+            ctx.progress(f"evaluate: {mdef.stage}: no FID/CLIP score yet ({e})")
+            return out
+        out.update(fid=m[f"{cascade}_fid"], clip_score=m[f"{cascade}_clip_score"], fid_samples=c["fid_samples"])
+    return out
+
+
+def _with(ctx, stage_uris: dict[str, str], cfg: Any = None):
+    """``ctx`` with other weights (and optionally another config)."""
+    import dataclasses
+
+    return dataclasses.replace(ctx, stage_uris=stage_uris, cfg=cfg if cfg is not None else ctx.cfg)
+
+
+def _final_config(mdef, tcfg, embed_uri: str, step: int) -> dict[str, Any]:
+    """final/config.json as the training loop writes it (stages/train.py Trainer.finish), for a
+    stage that has not finished yet."""
+    from stages.nets.flavors import get_flavor
+    from stages.train import read_cond_dims
+
+    flavor = get_flavor(mdef.role, tcfg.flavor)
+    return {"role": mdef.role, "flavor": tcfg.flavor, "cond_dims": read_cond_dims(embed_uri),
+            "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
+            "diffusion": tcfg.diffusion.model_dump(), "condaug": mdef.stage_spec.extra_config(tcfg), "step": step}
