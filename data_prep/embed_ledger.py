@@ -71,18 +71,73 @@ def finalize_from_parts(out_shards_uri: str, source: dict[str, Any], counts: lis
 
 
 def list_sources(shards_uri: str) -> list[dict[str, Any]]:
-    srcs = [{"shard": shard_id(u), "uri": u, "size": store.size(u)} for u in list_shards(shards_uri)]
+    """The download shards (``NNNNN.tar``) under ``shards_uri`` with their sizes, from one listing
+    (not one size request per shard: 20,000 round trips on an object store)."""
+    fs, path = store.fs_and_path(shards_uri)
+    prefix = shards_uri.split("://", 1)[0] + "://" if "://" in shards_uri else "file://"
+    try:
+        entries = store.with_retries(lambda: fs.ls(path, detail=True), what=f"list {shards_uri}")
+    except FileNotFoundError:
+        entries = []
+    srcs = []
+    for e in entries:
+        uri = prefix + e["name"].rstrip("/")
+        if e.get("type") == "file" and uri.endswith(".tar") and _is_shard(uri):
+            srcs.append({"shard": shard_id(uri), "uri": uri, "size": int(e.get("size") or 0)})
+    srcs.sort(key=lambda s: s["uri"])
+    _scan[0] += 1   # the is_done calls after this listing are one scan (see _markers)
     if not srcs:
         raise StageFailed(f"no download shards (NNNNN.tar) found under {shards_uri}")
     return srcs
 
 
-def is_done(out_shards_uri: str, src: dict[str, Any], identity: dict[str, Any]) -> bool:
-    d = done_uri(out_shards_uri, src["shard"])
-    if not store.exists(d) or not store.exists(npz_uri(out_shards_uri, src["shard"])):
+def _is_shard(uri: str) -> bool:
+    try:
+        shard_id(uri)
+        return True
+    except ValueError:
         return False
-    m = store.read_json(d)
-    return m.get("encoders") == identity and m.get("source_size") == src["size"]
+
+
+# A resume asks is_done of every shard in turn. Each question used to cost 2 existence checks and
+# a read (60,000 round trips at 20,000 shards); now one listing of the output folder answers the
+# "not there" cases and one batched read (concurrent on an object store) fetches every marker.
+# The snapshot serves the is_done calls that follow one list_sources call (a scan: embed's todo
+# list, find_compatible_embedding), for at most _LEDGER_TTL_S; the next list_sources starts a new
+# scan. Staleness can only say "not done" of a shard finished since (embedded again: safe): a
+# marker never changes for an identity (another identity is another attempt folder).
+_LEDGER_TTL_S = 10.0
+_scan = [0]
+_ledger: dict[str, tuple[int, float, dict[str, Any]]] = {}
+
+
+def _markers(out_shards_uri: str) -> dict[str, Any]:
+    import json
+    import time
+
+    hit = _ledger.get(out_shards_uri)
+    if hit is not None and hit[0] == _scan[0] and time.monotonic() - hit[1] < _LEDGER_TTL_S:
+        return hit[2]
+    names = {u.rsplit("/", 1)[-1] for u in store.listdir(out_shards_uri)}
+    done = [n[: -len(".done.json")] for n in names if n.endswith(".done.json")]
+    paths = [store.fs_and_path(done_uri(out_shards_uri, s))[1] for s in sorted(done) if f"{s}.npz" in names]
+    fs, _ = store.fs_and_path(out_shards_uri)
+    raw = store.with_retries(lambda: fs.cat(paths, on_error="omit"), what=f"read done markers under {out_shards_uri}") \
+        if paths else {}
+    markers = {}
+    for p, data in raw.items():
+        try:
+            markers[p.rstrip("/").rsplit("/", 1)[-1][: -len(".done.json")]] = json.loads(data)
+        except ValueError:
+            continue   # an unreadable marker is not a finished shard
+    _ledger[out_shards_uri] = (_scan[0], time.monotonic(), markers)
+    return markers
+
+
+def is_done(out_shards_uri: str, src: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether ``src``'s embedding is finished for ``identity`` (npz and matching done marker)."""
+    m = _markers(out_shards_uri).get(src["shard"])
+    return m is not None and m.get("encoders") == identity and m.get("source_size") == src["size"]
 
 
 def encoders_doc_uri(embed_uri: str) -> str:

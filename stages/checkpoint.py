@@ -76,10 +76,12 @@ class CheckpointManager:
 
     # -- discovery -------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
+        # One glob for every COMPLETE marker, not an existence check per checkpoint folder (an
+        # extended run keeps every earlier finished checkpoint: they add up).
         steps = []
-        for uri in store.listdir(self.root):
-            m = _STEP_DIR.search(uri)
-            if m and store.exists(store.join(uri, "COMPLETE")):
+        for uri in store.glob(store.join(self.root, "step_*", "COMPLETE")):
+            m = _STEP_DIR.search(uri.rsplit("/", 1)[0])
+            if m:
                 steps.append(int(m.group(1)))
         return sorted(steps)
 

@@ -183,3 +183,49 @@ def bench_download_cmd(
     except ValueError as e:
         _fail(str(e))
     console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
+
+
+@bench_app.command("scale")
+def bench_scale_cmd(
+    shards: str = typer.Option("2000,20000", "--shards", help="comma-separated shard counts, e.g. 2000,20000"),
+    store_kind: str = typer.Option("file", "--store", help="file (a temp folder) | s3 (moto's S3 server on 127.0.0.1)"),
+    root: Optional[str] = typer.Option(None, "--root", help="file store folder to build in (default: a temp folder)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Control plane at N shards: status, planning, manifest, embed resume, loader pairing, checkpoint listing."""
+    import shutil
+    import tempfile
+    from contextlib import nullcontext
+
+    from pipeline.cli.bench_scale import OPERATIONS, bench_scale, moto_store
+    from pipeline.store import normalize
+
+    try:
+        sizes = [int(s) for s in shards.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(n < 2 for n in sizes):
+        _fail(f"--shards must be comma-separated shard counts >= 2, e.g. 2000,20000 (got {shards!r})")
+    if store_kind not in ("file", "s3"):
+        _fail(f"--store must be file or s3 (got {store_kind!r})")
+    tmp = None
+    if store_kind == "file" and root is None:
+        tmp = root = tempfile.mkdtemp(prefix="t2i-scale-")
+    say = (lambda m: None) if as_json else (lambda m: console.print(f"[dim]{m}[/]"))
+    try:
+        with moto_store() if store_kind == "s3" else nullcontext(normalize(root)) as uri:
+            res = bench_scale(sizes, uri, progress=say)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if as_json:
+        console.print_json(json.dumps(res))
+        return
+    head = ["operation"] + [f"{n} shards (s)" for n in sizes] + ([f"growth (x{res['shards_ratio']:g} shards)"]
+                                                                 if len(sizes) > 1 else [])
+    rows = [head]
+    for op in OPERATIONS:
+        k = f"{op}_s"
+        rows.append([op] + [f"{res['results'][str(n)][k]:.3f}" for n in sizes]
+                    + ([f"{res['growth'][k]:.1f}x"] if len(sizes) > 1 else []))
+    console.print(_table(f"bench scale on the {store_kind} store", rows))
