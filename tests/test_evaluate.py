@@ -124,3 +124,40 @@ def test_spec_mistakes_in_the_evaluate_section_name_the_field():
         with pytest.raises(SpecError) as e:
             parse_spec(data, "smoke.yaml")
         assert expect in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_checkpoint_rows_appear_in_eval_jsonl(smoke_run, tmp_path):
+    """One row per complete checkpoint, appended once (a second pass adds nothing)."""
+    from pipeline import layout
+    from pipeline.manifest import read_manifest
+    from pipeline.planning import load_run_spec
+    from stages.evaluate.follow import EVAL_LOG, complete_steps, evaluate_checkpoints, read_rows
+
+    cwd, run = smoke_run
+    spec = load_run_spec(run)
+    inputs = {st: read_manifest(layout.finished_stage_dir(run, st)) for st in
+              ("download", "embed", "train_prior", "train_decoder", "train_base", "train_sr256", "train_sr1024")}
+    train_cfgs = {st: getattr(spec, st) for st in ("train_prior", "train_base")}
+    written = [store.join(inputs[st]["out_uri"], EVAL_LOG) for st in train_cfgs]
+    import os
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        added = evaluate_checkpoints(spec.evaluate, run, inputs, train_cfgs, str(tmp_path / "work"))
+        for st in train_cfgs:
+            attempt = inputs[st]["out_uri"]
+            assert [r["step"] for r in read_rows(attempt)] == complete_steps(attempt) == [2, 4]
+            assert [r["step"] for r in added[st]] == [2, 4]
+            last = read_rows(attempt)[-1]
+            # The last step's training-time validation (live weights) is in the row, beside the EMA's.
+            assert last["val_loss"] == inputs[st]["metrics"]["val_loss"] and np.isfinite(last["val_loss_ema"])
+        assert all(np.isfinite(r["fid"]) and -1 <= r["clip_score"] <= 1 for r in read_rows(inputs["train_base"]["out_uri"]))
+        assert all(-1 <= r["prior_cosine_similarity"] <= 1 for r in read_rows(inputs["train_prior"]["out_uri"]))
+        again = evaluate_checkpoints(spec.evaluate, run, inputs, train_cfgs, str(tmp_path / "work"))
+        assert again == {st: [] for st in train_cfgs}
+    finally:
+        os.chdir(old)
+        for uri in written:  # the shared run stays as the smoke spec left it
+            store.remove(uri)
