@@ -161,3 +161,26 @@ def test_checkpoint_rows_appear_in_eval_jsonl(smoke_run, tmp_path):
         os.chdir(old)
         for uri in written:  # the shared run stays as the smoke spec left it
             store.remove(uri)
+
+
+@pytest.mark.slow
+def test_an_embedding_without_a_split_scores_the_suite_only(smoke_run, tmp_path, monkeypatch):
+    """Runs embedded before held-out splits existed keep working: no held-out figure is made up."""
+    import data_prep.holdout as holdout
+    from pipeline import layout
+    from pipeline.manifest import read_manifest
+    from pipeline.planning import load_run_spec
+    from stages.evaluate import evaluate
+
+    cwd, run = smoke_run
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(holdout, "read_rule", lambda uri: holdout.NO_HOLDOUT)
+    spec = load_run_spec(run)
+    inputs = {st: read_manifest(layout.finished_stage_dir(run, st)) for st in ("download", "embed", "train_base",
+                                                                             "train_sr256", "train_sr1024")}
+    cfg = spec.evaluate.model_copy(update={"cascade": "imagen"})
+    said = []
+    res = evaluate(cfg, run, inputs, str(tmp_path / "out"), progress=said.append)
+    assert "imagen_clip_score_suite" in res.metrics and res.counts["n_holdout"] == 0
+    assert not {"imagen_fid", "imagen_clip_score", "prior_cosine_similarity"} & set(res.metrics)
+    assert any("no held-out split" in m and "embed.holdout_min" in m for m in said)

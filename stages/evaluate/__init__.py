@@ -30,6 +30,8 @@ from pipeline.configbase import StrictModel
 from pipeline.context import StageContext, StageFailed, StageResult
 
 EVALUATION = "evaluation.json"  # per-prompt figures beside the manifest
+NO_SPLIT = ("the embedding {embed} has no held-out split (made before splits existed, or embed.holdout_fraction "
+            "and holdout_min are 0): set embed.holdout_min (a new embed attempt, so training leaves samples out)")
 _SAMPLE_OWN = ("prompts", "cascade", "images_per_prompt", "demo_check")  # set by the stage itself
 
 
@@ -107,6 +109,8 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
 
     t0 = time.time()
     ctx = context(cfg, run_uri, inputs, stage_uris, progress)
+    if not ctx.rule.enabled:  # an embedding made before splits existed: only the suite can be scored
+        progress(f"evaluate: {NO_SPLIT.format(embed=ctx.embed_uri)}; scoring the prompt suite only")
     metrics: dict[str, float] = {}
     for st in TRAIN_STAGES:  # each model's held-out diffusion loss, as its training stage measured it
         v = ((inputs.get(st) or {}).get("metrics") or {}).get("val_loss")
@@ -119,7 +123,7 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
         metrics.update(m)
         counts.update(c)
         per_prompt["samples"] = rows
-    if "train_prior" in ctx.stage_uris:
+    if "train_prior" in ctx.stage_uris and ctx.rule.enabled:
         m, c = figures.prior_figures(ctx)
         metrics.update(m)
         counts.update(c)
@@ -143,10 +147,6 @@ def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_ur
         raise StageFailed("evaluate: needs the embed stage (held-out split, encoders)")
     embed_uri = inputs["embed"]["out_uri"]
     rule = read_rule(embed_uri)
-    if not rule.enabled:
-        raise StageFailed(f"evaluate: the embedding {embed_uri} has no held-out split (made before splits existed, "
-                          "or embed.holdout_fraction and holdout_min are 0); set embed.holdout_min (a new embed "
-                          "attempt) so training leaves samples out to evaluate on")
     uris = {n: m["out_uri"] for n, m in inputs.items() if "out_uri" in m}
     uris.update(stage_uris or {})
     device = resolve_device(cfg.sample_config(["x"]).device)

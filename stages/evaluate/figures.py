@@ -55,10 +55,14 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
     cfg = ctx.cfg
     cascades = runnable_cascades(ctx)
     sizes = {c: output_size(ctx, c) for c in cascades}
-    held = read_holdout(ctx.download_shards, ctx.embed_shards, ctx.rule, cfg.num_samples, max(sizes.values()))
-    n = len(held)
+    held = read_holdout(ctx.download_shards, ctx.embed_shards, ctx.rule, cfg.num_samples, max(sizes.values())) \
+        if ctx.rule.enabled else None
+    n = len(held) if held is not None else 0
     suite = load_prompt_suite(cfg.prompt_suite, cfg.suite_per_category)
-    prompts = held.captions + [p for _, p in suite]
+    if not n and not suite:
+        return {}, {}, []
+    captions = held.captions if held is not None else []
+    prompts = captions + [p for _, p in suite]
     scfg = cfg.sample_config(prompts).model_copy(update={"cascade": cascades[0] if len(cascades) == 1 else "both"})
     t0 = time.time()
     samples = sample_images(scfg, ctx.run_uri, stage_uris=ctx.stage_uris, embed_uri=ctx.embed_uri,
@@ -66,28 +70,31 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
     metrics: dict[str, float] = {"evaluate_sample_seconds": time.time() - t0}
     clip = ctx.encoders.clip
     text = M.clip_text_embeddings(clip, prompts)
-    # The ceiling: real held-out pairs under the same CLIP (stored embeddings, exactly as trained on).
-    metrics["heldout_clip_score"] = float(M.cosine(held.clip_image, held.features.clip_text).mean())
-    net = M.load_feature_network(cfg.fid_features, ctx.device)
+    if n:  # the ceiling: real held-out pairs under the same CLIP (stored embeddings, exactly as trained on)
+        metrics["heldout_clip_score"] = float(M.cosine(held.clip_image, held.features.clip_text).mean())
+    net = M.load_feature_network(cfg.fid_features, ctx.device) if n else None
     rows: list[dict] = []
     cats = ["heldout"] * n + [c for c, _ in suite]
     for c in cascades:
         mine = sorted((s for s in samples if s.cascade == c), key=lambda s: s.index)
         images = [s.image for s in mine]
         scores = M.cosine(M.clip_image_embeddings(clip, images, ctx.preprocess), text)
-        metrics[f"{c}_clip_score"] = float(scores[:n].mean())
+        if n:
+            metrics[f"{c}_clip_score"] = float(scores[:n].mean())
         if suite:
             metrics[f"{c}_clip_score_suite"] = float(scores[n:].mean())
             for cat in dict.fromkeys(cats[n:]):
                 idx = [i for i, k in enumerate(cats) if k == cat]
                 metrics[f"{c}_clip_score_{cat}"] = float(scores[idx].mean())
+        rows += [{"cascade": c, "category": cat, "prompt": p, "key": held.keys[i] if i < n else None,
+                  "clip_score": float(scores[i])} for i, (cat, p) in enumerate(zip(cats, prompts))]
+        if not n:
+            continue
         metrics[f"{c}_fid"] = _fid(held, images[:n], sizes[c], net)
         if demo_check.all_demo_prompts(held.captions):
             chk = demo_check.check_samples(list(zip(held.captions, images[:n])))
             metrics.update({f"{c}_{k}": v for k, v in chk.metrics().items()})
             ctx.progress(f"evaluate: {c}: {chk.line()}")
-        rows += [{"cascade": c, "category": cat, "prompt": p, "key": held.keys[i] if i < n else None,
-                  "clip_score": float(scores[i])} for i, (cat, p) in enumerate(zip(cats, prompts))]
         ctx.progress(f"evaluate: {c}: FID {metrics[f'{c}_fid']:.2f} ({n} samples), "
                      f"CLIP score {metrics[f'{c}_clip_score']:.3f} (real images {metrics['heldout_clip_score']:.3f})")
     return metrics, {"fid_samples": n, "suite_prompts": len(suite)}, rows

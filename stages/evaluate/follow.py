@@ -50,7 +50,11 @@ def evaluate_checkpoints(cfg: Any, run_uri: str, inputs: dict[str, dict], train_
     from stages.evaluate.offline import _materialise, checkpoint_val_loss
     from stages.models import by_stage
 
+    from stages.evaluate import NO_SPLIT
+
     ctx = context(cfg, run_uri, inputs, None, progress)
+    if not ctx.rule.enabled:
+        raise StageFailed("evaluate: " + NO_SPLIT.format(embed=ctx.embed_uri))
     added: dict[str, list[dict]] = {}
     for st, tcfg in train_cfgs.items():
         if st not in inputs:
