@@ -53,19 +53,21 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 # Shape centre as a fraction of the image side (x, y); a 3x3 grid including the centre.
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.22, 0.22),
-    "top center": (0.5, 0.22),
-    "top right": (0.78, 0.22),
-    "middle left": (0.22, 0.5),
+    "top left": (0.25, 0.25),
+    "top center": (0.5, 0.25),
+    "top right": (0.75, 0.25),
+    "middle left": (0.25, 0.5),
     "center": (0.5, 0.5),
-    "middle right": (0.78, 0.5),
-    "bottom left": (0.22, 0.78),
-    "bottom center": (0.5, 0.78),
-    "bottom right": (0.78, 0.78),
+    "middle right": (0.75, 0.5),
+    "bottom left": (0.25, 0.75),
+    "bottom center": (0.5, 0.75),
+    "bottom right": (0.75, 0.75),
 }
-# Shape extent (bounding-box side) as a fraction of the image side. A large shape at a corner
-# (centre 0.22, half-extent <= 0.2) still fits inside the image.
-SIZES: dict[str, float] = {"small": 0.2, "large": 0.38}
+# Shape extent (bounding-box side) as a fraction of the image side. Shapes are large on purpose: a
+# diffusion model's loss is spread over pixels, so the shape's share of the image is how much of
+# the training signal says "colour" and "position". A large shape at a corner (centre 0.25,
+# half-extent <= 0.227 with jitter) still fits inside the image.
+SIZES: dict[str, float] = {"small": 0.28, "large": 0.42}
 BAD_KINDS: tuple[str, ...] = ("missing", "html", "truncated", "empty")
 
 _CAPTION_RE = re.compile(

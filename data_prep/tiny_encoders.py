@@ -89,18 +89,22 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, train: bool = True) -> P
     return out
 
 
+def clip_recipe_key(seed: int) -> str:
+    """Everything the trained tiny CLIP depends on: architecture, preprocessing, recipe, seed, and
+    the captions/pixels the corpus draws (its tables and the held-out prompts)."""
+    from data_prep import demo_corpus
+
+    key = json.dumps([TINY_CLIP_CFG, TINY_CLIP_PREPROCESS, TINY_CLIP_TRAIN, seed, demo_corpus.COLORS,
+                      demo_corpus.BACKGROUNDS, demo_corpus.SHAPES, demo_corpus.POSITIONS, demo_corpus.SIZES,
+                      demo_corpus.demo_prompts(), torch.__version__.split("+")[0]], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def _clip_cache_path(seed: int) -> Path | None:
     root = os.environ.get("T2I_CACHE_DIR", "~/.cache/t2i-pipeline")
     if root.strip().lower() in ("", "off", "0", "none"):
         return None
-    from data_prep import demo_corpus
-
-    # Everything the trained weights depend on: architecture, preprocessing, recipe, seed, and the
-    # captions/pixels the corpus draws (its tables and the held-out prompts).
-    key = json.dumps([TINY_CLIP_CFG, TINY_CLIP_PREPROCESS, TINY_CLIP_TRAIN, seed, demo_corpus.COLORS,
-                      demo_corpus.BACKGROUNDS, demo_corpus.SHAPES, demo_corpus.POSITIONS, demo_corpus.SIZES,
-                      demo_corpus.demo_prompts(), torch.__version__.split("+")[0]], sort_keys=True)
-    return Path(os.path.expanduser(root)) / f"tiny-clip-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    return Path(os.path.expanduser(root)) / f"tiny-clip-{clip_recipe_key(seed)}.safetensors"
 
 
 def _store_in_cache(weights: Path, cached: Path) -> None:
@@ -260,7 +264,7 @@ def ensure_tiny_encoders(root: str | Path, seed: int = 0) -> tuple[str, str]:
     for name, build in (("tiny-clip", build_tiny_clip), ("tiny-t5", build_tiny_t5)):
         final = root / name
         # The marker names the recipe: a directory built by an older recipe (e.g. a random CLIP) is rebuilt.
-        done = json.dumps({"seed": seed, **({"clip_train": TINY_CLIP_TRAIN} if name == "tiny-clip" else {})},
+        done = json.dumps({"seed": seed, **({"clip_recipe": clip_recipe_key(seed)} if name == "tiny-clip" else {})},
                           sort_keys=True)
         if not _built(final, done):
             tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
