@@ -53,6 +53,13 @@ def test_whole_pipeline_on_ray(tmp_path):
     local = store.local_path(pngs[0])
     assert Image.open(local).size == (64, 64), "debug cascade ends at sr1024's 64px"
     assert "samples:" in res.output and "report:" in res.output
+    # A quiet console: each stage's messages once, no repeated Ray warnings.
+    from collections import Counter
+
+    repeats = Counter(line.strip() for line in res.output.splitlines() if line.strip())
+    worst = repeats.most_common(1)[0]
+    assert worst[1] <= 5, f"a console line repeated {worst[1]} times: {worst[0]!r}"
+    assert "PlacementGroupCleaner" not in res.output and "Traceback" not in res.output
 
     res2 = CliRunner().invoke(app, ["run", str(p)], catch_exceptions=False)
     assert res2.exit_code == 0 and res2.output.count("done already") == 8, res2.output
