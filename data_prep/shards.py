@@ -64,11 +64,6 @@ def _is_shard_name(uri: str) -> bool:
         return False
 
 
-def stats_uri(shard_uri: str) -> str:
-    """The img2dataset stats file next to a shard."""
-    return posixpath.join(posixpath.dirname(shard_uri), f"{shard_id(shard_uri)}_stats.json")
-
-
 def read_shard_stats(shards_uri: str) -> dict[str, dict[str, Any]]:
     """``{"00000": stats, ...}`` from img2dataset's ``NNNNN_stats.json`` files under ``shards_uri``."""
     out = {}
