@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -141,18 +142,38 @@ def mark_started(stage_uri: str, fp: str) -> None:
 def list_outputs(stage_uri: str, limit: int = 2000) -> tuple[list[dict], int]:
     """Files under a stage dir with sizes (capped, so a 100k-shard stage keeps a small manifest)."""
     fs, path = store.fs_and_path(stage_uri)
-    files = fs.find(path, detail=True)
     total = 0
     out = []
-    for p, info in sorted(files.items()):
-        name = p[len(path.rstrip("/")) + 1:]
+    for name, sz in sorted(_walk_sizes(stage_uri, fs, path)):
         if name in (MANIFEST, STARTED) or "/.tmp-" in "/" + name:
             continue
-        sz = int(info.get("size") or 0)
         total += sz
         if len(out) < limit:
             out.append({"path": name, "bytes": sz})
     return out, total
+
+
+def _walk_sizes(stage_uri: str, fs, path: str) -> list[tuple[str, int]]:
+    """(path relative to the stage dir, size) of every file under it: one recursive listing. A
+    local folder is walked with os.scandir (fsspec's find stats and re-parses every entry in
+    Python, ~2 s for 40,000 files)."""
+    root = path.rstrip("/")
+    local = store.local_path(stage_uri)
+    if local is None:
+        return [(p[len(root) + 1:], int(info.get("size") or 0)) for p, info in fs.find(path, detail=True).items()]
+    out, stack = [], [local.rstrip("/")]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        out.append((e.path[len(local.rstrip("/")) + 1:], e.stat().st_size))
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def write_manifest(stage_uri: str, *, stage: str, fp: str, started_at: float, counts: dict[str, Any],
