@@ -117,9 +117,12 @@ def test_spec_mistakes_in_the_evaluate_section_name_the_field():
         (spec(evaluate={**base["evaluate"], "sampling": {"prompts": ["x"]}}), "sampling.prompts is set by"),
         (spec(evaluate={**base["evaluate"], "fid_features": "torchvision:resnet50"}), "inception_v3"),
         (spec(evaluate={**base["evaluate"], "num_samples": 1}), "evaluate.num_samples"),
-        (spec(train_prior=None), "evaluate.cascade: 'both' samples through train_prior"),
+        (spec(train_prior=None, evaluate={**base["evaluate"], "cascade": "both"}),
+         "evaluate.cascade: 'both' samples through train_prior"),
         (spec(embed={**base["embed"], "holdout_fraction": 0, "holdout_min": 0}), "holds out no samples"),
     ]
+    # 'auto' (the default) evaluates the cascades the spec trains: no prior, no unclip figures.
+    assert parse_spec(spec(train_prior=None, sample=None), "smoke.yaml").evaluate.cascade == "auto"
     for data, expect in cases:
         with pytest.raises(SpecError) as e:
             parse_spec(data, "smoke.yaml")
@@ -178,9 +181,10 @@ def test_an_embedding_without_a_split_scores_the_suite_only(smoke_run, tmp_path,
     spec = load_run_spec(run)
     inputs = {st: read_manifest(layout.finished_stage_dir(run, st)) for st in ("download", "embed", "train_base",
                                                                              "train_sr256", "train_sr1024")}
-    cfg = spec.evaluate.model_copy(update={"cascade": "imagen"})
+    assert spec.evaluate.cascade == "auto"  # with only the imagen models given, only imagen is evaluated
     said = []
-    res = evaluate(cfg, run, inputs, str(tmp_path / "out"), progress=said.append)
+    res = evaluate(spec.evaluate, run, inputs, str(tmp_path / "out"), progress=said.append)
     assert "imagen_clip_score_suite" in res.metrics and res.counts["n_holdout"] == 0
+    assert not [k for k in res.metrics if k.startswith("unclip")]
     assert not {"imagen_fid", "imagen_clip_score", "prior_cosine_similarity"} & set(res.metrics)
     assert any("no held-out split" in m and "embed.holdout_min" in m for m in said)

@@ -40,7 +40,8 @@ class EvaluateConfig(StrictModel):
 
     fingerprint_exclude: ClassVar[tuple[str, ...]] = ()
 
-    cascade: Literal["imagen", "unclip", "both"] = Field("both", description="cascades to evaluate")
+    cascade: Literal["auto", "imagen", "unclip", "both"] = Field("auto", description=(
+        "cascades to evaluate: 'auto' = each cascade whose models the run trains, or 'imagen', 'unclip', 'both'"))
     num_samples: int = Field(64, ge=2, description=(
         "held-out captions sampled per cascade for FID and CLIP score (capped by the held-out count; "
         "FID is biased upwards at small N, compare figures of equal N only)"))
@@ -49,7 +50,7 @@ class EvaluateConfig(StrictModel):
         "FID feature network: 'torchvision:inception_v3' (local torch cache), "
         "'torchvision:inception_v3:/path/weights.pth', 'tiny:DIR' (built and saved there once) or a saved DIR"))
     prompt_suite: str | None = Field("default", description=(
-        "category-grouped prompt suite: 'default' (pipeline/configs/eval_prompts.yaml), a YAML path, or null"))
+        "category-grouped prompt suite: 'default' (stages/evaluate/prompt_suite.py), a YAML path, or null"))
     suite_per_category: int = Field(2, ge=0, description="suite prompts sampled per category (0 = all)")
     sampling: dict[str, Any] = Field(default_factory=dict, description=(
         "sample-stage settings for the evaluation samples (steps, sampler, guidance_scale, sr_start_t, "
@@ -82,16 +83,18 @@ class EvaluateConfig(StrictModel):
         return v
 
     def cascades(self) -> list[str]:
-        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
+        return ["unclip", "imagen"] if self.cascade in ("both", "auto") else [self.cascade]
 
     def sample_config(self, prompts: list[str]):
         from stages.sample import SampleConfig
 
-        return SampleConfig(prompts=prompts, cascade=self.cascade, images_per_prompt=1, demo_check=False,
+        cascade = "both" if self.cascade == "auto" else self.cascade
+        return SampleConfig(prompts=prompts, cascade=cascade, images_per_prompt=1, demo_check=False,
                             **self.sampling)
 
     def required_stages(self) -> list[str]:
-        return self.sample_config(["x"]).required_stages()
+        """Training stages a named cascade needs ('auto' needs none: it evaluates what is trained)."""
+        return [] if self.cascade == "auto" else self.sample_config(["x"]).required_stages()
 
 
 def run(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:

@@ -21,8 +21,6 @@ from data_prep.shards import iter_shard
 from stages.loader import pair_shards
 from stages.sample import PromptFeatures
 
-SUITE_DEFAULT = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "eval_prompts.yaml"
-
 
 @dataclass
 class HoldoutSet:
@@ -103,23 +101,29 @@ def _features(clip_text: list[np.ndarray], clip_tokens: list[np.ndarray], t5: li
 
 
 def load_prompt_suite(name: str | None, per_category: int = 0) -> list[tuple[str, str]]:
-    """(category, prompt) pairs of the prompt suite: 'default' = the shipped
-    pipeline/configs/eval_prompts.yaml, else a YAML file of the same shape
-    (``categories: {name: [prompt, ...]}``); the first ``per_category`` of each (0 = all)."""
-    import yaml
-
+    """(category, prompt) pairs of the prompt suite: 'default' = the shipped one
+    (stages/evaluate/prompt_suite.py), else a YAML file ``categories: {name: [prompt, ...]}``;
+    the first ``per_category`` of each (0 = all)."""
     if not name:
         return []
-    path = SUITE_DEFAULT if name == "default" else Path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluate.prompt_suite: {path} does not exist ('default' is the shipped suite)")
-    doc = yaml.safe_load(path.read_text()) or {}
-    cats = doc.get("categories")
-    if not isinstance(cats, dict) or not cats:
-        raise ValueError(f"evaluate.prompt_suite {path}: expected 'categories: {{name: [prompt, ...]}}'")
+    if name == "default":
+        from stages.evaluate.prompt_suite import SUITE
+
+        cats: Any = {k: list(v) for k, v in SUITE.items()}
+        where = "the shipped suite"
+    else:
+        import yaml
+
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"evaluate.prompt_suite: {path} does not exist ('default' is the shipped suite)")
+        cats = (yaml.safe_load(path.read_text()) or {}).get("categories")
+        where = str(path)
+        if not isinstance(cats, dict) or not cats:
+            raise ValueError(f"evaluate.prompt_suite {path}: expected 'categories: {{name: [prompt, ...]}}'")
     out = []
     for cat, prompts in cats.items():
         if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"evaluate.prompt_suite {path}: category {cat!r} must be a list of non-empty prompts")
+            raise ValueError(f"evaluate.prompt_suite {where}: category {cat!r} must be a list of non-empty prompts")
         out += [(str(cat), p) for p in (prompts[:per_category] if per_category else prompts)]
     return out

@@ -113,7 +113,9 @@ def load_feature_network(name: str, device: torch.device | str = "cpu") -> torch
 
         parts = name.split(":", 2)
         if len(parts) == 3:  # a local state dict: nothing is downloaded
-            net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+            # transform_input as torchvision sets it for its own weights (they expect [-1, 1] inputs)
+            net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False,
+                                                  transform_input=True)
             net.load_state_dict(torch.load(parts[2], map_location="cpu", weights_only=True))
         else:  # torchvision's weights, from the local torch hub cache (downloaded only if missing)
             net = torchvision.models.inception_v3(weights="IMAGENET1K_V1")
