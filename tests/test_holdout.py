@@ -107,8 +107,8 @@ def test_val_loss_in_metrics_and_manifest(tmp_path):
     download, embed = make_dataset(str(tmp_path / "data"), n_shards=2, per_shard=8)
     rule = _with_split(embed, 16, 0.0, 4, 0.25)
     results = {}
-    for name, mod, cls, runs in (("train_base", base, base.BaseTrainConfig, "ab"),
-                                 ("train_prior", prior, prior.PriorTrainConfig, "a")):
+    for name, mod, cls, runs in (("train_base", base, base.BaseTrainConfig, "a"),
+                                 ("train_prior", prior, prior.PriorTrainConfig, "ab")):
         for run in runs:
             cfg = cls(**tiny_train_kwargs(steps=3, log_every=2, eval_every=2, val_samples=3))
             ctx = stage_ctx(str(tmp_path / run), name, download, embed)
@@ -120,5 +120,5 @@ def test_val_loss_in_metrics_and_manifest(tmp_path):
             assert "final_val_loss" not in res.metrics and "final_loss" in res.metrics
             results[(name, run)] = [r["val_loss"] for r in rows]
     # Deterministic: the same data, seed and steps give the same figures in another run.
-    assert results[("train_base", "a")] == results[("train_base", "b")]
+    assert results[("train_prior", "a")] == results[("train_prior", "b")]
     assert rule.count == 4
