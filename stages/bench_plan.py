@@ -246,7 +246,7 @@ def plan(stage_cfgs: dict[str, Any], opts: PlanOptions, corpus: CorpusFigures,
     dl, emb = stage_cfgs.get("download"), stage_cfgs.get("embed")
     t5_max = emb.t5.max_length if emb is not None else 128
     out: dict[str, dict[str, Any]] = {}
-    rows = _rows(dl, opts)
+    rows, rows_source = _rows(dl, opts)
     samples = int(rows * _success(dl, opts))
     per_shard = dl.number_sample_per_shard if dl is not None else 10000
     n_shards = math.ceil(rows / per_shard) if rows else 0
@@ -278,21 +278,48 @@ def plan(stage_cfgs: dict[str, Any], opts: PlanOptions, corpus: CorpusFigures,
              "bounds_wall_time": bound}
     return {"stages": out, "total": total,
             "assumptions": {"gpu": opts.gpu, "peak_bf16_tflops": peak / 1e12, "gpu_hour_price": price,
-                            "rows": rows, "success_rate": _success(dl, opts), "cpu_nodes": opts.cpu_nodes,
+                            "rows": rows, "rows_source": rows_source, "success_rate": _success(dl, opts), "cpu_nodes": opts.cpu_nodes,
                             "corpus": asdict(corpus),
                             "wall_time": "download, then embed, then the trainings side by side "
                                          "(each on its own GPU group); sampling is minutes"}}
 
 
-def _rows(dl, opts: PlanOptions) -> int:
+LAION_400M_ROWS = 400_000_000   # the stated default when the URL list cannot be read from here
+
+
+def _rows(dl, opts: PlanOptions) -> tuple[int, str]:
+    """(URL rows, where the number comes from): --rows, the demo corpus, a local list, else LAION-400M."""
     if opts.rows is not None:
-        return int(opts.rows)
+        return int(opts.rows), "--rows"
     if dl is None:
-        return 0                          # a plan of trainings alone
+        return 0, "no download stage"   # a plan of trainings alone
     if dl.url_list == "demo":
-        return int(dl.demo.num_images)
-    raise ValueError("plan: how many URL rows does download.url_list hold? pass --rows N "
-                     "(LAION-400M: --rows 400000000)")
+        return int(dl.demo.num_images), "the demo corpus"
+    counted = _count_local_rows(dl.url_list)
+    if counted is not None:
+        return counted, f"counted in {dl.url_list}"
+    return LAION_400M_ROWS, "stated default (LAION-400M: the list is not readable from here; pass --rows)"
+
+
+def _count_local_rows(url_list: str) -> int | None:
+    """Rows of a local parquet / csv / tsv / jsonl list (a folder: its files), or None."""
+    path = url_list.removeprefix("file://")
+    if "://" in path or not os.path.exists(path):
+        return None
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    total = 0
+    for f in files:
+        if f.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(f).metadata.num_rows
+        elif f.endswith((".csv", ".tsv")):
+            with open(f, "rb") as fh:
+                total += max(0, sum(1 for _ in fh) - 1)   # less the header row
+        elif f.endswith(".jsonl"):
+            with open(f, "rb") as fh:
+                total += sum(1 for line in fh if line.strip())
+    return total or None
 
 
 def _success(dl, opts: PlanOptions) -> float:

@@ -84,3 +84,13 @@ def test_byte_estimates_within_ten_percent_of_the_smoke_run(smoke_run, tmp_path)
     assert {"download", "embed", "train_base", "train_sr1024", "train_prior"} <= set(checked)
     for st in checked:
         assert res["stages"][st]["bytes"] == pytest.approx(actual[st], rel=0.10), st
+
+
+def test_rows_counted_from_a_local_list_else_stated(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"url": ["http://a/1.jpg"] * 7, "caption": ["x"] * 7}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"url": "u"}\n{"url": "v"}\n\n')
+    assert bench_plan._count_local_rows(str(tmp_path)) == 9
+    assert bench_plan._count_local_rows("s3://bucket/list.parquet") is None

@@ -58,7 +58,8 @@ def plan_cmd(
     gpu: str = typer.Option("h100", "--gpu", help="h100 | h200 | a100 | b200 (dense bf16 peak)"),
     mfu: Optional[float] = typer.Option(None, "--mfu", help="MFU for every training (default: measured, else stated)"),
     price: Optional[float] = typer.Option(None, "--gpu-hour-price", help="$ per GPU-hour (default: a stated list price)"),
-    rows: Optional[int] = typer.Option(None, "--rows", help="URL rows in download.url_list (LAION-400M: 400000000)"),
+    rows: Optional[int] = typer.Option(None, "--rows",
+                                       help="URL rows in download.url_list (default: counted if local, else 400M)"),
     success_rate: float = typer.Option(0.65, "--success-rate", help="fraction of URLs that download"),
     cpu_nodes: int = typer.Option(10, "--cpu-nodes", help="16-core nodes running the download"),
     overrides: List[str] = typer.Option([], "--set", help="override a spec field, e.g. train_base.steps=1000"),
@@ -109,5 +110,6 @@ def plan_cmd(
     t.add_row("total", "", "", "", "", f"{tot['gpu_hours']:,.0f}", f"{tot['days']:,.1f}", _human(tot["bytes"]),
               "", f"{tot['cost']:,.0f}")
     console.print(t)
-    console.print(f"wall time bound by {tot['bounds_wall_time']}; per-sample figures: "
-                  f"{res['assumptions']['corpus']['source']}")
+    a = res["assumptions"]
+    console.print(f"wall time bound by {tot['bounds_wall_time']}; {a['rows']:,} URL rows ({a['rows_source']}); "
+                  f"per-sample figures: {a['corpus']['source']}")
