@@ -55,7 +55,12 @@ def test_bench_scale_cli_json(tmp_path):
 def test_bench_scale_on_s3():
     with moto_store() as uri:
         res = bench_scale([6, 12], uri)
-    assert res["store"] == "s3" and set(res["results"]["12"]) == {f"{op}_s" for op in OPERATIONS}
+    assert res["store"] == "s3"
+    small, big = res["results"]["6"], res["results"]["12"]
+    assert set(big) == {f"{op}_{k}" for op in OPERATIONS for k in ("s", "requests")}
+    # round trips: planning and status do not depend on N; the resume reads one marker per done shard
+    assert small["status_requests"] == big["status_requests"] and small["plan_requests"] == big["plan_requests"]
+    assert big["resume_requests"] - small["resume_requests"] == (12 - 6) // 2
 
 
 def test_ledger_snapshot_sees_a_shard_finished_since_at_the_next_scan(tmp_path):

@@ -171,10 +171,18 @@ def _best_of(out: dict[str, float], key: str, fn: Callable[[], Any], repeats: in
         res = fn()
         best = min(best, time.perf_counter() - t0)
         if _requests is not None:
-            time.sleep(0.05)   # the server logs a request just after answering it
-            out[f"{key}_requests"] = _requests[0] - r0
+            out[f"{key}_requests"] = _settled(_requests) - r0
     out[f"{key}_s"] = best
     return res
+
+
+def _settled(counter: list[int], quiet_s: float = 0.1, limit_s: float = 3.0) -> int:
+    """The request count once the server has logged everything (it logs just after answering)."""
+    end, last = time.monotonic() + limit_s, -1
+    while counter[0] != last and time.monotonic() < end:
+        last = counter[0]
+        time.sleep(quiet_s)
+    return counter[0]
 
 
 def time_operations(run: dict[str, Any], repeats: int = REPEATS) -> dict[str, float]:
