@@ -82,7 +82,10 @@ def _longest_first(todo: list[StageDef], spec) -> list[StageDef]:
     time is then bounded by it, not by the sum (dependencies keep their order)."""
     def work(s: StageDef) -> float:
         cfg = getattr(spec, s.name)
-        return float(getattr(cfg, "steps", 0) * getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1))
+        parts = [getattr(cfg, k, 1) for k in ("steps", "batch_size", "grad_accum")]
+        if not all(isinstance(p, int) for p in parts):  # sample.steps may be per model: not a training stage
+            return 0.0
+        return float(parts[0] * parts[1] * parts[2])
 
     order = {s.name: i for i, s in enumerate(todo)}
     return sorted(todo, key=lambda s: (len(_ancestors(s, spec)), -work(s), order[s.name]))

@@ -90,6 +90,7 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     holdout: HoldoutRule = NO_HOLDOUT  # the embed stage's held-out rule (data_prep/holdout.py)
+    random_flip: bool = True  # mirror half the images (off when captions name left and right)
 
 
 def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[int, int, int]]:
@@ -100,7 +101,7 @@ def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[i
     return [(int(s), g, G) for s in order]
 
 
-def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+def _load_image(data: bytes, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
     """Decode, resize the short side to ``size``, random square crop, random flip -> uint8 [3,H,W].
 
     Decoding is data_prep.image_decode's (pixel limit from the header before decoding, 16-bit
@@ -119,7 +120,7 @@ def _load_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
     x = int(rng.integers(0, w - size + 1))
     y = int(rng.integers(0, h - size + 1))
     arr = np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.uint8)
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and flip:  # the draw happens either way: crops stay the same with flips off
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
@@ -239,7 +240,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 try:
                     if data is None:
                         raise OSError("no image member")
-                    img = _load_image(data, self.spec.image_size, rng)
+                    img = _load_image(data, self.spec.image_size, rng, self.spec.random_flip)
                 except (OSError, ValueError, Image.DecompressionBombError):
                     img = None
                 yield j, (sample(j, img) if img is not None else None)

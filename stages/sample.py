@@ -339,7 +339,11 @@ def _finished_attempt(run_uri: str, stage: str) -> str:
     uri = layout.finished_stage_dir(run_uri, stage)
     if uri is not None:
         return uri
-    raise StageFailed(f"{run_uri} has no finished {stage} stage: run it first (t2i resume {run_uri})")
+    if stage == "embed":
+        raise StageFailed(f"{run_uri} has no finished embed stage ({layout.ENCODERS} not found): run it first "
+                          "(sampling embeds prompts with the encoders it used)")
+    raise StageFailed(f"stage {stage} has no trained model in {run_uri}: train it first (t2i resume {run_uri}), pick "
+                      "a cascade that does not need it, or stop the cascade earlier with max_stage")
 
 
 def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,

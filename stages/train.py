@@ -182,7 +182,7 @@ class Trainer:
         # 2. Data, at the saved position (built before the engine: workers fork a small process).
         self.shards = pair_shards(job.download_uri, job.embed_uri)
         lspec = LoaderSpec(self.flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed,
-                           self.rank, self.world, job.holdout)
+                           self.rank, self.world, job.holdout, cfg.random_flip)
         self.loader = make_loader(self.shards, lspec, state.get("data"), cfg.loader_workers,
                                   pin_memory=device.type == "cuda")
         self.tracker = PositionTracker(cfg.loader_workers, self.world, state.get("data"))

@@ -92,6 +92,8 @@ class TrainConfig(StrictModel):
     ema_decay: float = Field(0.999, description="EMA decay of the weights; the final output is the EMA")
     cfg_drop_text: float = Field(0.1, description="probability of dropping the text conditioning (CFG)")
     cfg_drop_image: float = Field(0.0, description="probability of dropping the CLIP image embedding (decoder)")
+    random_flip: bool = Field(True, description=(
+        "mirror half the training images (augmentation); false when captions name left and right"))
     checkpoint_every_steps: int = Field(1000, description="save a checkpoint every N steps; 0 = only by time/end")
     checkpoint_every_minutes: float = Field(0.0, description="also save every M minutes; 0 disables")
     keep_last: int = Field(3, description="complete checkpoints kept in the store")

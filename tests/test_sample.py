@@ -158,7 +158,7 @@ def test_model_trained_on_other_encoders_is_refused(run_uri, encoders, tmp_path)
     fl = get_flavor("base", "debug")
     write_final(store.join(o_uri, "train_base"), build_network("base", "debug", dims).state_dict(), {
         "role": "base", "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size, "low_res_size": None,
-        "diffusion": TrainConfig().diffusion.model_dump(), "condaug": None, "step": 1})
+        "diffusion": TrainConfig().diffusion.model_dump(), "condaug": None, "step": 5})  # newer than step 3
     with pytest.raises(StageFailed, match="train_base was trained on conditioning dims"):
         sample_images(SampleConfig(prompts=PROMPTS[:1], steps=1, cascade="imagen"), o_uri, encoders=encoders)
 
