@@ -52,7 +52,8 @@ def _all() -> tuple[StageDef, ...]:
                  config_module="data_prep.embed_config"),
         *_training_stages(),
         StageDef("sample", "stages.sample", "SampleConfig", ("embed", *TRAIN_STAGES),
-                 "Samples the prompts through the trained cascades and writes a report."),
+                 "Samples the prompts through the trained cascades and writes a report.",
+                 config_module="stages.sample_config"),
         StageDef("evaluate", "stages.evaluate", "EvaluateConfig", ("download", "embed", *TRAIN_STAGES),
                  "Evaluates the trained models on the held-out split and the prompt suite: FID, CLIP score, "
                  "prior similarity, validation losses."),

@@ -30,7 +30,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                             "stages.engine", "stages.distributed", "stages.checkpoint", "stages.ema", "stages.optim",
                             "stages.loader", "stages.batches", "stages.final_weights", "stages.flops")),
     ("stage modules", ("stages.prior", "stages.decoder", "stages.base", "stages.superres", "stages.models",
-                       "stages.export", "stages.evaluate",
+                       "stages.export", "stages.evaluate", "stages.sample_config",
                        "stages.sample", "stages.report", "stages.demo_check", "data_prep.download",
                        "data_prep.embed")),
     ("benchmarks", ("stages.bench_", "data_prep.bench_")),

@@ -1,0 +1,133 @@
+"""The ``sample`` stage's config and the cascade vocabulary, torch-free (reading a run spec must
+not import the sampling code)."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.configbase import StrictModel
+from stages import models as _models
+
+# From the model registry (stages/models.py): the roles, the cascades, each role's CFG null keys
+# and default guidance.
+ROLES = _models.ROLES
+CASCADES = _models.CASCADES
+NULL_KEYS = {m.role: m.null_keys for m in _models.MODELS}
+SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
+CLI_OUT = "samples_cli"  # where sample_cli / sample_cascade write by default (not the stage's own dir)
+DEFAULT_GUIDANCE = {m.role: m.default_guidance for m in _models.MODELS}
+stage_of = _models.stage_of
+
+
+def _default_prompts() -> list[str]:
+    from data_prep.demo_corpus import demo_prompts
+
+    return demo_prompts()
+
+
+class SampleConfig(StrictModel):
+    """The ``sample`` stage: which prompts, which cascades, and how to sample them."""
+
+    prompts: list[str] = Field(default_factory=_default_prompts, description=(
+        "Prompts to sample (default: the demo corpus's fixed prompt list, which also turns on the demo check)."))
+    cascade: Literal["imagen", "unclip", "both"] = Field("both", description=(
+        "'unclip' (prior -> decoder -> sr256 -> sr1024), 'imagen' (base -> sr256 -> sr1024) or 'both'."))
+    guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
+        "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
+        "prior, decoder, base, sr256, sr1024 (missing roles use the defaults). 1.0 = no guidance."))
+    steps: int | dict[str, int] = Field(25, description=(
+        "Denoising steps: one int for every model, or role -> steps (missing roles: 25)."))
+    sampler: Literal["ddim", "ddpm", "dpmpp", "dpmpp_2m"] = Field("dpmpp", description=(
+        "'ddim' (deterministic), 'ddpm' (ancestral) or 'dpmpp' (DPM-Solver++(2M), good at ~20-25 steps)."))
+    thresholding: Literal["dynamic", "static", "none"] = Field("dynamic", description=(
+        "x0 thresholding of image models (Imagen's dynamic thresholding keeps high guidance from saturating). "
+        "The prior always samples without thresholding: CLIP embeddings are not in [-1, 1]."))
+    dynamic_threshold_percentile: float = Field(0.995, description="Percentile p of dynamic thresholding, in (0.5, 1].")
+    sr_aug_level: float | None = Field(None, description=(
+        "Fixed conditioning-augmentation level in [0, 1] for the SR models' low-res input; null = each SR "
+        "model's own condaug.sample_level from training."))
+    sr_start_t: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "Upsamplers start from the upsampled low-res image noised to this t (SDEdit) instead of pure "
+        "noise at 1.0; below 1 keeps colours/layout of small or briefly trained upsamplers."))
+    seed: int = Field(0, description="Seed of all sampling noise: the same seed and config give the same images.")
+    images_per_prompt: int = Field(1, ge=1, le=64, description="Samples per prompt per cascade.")
+    batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
+    max_stage: Literal["base", "decoder", "sr256", "sr1024"] | None = Field(None, description=(
+        "Stop each cascade early: 'base'/'decoder' = after the 64px model (base for imagen, decoder for "
+        "unclip), 'sr256' = after the first upsampler; null = run the whole cascade."))
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
+    demo_check: bool = Field(True, description="Score samples against their prompts when all prompts are demo captions.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("sample.prompts must name at least one prompt")
+        bad = [i for i, p in enumerate(v) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise ValueError(f"sample.prompts[{bad[0]}] is empty; every prompt must be non-empty text")
+        return v
+
+    @field_validator("guidance_scale", "steps")
+    @classmethod
+    def _per_role(cls, v, info):
+        """One value for every model, or a dict role -> value: check roles and ranges alike."""
+        name = info.field_name
+        for k, x in (v.items() if isinstance(v, dict) else [("*", v)]):
+            if k != "*" and k not in ROLES:
+                raise ValueError(f"sample.{name} has unknown role {k!r}; allowed: {', '.join(ROLES)}")
+            if name == "guidance_scale" and not x >= 0.0:
+                raise ValueError(f"sample.guidance_scale[{k}]={x}: must be >= 0 (1.0 = no guidance, 0 = unconditional)")
+            if name == "steps" and not 1 <= x <= 1000:
+                raise ValueError(f"sample.steps[{k}]={x}: must be within [1, 1000]")
+        return v
+
+    @field_validator("dynamic_threshold_percentile")
+    @classmethod
+    def _pct(cls, v: float) -> float:
+        if not 0.5 < v <= 1.0:
+            raise ValueError(f"sample.dynamic_threshold_percentile must be in (0.5, 1], got {v}")
+        return v
+
+    @field_validator("sr_aug_level")
+    @classmethod
+    def _aug(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"sample.sr_aug_level must be within [0, 1] or null, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _device(self) -> "SampleConfig":
+        d = self.device
+        if d not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", d):
+            raise ValueError(f"sample.device {d!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N'")
+        return self
+
+    def cascades(self) -> list[str]:
+        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
+
+    def required_stages(self) -> list[str]:
+        """Training stages this config samples from (for a submit-time check against the spec)."""
+        roles = {r for c in self.cascades() for r in cascade_roles(c, self.max_stage)}
+        return [stage_of(r) for r in ROLES if r in roles]
+
+    def guidance_for(self, role: str) -> float:
+        g = self.guidance_scale
+        return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_GUIDANCE[role]))
+
+    def steps_for(self, role: str) -> int:
+        s = self.steps
+        return int(s) if not isinstance(s, dict) else int(s.get(role, 25))
+
+
+def cascade_roles(cascade: str, max_stage: str | None = None) -> tuple[str, ...]:
+    """The roles a cascade runs, cut after ``max_stage`` ('base'/'decoder' mean its 64px model)."""
+    if cascade not in CASCADES:
+        raise ValueError(f"unknown cascade {cascade!r}; allowed: {', '.join(CASCADES)}")
+    roles = CASCADES[cascade]
+    if max_stage is None:
+        return roles
+    last = roles[-3] if max_stage in ("base", "decoder") else max_stage
+    return roles[: roles.index(last) + 1]
