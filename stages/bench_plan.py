@@ -23,6 +23,7 @@ Where each figure comes from (docs/scale.md shows them for the LAION spec):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -47,14 +48,16 @@ T5_XXL_ENCODER_PARAMS = 4.76e9
 CLIP_L14_IMAGE_PARAMS, CLIP_L14_TEXT_PARAMS, CLIP_L14_IMAGE_TOKENS = 0.304e9, 0.123e9, 257
 PAPER_DIMS = {"t5_dim": 4096, "clip_dim": 768, "clip_token_dim": 768}
 TINY_DIMS = {"t5_dim": 32, "clip_dim": 32, "clip_token_dim": 64}   # data_prep/tiny_encoders.py
-CLIP_ROLES = ("prior", "decoder")     # condition on CLIP tokens (<= 77); the rest on T5 tokens
+CLIP_ROLES = ("prior", "decoder")
+BITS_PER_PIXEL = 2.0                  # a q95 JPEG of a LAION photo (img2dataset's default quality)     # condition on CLIP tokens (<= 77); the rest on T5 tokens
 
 
 @dataclass
 class CorpusFigures:
     """Per-sample inputs of the byte model: measured from a run's first shards, or stated defaults."""
 
-    image_bytes: float = 260_000.0    # JPEG q95 1024px LAION photo (~2 bits/pixel): stated default
+    image_bytes: float | None = None  # None: the stated default, a JPEG q95 photo at ~2 bits/pixel of
+    #                                   download.image_size (1024 px: 262 KB)
     caption_bytes: float = 60.0       # LAION-400M captions: ~10 words
     json_bytes: float = 450.0         # img2dataset's per-sample json (url, caption, sizes, extra columns)
     t5_tokens: float = 20.0           # mean T5 tokens per caption (EOS included)
@@ -252,6 +255,8 @@ def plan(stage_cfgs: dict[str, Any], opts: PlanOptions, corpus: CorpusFigures,
     n_shards = math.ceil(rows / per_shard) if rows else 0
     train_gpus = sum(int(max(1, c.gpus_per_worker) * c.num_workers) for n, c in stage_cfgs.items()
                      if n.startswith("train_"))
+    if corpus.image_bytes is None:
+        corpus = dataclasses.replace(corpus, image_bytes=BITS_PER_PIXEL / 8 * (dl.image_size if dl else 1024) ** 2)
     success = _success(dl, opts)
     full, rem = divmod(rows, per_shard)   # shards of per_shard rows, the last one shorter
     if dl is not None:
@@ -402,7 +407,7 @@ def measure_corpus(download_shards: str | None, embed_shards: str | None) -> Cor
                     ext = mem.name.rsplit(".", 1)[-1]
                     sizes.setdefault(ext, []).append(mem.size)
             mean = {k: sum(v) / len(v) for k, v in sizes.items()}
-            c.image_bytes = mean.get("jpg", mean.get("png", mean.get("webp", c.image_bytes)))
+            c.image_bytes = mean.get("jpg", mean.get("png", mean.get("webp")))
             c.caption_bytes, c.json_bytes = mean.get("txt", c.caption_bytes), mean.get("json", c.json_bytes)
             found = True
     if embed_shards:
