@@ -68,7 +68,7 @@ class EvaluateConfig(StrictModel):
     def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
         from pydantic import ValidationError
 
-        from stages.sample import SampleConfig
+        from stages.sample_config import SampleConfig
 
         own = sorted(set(v) & set(_SAMPLE_OWN))
         if own:
@@ -86,7 +86,7 @@ class EvaluateConfig(StrictModel):
         return ["unclip", "imagen"] if self.cascade in ("both", "auto") else [self.cascade]
 
     def sample_config(self, prompts: list[str]):
-        from stages.sample import SampleConfig
+        from stages.sample_config import SampleConfig
 
         cascade = "both" if self.cascade == "auto" else self.cascade
         return SampleConfig(prompts=prompts, cascade=cascade, images_per_prompt=1, demo_check=False,
