@@ -160,7 +160,7 @@ def test_changed_download_field_on_s3(s3_bucket, tmp_path):
     ones stay intact and readable."""
     enc = tmp_path / "enc"
     common = ["--no-ray", "--set", f"store.uri={s3_bucket}", "--set", f"embed.clip.model=tiny:{enc}",
-              "--set", f"embed.t5.model=tiny:{enc}", "--set", "sample=null"]
+              "--set", f"embed.t5.model=tiny:{enc}", "--set", "sample=null", "--set", "evaluate=null"]
     only_base = [x for s in ("train_prior", "train_decoder", "train_sr256", "train_sr1024") for x in ("--set", f"{s}=null")]
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION")}

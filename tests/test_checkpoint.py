@@ -157,5 +157,5 @@ def test_stage_defaults():
         prior.PriorTrainConfig(diffusion={"prediction": "x0", "thresholding": "dynamic"})
     sr = superres.SR256TrainConfig(condaug={"max_train_level": 0.3, "blur_prob": 0.5})
     assert json.loads(sr.model_dump_json())["condaug"]["max_train_level"] == 0.3
-    with pytest.raises(ValidationError, match=r"condaug.max_train_level must be within \[0, 1\]"):
+    with pytest.raises(ValidationError, match=r"max_train_level must be in \[0, 1\]"):
         superres.SR1024TrainConfig(condaug={"max_train_level": 2})

@@ -1,0 +1,85 @@
+"""The CLI as a user meets it, on a finished smoke run: machine-readable status, exports that
+stand alone, and one clear line (no traceback) for every kind of mistake."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def t2i(*args: str, cwd) -> tuple[int, str, str]:
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_status_json_is_fast_and_complete(smoke_run):
+    cwd, run = smoke_run
+    t0 = time.time()
+    code, out, err = t2i("status", run, "--json", cwd=cwd)
+    elapsed = time.time() - t0
+    assert code == 0, err
+    doc = json.loads(out)
+    stages = {r["stage"]: r for r in doc["stages"]}
+    assert set(stages) >= {"download", "embed", "train_base", "sample"}
+    assert all(r["state"] == "done" for r in stages.values()), stages
+    for r in stages.values():
+        assert {"attempt", "uri", "counts", "metrics", "duration_s", "superseded"} <= set(r)
+    assert stages["train_base"]["counts"]["steps"] == 4 and "final_loss" in stages["train_base"]["metrics"]
+    assert elapsed < 5, f"status took {elapsed:.1f}s (a fresh interpreter included; target < 2 s on an idle machine)"
+
+
+def test_export_reloads_without_the_run(smoke_run, tmp_path):
+    cwd, run = smoke_run
+    for fmt in ("diffusers", "folder"):
+        out = tmp_path / fmt
+        code, stdout, err = t2i("export", run, "--stage", "train_base", "--out", str(out), "--format", fmt, cwd=cwd)
+        assert code == 0, err
+        moved = tmp_path / f"{fmt}-moved"
+        shutil.move(str(out), moved)  # nothing points back at the run
+        probe = ("import sys; from stages.export import load_exported; net, cfg = load_exported(sys.argv[1]); "
+                 "print(type(net).__name__, cfg['step'], sum(p.numel() for p in net.parameters()))")
+        p = subprocess.run([sys.executable, "-c", probe, str(moved)], cwd=tmp_path, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        name, step, n = p.stdout.split()
+        assert name == "UNet" and step == "4" and int(n) > 0
+        assert "## Training" in (moved / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("status", "/nonexistent/run"), "is not a run"),
+    (("resume", "/nonexistent/run"), "is not a run"),
+    (("gc", "/nonexistent/run"), "is not a run"),
+    (("run", "/nonexistent/spec.yaml"), "does not exist"),
+    (("run", "pipeline/configs/smoke.yaml", "--set", "train_base.steps=-1"), "train_base.steps"),
+    (("run", "pipeline/configs/smoke.yaml", "--set", "nonsense"), "section.field=value"),
+    (("rerun", "RUN"), "--stage STAGE or --from STAGE"),
+    (("resume", "RUN", "--stage", "train_nothing"), "unknown stage"),
+    (("export", "RUN", "--stage", "train_nothing", "--out", "x"), "unknown training stage"),
+    (("export", "RUN", "--stage", "train_base", "--out", "x", "--format", "onnx"), "--format must be one of"),
+    (("sample", "/nonexistent/run", "--prompt", "a red circle"), "/nonexistent/run"),
+    (("status", "RUN", "--frobnicate"), "No such option"),
+])
+def test_mistakes_get_one_clear_line(smoke_run, args, expect):
+    cwd, run = smoke_run
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = tuple(run if a == "RUN" else os.path.join(repo, a) if a.startswith("pipeline/") else a for a in args)
+    code, out, err = t2i(*args, cwd=cwd)
+    text = out + err
+    assert code == 2, (code, text)
+    assert expect in text, text
+    assert "Traceback" not in text, text
+
+
+def test_help_and_version(tmp_path):
+    code, out, _ = t2i("-h", cwd=tmp_path)
+    assert code == 0 and "resume" in out and "gc" in out
+    code, out, _ = t2i("--version", cwd=tmp_path)
+    assert code == 0 and out.startswith("t2i-pipeline ")
