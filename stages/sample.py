@@ -357,10 +357,13 @@ def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: 
 def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen",
                guidance: float | None = None, steps: int | None = None, out: str | None = None,
                **overrides: Any) -> list[str]:
-    """What ``t2i sample RUN --prompt ... [--cascade ...] [--guidance ...] [--steps ...] [--out ...]``
-    calls: like :func:`sample_cascade`, printing progress, the grid/report URIs and the demo check
-    (the CLI prints the returned image URIs itself)."""
-    cfg = _config_from_args(prompts, cascade, guidance, steps, **overrides)
+    """:func:`sample_with_config` from keyword arguments (unset ones keep the config defaults)."""
+    return sample_with_config(_config_from_args(prompts, cascade, guidance, steps, **overrides), run_uri, out=out)
+
+
+def sample_with_config(cfg: SampleConfig, run_uri: str, *, out: str | None = None) -> list[str]:
+    """What ``t2i sample`` calls: sample ``cfg`` through the run's finished stages, write the PNGs,
+    grid and report, print progress and the demo check; returns the image URIs."""
     run_uri = store.normalize(run_uri)
     out_uri = store.normalize(out) if out else store.join(run_uri, CLI_OUT)
     samples = sample_images(cfg, run_uri, progress=print)

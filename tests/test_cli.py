@@ -83,3 +83,24 @@ def test_help_and_version(tmp_path):
     assert code == 0 and "resume" in out and "gc" in out
     code, out, _ = t2i("--version", cwd=tmp_path)
     assert code == 0 and out.startswith("t2i-pipeline ")
+
+
+def test_sample_reproduces_the_stage_from_another_directory(smoke_run, tmp_path):
+    """`t2i sample` starts from the run's own sample section: the smoke spec's prompt and seed give
+    the sample stage's images bit for bit, from any working directory (the encoders are found
+    from the run, not from the current directory)."""
+    from pipeline import store
+    from pipeline.planning import stage_uri
+
+    cwd, run = smoke_run
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    prompt = "a large red circle in the center on a white background"
+    out = tmp_path / "cli"
+    code, stdout, err = t2i("sample", run, "--prompt", prompt, "--seed", "0", "--out", str(out), cwd=elsewhere)
+    assert code == 0, err
+    stage_dir = store.local_path(stage_uri(run, "sample"))
+    pngs = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
+    assert len(pngs) == 2
+    for name in pngs:
+        assert (out / name).read_bytes() == open(os.path.join(stage_dir, name), "rb").read(), name

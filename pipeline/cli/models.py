@@ -67,19 +67,61 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
                   f"({c['shards_embedded_now']} now) -> {result['encoders_uri']}")
 
 
+def _per_model(text: Optional[str], cast, flag: str):
+    """``3`` (every model) or ``base=3,sr256=1`` (per model) -> a value for SampleConfig."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return cast(text)
+        return {k.strip(): cast(v) for k, v in (part.split("=", 1) for part in text.split(",") if part.strip())}
+    except ValueError:
+        from pipeline.cli.common import fail
+
+        fail(f"{flag} takes a number or role=number pairs, e.g. {flag} 3 or {flag} base=3,sr256=1 (got {text!r})")
+
+
 @app.command()
 def sample(run: str = typer.Argument(..., help="Run URI or run id with trained stages."),
            prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
-           cascade: str = typer.Option("imagen", help="imagen (base→SR) or unclip (prior→decoder→SR)."),
-           guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale for every model "
-                                                     "(default: per model, e.g. 3 for base/decoder, 1 for the upsamplers)."),
-           steps: Optional[int] = typer.Option(None, help="Sampler steps per model (default: the sample config's)."),
+           cascade: Optional[str] = typer.Option(None, help="imagen (base→SR), unclip (prior→decoder→SR) or both "
+                                                             "(default: the run's sample section)."),
+           seed: Optional[int] = typer.Option(None, help="Seed of all sampling noise."),
+           sampler: Optional[str] = typer.Option(None, help="ddim | ddpm | dpmpp"),
+           steps: Optional[str] = typer.Option(None, help="Denoising steps: N, or per model base=20,sr256=4,..."),
+           guidance: Optional[str] = typer.Option(None, help="CFG scale: G, or per model base=3,decoder=3,..."),
+           images_per_prompt: Optional[int] = typer.Option(None, "--images-per-prompt", help="Samples per prompt."),
+           max_stage: Optional[str] = typer.Option(None, "--max-stage", help="Stop early: base | decoder | sr256."),
            out: Optional[str] = typer.Option(None, help="Where to write PNGs (default: <run>/samples_cli).")) -> None:
-    """Sample prompts through a trained cascade."""
-    from stages.sample import sample_cli
+    """Sample prompts through a run's trained cascades. Starts from the run's own sample section
+    (steps, guidance, sampler, SR settings); every flag overrides it."""
+    from pydantic import ValidationError
+
+    from pipeline.cli.common import fail
+    from pipeline.context import StageFailed
+    from pipeline.planning import load_run_spec
+    from stages.sample import sample_with_config
+    from stages.sample_config import SampleConfig
 
     uri = resolve_run(run)
-    paths = sample_cli(uri, list(prompt), cascade=cascade, guidance=guidance, steps=steps, out=out)
+    try:
+        spec = load_run_spec(uri)
+    except StageFailed as e:
+        fail(str(e))
+    base = spec.sample.model_dump() if spec.sample is not None else {}
+    flags = {"prompts": list(prompt), "cascade": cascade, "seed": seed, "sampler": sampler,
+             "steps": _per_model(steps, int, "--steps"), "guidance_scale": _per_model(guidance, float, "--guidance"),
+             "images_per_prompt": images_per_prompt, "max_stage": max_stage}
+    try:
+        cfg = SampleConfig(**{**base, **{k: v for k, v in flags.items() if v is not None}})
+    except ValidationError as e:
+        msgs = "; ".join(f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+                         for err in e.errors())
+        fail(msgs)
+    try:
+        paths = sample_with_config(cfg, uri, out=out)
+    except StageFailed as e:
+        fail(str(e))
     for p in paths:
         console.print(p)
 
