@@ -1,5 +1,6 @@
-"""Sampling whole cascades from a run's trained stages: the pipeline's last stage (``sample``) and
-what ``t2i sample`` calls.
+"""Sampling, part 2: whole cascades from a run's trained stages — the pipeline's ``sample`` stage
+and what ``t2i sample`` calls. Loading lives in stages/sample_loading.py, the files a run leaves
+in stages/sample_outputs.py.
 
   unclip: prompt -> CLIP text -> prior -> CLIP image embedding -> decoder -> sr256 -> sr1024
   imagen: prompt -> T5 tokens -> base -> sr256 -> sr1024
@@ -19,115 +20,18 @@ fixed conditioning-augmentation level (Imagen §2.5), which it is told through `
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pipeline import store
 from pipeline.context import StageContext, StageFailed, StageResult
-from stages import report
 
 from stages.sample_config import (CASCADES, CLI_OUT, DEFAULT_GUIDANCE, NULL_KEYS, ROLES, SAMPLER_NAMES,  # noqa: F401
                                   SampleConfig, cascade_roles, stage_of)
-
-
-# ----------------------------------------------------------------------------- loading
-@dataclass
-class LoadedModel:
-    role: str
-    net: torch.nn.Module
-    diffusion: Any  # stages.diffusion.Diffusion
-    config: dict[str, Any]  # final/config.json
-
-
-def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
-    """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
-    from stages.diffusion import Diffusion
-    from stages.final_weights import load_final, resolve_final
-
-    final = resolve_final(stage_uri)
-    cfg_uri, w_uri = store.join(final, "config.json"), store.join(final, "model.safetensors")
-    # config.json is written after the weights: its absence means "not (completely) trained".
-    missing = [u for u in (cfg_uri, w_uri) if not store.exists(u)]
-    if missing:
-        raise StageFailed(
-            f"stage {stage_of(role)} has no trained model: {missing[0]} not found. Train it first "
-            f"(t2i run <spec> runs {stage_of(role)}), pick a cascade that does not need it, or stop the "
-            f"cascade earlier with max_stage")
-    config = store.read_json(cfg_uri)
-    if config.get("role") != role:
-        raise StageFailed(f"{cfg_uri}: role is {config.get('role')!r}, expected {role!r}")
-    try:
-        net, _ = load_final(final, device, config)
-    except RuntimeError as e:
-        raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
-    diff_kw = dict(config.get("diffusion") or {})
-    diff_kw["null_keys"] = NULL_KEYS[role]
-    diff_kw["dynamic_percentile"] = percentile
-    return LoadedModel(role, net, Diffusion(**diff_kw), config)
-
-
-@dataclass
-class PromptFeatures:
-    """Everything any network of either cascade is conditioned on, for a batch of prompts."""
-
-    clip_text: torch.Tensor  # [B, Dc]
-    clip_tokens: torch.Tensor  # [B, Lc, Dct]
-    clip_mask: torch.Tensor  # [B, Lc] bool
-    t5_tokens: torch.Tensor  # [B, Lt, Dt]
-    t5_mask: torch.Tensor  # [B, Lt] bool
-
-    def select(self, idx: slice, device: torch.device) -> "PromptFeatures":
-        return PromptFeatures(*(getattr(self, f)[idx].to(device) for f in
-                                ("clip_text", "clip_tokens", "clip_mask", "t5_tokens", "t5_mask")))
-
-
-def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(1, max(len(s) for s in seqs))
-    out = torch.zeros(len(seqs), L, seqs[0].shape[-1])
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)], mask[i, : len(s)] = s, True
-    return out, mask
-
-
-@dataclass
-class PromptEncoders:
-    """The frozen CLIP + T5 the embed stage used, reloaded from its ``encoders.json``."""
-
-    clip: Any  # data_prep.encoders.ClipEncoder
-    t5: Any  # data_prep.encoders.T5Encoder
-
-    @classmethod
-    def load(cls, embed_uri: str, device: torch.device | str = "cpu") -> "PromptEncoders":
-        from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
-
-        doc_uri = store.join(embed_uri, "encoders.json")
-        if not store.exists(doc_uri):
-            raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts "
-                              "with the encoders it used)")
-        doc = store.read_json(doc_uri)
-        return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device))
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return {"clip_dim": self.clip.dim, "clip_token_dim": self.clip.token_dim, "t5_dim": self.t5.dim}
-
-    def encode(self, prompts: Sequence[str]) -> PromptFeatures:
-        pooled, toks, _ = self.clip.encode_text(list(prompts))
-        clip_tokens, clip_mask = _pad(toks)
-        t5_tokens, t5_mask = self.t5.encode_padded(list(prompts))
-        # The networks were trained on fp16-stored features: round the same way.
-        r = lambda x: x.float().half().float()  # noqa: E731
-        return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool())
-
-
-def encode_prompts(embed_uri: str, prompts: Sequence[str], device: torch.device | str = "cpu") -> PromptFeatures:
-    """Embed prompts with the encoders the embed stage used (its ``encoders.json``)."""
-    return PromptEncoders.load(embed_uri, device).encode(prompts)
+from stages.sample_loading import LoadedModel, PromptEncoders, PromptFeatures, load_model  # noqa: F401
+from stages.sample_outputs import Sample, SampleOutputs, _to_pil, filename, write_outputs  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -183,25 +87,10 @@ def run_stage(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg:
 
 
 # ----------------------------------------------------------------------------- cascades
-@dataclass
-class Sample:
-    prompt: str
-    index: int  # prompt index
-    k: int  # which of images_per_prompt
-    cascade: str
-    image: Image.Image
-    uri: str = ""
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
 
 
 def _finished_attempt(run_uri: str, stage: str) -> str:
@@ -262,51 +151,6 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
         for (i, k, p), x in zip(expanded, imgs):
             samples.append(Sample(p, i, k, cascade, _to_pil(x)))
     return samples
-
-
-# ----------------------------------------------------------------------------- outputs
-def filename(s: Sample, images_per_prompt: int) -> str:
-    k = f"_{s.k}" if images_per_prompt > 1 else ""
-    return f"{s.index:03d}_{s.cascade}{k}_{report.slug(s.prompt)}.png"
-
-
-@dataclass
-class SampleOutputs:
-    samples: list[Sample]
-    grid_uri: str
-    report_uri: str
-    demo: dict[str, Any]  # cascade -> stages.demo_check.DemoCheck
-    lines: list[str]
-
-
-def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_uri: str,
-                  metrics_uris: dict[str, str] | None = None) -> SampleOutputs:
-    """PNGs, grid.png, then report.html (last: its presence means the rest is there)."""
-    from stages import demo_check
-
-    for s in samples:
-        s.uri = store.join(out_uri, filename(s, cfg.images_per_prompt))
-        store.write_bytes_atomic(s.uri, report.png_bytes(s.image))
-    grid_uri = store.join(out_uri, "grid.png")
-    store.write_bytes_atomic(grid_uri, report.png_bytes(report.make_grid(samples)))
-
-    checks: dict[str, Any] = {}
-    lines: list[str] = []
-    notes: dict[int, str] = {}
-    if cfg.demo_check and demo_check.all_demo_prompts(cfg.prompts):
-        for cascade in dict.fromkeys(s.cascade for s in samples):
-            mine = [s for s in samples if s.cascade == cascade]
-            chk = demo_check.check_samples([(s.prompt, s.image) for s in mine])
-            checks[cascade] = chk
-            lines.append(f"{cascade}: {chk.line()}")
-            for s, v in zip(mine, chk.verdicts):
-                notes[id(s)] = v.note()
-    entries = [report.ReportEntry(s.prompt, s.cascade, filename(s, cfg.images_per_prompt), s.image,
-                                  notes.get(id(s), "")) for s in samples]
-    html = report.build_report(entries, run_uri=run_uri, title="t2i samples", summary_lines=lines,
-                               config=cfg.model_dump(mode="json"), metrics_uris=metrics_uris)
-    report_uri = report.write_report(store.join(out_uri, "report.html"), html)
-    return SampleOutputs(samples, grid_uri, report_uri, checks, lines)
 
 
 # ----------------------------------------------------------------------------- entry points
