@@ -259,6 +259,9 @@ class Trainer:
             row.update({"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "lr": lr, "samples_per_s": rate,
                         **({"nonfinite_steps": self.guard.total} if self.guard.total else {})})
+            if self.device.type == "cuda":  # peak memory since the last log line, this rank
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                torch.cuda.reset_peak_memory_stats(self.device)
         if self.live is not None:
             self.live.figures(**{k: row[k] for k in ("loss", "samples_per_s", "val_loss") if k in row})
         self.logger.log(self.step, row)
