@@ -31,7 +31,7 @@ from pipeline.context import StageContext, StageFailed, StageResult
 from stages.sample_config import (CASCADES, CLI_OUT, DEFAULT_GUIDANCE, NULL_KEYS, ROLES, SAMPLER_NAMES,  # noqa: F401
                                   SampleConfig, cascade_roles, stage_of)
 from stages.sample_loading import LoadedModel, PromptEncoders, PromptFeatures, load_model  # noqa: F401
-from stages.sample_outputs import Sample, SampleOutputs, _to_pil, filename, write_outputs  # noqa: F401
+from stages.sample_outputs import Sample, SampleOutputs, Samples, _to_pil, filename, write_outputs  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -150,7 +150,17 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
         imgs = torch.cat(outs)
         for (i, k, p), x in zip(expanded, imgs):
             samples.append(Sample(p, i, k, cascade, _to_pil(x)))
-    return samples
+    if cfg.rerank_keep is not None and cfg.rerank_keep < cfg.images_per_prompt:
+        from stages.rerank import rerank
+
+        if encoders.preprocess is None:
+            raise StageFailed("sample.rerank_keep needs the embed stage's CLIP preprocessing (encoders.json "
+                              "clip_preprocess); re-run embed with this release")
+        kept, figures = rerank(samples, cfg.rerank_keep, encoders.clip, encoders.preprocess)
+        for k, v in figures.items():
+            progress(f"sample: CLIP reranking {k} = {v:.4f}")
+        return Samples(kept, figures)
+    return Samples(samples)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -167,6 +177,7 @@ def run(cfg: SampleConfig, ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {"sample_seconds": time.time() - t0}
     for cascade, chk in out.demo.items():
         metrics.update({f"{cascade}_{k}": v for k, v in chk.metrics().items()})
+    metrics.update(getattr(samples, "figures", {}))  # CLIP reranking: kept vs first-drawn mean score
     return StageResult(
         counts={"images": len(samples), "prompts": len(cfg.prompts)},
         metrics=metrics,

@@ -53,6 +53,9 @@ class SampleConfig(StrictModel):
         "noise at 1.0; below 1 keeps colours/layout of small or briefly trained upsamplers."))
     seed: int = Field(0, description="Seed of all sampling noise: the same seed and config give the same images.")
     images_per_prompt: int = Field(1, ge=1, le=64, description="Samples per prompt per cascade.")
+    rerank_keep: int | None = Field(None, ge=1, description=(
+        "CLIP reranking (DALL-E): keep the K of images_per_prompt samples per prompt that the run's CLIP scores "
+        "highest; the manifest records the kept and the first-drawn mean CLIP scores. null = keep all."))
     batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
     max_stage: Literal["base", "decoder", "sr256", "sr1024"] | None = Field(None, description=(
         "Stop each cascade early: 'base'/'decoder' = after the 64px model (base for imagen, decoder for "
@@ -97,6 +100,13 @@ class SampleConfig(StrictModel):
         if v is not None and not 0.0 <= v <= 1.0:
             raise ValueError(f"sample.sr_aug_level must be within [0, 1] or null, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _rerank(self) -> "SampleConfig":
+        if self.rerank_keep is not None and self.rerank_keep > self.images_per_prompt:
+            raise ValueError(f"sample.rerank_keep ({self.rerank_keep}) must be <= images_per_prompt "
+                             f"({self.images_per_prompt}): it keeps the best K of the N drawn per prompt")
+        return self
 
     @model_validator(mode="after")
     def _device(self) -> "SampleConfig":

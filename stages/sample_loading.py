@@ -78,6 +78,7 @@ class PromptEncoders:
 
     clip: Any  # data_prep.encoders.ClipEncoder
     t5: Any  # data_prep.encoders.T5Encoder
+    preprocess: dict | None = None  # the embed stage's CLIP image preprocessing (CLIP scores of samples)
 
     @classmethod
     def load(cls, embed_uri: str, device: torch.device | str = "cpu") -> "PromptEncoders":
@@ -88,7 +89,8 @@ class PromptEncoders:
             raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts "
                               "with the encoders it used)")
         doc = store.read_json(doc_uri)
-        return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device))
+        return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device),
+                   doc.get("clip_preprocess"))
 
     @property
     def dims(self) -> dict[str, int]:

@@ -21,6 +21,15 @@ class Sample:
     cascade: str
     image: Image.Image
     uri: str = ""
+    clip_score: float | None = None  # set by CLIP reranking (stages/rerank.py)
+
+
+class Samples(list):
+    """The samples of a run, in order, plus figures about them (CLIP reranking's scores)."""
+
+    def __init__(self, items=(), figures: dict[str, float] | None = None):
+        super().__init__(items)
+        self.figures = dict(figures or {})
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:

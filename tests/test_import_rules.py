@@ -31,7 +31,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                             "stages.loader", "stages.batches", "stages.final_weights", "stages.flops")),
     ("stage modules", ("stages.prior", "stages.decoder", "stages.base", "stages.superres", "stages.models",
                        "stages.export", "stages.evaluate", "stages.sample_config", "stages.sample_loading",
-                       "stages.sample_outputs",
+                       "stages.sample_outputs", "stages.rerank",
                        "stages.sample", "stages.report", "stages.demo_check", "data_prep.download",
                        "data_prep.embed")),
     ("benchmarks", ("stages.bench_", "data_prep.bench_")),

@@ -9,6 +9,7 @@ conditioning really reaches the output (guidance and prompts change the images).
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import numpy as np
@@ -207,3 +208,22 @@ def test_sample_cli_prints_files_and_demo_check(run_uri, tmp_path, capsys):
     assert len(uris) == 2 and all(store.exists(u) for u in uris)
     assert f"report: {store.normalize(out)}/report.html" in printed and "sample: imagen/base" in printed
     assert "demo check" not in printed  # not every prompt is a demo caption
+
+
+def test_clip_reranking_never_lowers_the_kept_score(run_uri, encoders, tmp_path):
+    """images_per_prompt N with rerank_keep K keeps the K highest-scoring samples per prompt under
+    the run's CLIP: their mean score is never below that of the first K drawn, and the manifest
+    figures say so."""
+    import dataclasses
+
+    enc = dataclasses.replace(encoders, preprocess=json.loads(json.dumps(
+        store.read_json(store.join(run_uri, "embed", "encoders.json")).get("clip_preprocess")
+        or {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "shortest"})))
+    cfg = SampleConfig(prompts=PROMPTS[:2], steps=1, cascade="imagen", max_stage="base", images_per_prompt=3,
+                       rerank_keep=1)
+    samples = sample_images(cfg, run_uri, encoders=enc)
+    assert len(samples) == 2 and all(s.clip_score is not None for s in samples)
+    f = samples.figures
+    assert f["imagen_rerank_clip_score_kept"] >= f["imagen_rerank_clip_score_first"]
+    with pytest.raises(ValueError, match="rerank_keep"):
+        SampleConfig(prompts=PROMPTS[:1], images_per_prompt=2, rerank_keep=3)
