@@ -65,8 +65,34 @@ def _run_and_report(spec, **kw) -> None:
                 console.print(f"demo check ({casc}): colour accuracy {met[casc + '_demo_colour_accuracy']:.2f} "
                               f"(chance {met[casc + '_demo_colour_chance']:.2f}), position accuracy "
                               f"{met[casc + '_demo_position_accuracy']:.2f} over {int(met[casc + '_demo_n'])} prompts")
+    evaluation = summary.outcomes.get("evaluate")
+    if evaluation and evaluation.manifest:
+        _print_evaluation(evaluation.manifest)
     if failed:
         raise typer.Exit(1)
+
+
+HEADLINE = ("_fid", "_clip_score", "prior_cosine_similarity", "prior_text_baseline", "_val_loss",
+            "heldout_clip_score")
+
+
+def _print_evaluation(manifest: dict) -> None:
+    """The evaluate stage's headline figures (README "Evaluation" says how to read them)."""
+    from stages.evaluate import evaluation_rows
+
+    console.print(f"evaluation: {manifest.get('out_uri')}/_MANIFEST.json")
+    for name, value, meaning in evaluation_rows(manifest):
+        if name.endswith(HEADLINE) and not name.endswith("_suite"):
+            console.print(f"  {name:32s} {value:9.4f}  {meaning}")
+
+
+def _headline(row: dict) -> str:
+    """A stage's headline figures for `t2i status`: losses, evaluation, the demo check."""
+    m = row.get("metrics") or {}
+    keys = [k for k in m if k in ("final_loss", "val_loss") or k.endswith(("_fid", "_clip_score", "_demo_colour_accuracy",
+                                                                         "_demo_position_accuracy"))
+            or k == "prior_cosine_similarity"]
+    return ", ".join(f"{k}={m[k]:.3g}" for k in keys[:6])
 
 
 @app.command()
@@ -139,13 +165,14 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
         print(json.dumps({"run": uri, "stages": rows}, indent=2, default=str))
         return
     t = Table(title=f"run {uri}")
-    for col in ("stage", "state", "attempt", "duration", "counts", "where"):
+    for col in ("stage", "state", "attempt", "duration", "counts", "headline", "where"):
         t.add_column(col, overflow="fold")
     colors = {"done": "green", "partial": "yellow", "pending": "white", "extend": "magenta", "failed": "red"}
     for r in rows:
-        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items()) or (r["error"] or "")
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items()) or (r["error"] or "").splitlines()[0][:300]
         dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else ""
-        t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["attempt"], dur, counts, r["node"] or "")
+        t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["attempt"], dur, counts, _headline(r),
+                  r["node"] or "")
     console.print(t)
     old = [(r["stage"], a) for r in rows for a in r["superseded"]]
     if old:
