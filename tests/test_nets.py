@@ -218,3 +218,25 @@ def test_tiny_unet_overfits_a_handful_of_images():
         opt.step()
     after = eval_loss()
     assert after < before / 5, f"eval loss {before:.3f} -> {after:.3f}: the UNet did not learn"
+
+
+def test_coord_channels_give_the_unet_absolute_position():
+    """CoordConv: far from the borders a plain UNet cannot tell two places of a constant image
+    apart (its only position signal is the zero padding); with coord_channels it can."""
+    import torch
+
+    from stages.nets.unet import UNet, UNetConfig
+
+    kw = dict(image_size=64, base_channels=8, channel_mults=(1, 2), num_res_blocks=(1, 1), attn_resolutions=(),
+              head_dim=8, context_dim=16)
+    outs = {}
+    for coord in (False, True):
+        torch.manual_seed(0)
+        net = UNet(UNetConfig(**kw, coord_channels=coord)).eval()
+        for p in net.parameters():  # guided-diffusion zero-inits the output: perturb to see the map
+            p.data.add_(0.05 * torch.randn_like(p))
+        with torch.no_grad():
+            outs[coord] = net(torch.zeros(1, 3, 64, 64), torch.tensor([0.5]))[0, 0]
+        assert outs[coord].shape == (64, 64)
+    assert torch.allclose(outs[False][28, 28], outs[False][36, 36], atol=1e-6), "plain: translation invariant inside"
+    assert not torch.allclose(outs[True][28, 28], outs[True][36, 36], atol=1e-4), "coord channels: position known"

@@ -47,6 +47,10 @@ class UNetConfig:
     image_embed_dim: int | None = None     # CLIP image embedding width (unCLIP decoder); None: off
     num_image_tokens: int = 4              # unCLIP: the image embedding becomes 4 context tokens
     low_res_channels: int = 0              # SR: channels of the low-res conditioning image (3)
+    # CoordConv (Liu et al. 2018): x/y coordinate maps as 2 extra input channels, so "top left" in
+    # the text can be tied to a place. Convolutions and position-free attention otherwise see
+    # position only through the zero padding at the borders.
+    coord_channels: bool = False
     dropout: float = 0.0
     skip_scale: float = 1 / math.sqrt(2)   # Efficient U-Net scaled skip connections
     gradient_checkpointing: bool = False   # torch.utils.checkpoint per block (non-reentrant)
@@ -110,7 +114,8 @@ class UNet(nn.Module):
                 return []
             return [AttentionBlock(level_ch, cfg.head_dim, ctx_dim if use_cross else None, use_self)]
 
-        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.low_res_channels, chans[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.low_res_channels + (2 if cfg.coord_channels else 0),
+                                 chans[0], 3, padding=1)
         # Down path: (Downsample) + N x (ResBlock [+ attention]); one skip per level.
         self.down = nn.ModuleList()
         for i, ch in enumerate(chans):
@@ -210,6 +215,11 @@ class UNet(nn.Module):
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
         elif low_res is not None:
             raise ValueError("UNet: low_res given but this UNet has low_res_channels=0")
+        if cfg.coord_channels:
+            h_, w_ = x.shape[-2:]
+            ys = torch.linspace(-1.0, 1.0, h_, device=x.device, dtype=x.dtype).view(1, 1, h_, 1).expand(b, 1, h_, w_)
+            xs = torch.linspace(-1.0, 1.0, w_, device=x.device, dtype=x.dtype).view(1, 1, 1, w_).expand(b, 1, h_, w_)
+            x = torch.cat([x, xs, ys], dim=1)
         x = x.to(self.conv_in.weight.dtype)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
