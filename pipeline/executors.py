@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 
+OWN_GROUP_PID = "T2I_OWN_PROCESS_GROUP_PID"  # set by the process that created its group itself
+
+
 @dataclass
 class DistEnv:
     """This process's place in a training job. ``initialized``: someone (Ray Train) already made the group."""
@@ -40,7 +43,11 @@ class DistEnv:
     def from_env(cls) -> "DistEnv":
         """torchrun's variables when present, else a single process on a free local port."""
         e = os.environ
-        if "RANK" in e and "WORLD_SIZE" in e:
+        # A process that made its own single-rank group (stages/distributed.py) exports RANK etc.
+        # for torch's env:// init; a child it starts (a t2i subprocess) inherits them but is no
+        # torchrun worker: it gets a group of its own on a free port.
+        inherited = e.get(OWN_GROUP_PID) not in (None, str(os.getpid()))
+        if "RANK" in e and "WORLD_SIZE" in e and not inherited:
             return cls(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
                        e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)))
         return cls(0, 1, 0, "127.0.0.1", free_port())

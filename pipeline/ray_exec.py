@@ -65,7 +65,6 @@ def _schedule(spec, todo, plans, manifests, summary, console) -> None:
 
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     data = spec.model_dump(mode="json")
-    executor = RayExecutor(address=None)
     pending = list(todo)
     running: dict = {}  # ObjectRef -> (stage name, start time)
     while pending or running:
@@ -77,8 +76,10 @@ def _schedule(spec, todo, plans, manifests, summary, console) -> None:
                 pending.remove(s)
                 console.say(f"- {s.name}: not run, {', '.join(failed)} failed")
             elif all(d in manifests for d in deps):
-                ref = remote_stage.options(name=f"stage:{s.name}", **_task_options(getattr(spec, s.name))).remote(
-                    plans[s.name], data, {d: manifests[d] for d in deps}, executor)
+                options = _task_options(getattr(spec, s.name))
+                here = RayExecutor(address=None, train_in_task="num_cpus" in options)
+                ref = remote_stage.options(name=f"stage:{s.name}", **options).remote(
+                    plans[s.name], data, {d: manifests[d] for d in deps}, here)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
                 console.say(f"▶ {s.name}: started")

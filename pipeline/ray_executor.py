@@ -48,6 +48,9 @@ class RayExecutor:
 
     address: str | None = None
     kind: str = "ray"
+    # The scheduler reserved this stage task's CPUs for a one-rank CPU training (pipeline/ray_exec.py):
+    # the loop then runs right here. Elsewhere (a caller's own process) training goes to Ray Train.
+    train_in_task: bool = False
 
     def ray_address(self) -> str | None:
         import ray
@@ -57,7 +60,7 @@ class RayExecutor:
     # -- training -------------------------------------------------------------------------------
     def run_workers(self, loop_fn: Callable[[DistEnv], dict], placement: WorkerPlacement, *, name: str,
                     progress: Callable[[str], None]) -> dict:
-        if trains_in_task(placement):
+        if self.train_in_task and trains_in_task(placement):
             torch = sys.modules.get("torch")
             if torch is not None:  # as many threads as the CPUs the scheduler reserved for this task
                 torch.set_num_threads(max(1, int(placement.cpus_per_worker)))

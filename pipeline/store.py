@@ -94,8 +94,22 @@ class StoreError(RuntimeError):
     pass
 
 
+def _fresh(fs, path: str) -> None:
+    """Forget fsspec's cached listings of ``path`` (s3fs/gcsfs keep them per process): other
+    processes (stage tasks, workers, another driver) write to the store, and a stale listing
+    would hide a new manifest, attempt or checkpoint."""
+    if scheme_of_fs(fs) != "file":
+        fs.invalidate_cache(path)
+
+
+def scheme_of_fs(fs) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "file" if protocol in ("file", "local") else protocol
+
+
 def exists(uri: str) -> bool:
     fs, path = fs_and_path(uri)
+    _fresh(fs, path)
     return with_retries(lambda: fs.exists(path), what=f"exists({uri})")
 
 
@@ -132,6 +146,7 @@ def write_json(uri: str, obj: Any) -> None:
 def listdir(uri: str) -> list[str]:
     """Full URIs of the direct children of ``uri`` (empty if it does not exist)."""
     fs, path = fs_and_path(uri)
+    _fresh(fs, path)
     if not with_retries(lambda: fs.exists(path), what=f"exists({uri})"):
         return []
     scheme = scheme_of(uri)
@@ -142,6 +157,7 @@ def listdir(uri: str) -> list[str]:
 
 def glob(uri_pattern: str) -> list[str]:
     fs, path = fs_and_path(uri_pattern)
+    _fresh(fs, path.split("*", 1)[0].rsplit("/", 1)[0])
     scheme = scheme_of(uri_pattern)
     prefix = "file://" if scheme == "file" else f"{scheme}://"
     return sorted(prefix + p for p in with_retries(lambda: fs.glob(path), what=f"glob {uri_pattern}"))

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from pipeline.executors import DistEnv
+from pipeline.executors import OWN_GROUP_PID, DistEnv
 
 
 def import_deepspeed(device: torch.device):
@@ -62,7 +62,8 @@ def setup_distributed(env: DistEnv, device: torch.device) -> bool:
     created = not dist.is_initialized()
     if created:
         os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                          MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+                          MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+                          **{OWN_GROUP_PID: str(os.getpid())})
     deepspeed = import_deepspeed(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
                                verbose=False)

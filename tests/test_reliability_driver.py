@@ -102,7 +102,11 @@ def _cleanup(kids):
 def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliability):
     spec = _spec(tmp_path)
     run = f"file://{tmp_path / 'store'}/drv"
-    emb_shards = store.join(stage_uri(run, "embed"), "shards")
+    from pipeline.planning import plan_stages
+    from pipeline.spec import load_spec
+
+    # Where the run will put each stage (attempts are planned from the spec alone).
+    emb_shards = store.join(plan_stages(load_spec(spec))["embed"].attempt_uri, "shards")
     orphans_all: list[str] = []
 
     # 1. Kill while embed is half-way: some shards done, not all.

@@ -156,7 +156,7 @@ def test_credentials_never_written_or_printed(s3_bucket, tmp_path, reliability):
     tar = store.glob(store.join(stage_uri(run, "download"), "shards", "*.tar"))[0]
     body = store.read_bytes(tar)
     store.write_bytes_atomic(tar, body[: len(body) // 2 + 100])
-    r2 = _t2i(["resume", run, "--stage", "embed"], env, tmp_path)
+    r2 = _t2i(["rerun", run, "--stage", "embed"], env, tmp_path)  # a new embed attempt over the damaged shard
     assert r2.returncode != 0
     out2 = r2.stdout + r2.stderr
     assert "Traceback" not in out2, out2

@@ -169,7 +169,7 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
         t.add_column(col, overflow="fold")
     colors = {"done": "green", "partial": "yellow", "pending": "white", "extend": "magenta", "failed": "red"}
     for r in rows:
-        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items()) or (r["error"] or "").splitlines()[0][:300]
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items()) or ((r["error"] or "").splitlines() or [""])[0][:300]
         dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else ""
         t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["attempt"], dur, counts, _headline(r),
                   r["node"] or "")
