@@ -14,7 +14,7 @@ from typing import Any
 
 from data_prep.embed_format import EmbeddingShard, write_embedding_shard
 from data_prep.encoders import encoder_identity
-from data_prep.shards import list_shards, shard_id
+from data_prep.shards import is_shard_name, list_shards, shard_id
 from pipeline import layout, store
 from pipeline.context import StageFailed
 
@@ -91,7 +91,7 @@ def _tars_with_sizes(shards_uri: str) -> list[tuple[str, int]]:
         try:
             with os.scandir(local) as it:
                 return [("file://" + e.path, e.stat().st_size) for e in it
-                        if e.name.endswith(".tar") and e.is_file() and _is_shard(e.name)]
+                        if e.name.endswith(".tar") and e.is_file() and is_shard_name(e.name)]
         except FileNotFoundError:
             return []
     fs, path = store.fs_and_path(shards_uri)
@@ -101,15 +101,7 @@ def _tars_with_sizes(shards_uri: str) -> list[tuple[str, int]]:
     except FileNotFoundError:
         return []
     return [(prefix + e["name"].rstrip("/"), int(e.get("size") or 0)) for e in entries
-            if e.get("type") == "file" and e["name"].endswith(".tar") and _is_shard(e["name"])]
-
-
-def _is_shard(uri: str) -> bool:
-    try:
-        shard_id(uri)
-        return True
-    except ValueError:
-        return False
+            if e.get("type") == "file" and e["name"].endswith(".tar") and is_shard_name(e["name"])]
 
 
 # A resume asks is_done of every shard in turn. Each question used to cost 2 existence checks and

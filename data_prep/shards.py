@@ -53,10 +53,11 @@ def shard_id(uri: str) -> str:
 
 def list_shards(shards_uri: str) -> list[str]:
     """Sorted URIs of the ``*.tar`` shards directly under ``shards_uri`` (empty if none)."""
-    return sorted(u for u in store.glob(store.join(shards_uri, "*.tar")) if _is_shard_name(u))
+    return sorted(u for u in store.glob(store.join(shards_uri, "*.tar")) if is_shard_name(u))
 
 
-def _is_shard_name(uri: str) -> bool:
+def is_shard_name(uri: str) -> bool:
+    """Whether a file name is an img2dataset shard (NNNNN.tar), not another tar."""
     try:
         shard_id(uri)
         return True
