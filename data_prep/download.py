@@ -174,11 +174,11 @@ def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, ids: list[str],
     last_change, last_stuck_note = time.monotonic(), time.monotonic()
     while True:
         try:
-            return proc.wait(timeout=0.25)
+            rc = proc.wait(timeout=0.25)
         except subprocess.TimeoutExpired:
-            pass
+            rc = None
         now = time.monotonic()
-        if now - last_check < _POLL_S:
+        if rc is None and now - last_check < _POLL_S:
             continue
         last_check = now
         done_ids = {os.path.basename(u)[:SHARD_DIGITS] for u in store.glob(store.join(shards_uri, "*_stats.json"))}
@@ -189,6 +189,8 @@ def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, ids: list[str],
             if report is not None:
                 report(done=len(done_ids), total=len(ids), unit="shards")
             done_before, last_change = len(done_ids), now
+        if rc is not None:  # a fast pass still ends with its count on the console
+            return rc
         elif now - last_change > _STUCK_AFTER_S and now - last_stuck_note > _STUCK_AFTER_S:
             pending = [i for i in ids if i not in done_ids]
             shown = ", ".join(pending[:8]) + (f" (+{len(pending) - 8} more)" if len(pending) > 8 else "")
