@@ -10,7 +10,8 @@ from stages.nets import PriorTransformer, UNet, build_network, get_flavor, list_
 from stages.nets.flavors import PAPER_COND_DIMS, ROLES, count_params
 
 PAPER = {"prior": "prior-1b", "decoder": "decoder-3.5b", "base": "base64-2b",
-         "sr256": "sr256-600m", "sr1024": "sr1024-400m"}
+         "sr256": "sr256-600m", "sr1024": "sr1024-400m", "glide": "glide-3.5b"}
+KIND = {"prior": "prior", "glide": "glide"}  # every other role is a plain UNet
 
 
 def test_every_role_has_debug_demo_and_its_paper_flavor():
@@ -34,9 +35,9 @@ def test_paper_flavor_param_count_within_10_percent(role):
 
 def test_flavor_records_sizes_and_kind():
     for f in list_flavors():
-        assert f.kind == ("prior" if f.role == "prior" else "unet")
-        if f.kind == "unet":
-            cfg = f.config()
+        assert f.kind == KIND.get(f.role, "unet")
+        if f.kind in ("unet", "glide"):
+            cfg = f.config() if f.kind == "unet" else f.config().unet
             assert cfg.image_size == f.image_size
             assert (cfg.low_res_channels > 0) == f.role.startswith("sr")
             if f.role.startswith("sr"):
@@ -51,7 +52,20 @@ def test_flavor_records_sizes_and_kind():
 def test_demo_flavors_stay_cpu_sized():
     for role in ROLES:
         n = count_params(role, "demo", {"t5_dim": 64, "clip_dim": 64, "clip_token_dim": 64})
+        if role == "glide":  # the CLIP BPE token table (49408 rows) is a lookup, not per-step compute
+            cfg = get_flavor(role, "demo").config().text
+            n -= cfg.vocab_size * cfg.width
         assert 2e5 < n < 3e6, f"{role}/demo has {n} params"
+
+
+def test_glide_paper_flavor_splits_like_glide():
+    """GLIDE: UNet ~2.3B + text transformer ~1.2B of 24 residual blocks of width 2048."""
+    with torch.device("meta"):
+        net = build_network("glide", "glide-3.5b")
+    text = sum(p.numel() for p in net.text.parameters())
+    unet = sum(p.numel() for p in net.unet.parameters())
+    assert (net.cfg.text.layers, net.cfg.text.width) == (24, 2048)
+    assert abs(text - 1.2e9) <= 0.10 * 1.2e9 and abs(unet - 2.3e9) <= 0.10 * 2.3e9, (text, unet)
 
 
 def test_build_network_uses_cond_dims_and_overrides():

@@ -6,6 +6,7 @@ Roles and what each network is conditioned on:
   base    Imagen base: T5 tokens -> base-size image
   sr256   Imagen SR: T5 tokens + low-res image -> 4x image ("64 -> 256" at paper scale)
   sr1024  Imagen SR: T5 tokens + low-res image -> 4x image ("256 -> 1024"); no self-attention
+  glide   GLIDE base: token ids -> its own text transformer (trained jointly) -> base-size image
 
 Every role has `debug` (unit tests: tiny, seconds), `demo` (CPU demo: trains a visible
 colour/shape model in about a minute on 2 cores, at a small resolution: base/decoder 32px,
@@ -23,9 +24,10 @@ import torch
 import torch.nn as nn
 
 from .prior_transformer import PriorConfig, PriorTransformer
+from .text_transformer import GlideConfig, GlideModel, TextTransformerConfig
 from .unet import UNet, UNetConfig
 
-ROLES = ("prior", "decoder", "base", "sr256", "sr1024")
+ROLES = ("prior", "decoder", "base", "sr256", "sr1024", "glide")
 PAPER_COND_DIMS = {"t5_dim": 4096, "clip_dim": 768, "clip_token_dim": 768}
 _COND_KEYS = tuple(PAPER_COND_DIMS)
 
@@ -34,11 +36,11 @@ _COND_KEYS = tuple(PAPER_COND_DIMS)
 class Flavor:
     role: str
     name: str
-    kind: str                       # 'unet' | 'prior'
+    kind: str                       # 'unet' | 'prior' | 'glide'
     image_size: int | None          # output resolution (None for the prior)
     low_res_size: int | None        # SR conditioning resolution, else None
     target_params: int | None       # paper parameter count (checked within 10%), else None
-    make_config: Callable[[dict], UNetConfig | PriorConfig]   # cond_dims -> network config
+    make_config: Callable[[dict], UNetConfig | PriorConfig | GlideConfig]   # cond_dims -> network config
 
     def config(self, cond_dims: dict | None = None, **overrides):
         cfg = self.make_config(_check_cond_dims(cond_dims))
@@ -87,6 +89,17 @@ def _sr(size, ch, mults, blocks, attn, cross, head_dim=64, ctx=512):
                                 num_res_blocks=blocks, attn_resolutions=attn,
                                 cross_attn_resolutions=cross, head_dim=head_dim, context_dim=ctx,
                                 text_dim=d["t5_dim"], low_res_channels=3)
+
+
+def _glide(size, ch, mults, blocks, attn, *, width, layers, head_dim=64, ctx=512, text_ctx=128,
+           vocab=49408, text_head_dim=64):
+    # The token ids carry no embed-stage width: cond_dims are not used. The UNet's text width is
+    # the transformer's; its tokens are projected to `ctx` once, then per attention layer.
+    return lambda d: GlideConfig(
+        text=TextTransformerConfig(vocab_size=vocab, text_ctx=text_ctx, width=width, layers=layers,
+                                   head_dim=text_head_dim),
+        unet=UNetConfig(image_size=size, base_channels=ch, channel_mults=mults, num_res_blocks=blocks,
+                        attn_resolutions=attn, head_dim=head_dim, context_dim=ctx, text_dim=width))
 
 
 _FLAVORS: dict[tuple[str, str], Flavor] = {}
@@ -142,6 +155,19 @@ _add("sr1024", "demo", "unet", 128, 64, None,
 _add("sr1024", "sr1024-400m", "unet", 1024, 256, 400_000_000,
      _sr(1024, 128, (1, 2, 4, 8), (2, 4, 6, 5), (), (128,), ctx=1024))
 
+# glide: GLIDE's 3.5B 64px base model = a 2.3B UNet (paper: 512 channels, mults 1-2-3-4, 3 blocks,
+# attention at 32/16/8, 64-channel heads) + a 1.2B text transformer (24 residual blocks of width
+# 2048). As for the base, our blocks are slimmer, so 576 channels: UNet 2.08B + transformer 1.31B
+# (1.21B in its blocks, 0.10B token table) = 3.40B. Every flavor reads CLIP BPE ids (vocab 49408;
+# GLIDE's own BPE had 50257). Debug sizes chain into the debug SR models like the base's (16px).
+_add("glide", "debug", "glide", 16, None, None,
+     _glide(16, 16, (1, 2), (1, 1), (8,), width=32, layers=2, head_dim=16, ctx=32, text_ctx=32, text_head_dim=16))
+_add("glide", "demo", "glide", 32, None, None,
+     _glide(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), width=64, layers=2, head_dim=32, ctx=64, text_ctx=64,
+            text_head_dim=32))
+_add("glide", "glide-3.5b", "glide", 64, None, 3_500_000_000,
+     _glide(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), width=2048, layers=24, ctx=2048))
+
 
 # ----------------------------------------------------------------------------- API
 def list_flavors() -> list[Flavor]:
@@ -164,7 +190,7 @@ def build_network(role: str, name: str, cond_dims: dict | None = None, **overrid
     `with torch.device("meta"): build_network(...)` allocates nothing."""
     flavor = get_flavor(role, name)
     cfg = flavor.config(cond_dims, **overrides)
-    return PriorTransformer(cfg) if flavor.kind == "prior" else UNet(cfg)
+    return {"prior": PriorTransformer, "glide": GlideModel}.get(flavor.kind, UNet)(cfg)
 
 
 def count_params(role: str, name: str, cond_dims: dict | None = None) -> int:

@@ -10,7 +10,9 @@ conditioning-augmentation level to the time embedding.
 
 Forward contract (docs/contracts.md):
     UNet(cfg)(x, t, *, text_tokens=None, text_mask=None, image_embed=None, low_res=None,
-              aug_level=None, drop_text=None, drop_image=None) -> Tensor like x
+              aug_level=None, drop_text=None, drop_image=None, class_embed=None) -> Tensor like x
+`class_embed` [B, time-embedding width] is added to the time embedding as it is: GLIDE's
+projected final text token (stages/nets/text_transformer.py), the class embedding y.
 `low_res` may be given at low resolution (what `stages.condaug.make_low_res` returns by default)
 or already at x's size; it is bilinearly resized to x's size here.
 """
@@ -198,13 +200,17 @@ class UNet(nn.Module):
         return block(h, emb, ctx, ctx_mask)
 
     def forward(self, x, t, *, text_tokens=None, text_mask=None, image_embed=None, low_res=None,
-                aug_level=None, drop_text=None, drop_image=None):
+                aug_level=None, drop_text=None, drop_image=None, class_embed=None):
         cfg = self.cfg
         b = x.shape[0]
         if t.shape != (b,):
             raise ValueError(f"UNet: t must be float [B={b}] in [0, 1], got shape {tuple(t.shape)}")
         emb, ctx, ctx_mask = self._embed_conditioning(t, b, x.device, text_tokens, text_mask,
                                                       image_embed, aug_level, drop_text, drop_image)
+        if class_embed is not None:
+            if tuple(class_embed.shape) != tuple(emb.shape):
+                raise ValueError(f"UNet: class_embed must be [B={b}, {emb.shape[-1]}], got {tuple(class_embed.shape)}")
+            emb = emb + class_embed.to(emb.dtype)
         if cfg.low_res_channels:
             if low_res is None:
                 raise ValueError("UNet: low_res is required for a super-resolution UNet "
