@@ -1,10 +1,14 @@
-"""A small, self-contained HTML report of a run: the samples beside their prompts, and the loss
-curve of every training stage; plus grid.png, the same samples as one captioned image.
+"""A self-contained HTML report of a run: the samples beside their prompts, then what every
+stage did (stages/report_run.py: durations, parameter counts, curves of loss, validation loss, lr,
+grad norm, throughput and memory, sample grids across training, configs, the evaluation); plus
+grid.png, the same samples as one captioned image.
 
 Self-contained on purpose: the report is often opened from object storage or copied off a
-cluster, so it carries its own thumbnails (base64 PNG) and its charts as inline SVG polylines
-(no matplotlib, no JavaScript, no network). Each thumbnail links to the full-size PNG by a
-relative name, which resolves when the report sits next to the PNGs (``<run>/sample/``).
+cluster, so it carries its own thumbnails (base64 PNG) and its charts as inline SVG
+(stages/report_svg.py; no matplotlib, no JavaScript, no network). Each thumbnail links to the
+full-size PNG by a relative name, which resolves when the report sits next to the PNGs
+(``<run>/sample/``). The run part sits between two markers, so :func:`refresh_report` can
+rebuild it in place once later stages (evaluate) have finished.
 """
 from __future__ import annotations
 
@@ -12,17 +16,19 @@ import base64
 import html
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import store
+from stages.models import TRAIN_STAGES
+from stages.report_run import read_metrics, run_sections  # noqa: F401  (read_metrics: re-exported)
+from stages.report_svg import Series, line_chart_svg
 
-TRAIN_STAGES = ("train_prior", "train_decoder", "train_base", "train_sr256", "train_sr1024")
 THUMB_SIZE = 192
+RUN_BEGIN, RUN_END = "<!-- t2i:run-sections -->", "<!-- /t2i:run-sections -->"
 
 
 @dataclass
@@ -36,80 +42,13 @@ class ReportEntry:
     note: str = ""  # e.g. the demo check's verdict for this sample
 
 
-def read_metrics(uri: str) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a ``metrics.jsonl`` and how many lines were unreadable (a crashed writer can leave a
-    torn last line; that must not take the report down)."""
-    if not store.exists(uri):
-        return [], 0
-    rows, bad = [], 0
-    for line in store.read_bytes(uri).decode("utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
-
-def _finite_points(rows: Iterable[dict[str, Any]], x: str, y: str) -> list[tuple[float, float]]:
-    pts = []
-    for r in rows:
-        try:
-            px, py = float(r[x]), float(r[y])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(px) and math.isfinite(py):
-            pts.append((px, py))
-    return sorted(pts)
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
-
-
-def loss_curve_svg(points: Sequence[tuple[float, float]], *, title: str, width: int = 360,
-                   height: int = 170) -> str:
-    """An inline SVG line chart of (step, loss) points with min/max labels on both axes."""
+def loss_curve_svg(points: Sequence[tuple[float, float]], *, title: str, width: int = 380,
+                   height: int = 210) -> str:
+    """An inline SVG chart of (step, loss) points: ticked axes, log-scale y (stages/report_svg.py)."""
     if not points:
         raise ValueError(f"loss_curve_svg({title!r}) needs at least one point")
-    pad_l, pad_r, pad_t, pad_b = 52, 10, 22, 26
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x1 = x0 + 1.0
-    if y1 == y0:  # a flat curve still gets a visible line, drawn in the middle
-        y0, y1 = y0 - 0.5 * (abs(y0) or 1.0), y1 + 0.5 * (abs(y1) or 1.0)
-    pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
-
-    def sx(v: float) -> float:
-        return pad_l + (v - x0) / (x1 - x0) * pw
-
-    def sy(v: float) -> float:
-        return pad_t + (1.0 - (v - y0) / (y1 - y0)) * ph
-
-    poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    t = html.escape(title)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{t}">'
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>'
-        f'<text x="{width / 2:.0f}" y="14" text-anchor="middle" font-size="12" font-family="sans-serif">{t}</text>'
-        f'<rect x="{pad_l}" y="{pad_t}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{poly}"/>'
-        f'<text x="{pad_l - 4}" y="{pad_t + 9}" text-anchor="end" font-size="10" font-family="sans-serif">{_fmt(y1)}</text>'
-        f'<text x="{pad_l - 4}" y="{pad_t + ph}" text-anchor="end" font-size="10" font-family="sans-serif">{_fmt(y0)}</text>'
-        f'<text x="{pad_l}" y="{height - 8}" font-size="10" font-family="sans-serif">step {_fmt(x0)}</text>'
-        f'<text x="{pad_l + pw}" y="{height - 8}" text-anchor="end" font-size="10" font-family="sans-serif">{_fmt(x1)}</text>'
-        "</svg>"
-    )
+    return line_chart_svg([Series("loss", points)], title=title, y_label="loss", log_y=True, width=width,
+                          height=height)
 
 
 def _thumb_data_uri(img: Image.Image, size: int = THUMB_SIZE) -> str:
@@ -125,11 +64,12 @@ def _thumb_data_uri(img: Image.Image, size: int = THUMB_SIZE) -> str:
 def stage_curves(run_uri: str, stages: Sequence[str] = TRAIN_STAGES,
                  metrics_uris: dict[str, str] | None = None) -> dict[str, str]:
     """Stage name -> SVG of its loss curve, for every stage whose metrics.jsonl has loss rows."""
+    from stages.report_run import points_of
+
     out = {}
     for stage in stages:
         uri = (metrics_uris or {}).get(stage) or store.join(run_uri, stage, "metrics.jsonl")
-        rows, _ = read_metrics(uri)
-        pts = _finite_points(rows, "step", "loss")
+        pts = points_of(read_metrics(uri)[0], "loss")
         if pts:
             out[stage] = loss_curve_svg(pts, title=f"{stage} loss ({len(pts)} points)")
     return out
@@ -139,8 +79,10 @@ _CSS = """
 body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:6px;vertical-align:top}
 td.prompt{max-width:22em}img{image-rendering:pixelated;display:block}
-.curves{display:flex;flex-wrap:wrap;gap:12px}.muted{color:#777}.note{font-size:11px;color:#555}
-pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}
+.curves,.grids{display:flex;flex-wrap:wrap;gap:12px}.muted{color:#777}.note{font-size:11px;color:#555}
+pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}figure{margin:0}
+figcaption{font-size:11px;color:#555;text-align:center}img.grid{max-width:256px}
+details{margin:4px 0}summary{cursor:pointer;color:#357}
 """
 
 
@@ -149,7 +91,9 @@ def build_report(entries: Sequence[ReportEntry], *, run_uri: str, title: str = "
                  stages: Sequence[str] = TRAIN_STAGES,
                  metrics_uris: dict[str, str] | None = None) -> str:
     """The report as one HTML string: a table (one row per prompt, one column per cascade), the
-    summary lines (e.g. the demo check), the loss curves, and the sampling config."""
+    summary lines (e.g. the demo check), the run's stages (stages/report_run.py), the sampling
+    config. ``metrics_uris``: stage -> its attempt's metrics.jsonl (the attempts the samples
+    came from); stages not given are found through the run's ``_CURRENT.json`` pointers."""
     esc = html.escape
     cascades: list[str] = []
     by_prompt: dict[str, dict[str, list[ReportEntry]]] = {}
@@ -181,13 +125,7 @@ def build_report(entries: Sequence[ReportEntry], *, run_uri: str, title: str = "
         parts.append("</tr>")
     parts.append("</table>")
 
-    parts.append("<h2>Training loss</h2>")
-    curves = stage_curves(run_uri, stages, metrics_uris)
-    if curves:
-        parts.append("<div class='curves'>" + "".join(f"<div>{svg}</div>" for svg in curves.values()) + "</div>")
-    missing = [s for s in stages if s not in curves]
-    if missing:
-        parts.append(f"<p class='muted'>no loss metrics for: {esc(', '.join(missing))}</p>")
+    parts += [RUN_BEGIN, run_sections(run_uri, stages, metrics_uris), RUN_END]
 
     if config is not None:
         parts.append("<h2>Sampling config</h2><pre>" + esc(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -242,6 +180,18 @@ def _wrap(text: str, d: ImageDraw.ImageDraw, font, width: int) -> str:
 def write_report(uri: str, report_html: str) -> str:
     store.write_bytes_atomic(uri, report_html.encode("utf-8"))
     return uri
+
+
+def refresh_report(uri: str, run_uri: str, *, stages: Sequence[str] = TRAIN_STAGES,
+                   metrics_uris: dict[str, str] | None = None) -> str:
+    """Rebuild the run part of an existing report.html in place (e.g. once the evaluate stage,
+    which runs beside sample, has finished); the samples part is kept as it was written."""
+    doc = store.read_bytes(uri).decode("utf-8")
+    a, b = doc.find(RUN_BEGIN), doc.find(RUN_END)
+    if a < 0 or b < a:
+        raise ValueError(f"{uri} has no run part to refresh (written by an older release): re-run its sample stage")
+    fresh = doc[: a + len(RUN_BEGIN)] + "\n" + run_sections(run_uri, stages, metrics_uris) + "\n" + doc[b:]
+    return write_report(uri, fresh)
 
 
 def slug(text: str, max_len: int = 48) -> str:

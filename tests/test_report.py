@@ -1,4 +1,6 @@
-"""HTML report: every prompt beside its image, one inline SVG loss curve per stage with metrics."""
+"""HTML report: every prompt beside its image; per training stage ticked curves (log-scale loss, lr,
+grad norm, throughput, MFU, memory), sample grids across training, config and parameter count;
+the evaluation. And what the training logger writes to TensorBoard for them."""
 from __future__ import annotations
 
 import base64
@@ -45,9 +47,11 @@ def test_report_has_every_prompt_and_one_svg_per_stage_with_metrics(tmp_path):
         assert html.escape(e.prompt) in doc
         assert f"href='{e.filename}'" in doc
         assert e.note in doc
-    assert doc.count("<svg") == 3
+    # per stage with rows: loss (log y), learning rate, gradient norm, throughput
+    assert doc.count("<svg") == 3 * 4
     for stage in ("train_prior", "train_base", "train_sr256"):
-        assert f"{stage} loss" in doc
+        for chart in ("loss", "learning rate", "gradient norm", "throughput"):
+            assert f"{stage} {chart} (" in doc
     # the torn line was skipped, the 7 good rows plotted
     assert "train_base loss (7 points)" in doc
     assert "no loss metrics for: train_decoder, train_sr1024" in doc
@@ -75,7 +79,9 @@ def test_loss_curve_svg_points_follow_the_data():
     xs = [float(p.split(",")[0]) for p in pts]
     ys = [float(p.split(",")[1]) for p in pts]
     assert xs == sorted(xs) and ys == sorted(ys)  # x grows, loss falls (SVG y grows downwards)
-    assert "t &lt;x&gt;" in svg
+    # log scale: equal ratios are equal distances (2 -> 1 -> 0.5)
+    assert ys[1] - ys[0] == pytest.approx(ys[2] - ys[1], abs=0.15)
+    assert 'data-scale="log"' in svg and "t &lt;x&gt;" in svg
     flat = loss_curve_svg([(5, 1.0)], title="one")  # a single point / flat curve still renders
     assert "<polyline" in flat
     with pytest.raises(ValueError, match="at least one point"):
@@ -112,3 +118,28 @@ def test_grid_has_a_row_per_prompt_and_a_column_per_cascade_image():
     y = head + pad + (64 + pad) + 32
     assert grid.getpixel((200 + pad + 32, y)) == (200, 0, 0)
     assert grid.getpixel((200 + pad + 3 * (64 + pad) + 32, y)) == (0, 0, 200)
+
+
+def _ticks(svg: str, axis: str) -> list[str]:
+    block = re.search(rf'<g class="{axis}"[^>]*>(.*?)</g>', svg).group(1)
+    return re.findall(r'<text class="tick"[^>]*>([^<]+)</text>', block)
+
+
+def test_axes_have_ticks_log_for_losses_linear_otherwise():
+    from stages.report_svg import Series, line_chart_svg, linear_ticks, log_ticks
+
+    pts = [(s, 10 ** (-3 * s / 390)) for s in range(0, 391, 10)]  # 1 down to 1e-3 over 390 steps
+    svg = line_chart_svg([Series("loss", pts)], title="loss", log_y=True)
+    assert _ticks(svg, "y-axis") == ["1e-3", "0.01", "0.1", "1"]  # decades
+    assert _ticks(svg, "x-axis") == ["0", "100", "200", "300", "400"]
+    lin = line_chart_svg([Series("lr", [(0, 0.0), (50, 1e-3), (100, 5e-4)])], title="lr")
+    assert 'data-scale="linear"' in lin and _ticks(lin, "y-axis")[0] == "0" and _ticks(lin, "y-axis")[-1] == "1e-3"
+    assert linear_ticks(20, 300, 4) == [0, 100, 200, 300]
+    assert log_ticks(0.0115, 0.25) == [0.02, 0.05, 0.1, 0.2]  # under one decade: 1, 2 and 5 x 10^k
+    assert log_ticks(0.0115, 0.9) == [0.03, 0.1, 0.3]  # under two decades: 1 and 3 x 10^k
+    assert log_ticks(0.31, 0.39) == [0.31, 0.39]  # no nice tick inside: the ends
+    # a log axis with nothing > 0 falls back to linear instead of drawing nothing
+    assert 'data-scale="linear"' in line_chart_svg([Series("x", [(0, 0.0), (1, -1.0)])], title="t", log_y=True)
+    # two series: a legend names both
+    two = line_chart_svg([Series("loss", [(1, 1.0), (2, 0.5)]), Series("val_loss", [(2, 0.6)])], title="t", log_y=True)
+    assert re.findall(r'data-name="([^"]+)"', two) == ["loss", "val_loss"] and ">val_loss</text>" in two
