@@ -1,4 +1,5 @@
-"""Embed stage, step 2 (GPU/CPU): a decoded chunk -> its CLIP image/text/token and T5 embeddings.
+"""Embed stage, step 2 (GPU/CPU): a decoded chunk -> its CLIP image/text/token and T5 embeddings,
+and the token ids of both tokenizers (what GLIDE's own text transformer reads).
 
 Rows with any non-finite value (after the fp16 cast) are dropped and counted; T5 runs
 length-bucketed (see ``T5Encoder.encode``).
@@ -45,6 +46,11 @@ def encode_chunk(enc: Encoders, chunk: DecodedChunk, t5_micro_batch: int | None 
     img = enc.clip.encode_image(torch.from_numpy(chunk.pixels)).numpy().astype(np.float16)
     txt, ctoks, clens = enc.clip.encode_text(chunk.captions)
     t5toks, t5lens = enc.t5.encode(chunk.captions, micro_batch=t5_micro_batch)
+    # Tokenizing again is cheap beside the forwards; the ids line up with the trimmed features.
+    cids, clens_ids = enc.clip.tokenize(chunk.captions)
+    t5ids = enc.t5.token_ids(chunk.captions)
+    if not torch.equal(clens_ids, clens) or [len(x) for x in t5ids] != t5lens.tolist():
+        raise RuntimeError("embed: token ids and token features disagree on caption lengths")
     txt = txt.numpy().astype(np.float16)
     ctoks = [t.numpy().astype(np.float16) for t in ctoks]
     t5toks = [t.numpy().astype(np.float16) for t in t5toks]
@@ -60,5 +66,7 @@ def encode_chunk(enc: Encoders, chunk: DecodedChunk, t5_micro_batch: int | None 
         clip_image=img[keep], clip_text=txt[keep],
         clip_tokens=np.concatenate([ctoks[i] for i in keep]), clip_lengths=clens.numpy()[keep],
         t5_tokens=np.concatenate([t5toks[i] for i in keep]), t5_lengths=t5lens.numpy()[keep],
+        clip_ids=np.concatenate([cids[i, : int(clens[i])].numpy() for i in keep]).astype(np.int32),
+        t5_ids=np.concatenate([np.asarray(t5ids[i], dtype=np.int32) for i in keep]),
         columns={c: [v[i] for i in keep] for c, v in chunk.columns.items()})
     return part, counts

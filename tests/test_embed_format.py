@@ -74,3 +74,38 @@ def test_align_allows_skipped_rejects_foreign_and_reordered():
         align(tar, ["k2", "k1"], "s3://b/00001.tar")
     with pytest.raises(EmbeddingFormatError, match="out of order"):
         align(tar, ["k2", "k2"], "x")
+
+
+def _with_ids(rng: np.random.Generator, s: EmbeddingShard) -> EmbeddingShard:
+    return EmbeddingShard(**{a: getattr(s, a) for a in ("keys", "clip_image", "clip_text", "clip_tokens",
+                                                         "clip_lengths", "t5_tokens", "t5_lengths")},
+                          clip_ids=rng.integers(0, 49408, int(s.clip_lengths.sum())),
+                          t5_ids=rng.integers(0, 32128, int(s.t5_lengths.sum())))
+
+
+def test_token_ids_round_trip_and_older_shards_still_load(tmp_path):
+    """Token ids (GLIDE) are optional arrays delimited by the feature lengths; a shard without them
+    (written before they existed) still loads, and only asking for its ids names the fix."""
+    rng = np.random.default_rng(3)
+    s = _with_ids(rng, _shard(rng, ["k0", "k1", "k2"]))
+    uri = str(tmp_path / "00000.npz")
+    write_embedding_shard(uri, s)
+    r = read_embedding_shard(uri)
+    assert r.clip_ids.dtype == np.int32 and r.t5_ids.dtype == np.int32
+    off = np.concatenate([[0], np.cumsum(s.clip_lengths)])
+    np.testing.assert_array_equal(r.ids_of("clip", 2), s.clip_ids[off[2]:off[3]])
+    assert len(r.ids_of("t5", 1)) == s.t5_lengths[1]
+    # concat keeps ids only if every part has them
+    both = EmbeddingShard.concat([r, _with_ids(rng, _shard(rng, ["k3"]))])
+    assert len(both.t5_ids) == int(both.t5_lengths.sum())
+    old = _shard(rng, ["o1"])
+    assert EmbeddingShard.concat([r, old]).clip_ids is None
+    write_embedding_shard(uri, old)
+    back = read_embedding_shard(uri)
+    assert back.clip_ids is None and back.t5_ids is None
+    with pytest.raises(EmbeddingFormatError, match="no clip_ids .*re-run the embed stage"):
+        back.ids_of("clip", 0)
+    with pytest.raises(EmbeddingFormatError, match=r"t5_ids has \d+ rows"):
+        EmbeddingShard(**{a: getattr(old, a) for a in ("keys", "clip_image", "clip_text", "clip_tokens",
+                                                       "clip_lengths", "t5_tokens", "t5_lengths")},
+                       t5_ids=np.zeros(1, np.int32) if old.t5_lengths.sum() != 1 else np.zeros(2, np.int32))
