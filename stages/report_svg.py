@@ -49,18 +49,17 @@ def linear_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """Ticks of a log axis over [lo, hi] (both > 0): the decades; 1 and 3 x 10^k, then 1, 2 and
-    5 x 10^k when fewer than three of those fall inside (a short range has at most one decade)."""
+    """Ticks of a log axis over [lo, hi] (both > 0): the decades; else 1 and 3 x 10^k; else 1, 2
+    and 5 x 10^k, the first set with three ticks inside. A range narrower than that (0.28..0.42)
+    gets linear nice ticks, placed on the log axis; the ends only if even those are too few."""
     k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    inside: list[float] = []
     for mults in ((1,), (1, 3), (1, 2, 5)):
         ticks = [float(f"{m}e{k}") for k in range(k0, k1 + 1) for m in mults]
         inside = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
         if len(inside) >= 3:
             return inside
-    if len(inside) < 2:  # e.g. 0.31..0.39: no nice tick inside; label the ends instead
-        inside = [lo, hi]
-    return inside
+    inside = [t for t in linear_ticks(lo, hi) if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+    return inside if len(inside) >= 2 else [lo, hi]
 
 
 def _clean(points: Sequence[tuple[float, float]], log_y: bool) -> list[tuple[float, float]]:

@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 
 import pytest
@@ -137,9 +138,132 @@ def test_axes_have_ticks_log_for_losses_linear_otherwise():
     assert linear_ticks(20, 300, 4) == [0, 100, 200, 300]
     assert log_ticks(0.0115, 0.25) == [0.02, 0.05, 0.1, 0.2]  # under one decade: 1, 2 and 5 x 10^k
     assert log_ticks(0.0115, 0.9) == [0.03, 0.1, 0.3]  # under two decades: 1 and 3 x 10^k
-    assert log_ticks(0.31, 0.39) == [0.31, 0.39]  # no nice tick inside: the ends
+    assert log_ticks(0.2762, 0.4211) == [0.3, 0.35, 0.4]  # narrower still: linear nice ticks
     # a log axis with nothing > 0 falls back to linear instead of drawing nothing
     assert 'data-scale="linear"' in line_chart_svg([Series("x", [(0, 0.0), (1, -1.0)])], title="t", log_y=True)
     # two series: a legend names both
     two = line_chart_svg([Series("loss", [(1, 1.0), (2, 0.5)]), Series("val_loss", [(2, 0.6)])], title="t", log_y=True)
     assert re.findall(r'data-name="([^"]+)"', two) == ["loss", "val_loss"] and ">val_loss</text>" in two
+
+
+def _logged_attempt(tmp_path, monkeypatch):
+    """A training attempt as the loop leaves it, written by the real MetricsLogger (TensorBoard
+    and W&B offline): 4 rows with an MFU meter, a validation row, grids at steps 2 and 4, an
+    eval.jsonl as stages/evaluate/follow.py writes it, final weights."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save as st_save
+
+    from stages.train_metrics import MetricsLogger, MfuMeter, image_grid
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = store.normalize(str(tmp_path / "run"))
+    attempt = store.join(run, "train_base", "0123456789ab")
+    meter = MfuMeter("cpu", "fp32", samples_per_step=4, peak=1e12)  # a CPU has no peak rate: give one
+    w, x = torch.randn(64, 64, requires_grad=True), torch.randn(4, 64)
+    meter.step(lambda: (x @ w).sum().backward())
+    assert meter.flops_per_step == 2 * (2 * 4 * 64 * 64)  # the forward matmul and the grad of w
+    logger = MetricsLogger(attempt, enabled=True, resume_step=0, wandb_project="t2i-test", run_name="train_base",
+                           mfu=meter)
+    for step in range(1, 5):
+        logger.log(step, {"loss": 1.0 / step, "grad_norm": 0.5 / step, "lr": 1e-3, "samples_per_s": 8.0})
+        if step % 2 == 0:
+            logger.image(step, "grid", image_grid(torch.full((2, 3, 8, 8), step / 4 - 0.5)))
+    logger.log(4, {"val_loss": 0.3})
+    logger.close()
+    rows = [{"step": 2, "val_loss_ema": 0.5, "fid": 3.0, "clip_score": 0.1},
+            {"step": 4, "val_loss": 0.3, "val_loss_ema": 0.25, "fid": 2.0, "clip_score": 0.2}]
+    store.write_bytes_atomic(store.join(attempt, "eval.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    weights = {"a.weight": torch.zeros(10, 20), "a.bias": torch.zeros(20)}
+    store.write_bytes_atomic(store.join(attempt, "final", "step_00000004", "model.safetensors"), st_save(weights))
+    assert np.isfinite(meter.figures(8.0)["mfu"])
+    return run, attempt
+
+
+def test_logger_groups_scalars_adds_mfu_and_memory_and_logs_grids(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, attempt = _logged_attempt(tmp_path, monkeypatch)
+    rows, bad = read_metrics(store.join(attempt, "metrics.jsonl"))
+    assert bad == 0 and [r["step"] for r in rows] == [1, 2, 3, 4, 4]
+    # 4 samples/step at 8 samples/s: 0.5 s per step of 65536 FLOPs, against a 1 TFLOP/s peak
+    assert rows[0]["mfu"] == pytest.approx(65536 / 0.5 / 1e12) and rows[0]["host_peak_rss_gb"] > 0.01
+    assert "mfu" not in rows[-1] and rows[-1] == {"step": 4, "val_loss": 0.3}  # a validation-only row
+    acc = EventAccumulator(store.local_path(store.join(attempt, "tb")))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/grad_norm", "train/lr", "perf/samples_per_s",
+                                          "perf/mfu", "perf/tflops_per_gpu", "memory/host_peak_rss_gb", "val/loss"}
+    assert acc.Tags()["images"] == ["samples/grid"] and [e.step for e in acc.Images("samples/grid")] == [2, 4]
+    assert [g.rsplit("/", 1)[-1] for g in store.glob(store.join(attempt, "samples", "*.png"))] == \
+        ["grid_00000002.png", "grid_00000004.png"]
+    # W&B (offline): the same tags and the grids as images
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    logged = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+    assert b"perf/mfu" in logged and b"val/loss" in logged
+    assert len(list((run_dir / "files" / "media" / "images").rglob("*.png"))) == 2
+
+
+def test_report_shows_grids_eval_curves_and_parameter_count_of_a_logged_attempt(tmp_path, monkeypatch):
+    run, attempt = _logged_attempt(tmp_path, monkeypatch)
+    doc = build_report([], run_uri=run, stages=("train_base",),
+                       metrics_uris={"train_base": store.join(attempt, "metrics.jsonl")})
+    for chart in ("loss", "learning rate", "gradient norm", "throughput", "MFU", "peak memory"):
+        assert f"train_base {chart} (4 points)" in doc
+    loss = re.search(r'<svg[^>]*aria-label="train_base loss[^"]*".*?</svg>', doc).group(0)
+    assert 'data-scale="log"' in loss and re.findall(r'data-name="([^"]+)"', loss) == ["loss", "val_loss"]
+    grids = re.findall(r"<img class='grid' src='data:image/png;base64,([^']+)'[^>]*><figcaption>step (\d+)<", doc)
+    assert [s for _, s in grids] == ["2", "4"]
+    assert Image.open(io.BytesIO(base64.b64decode(grids[1][0]))).getpixel((2, 2)) == (191, 191, 191)
+    assert "parameters 220 (220)" in doc  # 10x20 + 20, read from the safetensors header
+    for title in ("held-out loss per checkpoint", "FID per checkpoint", "CLIP score per checkpoint"):
+        assert f"train_base: {title}" in doc
+    assert "no finished evaluate stage" in doc
+
+
+@pytest.mark.slow
+def test_report_of_the_smoke_run(smoke_run, tmp_path):
+    """The finished smoke run: every stage's duration, every training stage's ticked curves (log
+    loss, lr, grad norm), parameter count as its weights file holds it, config; the evaluation."""
+    from safetensors import safe_open
+
+    from pipeline import layout
+    from pipeline.manifest import read_manifest
+    from stages.evaluate import evaluation_rows
+    from stages.models import TRAIN_STAGES
+    from stages.report import refresh_report
+
+    _, run = smoke_run
+    trained = [s for s in TRAIN_STAGES if layout.finished_stage_dir(run, s)]  # those the smoke spec has
+    assert len(trained) >= 5
+    doc = build_report([], run_uri=run)
+    table = re.search(r"<table class='stages'>.*?</table>", doc, re.S).group(0)
+    for stage in ("download", "embed", *trained, "sample", "evaluate"):
+        m = read_manifest(layout.finished_stage_dir(run, stage))
+        assert re.search(rf"<td>{stage}</td><td>{m['attempt']}</td><td>finished</td><td>\d[^<]* (s|min)</td>", table), stage
+    for stage in trained:
+        m = read_manifest(layout.finished_stage_dir(run, stage))
+        for chart in ("loss", "learning rate", "gradient norm"):
+            svg = re.search(rf'<svg[^>]*aria-label="{stage} {chart} \(4 points\)".*?</svg>', doc).group(0)
+            assert len(_ticks(svg, "x-axis")) >= 2 and len(_ticks(svg, "y-axis")) >= 2
+            assert ('data-scale="log"' in svg) == (chart != "learning rate")
+        with safe_open(store.local_path(m["outputs"]["weights"]), "pt") as f:  # loads the tensors' shapes only
+            n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        assert f"({n:,})" in re.search(rf"<h3 id='{stage}'>.*?</p>", doc, re.S).group(0)
+    assert doc.count("stage config (what the fingerprint covers)") == len(trained)
+    assert "&quot;flavor&quot;: &quot;debug&quot;" in doc and "network config (final/config.json)" in doc
+    ev = read_manifest(layout.finished_stage_dir(run, "evaluate"))
+    shown = re.search(r"<table class='eval'>.*?</table>", doc, re.S).group(0)
+    for name, value, meaning in evaluation_rows(ev):  # stages.evaluate's own table, row by row
+        assert f"<tr><td>{name}</td><td>{value:.4g}</td><td>{html.escape(meaning)}</td></tr>" in shown
+
+    # The sample stage's own report, its run part rebuilt in place: the sample thumbnails stay.
+    sample = read_manifest(layout.finished_stage_dir(run, "sample"))
+    copy = store.join(store.normalize(str(tmp_path)), "report.html")
+    store.write_bytes_atomic(copy, store.read_bytes(sample["outputs"]["report"]))
+    before = store.read_bytes(copy).decode()
+    refresh_report(copy, run)
+    after = store.read_bytes(copy).decode()
+    assert after.count("<img src='data:image/png") == before.count("<img src='data:image/png") == 2
+    assert "<table class='eval'>" in after and after.split("<h2>Samples</h2>")[0] == before.split("<h2>Samples</h2>")[0]
