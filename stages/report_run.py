@@ -247,7 +247,7 @@ def summary_table(views: Sequence[StageView]) -> str:
             "<th>counts</th><th>parameters</th><th>headline</th></tr>"]
     for v in views:
         m = v.manifest or {}
-        counts = ", ".join(f"{k} {c}" for k, c in sorted((m.get("counts") or {}).items()))
+        counts = ", ".join(f"{k} {c}" for k, c in sorted((m.get("counts") or {}).items()) if c)  # zeros are noise
         met = m.get("metrics") or {}
         head = ", ".join(f"{k} {met[k]:.4g}" for k in ("final_loss", "val_loss") if isinstance(met.get(k), (int, float)))
         status = "finished" if m else ("in progress" if v.rows else "not finished")
@@ -328,7 +328,7 @@ def run_sections(run_uri: str, stages: Sequence[str] = TRAIN_STAGES,
     trainings = [views[s] for s in stages]
     parts = ["<h2>Stages</h2>", summary_table([v for s, v in views.items() if s in names or v.rows])]
     parts.append("<h2>Training</h2>")
-    empty = [v.stage for v in trainings if not v.rows]
+    empty = [v.stage for v in trainings if not v.rows and v.attempt is not None]  # in the run, nothing logged
     for v in trainings:
         if v.rows or v.grids:
             parts.append(training_section(v))
