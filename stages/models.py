@@ -52,12 +52,15 @@ MODELS: tuple[ModelDef, ...] = (
              True, "Super-resolution 64->256 with conditioning augmentation."),
     ModelDef("sr1024", "train_sr1024", "stages.superres", "SR1024TrainConfig", "SPEC_SR1024", True, ("drop_text",),
              1.0, True, "Super-resolution 256->1024 with conditioning augmentation."),
+    ModelDef("glide", "train_glide", "stages.glide", "GlideTrainConfig", "SPEC", True, ("drop_text",), 3.0, False,
+             "GLIDE base model: caption token ids -> its own text transformer, trained jointly -> 64px image."),
 )
 
 # Which models a cascade runs, in order; an upsampler's input is the model before it.
 CASCADES: dict[str, tuple[str, ...]] = {
     "unclip": ("prior", "decoder", "sr256", "sr1024"),
     "imagen": ("base", "sr256", "sr1024"),
+    "glide": ("glide", "sr256", "sr1024"),  # GLIDE had one upsampler; the cascade reuses Imagen's two
 }
 
 ROLES: tuple[str, ...] = tuple(m.role for m in MODELS)

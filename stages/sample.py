@@ -4,13 +4,14 @@ in stages/sample_outputs.py.
 
   unclip: prompt -> CLIP text -> prior -> CLIP image embedding -> decoder -> sr256 -> sr1024
   imagen: prompt -> T5 tokens -> base -> sr256 -> sr1024
+  glide:  prompt -> token ids -> GLIDE (its own text transformer) -> sr256 -> sr1024
 
 Everything is read back through the store exactly as training wrote it (docs/contracts.md):
 ``<run>/train_X/final/{model.safetensors,config.json}`` (safetensors only: loading a run can never
 execute code) and ``<run>/embed/encoders.json`` (which encoders embed the prompts). Networks are
 built from their flavor name, so nothing here knows a model size.
 
-Conditioning mirrors the training batch builders (stages/{prior,decoder,base,superres}.py): the
+Conditioning mirrors the training batch builders (stages/{prior,decoder,base,superres,glide}.py): the
 same keyword arguments, with CLIP/T5 features rounded through fp16 as the embedding shards store
 them. Classifier-free guidance is stages.diffusion's: the unconditional branch is the same call
 with the role's ``drop_*`` flags all True (the network's learned null conditioning). Each SR

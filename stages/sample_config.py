@@ -32,11 +32,12 @@ class SampleConfig(StrictModel):
 
     prompts: list[str] = Field(default_factory=_default_prompts, description=(
         "Prompts to sample (default: the demo corpus's fixed prompt list, which also turns on the demo check)."))
-    cascade: Literal["imagen", "unclip", "both"] = Field("both", description=(
-        "'unclip' (prior -> decoder -> sr256 -> sr1024), 'imagen' (base -> sr256 -> sr1024) or 'both'."))
+    cascade: Literal["imagen", "unclip", "glide", "both", "all"] = Field("both", description=(
+        "'unclip' (prior -> decoder -> sr256 -> sr1024), 'imagen' (base -> sr256 -> sr1024), 'glide' "
+        "(glide -> sr256 -> sr1024), 'both' (unclip and imagen) or 'all' (every cascade)."))
     guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
         "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
-        "prior, decoder, base, sr256, sr1024 (missing roles use the defaults). 1.0 = no guidance."))
+        "prior, decoder, base, sr256, sr1024, glide (missing roles use the defaults). 1.0 = no guidance."))
     steps: int | dict[str, int] = Field(25, description=(
         "Denoising steps: one int for every model, or role -> steps (missing roles: 25)."))
     sampler: Literal["ddim", "ddpm", "dpmpp", "dpmpp_2m"] = Field("dpmpp", description=(
@@ -57,9 +58,10 @@ class SampleConfig(StrictModel):
         "CLIP reranking (DALL-E): keep the K of images_per_prompt samples per prompt that the run's CLIP scores "
         "highest; the manifest records the kept and the first-drawn mean CLIP scores. null = keep all."))
     batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
-    max_stage: Literal["base", "decoder", "sr256", "sr1024"] | None = Field(None, description=(
-        "Stop each cascade early: 'base'/'decoder' = after the 64px model (base for imagen, decoder for "
-        "unclip), 'sr256' = after the first upsampler; null = run the whole cascade."))
+    max_stage: Literal["base", "decoder", "glide", "sr256", "sr1024"] | None = Field(None, description=(
+        "Stop each cascade early: 'base'/'decoder'/'glide' = after the 64px model (base for imagen, decoder "
+        "for unclip, glide for glide: any of the three names means that), 'sr256' = after the first "
+        "upsampler; null = run the whole cascade."))
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     demo_check: bool = Field(True, description="Score samples against their prompts when all prompts are demo captions.")
 
@@ -116,7 +118,9 @@ class SampleConfig(StrictModel):
         return self
 
     def cascades(self) -> list[str]:
-        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
+        if self.cascade == "both":  # as before GLIDE: the two cascades of unCLIP and Imagen
+            return ["unclip", "imagen"]
+        return list(CASCADES) if self.cascade == "all" else [self.cascade]
 
     def required_stages(self) -> list[str]:
         """Training stages this config samples from (for a submit-time check against the spec)."""
@@ -139,5 +143,5 @@ def cascade_roles(cascade: str, max_stage: str | None = None) -> tuple[str, ...]
     roles = CASCADES[cascade]
     if max_stage is None:
         return roles
-    last = roles[-3] if max_stage in ("base", "decoder") else max_stage
+    last = roles[-3] if max_stage in ("base", "decoder", "glide") else max_stage
     return roles[: roles.index(last) + 1]

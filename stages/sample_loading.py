@@ -40,13 +40,29 @@ def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: f
     if config.get("role") != role:
         raise StageFailed(f"{cfg_uri}: role is {config.get('role')!r}, expected {role!r}")
     try:
-        net, _ = load_final(final, device, config)
+        net = _load_glide(final, device, config) if role == "glide" else load_final(final, device, config)[0]
     except RuntimeError as e:
         raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
     diff_kw = dict(config.get("diffusion") or {})
     diff_kw["null_keys"] = NULL_KEYS[role]
     diff_kw["dynamic_percentile"] = percentile
     return LoadedModel(role, net, Diffusion(**diff_kw), config)
+
+
+def _load_glide(final: str, device: torch.device, config: dict) -> torch.nn.Module:
+    """GLIDE's network from its self-describing config (final_weights.network_from_config knows only
+    UNet and PriorTransformer); the flavor table when the config has none."""
+    from safetensors.torch import load as st_load
+
+    from stages.final_weights import load_final
+    from stages.nets.text_transformer import GlideConfig, GlideModel
+
+    doc = config.get("network") or {}
+    if doc.get("class") != "GlideModel":
+        return load_final(final, device, {**config, "network": None})[0]
+    net = GlideModel(GlideConfig(**doc["config"]))
+    net.load_state_dict(st_load(store.read_bytes(store.join(final, "model.safetensors"))))
+    return net.to(device).eval()
 
 
 @dataclass
@@ -58,10 +74,16 @@ class PromptFeatures:
     clip_mask: torch.Tensor  # [B, Lc] bool
     t5_tokens: torch.Tensor  # [B, Lt, Dt]
     t5_mask: torch.Tensor  # [B, Lt] bool
+    # Token ids, for models with their own text encoder (GLIDE): padded as training batches pad them.
+    clip_ids: torch.Tensor | None = None  # [B, Lc] long
+    clip_id_mask: torch.Tensor | None = None  # [B, Lc] bool
+    t5_ids: torch.Tensor | None = None  # [B, Lt] long
+    t5_id_mask: torch.Tensor | None = None  # [B, Lt] bool
 
     def select(self, idx: slice, device: torch.device) -> "PromptFeatures":
-        return PromptFeatures(*(getattr(self, f)[idx].to(device) for f in
-                                ("clip_text", "clip_tokens", "clip_mask", "t5_tokens", "t5_mask")))
+        return PromptFeatures(*(None if getattr(self, f) is None else getattr(self, f)[idx].to(device) for f in
+                                ("clip_text", "clip_tokens", "clip_mask", "t5_tokens", "t5_mask",
+                                 "clip_ids", "clip_id_mask", "t5_ids", "t5_id_mask")))
 
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +119,17 @@ class PromptEncoders:
         return {"clip_dim": self.clip.dim, "clip_token_dim": self.clip.token_dim, "t5_dim": self.t5.dim}
 
     def encode(self, prompts: Sequence[str]) -> PromptFeatures:
+        from data_prep.embed_format import pad_ids
+
         pooled, toks, _ = self.clip.encode_text(list(prompts))
         clip_tokens, clip_mask = _pad(toks)
         t5_tokens, t5_mask = self.t5.encode_padded(list(prompts))
+        # The same ids the embed stage writes (data_prep/embed_encode.py), padded like a batch.
+        cids, clens = self.clip.tokenize(list(prompts))
+        clip_ids, clip_id_mask = pad_ids([cids[i, : int(n)].numpy() for i, n in enumerate(clens)])
+        t5_ids, t5_id_mask = pad_ids([torch.tensor(x).numpy() for x in self.t5.token_ids(list(prompts))])
         # The networks were trained on fp16-stored features: round the same way.
         r = lambda x: x.float().half().float()  # noqa: E731
-        return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool())
+        return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool(),
+                              torch.from_numpy(clip_ids), torch.from_numpy(clip_id_mask),
+                              torch.from_numpy(t5_ids), torch.from_numpy(t5_id_mask))

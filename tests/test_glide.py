@@ -81,3 +81,133 @@ def test_glide_model_reads_the_ids_its_tokenizer_names():
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="class_embed must be"):
         net.unet(x, t, text_tokens=tokens, text_mask=valid, class_embed=y[:, :3])
+
+
+# ----------------------------------------------------------------------------- training
+def _loader_batch(n: int = 2, size: int = 16) -> dict:
+    """A micro-batch as stages/loader.collate makes it, token ids included."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (n, 5), generator=g)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return {"image": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            "clip_ids": ids, "clip_id_mask": mask, "t5_ids": ids % 50, "t5_id_mask": mask}
+
+
+def test_build_batch_passes_ids_and_drops_captions():
+    from stages import glide
+    from stages.nets import get_flavor
+
+    flavor, cpu = get_flavor("glide", "debug"), torch.device("cpu")
+    cfg = glide.GlideTrainConfig(flavor="debug", cfg_drop_text=1.0)
+    x0, cond = glide.build_batch(_loader_batch(), cfg, flavor, cpu, torch.float32)
+    assert x0.shape == (2, 3, 16, 16) and x0.min() >= -1 and x0.max() <= 1
+    assert cond["clip_ids"].dtype == torch.long and cond["drop_text"].all()  # never cast to the compute dtype
+    assert set(cond) == {"clip_ids", "clip_id_mask", "drop_text"}
+    bad = _loader_batch()
+    bad["clip_ids"][0, 0] = 10 ** 6
+    with pytest.raises(ValueError, match="outside flavor debug's vocabulary"):
+        glide.build_batch(bad, cfg, flavor, cpu, torch.float32)
+    del bad["clip_ids"]
+    with pytest.raises(ValueError, match="re-run the embed stage"):
+        glide.build_batch(bad, cfg, flavor, cpu, torch.float32)
+    with pytest.raises(ValueError, match="cfg_drop_text must be within"):
+        glide.GlideTrainConfig(cfg_drop_text=1.5)
+
+
+def test_joint_step_updates_the_text_transformer():
+    """One DeepSpeed engine around GlideModel: a step moves the text transformer's weights too."""
+    from pipeline.executors import DistEnv
+    from stages import glide
+    from stages.diffusion import Diffusion
+    from stages.distributed import setup_distributed
+    from stages.engine import build_engine, train_step
+    from stages.nets import get_flavor
+
+    cpu = torch.device("cpu")
+    setup_distributed(DistEnv.from_env(), cpu)
+    cfg = glide.GlideTrainConfig(flavor="debug", steps=3, batch_size=2, lr=1e-3, warmup_steps=0, cfg_drop_text=0.0)
+    torch.manual_seed(0)
+    engine, _ = build_engine(cfg, build_network("glide", "debug", DIMS), device=cpu)
+    text0 = {n: p.detach().clone() for n, p in engine.module.text.named_parameters()}
+    n_opt = sum(p.numel() for grp in engine.optimizer.param_groups for p in grp["params"])
+    assert n_opt == sum(p.numel() for p in engine.module.parameters())  # transformer and UNet: one optimizer
+    micro = [glide.build_batch(_loader_batch(), cfg, get_flavor("glide", "debug"), cpu, torch.float32)]
+    diffusion = Diffusion(**cfg.diffusion.model_dump())
+    # Zero-initialised residual outputs (attention proj, ResBlock conv2) pass no gradient back to the
+    # context or the time embedding until they have moved: the text transformer first moves at step 3.
+    for _ in range(3):
+        out = train_step(engine, diffusion, micro)
+    assert out["finite"]
+    moved = [n for n, p in engine.module.text.named_parameters() if not torch.equal(p, text0[n])]
+    assert "token_embedding.weight" in moved and any(n.startswith("blocks.") for n in moved)
+    assert "final_slot" in moved
+
+
+# ----------------------------------------------------------------------------- run spec
+def _smoke(**sections) -> dict:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline/configs/smoke.yaml").read_text())
+    data = json.loads(json.dumps(data))  # the YAML anchors share dicts: copy them apart
+    for k, v in sections.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    return data
+
+
+def test_spec_validates_the_train_glide_section():
+    from pipeline.spec import SpecError, parse_spec
+
+    debug = {"flavor": "debug", "steps": 4, "batch_size": 4, "loader_workers": 0}
+    spec = parse_spec(_smoke(train_glide=debug, sample={"cascade": "glide", "steps": 2, "prompts": ["a red circle"]}))
+    assert spec.train_glide.cfg_drop_text == 0.2 and spec.train_glide.flavor == "debug"  # GLIDE's 20%
+    for section, pattern in [
+        ({"flavor": "huge"}, r"train_glide\.flavor: unknown flavor 'huge' for glide; allowed: debug, demo, glide-3\.5b"),
+        ({**debug, "flavor": "demo"}, r"train_sr256\.flavor: takes 16px input but train_glide \(demo\) makes 32px"),
+        ({**debug, "cfg_drop_text": -0.1}, r"train_glide\.cfg_drop_text"),
+        ({**debug, "text_layers": 3}, r"train_glide\.text_layers"),
+    ]:
+        with pytest.raises(SpecError, match=pattern):
+            parse_spec(_smoke(train_glide=section))
+    # sampling the glide cascade needs the stage that trains it
+    with pytest.raises(SpecError, match="'glide' samples through train_glide"):
+        parse_spec(_smoke(sample={"cascade": "glide", "steps": 2, "prompts": ["a red circle"]}))
+    with pytest.raises(SpecError, match="'all' samples through train_glide"):
+        parse_spec(_smoke(sample={"cascade": "all", "steps": 2, "prompts": ["a red circle"]}))
+
+
+# ----------------------------------------------------------------------------- token ids, offline
+def test_embed_stores_the_ids_sampling_gives_the_same_caption(tmp_path):
+    """The ids the embed stage writes for a caption are the ids a prompt gets at sampling (same
+    tokenizers, same trimming), for both the CLIP BPE and the T5 SentencePiece tokenizer."""
+    import numpy as np
+
+    from data_prep.embed_decode import DecodedChunk
+    from data_prep.embed_encode import Encoders, encode_chunk
+    from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
+    from data_prep.tiny_encoders import ensure_tiny_encoders
+    from stages.sample_loading import PromptEncoders
+
+    ensure_tiny_encoders(tmp_path / "enc")
+    clip = load_clip(ClipConfig(model=f"tiny:{tmp_path / 'enc'}", pretrained=None), device="cpu")
+    t5 = load_t5(T5Config(model=f"tiny:{tmp_path / 'enc'}", max_length=16), device="cpu")
+    caps = ["a large red circle in the center", "blue square", "a tiny green star at the top left"]
+    n = len(caps)
+    chunk = DecodedChunk(shard="00000", chunk=0, last=True, keys=[f"{i:09d}" for i in range(n)], captions=caps,
+                         pixels=np.zeros((n, 3, 32, 32), np.float16), counts={"n_total": n}, columns={})
+    part, _ = encode_chunk(Encoders(clip, t5), chunk)
+    feats = PromptEncoders(clip, t5).encode(caps)
+    for i in range(n):
+        for tok, ids, mask in (("clip", feats.clip_ids, feats.clip_id_mask), ("t5", feats.t5_ids, feats.t5_id_mask)):
+            stored = part.ids_of(tok, i)
+            assert stored.dtype == np.int32 and len(stored) == int(mask[i].sum())
+            np.testing.assert_array_equal(stored, ids[i, : int(mask[i].sum())].numpy())
+    assert part.ids_of("clip", 0)[-1] == clip.tokenizer.eot_token_id and part.ids_of("t5", 0)[-1] == 1  # EOT / EOS
+    # one id per stored token feature: the features' lengths delimit the ids too
+    assert len(part.clip_ids) == len(part.clip_tokens) and len(part.t5_ids) == len(part.t5_tokens)

@@ -28,10 +28,11 @@ from stages.prior import PriorTrainConfig
 from stages.sample import (PromptEncoders, SampleConfig, cascade_roles, run, sample_cascade, sample_cli,
                            sample_images)
 from stages.superres import SR256TrainConfig
-from stages.final_weights import write_final
+from stages.final_weights import network_config, write_final
 from stages.train_config import TrainConfig
 
-ROLES = ("prior", "decoder", "base", "sr256", "sr1024")
+ROLES = ("prior", "decoder", "base", "sr256", "sr1024")  # the default cascades' ('both')
+GLIDE = "glide"  # also in the fixture run, sampled by cascade 'glide' / 'all'; final config self-describing
 PROMPTS = demo_prompts()[:3]
 
 
@@ -46,7 +47,7 @@ def run_uri(tmp_path_factory):
     run = store.normalize(str(root / "run"))
     store.write_json(store.join(run, "embed", "encoders.json"),
                      {"clip": clip_cfg.model_dump(), "t5": t5_cfg.model_dump(), **dims})
-    for i, role in enumerate(ROLES):
+    for i, role in enumerate(ROLES + (GLIDE,)):
         torch.manual_seed(i)
         net = build_network(role, "debug", dims)
         with torch.no_grad():
@@ -58,7 +59,10 @@ def run_uri(tmp_path_factory):
         write_final(store.join(run, f"train_{role}"), net.state_dict(), {
             "role": role, "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size,
             "low_res_size": fl.low_res_size, "diffusion": cfg.diffusion.model_dump(),
-            "condaug": cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, "step": 3})
+            "condaug": cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, "step": 3,
+            **({"network": network_config(net)} if role == GLIDE else {})})
+        if role == GLIDE:
+            continue  # no metrics: the report's loss curves stay those of the default cascades
         rows = [f'{{"step": {s}, "loss": {1.0 / (s + 1)}, "grad_norm": 1.0, "lr": 0.0001, "samples_per_s": 5.0}}'
                 for s in range(4)]
         store.write_bytes_atomic(store.join(run, f"train_{role}", "metrics.jsonl"), "\n".join(rows).encode())
@@ -92,7 +96,7 @@ def test_run_stage_both_cascades(run_uri, encoders, tmp_path):
     assert Image.open(io.BytesIO(store.read_bytes(res.outputs["grid"]))).width > 3 * 64
     doc = store.read_bytes(res.outputs["report"]).decode()
     assert all(p in doc for p in PROMPTS)
-    assert doc.count("<svg") == len(ROLES)  # one loss curve per training stage
+    assert doc.count("<svg") == 4 * len(ROLES)  # 4 charts per training stage with metrics (tests/test_report.py)
     # demo prompts -> the demo check ran for both cascades and its lines reached progress
     for c in ("unclip", "imagen"):
         assert 0.0 <= res.metrics[f"{c}_demo_colour_accuracy"] <= 1.0 and res.metrics[f"{c}_demo_n"] == 3
@@ -169,8 +173,13 @@ def test_cascade_roles():
     assert cascade_roles("unclip", "decoder") == ("prior", "decoder")
     assert cascade_roles("imagen", "base") == ("base",)
     assert cascade_roles("imagen", "sr256") == ("base", "sr256")
-    with pytest.raises(ValueError, match="allowed: unclip, imagen"):
-        cascade_roles("glide")
+    assert cascade_roles("glide") == ("glide", "sr256", "sr1024")
+    assert cascade_roles("glide", "glide") == cascade_roles("glide", "base") == ("glide",)
+    with pytest.raises(ValueError, match="allowed: unclip, imagen, glide"):
+        cascade_roles("dalle3")
+    assert SampleConfig(cascade="both").cascades() == ["unclip", "imagen"]  # as before GLIDE
+    assert SampleConfig(cascade="all").cascades() == ["unclip", "imagen", "glide"]
+    assert SampleConfig(cascade="glide").required_stages() == ["train_sr256", "train_sr1024", "train_glide"]
     assert SampleConfig(cascade="imagen", max_stage="sr256").required_stages() == ["train_base", "train_sr256"]
     assert SampleConfig().required_stages() == [f"train_{r}" for r in ROLES]
 
@@ -227,3 +236,23 @@ def test_clip_reranking_never_lowers_the_kept_score(run_uri, encoders, tmp_path)
     assert f["imagen_rerank_clip_score_kept"] >= f["imagen_rerank_clip_score_first"]
     with pytest.raises(ValueError, match="rerank_keep"):
         SampleConfig(prompts=PROMPTS[:1], images_per_prompt=2, rerank_keep=3)
+
+
+def test_glide_cascade_end_to_end(run_uri, encoders):
+    """prompt -> token ids -> GLIDE (its own text transformer, CFG by the empty sequence) -> sr256 -> sr1024."""
+    cfg = SampleConfig(prompts=PROMPTS[:2], cascade="glide", steps=2, seed=3)
+    a = sample_images(cfg, run_uri, encoders=encoders)
+    size = get_flavor("sr1024", "debug").image_size
+    assert [s.cascade for s in a] == ["glide", "glide"] and all(s.image.size == (size, size) for s in a)
+    assert not np.array_equal(*_arrays(a))  # the prompt reaches the image through the token ids
+    assert all(np.array_equal(x, y) for x, y in zip(_arrays(a), _arrays(sample_images(cfg, run_uri, encoders=encoders))))
+    unguided = sample_images(cfg.model_copy(update={"guidance_scale": {"glide": 1.0}}), run_uri, encoders=encoders)
+    assert not np.array_equal(_arrays(unguided)[0], _arrays(a)[0])
+    base = sample_images(cfg.model_copy(update={"max_stage": "glide"}), run_uri, encoders=encoders)
+    assert base[0].image.size == (get_flavor("glide", "debug").image_size,) * 2
+    # 'all' adds the glide cascade after the other two; theirs are unchanged by it
+    every = sample_images(cfg.model_copy(update={"cascade": "all", "prompts": PROMPTS[:1]}), run_uri, encoders=encoders)
+    assert [s.cascade for s in every] == ["unclip", "imagen", "glide"]
+    imagen = sample_images(cfg.model_copy(update={"cascade": "imagen", "prompts": PROMPTS[:1]}), run_uri,
+                           encoders=encoders)
+    assert np.array_equal(_arrays(every)[1], _arrays(imagen)[0])

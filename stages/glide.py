@@ -1,0 +1,66 @@
+"""train_glide: the GLIDE base model, caption token ids -> its own text transformer -> image at the
+flavor's size (64px at paper scale). Nichol et al. 2021, §2.2-2.3.
+
+Unlike the Imagen base (frozen T5 features) the text encoder is trained: the network the one
+loop hands to DeepSpeed is ``GlideModel`` (stages/nets/text_transformer.py), text transformer and
+UNet in one module, so one optimizer, one ZeRO partitioning, one EMA and one checkpoint cover
+both. The batch carries token ids, not features: the embed stage writes the ids of both its
+tokenizers (CLIP BPE and T5 SentencePiece, the models its spec names) into the embedding shards,
+and the flavor's ``tokenizer`` says which ones the model reads.
+
+Classifier-free guidance: 20% of captions are replaced by the empty sequence (GLIDE §2.3).
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.context import StageContext, StageResult
+from stages.stage_spec import StageSpec
+from stages.train_config import TrainConfig
+
+
+class GlideTrainConfig(TrainConfig):
+    """GLIDE drops 20% of the captions to the empty sequence for classifier-free guidance."""
+
+    cfg_drop_text: float = Field(0.2, description="probability of replacing the caption by the empty sequence (CFG)")
+
+
+def _ids(batch, tokenizer: str, device):
+    """(ids [B, L] long, mask [B, L] bool) of one tokenizer from a loader batch (stages/loader.collate)."""
+    if f"{tokenizer}_ids" not in batch:
+        raise ValueError(f"train_glide: the training batch has no {tokenizer}_ids; the embedding shards were "
+                         "written before the embed stage stored token ids (re-run the embed stage)")
+    return (batch[f"{tokenizer}_ids"].to(device, non_blocking=True).long(),
+            batch[f"{tokenizer}_id_mask"].to(device, non_blocking=True).bool())
+
+
+def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
+    from stages import batches  # torch: imported when training, not when a spec is read
+
+    net = flavor.config()       # the flavor's network config: its tokenizer and vocabulary
+    ids, mask = _ids(batch, net.tokenizer, device)
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= net.text.vocab_size:  # on a GPU an out-of-range id is a device-side assert, not a message
+        raise ValueError(f"train_glide: token id {top} is outside flavor {flavor.name}'s vocabulary "
+                         f"({net.text.vocab_size} rows for the {net.tokenizer} tokenizer); pick a flavor whose "
+                         "vocab_size covers the embed stage's tokenizer")
+    x0 = batches.images(batch, device)
+    cond = {f"{net.tokenizer}_ids": ids, f"{net.tokenizer}_id_mask": mask,
+            "drop_text": batches.drop_mask(len(x0), cfg.cfg_drop_text, device)}
+    return x0, cond
+
+
+def sample_cond(f, prev):
+    """What build_batch gives the network, from prompt features (stages/sample_loading.PromptFeatures):
+    the ids of both tokenizers; the network reads the one its config names."""
+    return {"clip_ids": f.clip_ids, "clip_id_mask": f.clip_id_mask, "t5_ids": f.t5_ids, "t5_id_mask": f.t5_id_mask}
+
+
+SPEC = StageSpec(stage="train_glide", role="glide", needs_images=True, build_batch=build_batch,
+                 sample_cond=sample_cond)
+
+
+def run(cfg: GlideTrainConfig, ctx: StageContext) -> StageResult:
+    from stages.train import run_stage
+
+    return run_stage(SPEC, cfg, ctx)
