@@ -183,15 +183,17 @@ def write_report(uri: str, report_html: str) -> str:
 
 
 def refresh_report(uri: str, run_uri: str, *, stages: Sequence[str] = TRAIN_STAGES,
-                   metrics_uris: dict[str, str] | None = None) -> str:
-    """Rebuild the run part of an existing report.html in place (e.g. once the evaluate stage,
-    which runs beside sample, has finished); the samples part is kept as it was written."""
+                   metrics_uris: dict[str, str] | None = None, out_uri: str | None = None) -> str:
+    """Rebuild the run part of an existing report.html (e.g. once the evaluate stage, which runs
+    beside sample, has finished); the samples part is kept as it was written. Written back in
+    place, or to ``out_uri`` (a later stage's own copy, leaving the sample stage's outputs as its
+    manifest lists them). Returns the URI written."""
     doc = store.read_bytes(uri).decode("utf-8")
     a, b = doc.find(RUN_BEGIN), doc.find(RUN_END)
     if a < 0 or b < a:
         raise ValueError(f"{uri} has no run part to refresh (written by an older release): re-run its sample stage")
     fresh = doc[: a + len(RUN_BEGIN)] + "\n" + run_sections(run_uri, stages, metrics_uris) + "\n" + doc[b:]
-    return write_report(uri, fresh)
+    return write_report(out_uri or uri, fresh)
 
 
 def slug(text: str, max_len: int = 48) -> str:

@@ -263,7 +263,10 @@ def test_report_of_the_smoke_run(smoke_run, tmp_path):
     copy = store.join(store.normalize(str(tmp_path)), "report.html")
     store.write_bytes_atomic(copy, store.read_bytes(sample["outputs"]["report"]))
     before = store.read_bytes(copy).decode()
+    elsewhere = store.join(store.normalize(str(tmp_path)), "evaluate", "report.html")
+    assert refresh_report(copy, run, out_uri=elsewhere) == elsewhere and store.read_bytes(copy).decode() == before
     refresh_report(copy, run)
     after = store.read_bytes(copy).decode()
+    assert store.read_bytes(elsewhere).decode() == after
     assert after.count("<img src='data:image/png") == before.count("<img src='data:image/png") == 2
     assert "<table class='eval'>" in after and after.split("<h2>Samples</h2>")[0] == before.split("<h2>Samples</h2>")[0]
