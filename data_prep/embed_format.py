@@ -103,7 +103,7 @@ class EmbeddingShard:
         ids = {"clip": self.clip_ids, "t5": self.t5_ids}[tokenizer]
         if ids is None:
             raise EmbeddingFormatError(f"this embedding shard has no {tokenizer}_ids (written before the embed stage "
-                                       "stored token ids): re-run the embed stage (t2i rerun RUN embed)")
+                                       "stored token ids): re-run the embed stage (t2i rerun RUN --from embed)")
         off = self._clip_offsets if tokenizer == "clip" else self._t5_offsets
         return ids[off[i]:off[i + 1]]
 

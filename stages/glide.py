@@ -28,8 +28,9 @@ class GlideTrainConfig(TrainConfig):
 def _ids(batch, tokenizer: str, device):
     """(ids [B, L] long, mask [B, L] bool) of one tokenizer from a loader batch (stages/loader.collate)."""
     if f"{tokenizer}_ids" not in batch:
-        raise ValueError(f"train_glide: the training batch has no {tokenizer}_ids; the embedding shards were "
-                         "written before the embed stage stored token ids (re-run the embed stage)")
+        raise ValueError(f"train_glide: the training batch carries no {tokenizer}_ids. The loader passes them "
+                         "only when every embedding shard stores them: shards written before the embed stage "
+                         "stored token ids need a re-run of the embed stage (t2i rerun RUN --from embed)")
     return (batch[f"{tokenizer}_ids"].to(device, non_blocking=True).long(),
             batch[f"{tokenizer}_id_mask"].to(device, non_blocking=True).bool())
 

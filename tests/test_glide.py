@@ -109,7 +109,7 @@ def test_build_batch_passes_ids_and_drops_captions():
     with pytest.raises(ValueError, match="outside flavor debug's vocabulary"):
         glide.build_batch(bad, cfg, flavor, cpu, torch.float32)
     del bad["clip_ids"]
-    with pytest.raises(ValueError, match="re-run the embed stage"):
+    with pytest.raises(ValueError, match="re-run of the embed stage"):
         glide.build_batch(bad, cfg, flavor, cpu, torch.float32)
     with pytest.raises(ValueError, match="cfg_drop_text must be within"):
         glide.GlideTrainConfig(cfg_drop_text=1.5)
