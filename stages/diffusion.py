@@ -129,10 +129,10 @@ class Diffusion:
                  min_snr_gamma: float | None = None, thresholding: str = "dynamic",
                  dynamic_percentile: float = 0.995, cond_drop_prob: dict | None = None,
                  null_keys: tuple[str, ...] = ("drop_text", "drop_image"),
-                 logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+                 logsnr_min: float = -20.0, logsnr_max: float = 20.0, train_t_max: float = 1.0):
         check_diffusion(schedule, prediction, min_snr_gamma=min_snr_gamma, thresholding=thresholding,
                         dynamic_percentile=dynamic_percentile, cond_drop_prob=cond_drop_prob,
-                        logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+                        logsnr_min=logsnr_min, logsnr_max=logsnr_max, train_t_max=train_t_max)
         self.schedule = Schedule(schedule, logsnr_min, logsnr_max)
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
@@ -140,6 +140,10 @@ class Diffusion:
         self.dynamic_percentile = dynamic_percentile
         self.cond_drop_prob = dict(cond_drop_prob or {})
         self.null_keys = tuple(null_keys)
+        # Training draws t ~ U[0, train_t_max]: < 1 makes a refiner that only ever starts from a
+        # lightly noised input (SDXL's refiner: the lowest 20% of noise levels), and it then spends
+        # its whole training budget on the levels it is sampled at (sample.sr_start_t <= this).
+        self.train_t_max = float(train_t_max)
 
     # -- forward process ------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
@@ -160,7 +164,7 @@ class Diffusion:
         b, dev = x0.shape[0], x0.device
         cond = dict(cond or {})
         if t is None:
-            t = torch.rand(b, device=dev, generator=generator)
+            t = torch.rand(b, device=dev, generator=generator) * self.train_t_max
         if noise is None:
             noise = torch.randn(x0.shape, device=dev, dtype=x0.dtype, generator=generator)
         for key, p in self.cond_drop_prob.items():

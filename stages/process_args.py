@@ -21,7 +21,7 @@ def check_schedule(name: str, logsnr_min: float = -20.0, logsnr_max: float = 20.
 def check_diffusion(schedule: str = "cosine", prediction: str = "eps", *, min_snr_gamma: float | None = None,
                     thresholding: str = "dynamic", dynamic_percentile: float = 0.995,
                     cond_drop_prob: dict | None = None, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
-                    **_ignored) -> None:
+                    train_t_max: float = 1.0, **_ignored) -> None:
     check_schedule(schedule, logsnr_min, logsnr_max)
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
@@ -29,6 +29,8 @@ def check_diffusion(schedule: str = "cosine", prediction: str = "eps", *, min_sn
         raise ValueError(f"unknown thresholding {thresholding!r}; allowed: {', '.join(THRESHOLDING)}")
     if not 0.5 < dynamic_percentile <= 1.0:
         raise ValueError(f"dynamic_percentile must be in (0.5, 1], got {dynamic_percentile}")
+    if not 0.0 < train_t_max <= 1.0:
+        raise ValueError(f"train_t_max must be in (0, 1], got {train_t_max}")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma}")
     for k, p in (cond_drop_prob or {}).items():

@@ -31,6 +31,9 @@ class DiffusionSettings(StrictModel):
     min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma (> 0); None = plain MSE")
     thresholding: Literal["none", "static", "dynamic"] = Field(
         "dynamic", description="x0 thresholding when sampling ('none' for the prior: embeddings are not in [-1, 1])")
+    train_t_max: float = Field(1.0, description=(
+        "train on t ~ U[0, train_t_max]; < 1 trains a low-noise refiner (SDXL refiner style) that must "
+        "then be sampled from sample.sr_start_t <= this value"))
 
     @model_validator(mode="after")
     def _as_the_core_checks(self) -> "DiffusionSettings":

@@ -57,7 +57,8 @@ class Validator:
     def loss(self, model, diffusion) -> float:
         """Mean diffusion loss over the fixed timesteps (each with its own fixed noise)."""
         total = 0.0
-        ts = val_timesteps()
+        # A refiner trained on t <= train_t_max is validated on the same range (scaled bin centres).
+        ts = [tv * getattr(diffusion, "train_t_max", 1.0) for tv in val_timesteps()]
         for i, tv in enumerate(ts):
             g = torch.Generator(device=self.x0.device).manual_seed(self.seed * 1_000_003 + 7919 * (i + 1))
             noise = torch.randn(self.x0.shape, generator=g, device=self.x0.device, dtype=self.x0.dtype)
