@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,7 +39,7 @@ from stages.stage_spec import Batch, StageSpec  # noqa: F401  (re-exported: mode
 from stages.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
 from stages.optim import configure_cuda_fast_path
 from stages.train_config import TrainConfig
-from stages.train_metrics import MetricsLogger, image_grid
+from stages.train_metrics import MetricsLogger, MfuMeter, image_grid
 from stages.validation import Validator
 
 LOOP_RESULT = "loop_result.json"
@@ -207,8 +208,12 @@ class Trainer:
             if ema_tensors is not None:
                 self.ema.load_state_tensors(ema_tensors)
             self.step = int(state["step"])
+        # MFU on GPUs with a known peak: rank 0 counts the FLOPs of its first step (stages/flops.py).
+        self.mfu = (MfuMeter(device, self.precision, cfg.batch_size * cfg.grad_accum * self.world)
+                    if self.rank == 0 else None)
         self.logger = MetricsLogger(job.out_uri, enabled=self.rank == 0, resume_step=self.step,
-                                    wandb_project=cfg.wandb_project, run_name=spec.stage, config=cfg.model_dump())
+                                    wandb_project=cfg.wandb_project, run_name=spec.stage, config=cfg.model_dump(),
+                                    mfu=self.mfu)
         self.grid = SampleGrid.build(self) if cfg.sample_every and spec.needs_images else None
         self.validator = Validator.build(self)  # None without a held-out split
         self.window = LossWindow(cfg.log_every, cfg.steps)
@@ -231,7 +236,8 @@ class Trainer:
         while self.step < cfg.steps:
             micro = self.next_step_batches()
             lr = self.engine.get_lr()[0]
-            out = train_step(self.engine, self.diffusion, micro)
+            step = functools.partial(train_step, self.engine, self.diffusion, micro)
+            out = self.mfu.step(step) if self.mfu is not None else step()
             self.step += 1
             self.guard.record(out["finite"], self.step)
             if not out["finite"]:
@@ -380,6 +386,9 @@ def stage_result(out_uri: str, final: str) -> StageResult:
         val_rows = [r for r in lines if "val_loss" in r]
         if val_rows:  # the held-out loss at the last step (stages/validation.py)
             metrics["val_loss"] = float(val_rows[-1]["val_loss"])
+        mfu_rows = [r["mfu"] for r in train_rows[1:] if "mfu" in r]  # the first row holds warm-up and the counted step
+        if mfu_rows:  # what stages/bench_plan.measured_mfu reads
+            metrics["mfu"] = float(statistics.median(mfu_rows))
     return StageResult(
         counts={"steps": int(config["step"])},
         metrics=metrics,

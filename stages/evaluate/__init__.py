@@ -159,28 +159,5 @@ def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_ur
                        device, progress)
 
 
-# What each figure means, for `t2i status`, report.html and `t2i eval` (README "Evaluation").
-_MEANING = (
-    ("_fid", "FID vs held-out images (lower is better; {features} features)"),
-    ("_clip_score_suite", "CLIP score on the prompt suite"),
-    ("_clip_score", "CLIP score of samples vs their captions (higher is better)"),
-    ("_val_loss", "held-out diffusion loss at 8 fixed t (lower is better)"),
-    ("prior_cosine_similarity", "prior's image embedding vs the true one (higher is better)"),
-    ("prior_text_baseline", "caption's text embedding vs the true image embedding (the prior should beat it)"),
-    ("heldout_clip_score", "CLIP score of the real held-out images (the ceiling)"),
-    ("_demo_", "demo check on demo captions"),
-    ("evaluate_seconds", "time the evaluation took"),
-)
-
-
-def evaluation_rows(manifest: dict[str, Any]) -> list[tuple[str, float, str]]:
-    """(figure, value, what it means) for every figure of an evaluate manifest, in a stable order:
-    for ``t2i status`` and report.html."""
-    feats = (manifest.get("outputs") or {}).get("fid_features", "?")
-    rows = []
-    for name, value in sorted((manifest.get("metrics") or {}).items()):
-        meaning = next((m for key, m in _MEANING if key in name), "")
-        if "_clip_score_" in name and not name.endswith("_suite"):
-            meaning = f"CLIP score on the suite's {name.split('_clip_score_', 1)[1]} prompts"
-        rows.append((name, float(value), meaning.format(features=feats)))
-    return rows
+# What each figure means (for `t2i status`, report.html and `t2i eval`) lives with the report.
+from stages.report_eval import evaluation_rows  # noqa: E402,F401

@@ -22,15 +22,7 @@ from typing import Any, Callable
 from pipeline import layout, store
 from pipeline.context import StageFailed
 
-EVAL_LOG = "eval.jsonl"
-
-
-def read_rows(attempt: str) -> list[dict[str, Any]]:
-    """The rows of a training attempt's eval.jsonl (for curves in report.html and ``t2i status``)."""
-    uri = store.join(attempt, EVAL_LOG)
-    if not store.exists(uri):
-        return []
-    return [json.loads(x) for x in store.read_bytes(uri).decode().splitlines() if x.strip()]
+from stages.report_eval import EVAL_LOG, read_rows  # noqa: E402,F401  (the report reads them too)
 
 
 def complete_steps(attempt: str) -> list[int]:
