@@ -25,26 +25,28 @@ class GlideTrainConfig(TrainConfig):
     cfg_drop_text: float = Field(0.2, description="probability of replacing the caption by the empty sequence (CFG)")
 
 
-def _ids(batch, tokenizer: str, device):
-    """(ids [B, L] long, mask [B, L] bool) of one tokenizer from a loader batch (stages/loader.collate)."""
+def _ids(batch, tokenizer: str):
+    """(ids [B, L], mask [B, L]) of one tokenizer from a loader batch (stages/loader.collate)."""
     if f"{tokenizer}_ids" not in batch:
         raise ValueError(f"train_glide: the training batch carries no {tokenizer}_ids. The loader passes them "
                          "only when every embedding shard stores them: shards written before the embed stage "
                          "stored token ids need a re-run of the embed stage (t2i rerun RUN --from embed)")
-    return (batch[f"{tokenizer}_ids"].to(device, non_blocking=True).long(),
-            batch[f"{tokenizer}_id_mask"].to(device, non_blocking=True).bool())
+    return batch[f"{tokenizer}_ids"], batch[f"{tokenizer}_id_mask"]
 
 
 def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
     from stages import batches  # torch: imported when training, not when a spec is read
 
     net = flavor.config()       # the flavor's network config: its tokenizer and vocabulary
-    ids, mask = _ids(batch, net.tokenizer, device)
-    top = int(ids.max()) if ids.numel() else -1
-    if top >= net.text.vocab_size:  # on a GPU an out-of-range id is a device-side assert, not a message
+    ids, mask = _ids(batch, net.tokenizer)
+    # Checked on the loader's CPU tensor (no device sync): on a GPU an out-of-range id would be a
+    # device-side assert, not a message.
+    top = int(ids.max()) if ids.numel() and ids.device.type == "cpu" else -1
+    if top >= net.text.vocab_size:
         raise ValueError(f"train_glide: token id {top} is outside flavor {flavor.name}'s vocabulary "
                          f"({net.text.vocab_size} rows for the {net.tokenizer} tokenizer); pick a flavor whose "
                          "vocab_size covers the embed stage's tokenizer")
+    ids, mask = ids.to(device, non_blocking=True).long(), mask.to(device, non_blocking=True).bool()
     x0 = batches.images(batch, device)
     cond = {f"{net.tokenizer}_ids": ids, f"{net.tokenizer}_id_mask": mask,
             "drop_text": batches.drop_mask(len(x0), cfg.cfg_drop_text, device)}
