@@ -177,9 +177,9 @@ def test_spec_validates_the_train_glide_section():
             parse_spec(_smoke(train_glide=section))
     # sampling the glide cascade needs the stage that trains it
     with pytest.raises(SpecError, match="'glide' samples through train_glide"):
-        parse_spec(_smoke(sample={"cascade": "glide", "steps": 2, "prompts": ["a red circle"]}))
+        parse_spec(_smoke(train_glide=None, sample={"cascade": "glide", "steps": 2, "prompts": ["a red circle"]}))
     with pytest.raises(SpecError, match="'all' samples through train_glide"):
-        parse_spec(_smoke(sample={"cascade": "all", "steps": 2, "prompts": ["a red circle"]}))
+        parse_spec(_smoke(train_glide=None, sample={"cascade": "all", "steps": 2, "prompts": ["a red circle"]}))
 
 
 # ----------------------------------------------------------------------------- token ids, offline
