@@ -129,13 +129,20 @@ class Diffusion:
                  min_snr_gamma: float | None = None, thresholding: str = "dynamic",
                  dynamic_percentile: float = 0.995, cond_drop_prob: dict | None = None,
                  null_keys: tuple[str, ...] = ("drop_text", "drop_image"),
-                 logsnr_min: float = -20.0, logsnr_max: float = 20.0, train_t_max: float = 1.0):
+                 logsnr_min: float = -20.0, logsnr_max: float = 20.0, train_t_max: float = 1.0,
+                 min_snr_floor: float = 0.0):
         check_diffusion(schedule, prediction, min_snr_gamma=min_snr_gamma, thresholding=thresholding,
                         dynamic_percentile=dynamic_percentile, cond_drop_prob=cond_drop_prob,
-                        logsnr_min=logsnr_min, logsnr_max=logsnr_max, train_t_max=train_t_max)
+                        logsnr_min=logsnr_min, logsnr_max=logsnr_max, train_t_max=train_t_max,
+                        min_snr_floor=min_snr_floor)
         self.schedule = Schedule(schedule, logsnr_min, logsnr_max)
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
+        # Min-SNR weights the x0 error by min(snr, gamma), i.e. ~snr at high noise: the steps where
+        # only the text can say where things go (x_t shows nothing yet) get almost no gradient, so
+        # a briefly trained model learns colour and shape (decided at mid noise) but not layout.
+        # A floor keeps those steps at weight >= floor (1 = the x0 loss itself).
+        self.min_snr_floor = float(min_snr_floor)
         self.thresholding = thresholding
         self.dynamic_percentile = dynamic_percentile
         self.cond_drop_prob = dict(cond_drop_prob or {})
@@ -190,7 +197,7 @@ class Diffusion:
         if self.min_snr_gamma is None:
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.schedule.logsnr(t).exp()
-        w = snr.clamp(max=self.min_snr_gamma)
+        w = snr.clamp(max=self.min_snr_gamma).clamp(min=self.min_snr_floor)
         if self.prediction == "eps":
             w = w / snr
         elif self.prediction == "v":

@@ -21,7 +21,7 @@ def check_schedule(name: str, logsnr_min: float = -20.0, logsnr_max: float = 20.
 def check_diffusion(schedule: str = "cosine", prediction: str = "eps", *, min_snr_gamma: float | None = None,
                     thresholding: str = "dynamic", dynamic_percentile: float = 0.995,
                     cond_drop_prob: dict | None = None, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
-                    train_t_max: float = 1.0, **_ignored) -> None:
+                    train_t_max: float = 1.0, min_snr_floor: float = 0.0, **_ignored) -> None:
     check_schedule(schedule, logsnr_min, logsnr_max)
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
@@ -33,6 +33,8 @@ def check_diffusion(schedule: str = "cosine", prediction: str = "eps", *, min_sn
         raise ValueError(f"train_t_max must be in (0, 1], got {train_t_max}")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma}")
+    if not 0.0 <= min_snr_floor <= (min_snr_gamma if min_snr_gamma is not None else float("inf")):
+        raise ValueError(f"min_snr_floor must be within [0, min_snr_gamma], got {min_snr_floor}")
     for k, p in (cond_drop_prob or {}).items():
         if not k.startswith("drop_") or not 0.0 <= p <= 1.0:
             raise ValueError(f"cond_drop_prob[{k!r}]={p}: keys are the network's drop_* "

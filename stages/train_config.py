@@ -29,6 +29,9 @@ class DiffusionSettings(StrictModel):
     # 1/alpha blow-up at t -> 1 when sampling. eps stays available for paper reproductions.
     prediction: Literal["eps", "x0", "v"] = Field("v", description="what the network predicts")
     min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting gamma (> 0); None = plain MSE")
+    min_snr_floor: float = Field(0.0, description=(
+        "lower bound of the Min-SNR x0-loss weight: max(min(snr, gamma), floor); 1 keeps the high-noise "
+        "steps, where the layout is decided from the text alone, at full weight"))
     thresholding: Literal["none", "static", "dynamic"] = Field(
         "dynamic", description="x0 thresholding when sampling ('none' for the prior: embeddings are not in [-1, 1])")
     train_t_max: float = Field(1.0, description=(

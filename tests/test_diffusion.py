@@ -272,3 +272,37 @@ def test_bad_arguments_name_what_is_allowed():
         Diffusion().sample(lambda x, t: x, (1, 2), {}, sampler="euler")
     with pytest.raises(ValueError, match="steps"):
         Diffusion().sample(lambda x, t: x, (1, 2), {}, steps=0)
+
+
+def test_min_snr_floor_keeps_high_noise_steps_weighted():
+    """Min-SNR alone weights the x0 error ~snr at high noise; the floor bounds it from below, so
+    the steps where only the conditioning can say where things go still get a gradient."""
+    t = torch.tensor([0.05, 0.5, 0.9, 0.99])
+    for pred in ("x0", "v", "eps"):
+        plain = Diffusion("cosine", pred, min_snr_gamma=5.0)
+        floored = Diffusion("cosine", pred, min_snr_gamma=5.0, min_snr_floor=1.0)
+        snr = plain.schedule.logsnr(t).exp()
+        to_x0 = {"x0": torch.ones_like(snr), "v": snr + 1, "eps": snr}[pred]  # x0-weight = weight * factor
+        x0_plain, x0_floored = plain.loss_weight(t) * to_x0, floored.loss_weight(t) * to_x0
+        assert torch.allclose(x0_plain, snr.clamp(max=5.0), rtol=1e-5)
+        assert torch.allclose(x0_floored, snr.clamp(max=5.0, min=1.0), rtol=1e-5)
+        assert x0_floored[-1] == pytest.approx(1.0) and x0_plain[-1] < 0.01
+    with pytest.raises(ValueError, match="min_snr_floor"):
+        Diffusion("cosine", "v", min_snr_gamma=5.0, min_snr_floor=6.0)
+
+
+def test_train_t_max_draws_only_low_noise_levels():
+    seen = []
+
+    def net(x, t, **_):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    d = Diffusion("cosine", "v", train_t_max=0.2)
+    for _ in range(20):
+        d.training_loss(net, torch.zeros(16, 3, 4, 4))
+    t = torch.cat(seen)
+    assert float(t.max()) <= 0.2 and float(t.min()) >= 0.0 and float(t.mean()) == pytest.approx(0.1, abs=0.02)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="train_t_max"):
+            Diffusion("cosine", "v", train_t_max=bad)
