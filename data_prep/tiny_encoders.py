@@ -41,8 +41,12 @@ TINY_CLIP_PREPROCESS = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
                         "resize_mode": "shortest"}
 # Contrastive training of the tiny CLIP (see the module docstring). Batches hold distinct captions
 # (a repeated caption would be a false negative of itself).
+# minimal_pairs: every other batch is made of captions that differ in one of these attributes only
+# (hard negatives), so the image embedding encodes each; measured with a linear probe on the image
+# embeddings of 800 training renders: position 0.21 -> 0.35 (chance 0.11), colour 0.995 -> 1.0.
 TINY_CLIP_TRAIN = {"steps": 400, "batch_size": 128, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.1,
-                   "renders_per_caption": 2, "render_size": 128, "version": 1}
+                   "renders_per_caption": 2, "render_size": 128,
+                   "minimal_pairs": ["position", "background", "color", "shape", "size"], "version": 2}
 TINY_T5 = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
 _DONE = "TINY_OK"
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
@@ -140,6 +144,36 @@ def _training_pool(seed: int, image_size: int):
     return torch.from_numpy(np.stack(pix)), ids, torch.tensor(which), len(attrs)
 
 
+def _minimal_pair_groups(field: str) -> list[list[int]]:
+    """Indices into ``training_attrs()`` grouped by everything but ``field``: each group's captions
+    differ only in that attribute ("... in the top left ..." vs "... in the center ...")."""
+    from data_prep import demo_corpus
+
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(demo_corpus.training_attrs()):
+        key = tuple(getattr(a, f) for f in ("color", "shape", "position", "size", "background") if f != field)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _contrastive_batch(step: int, n_caps: int, batch: int, groups: dict[str, list[list[int]]],
+                       g: torch.Generator) -> torch.Tensor:
+    """Distinct caption indices for one step. Random batches are all but solved by colour and
+    shape alone (few pairs in 128 share both), so the embedding would never need the position
+    or background; every other step is instead made of whole minimal-pair groups for one
+    attribute in turn (hard negatives), which makes the embedding encode each attribute."""
+    fields = list(groups)
+    if step % 2 == 0 or not fields:
+        return torch.randperm(n_caps, generator=g)[:batch]
+    field_groups = groups[fields[(step // 2) % len(fields)]]
+    out: list[int] = []
+    for gi in torch.randperm(len(field_groups), generator=g).tolist():
+        out += field_groups[gi][: batch - len(out)]
+        if len(out) >= batch:
+            break
+    return torch.tensor(out)
+
+
 def _encode_text_trimmed(model, ids: torch.Tensor) -> torch.Tensor:
     """open_clip's ``CLIP.encode_text`` over the first max-length positions only: with its causal
     mask a token never sees later positions, so this is the full 77-position pass (the same
@@ -179,10 +213,11 @@ def train_tiny_clip(model, seed: int = 0, log=None) -> dict[str, float]:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, s / steps))))
         reps = len(which) // n_caps
+        groups = {f: _minimal_pair_groups(f) for f in cfg.get("minimal_pairs", ())}
         model.train()
         stats: dict[str, float] = {}
         for step in range(steps):
-            caps = torch.randperm(n_caps, generator=g)[: cfg["batch_size"]]  # distinct captions
+            caps = _contrastive_batch(step, n_caps, cfg["batch_size"], groups, g)  # distinct captions
             rows = caps + n_caps * torch.randint(reps, (len(caps),), generator=g)
             img_f = model.encode_image(pix[rows], normalize=True)
             txt_f = _encode_text_trimmed(model, ids[caps])

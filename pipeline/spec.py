@@ -152,12 +152,34 @@ def cross_stage_problems(spec) -> list[str]:
         if getattr(spec, "embed", None) is None:
             problems.append("sample: needs the embed stage (it reloads the encoders to embed the prompts)")
     problems += _evaluate_problems(spec)
+    problems += _refiner_problems(spec)
     dl = getattr(spec, "download", None)
     if dl is not None:
         for role, f in flavors.items():
             if f.image_size and dl.image_size < f.image_size:
                 problems.append(f"download.image_size: {dl.image_size}px is smaller than train_{role} "
                                 f"({f.name}) needs ({f.image_size}px); raise it to at least {f.image_size}")
+    return problems
+
+
+def _refiner_problems(spec) -> list[str]:
+    """An upsampler trained only on t <= diffusion.train_t_max (a low-noise refiner) has never seen
+    the noise levels above it: sampling must start at or below that level."""
+    from stages.models import MODELS
+
+    problems = []
+    for m in (m for m in MODELS if m.upsampler):
+        cfg = getattr(spec, m.stage, None)
+        t_max = getattr(getattr(cfg, "diffusion", None), "train_t_max", 1.0)
+        if cfg is None or t_max >= 1.0:
+            continue
+        sample, evaluate = getattr(spec, "sample", None), getattr(spec, "evaluate", None)
+        starts = [("sample", getattr(sample, "sr_start_t", None)),
+                  ("evaluate.sampling", None if evaluate is None else evaluate.sampling.get("sr_start_t", 1.0))]
+        for name, start in starts:
+            if start is not None and start > t_max:
+                problems.append(f"{name}.sr_start_t: {start} is above {m.stage}.diffusion.train_t_max ({t_max}), "
+                                f"the highest noise level that model was trained on; set it to at most {t_max}")
     return problems
 
 

@@ -110,3 +110,15 @@ def test_yaml_is_loaded_safely(tmp_path: Path):
 def test_missing_spec_file():
     with pytest.raises(SpecError, match="does not exist"):
         load_spec("/nonexistent/spec.yaml")
+
+
+def test_refiner_upsampler_must_be_sampled_from_its_noise_range():
+    """An SR model trained only on t <= train_t_max cannot start sampling above it."""
+    from pipeline.spec import SpecError, load_spec
+
+    low = {"train_sr256.diffusion.train_t_max": 0.2}
+    with pytest.raises(SpecError, match=r"sample\.sr_start_t: 1\.0 is above train_sr256\.diffusion\.train_t_max"):
+        load_spec("pipeline/configs/smoke.yaml", {**low, "sample.sr_start_t": 1.0})
+    spec = load_spec("pipeline/configs/smoke.yaml", {**low, "sample.sr_start_t": 0.1,
+                                                     "evaluate.sampling": {"sr_start_t": 0.1}})
+    assert spec.train_sr256.diffusion.train_t_max == 0.2

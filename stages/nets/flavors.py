@@ -71,17 +71,17 @@ def _prior(width, depth, head_dim=64):
                                  width=width, depth=depth, head_dim=head_dim)
 
 
-def _decoder(size, ch, mults, blocks, attn, head_dim=64, ctx=512):
+def _decoder(size, ch, mults, blocks, attn, head_dim=64, ctx=512, coord=False):
     return lambda d: UNetConfig(image_size=size, base_channels=ch, channel_mults=mults,
                                 num_res_blocks=blocks, attn_resolutions=attn, head_dim=head_dim,
                                 context_dim=ctx, text_dim=d["clip_token_dim"],
-                                image_embed_dim=d["clip_dim"])
+                                image_embed_dim=d["clip_dim"], coord_channels=coord)
 
 
-def _base(size, ch, mults, blocks, attn, head_dim=64, ctx=512):
+def _base(size, ch, mults, blocks, attn, head_dim=64, ctx=512, coord=False):
     return lambda d: UNetConfig(image_size=size, base_channels=ch, channel_mults=mults,
                                 num_res_blocks=blocks, attn_resolutions=attn, head_dim=head_dim,
-                                context_dim=ctx, text_dim=d["t5_dim"])
+                                context_dim=ctx, text_dim=d["t5_dim"], coord_channels=coord)
 
 
 def _sr(size, ch, mults, blocks, attn, cross, head_dim=64, ctx=512):
@@ -120,9 +120,11 @@ _add("decoder", "debug", "unet", 16, None, None,
      _decoder(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
 # Demo: slim at 32px (16 channels) where a CPU step spends most of its time, 64 channels at 8px,
 # attention at 16 and 8: ~1.5x the samples per CPU-second of a 32-channel net, and it learned the
-# demo's colours at least as fast per sample (README, "What the demo measures").
+# demo's colours at least as fast per sample (README, "What the demo measures"). CoordConv input
+# channels: the demo's captions name places ("in the top left"), and without them the net sees
+# position only through the zero padding (position stayed at chance).
 _add("decoder", "demo", "unet", 32, None, None,
-     _decoder(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), head_dim=32, ctx=64))
+     _decoder(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), head_dim=32, ctx=64, coord=True))
 _add("decoder", "decoder-3.5b", "unet", 64, None, 3_500_000_000,
      _decoder(64, 768, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
 
@@ -131,7 +133,7 @@ _add("decoder", "decoder-3.5b", "unet", 64, None, 3_500_000_000,
 _add("base", "debug", "unet", 16, None, None,
      _base(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
 _add("base", "demo", "unet", 32, None, None,
-     _base(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), head_dim=32, ctx=64))  # as the decoder's demo
+     _base(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), head_dim=32, ctx=64, coord=True))  # as the decoder's demo
 _add("base", "base64-2b", "unet", 64, None, 2_000_000_000,
      _base(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
 
