@@ -104,3 +104,19 @@ def test_sample_reproduces_the_stage_from_another_directory(smoke_run, tmp_path)
     assert len(pngs) == 2
     for name in pngs:
         assert (out / name).read_bytes() == open(os.path.join(stage_dir, name), "rb").read(), name
+
+
+def test_whole_run_report_has_the_evaluation(smoke_run):
+    """Sample and evaluate run side by side, so the run ends by rebuilding <run>/report.html with
+    the evaluation; `t2i report` rebuilds it on demand."""
+    cwd, run = smoke_run
+    path = cwd / "runs" / "smoke" / "report.html"
+    assert path.is_file(), "the run did not write its whole-run report"
+    first = path.read_text()
+    assert "<h2>Evaluation</h2>" in first and "prior_cosine_similarity" in first
+    path.unlink()
+    code, out, err = t2i("report", run, cwd=cwd)
+    assert code == 0, err
+    assert "report:" in out and path.read_text().count("<h2>Evaluation</h2>") == 1
+    code, out, err = t2i("report", "/nonexistent/run", cwd=cwd)
+    assert code != 0 and "is not a run" in err and "Traceback" not in err

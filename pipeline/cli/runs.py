@@ -68,6 +68,9 @@ def _run_and_report(spec, **kw) -> None:
     evaluation = summary.outcomes.get("evaluate")
     if evaluation and evaluation.manifest:
         _print_evaluation(evaluation.manifest)
+        whole = _whole_run_report(summary.run_uri)  # sample wrote its report before evaluate finished
+        if whole:
+            console.print(f"report (with the evaluation): {whole}")
     if failed:
         raise typer.Exit(1)
 
@@ -184,6 +187,36 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
     line = job_status_line(uri)  # a submitted run: the Ray job's own state too
     if line:
         console.print(line)
+
+
+def _whole_run_report(run_uri: str) -> Optional[str]:
+    """``<run>/report.html``: the sample stage's report with the run part (stages, training curves,
+    evaluation) rebuilt now. Sample and evaluate run side by side, so the sample stage's own copy
+    has no evaluation; this one is derived (rebuilt on every call), never listed by a manifest."""
+    from pipeline import layout, store
+    from stages.report import refresh_report
+
+    sample = layout.finished_stage_dir(run_uri, "sample")
+    if sample is None:
+        return None
+    src = store.join(sample, "report.html")
+    if not store.exists(src):
+        return None
+    return refresh_report(src, run_uri, out_uri=store.join(run_uri, "report.html"))
+
+
+@app.command()
+def report(run: str = typer.Argument(..., help="Run URI or run id with a finished sample stage.")) -> None:
+    """Rebuild ``<run>/report.html``: samples, stages, training curves and the evaluation (also
+    written at the end of every run; safe while a run trains: it reads only what is written)."""
+    uri = resolve_run(run)
+    try:
+        out = _whole_run_report(uri)
+    except ValueError as e:
+        fail(str(e))
+    if out is None:
+        fail(f"{uri} has no finished sample stage with a report.html yet: run or resume it first (t2i resume {run})")
+    console.print(f"report: {out}")
 
 
 @app.command()
