@@ -45,8 +45,8 @@ def test_flavor_records_sizes_and_kind():
             else:
                 assert f.low_res_size is None
         assert (f.target_params is not None) == (f.name == PAPER[f.role])
-    assert get_flavor("base", "demo").image_size == 32
-    assert (get_flavor("sr256", "demo").low_res_size, get_flavor("sr256", "demo").image_size) == (32, 64)
+    assert get_flavor("base", "demo").image_size == 16
+    assert (get_flavor("sr256", "demo").low_res_size, get_flavor("sr256", "demo").image_size) == (16, 64)
 
 
 def test_demo_flavors_stay_cpu_sized():

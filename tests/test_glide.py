@@ -169,7 +169,7 @@ def test_spec_validates_the_train_glide_section():
     assert spec.train_glide.cfg_drop_text == 0.2 and spec.train_glide.flavor == "debug"  # GLIDE's 20%
     for section, pattern in [
         ({"flavor": "huge"}, r"train_glide\.flavor: unknown flavor 'huge' for glide; allowed: debug, demo, glide-3\.5b"),
-        ({**debug, "flavor": "demo"}, r"train_sr256\.flavor: takes 16px input but train_glide \(demo\) makes 32px"),
+        ({**debug, "flavor": "glide-3.5b"}, r"train_sr256\.flavor: takes 16px input but train_glide \(glide-3\.5b\) makes 64px"),
         ({**debug, "cfg_drop_text": -0.1}, r"train_glide\.cfg_drop_text"),
         ({**debug, "text_layers": 3}, r"train_glide\.text_layers"),
     ]:
@@ -211,3 +211,28 @@ def test_embed_stores_the_ids_sampling_gives_the_same_caption(tmp_path):
     assert part.ids_of("clip", 0)[-1] == clip.tokenizer.eot_token_id and part.ids_of("t5", 0)[-1] == 1  # EOT / EOS
     # one id per stored token feature: the features' lengths delimit the ids too
     assert len(part.clip_ids) == len(part.clip_tokens) and len(part.t5_ids) == len(part.t5_tokens)
+
+
+# ----------------------------------------------------------------------------- the smoke run
+def test_smoke_run_trains_glide_jointly_and_samples_its_cascade(smoke_run):
+    """The shipped smoke spec trains train_glide from the token ids in its embedding shards and
+    samples the glide cascade (the fixture's run is shared: this test only reads it)."""
+    from safetensors.torch import load as st_load
+
+    from data_prep.embed_format import read_embedding_shard
+    from pipeline import layout, store
+    from pipeline.manifest import read_manifest
+
+    _, run = smoke_run
+    m = read_manifest(layout.finished_stage_dir(run, "train_glide"))
+    assert m["counts"]["steps"] == 4 and m["metrics"]["val_loss"] > 0
+    weights = st_load(store.read_bytes(m["outputs"]["weights"]))
+    init = build_network("glide", "debug", store.read_json(m["outputs"]["config"])["cond_dims"]).state_dict()
+    assert not torch.equal(weights["text.token_embedding.weight"], init["text.token_embedding.weight"])
+    embed = read_manifest(layout.finished_stage_dir(run, "embed"))
+    for npz in store.glob(store.join(embed["outputs"]["shards"], "*.npz")):
+        shard = read_embedding_shard(npz)
+        assert len(shard.clip_ids) == len(shard.clip_tokens) and len(shard.t5_ids) == len(shard.t5_tokens)
+    sample = read_manifest(layout.finished_stage_dir(run, "sample"))
+    assert [u for u in store.listdir(sample["outputs"]["dir"]) if "_glide_" in u and u.endswith(".png")]
+    assert "glide_demo_n" in sample["metrics"]

@@ -47,7 +47,7 @@ def _set(path, value):
     ("train_base.lr", -1.0, r"train_base\.lr: lr must be > 0"),
     ("train_decoder.cfg_drop_text", 1.5, r"train_decoder\.cfg_drop_text: .*within \[0, 1\]"),
     ("train_base.flavor", "huge", r"train_base\.flavor: unknown flavor 'huge' for base; allowed: .*base64-2b.*demo"),
-    ("train_sr256.flavor", "sr256-600m", r"train_sr256\.flavor: takes 64px input but train_base \(demo\) makes 32px"),
+    ("train_sr256.flavor", "sr256-600m", r"train_sr256\.flavor: takes 64px input but train_base \(demo\) makes 16px"),
     ("download.image_size", 32, r"download\.image_size: 32px is smaller than train_sr1024"),
     ("store.uri", "ftp://host/runs", r"store\.uri: unsupported URI scheme 'ftp'; allowed: file://, s3://, gs://"),
     ("download.url_list", "/nonexistent/urls.parquet", r"download\.url_list: .*/nonexistent/urls\.parquet"),

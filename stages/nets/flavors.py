@@ -92,14 +92,15 @@ def _sr(size, ch, mults, blocks, attn, cross, head_dim=64, ctx=512):
 
 
 def _glide(size, ch, mults, blocks, attn, *, width, layers, head_dim=64, ctx=512, text_ctx=128,
-           vocab=49408, text_head_dim=64):
+           vocab=49408, text_head_dim=64, coord=False):
     # The token ids carry no embed-stage width: cond_dims are not used. The UNet's text width is
     # the transformer's; its tokens are projected to `ctx` once, then per attention layer.
     return lambda d: GlideConfig(
         text=TextTransformerConfig(vocab_size=vocab, text_ctx=text_ctx, width=width, layers=layers,
                                    head_dim=text_head_dim),
         unet=UNetConfig(image_size=size, base_channels=ch, channel_mults=mults, num_res_blocks=blocks,
-                        attn_resolutions=attn, head_dim=head_dim, context_dim=ctx, text_dim=width))
+                        attn_resolutions=attn, head_dim=head_dim, context_dim=ctx, text_dim=width,
+                        coord_channels=coord))
 
 
 _FLAVORS: dict[tuple[str, str], Flavor] = {}
@@ -118,13 +119,14 @@ _add("prior", "prior-1b", "prior", None, None, 1_000_000_000, _prior(width=2048,
 # precomputed CLIP tokens, so the UNet itself is widened to 768 channels to keep the 3.5B size).
 _add("decoder", "debug", "unet", 16, None, None,
      _decoder(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
-# Demo: slim at 32px (16 channels) where a CPU step spends most of its time, 64 channels at 8px,
-# attention at 16 and 8: ~1.5x the samples per CPU-second of a 32-channel net, and it learned the
-# demo's colours at least as fast per sample (README, "What the demo measures"). CoordConv input
-# channels: the demo's captions name places ("in the top left"), and without them the net sees
-# position only through the zero padding (position stayed at chance).
-_add("decoder", "demo", "unet", 32, None, None,
-     _decoder(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), head_dim=32, ctx=64, coord=True))
+# Demo: 16px (16 -> 64 channels over 16/8/4px, attention at 8 and 4), ~3x the samples per
+# CPU-second of the same net at 32px. Measured on the demo base (README "What the demo measures"):
+# at 32px, 1800 steps learned colour (0.98) but not position (0.10; 0.04 with min_snr_floor at
+# 1200 steps); at 16px, 1300 x 64 with min_snr_floor 1 learned both (colour 0.65 at 16px,
+# position 0.85): the 4px bottleneck sees the 3x3 layout whole. CoordConv input channels: the
+# captions name places ("in the top left"), which a net otherwise sees only through its padding.
+_add("decoder", "demo", "unet", 16, None, None,
+     _decoder(16, 16, (1, 2, 4), (1, 1, 2), (8, 4), head_dim=32, ctx=64, coord=True))
 _add("decoder", "decoder-3.5b", "unet", 64, None, 3_500_000_000,
      _decoder(64, 768, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
 
@@ -132,8 +134,8 @@ _add("decoder", "decoder-3.5b", "unet", 64, None, 3_500_000_000,
 # 32/16/8; our blocks are slimmer than Imagen's, so 576 channels reach 2B).
 _add("base", "debug", "unet", 16, None, None,
      _base(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
-_add("base", "demo", "unet", 32, None, None,
-     _base(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), head_dim=32, ctx=64, coord=True))  # as the decoder's demo
+_add("base", "demo", "unet", 16, None, None,
+     _base(16, 16, (1, 2, 4), (1, 1, 2), (8, 4), head_dim=32, ctx=64, coord=True))  # as the decoder's demo
 _add("base", "base64-2b", "unet", 64, None, 2_000_000_000,
      _base(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
 
@@ -143,7 +145,7 @@ _add("base", "base64-2b", "unet", 64, None, 2_000_000_000,
 # whole pipeline at debug size validates and samples end to end.
 _add("sr256", "debug", "unet", 32, 16, None,
      _sr(32, 8, (1, 2), (1, 1), (), (16,), head_dim=16, ctx=32))
-_add("sr256", "demo", "unet", 64, 32, None,
+_add("sr256", "demo", "unet", 64, 16, None,  # 4x, as the paper's 64 -> 256
      _sr(64, 16, (1, 2, 4), (1, 1, 2), (), (16,), head_dim=32, ctx=64))
 _add("sr256", "sr256-600m", "unet", 256, 64, 600_000_000,
      _sr(256, 128, (1, 2, 4, 8), (2, 4, 8, 8), (32,), (32,), ctx=1024))
@@ -164,9 +166,9 @@ _add("sr1024", "sr1024-400m", "unet", 1024, 256, 400_000_000,
 # GLIDE's own BPE had 50257). Debug sizes chain into the debug SR models like the base's (16px).
 _add("glide", "debug", "glide", 16, None, None,
      _glide(16, 16, (1, 2), (1, 1), (8,), width=32, layers=2, head_dim=16, ctx=32, text_ctx=32, text_head_dim=16))
-_add("glide", "demo", "glide", 32, None, None,
-     _glide(32, 16, (1, 2, 4), (1, 1, 2), (16, 8), width=64, layers=2, head_dim=32, ctx=64, text_ctx=64,
-            text_head_dim=32))
+_add("glide", "demo", "glide", 16, None, None,  # as the base's demo flavor
+     _glide(16, 16, (1, 2, 4), (1, 1, 2), (8, 4), width=64, layers=2, head_dim=32, ctx=64, text_ctx=64,
+            text_head_dim=32, coord=True))
 _add("glide", "glide-3.5b", "glide", 64, None, 3_500_000_000,
      _glide(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), width=2048, layers=24, ctx=2048))
 
