@@ -36,7 +36,7 @@ from stages.optim import build_optimizer, build_scheduler
 # role -> (module, StageSpec attribute, config class): the stage's own defaults (CFG rates, SR condaug)
 STAGES: dict[str, tuple[str, str, str]] = {m.role: (m.module, m.spec_attr, m.config_class) for m in MODELS}
 # Targets of issue 8 on one H200 in bf16 (MFU per stage; DeepSpeed step time / plain step time).
-MFU_TARGETS = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45}
+MFU_TARGETS = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40}
 ZERO_RATIO_TARGETS = {0: 1.10, 1: 1.10, 2: 1.10, 3: 1.30}
 # Small conditioning widths for the debug/demo flavors (the paper flavors get the paper's widths).
 SMALL_COND_DIMS = {"t5_dim": 64, "clip_dim": 64, "clip_token_dim": 64}
@@ -92,6 +92,11 @@ def synthetic_batch(flavor, cond_dims: dict[str, int], batch: int, text_len: int
     out["clip_image"], out["clip_text"] = unit(cond_dims["clip_dim"]), unit(cond_dims["clip_dim"])
     out["t5_tokens"], out["t5_mask"] = tokens(cond_dims["t5_dim"])
     out["clip_tokens"], out["clip_mask"] = tokens(cond_dims["clip_token_dim"])
+    for tok, vocab in (("clip", 49408), ("t5", 32128)):  # token ids (GLIDE), as the loader pads them
+        ids_len = torch.randint(max(1, text_len // 4), text_len + 1, (batch,), generator=g)
+        mask = torch.arange(text_len)[None] < ids_len[:, None]
+        out[f"{tok}_ids"] = torch.randint(0, vocab, (batch, text_len), generator=g) * mask
+        out[f"{tok}_id_mask"] = mask
     if pin:  # what the training loader does on a GPU host (non_blocking copies need pinned memory)
         out = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
     return out

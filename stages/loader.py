@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.embed_format import EmbeddingShard, pad_sequences, read_embedding_shard
+from data_prep.embed_format import EmbeddingShard, pad_ids, pad_sequences, read_embedding_shard
 from data_prep.holdout import NO_HOLDOUT, HoldoutRule
 from data_prep.shards import ShardCorruptError, iter_shard
 from data_prep.image_decode import decode_rgb
@@ -150,6 +150,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out["clip_text"] = torch.from_numpy(np.stack([s["clip_text"] for s in samples]))
     out["t5_tokens"], out["t5_mask"] = _pad([s["t5"] for s in samples])
     out["clip_tokens"], out["clip_mask"] = _pad([s["clip_tokens"] for s in samples])
+    for tok in ("clip", "t5"):  # token ids (GLIDE): only when every sample's shard stored them
+        if all(f"{tok}_ids" in s for s in samples):
+            ids, mask = pad_ids([s[f"{tok}_ids"] for s in samples])
+            out[f"{tok}_ids"], out[f"{tok}_id_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
     return out
 
 
@@ -212,6 +216,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         def sample(j: int, image: np.ndarray | None) -> dict | None:
             d = {"key": str(emb.keys[j]), "clip_image": emb.clip_image[j], "clip_text": emb.clip_text[j],
                  "t5": emb.t5_of(j), "clip_tokens": emb.clip_tokens_of(j)}
+            for tok in ("clip", "t5"):  # optional: shards written before token ids were stored lack them
+                if getattr(emb, f"{tok}_ids") is not None:
+                    d[f"{tok}_ids"] = emb.ids_of(tok, j)
             # A non-finite embedding row (a shard not written by our embed stage, bit rot) would
             # turn every step it lands in into a NaN loss: skipped and counted like a bad image.
             if not all(np.isfinite(d[k]).all() for k in ("clip_image", "clip_text", "t5", "clip_tokens")):

@@ -268,5 +268,5 @@ def test_report_of_the_smoke_run(smoke_run, tmp_path):
     refresh_report(copy, run)
     after = store.read_bytes(copy).decode()
     assert store.read_bytes(elsewhere).decode() == after
-    assert after.count("<img src='data:image/png") == before.count("<img src='data:image/png") == 2
+    assert after.count("<img src='data:image/png") == before.count("<img src='data:image/png") == 3  # unclip, imagen, glide
     assert "<table class='eval'>" in after and after.split("<h2>Samples</h2>")[0] == before.split("<h2>Samples</h2>")[0]
