@@ -70,13 +70,16 @@ def load_final(uri: str, device: str | torch.device = "cpu", config: dict | None
 
 
 def network_config(net: torch.nn.Module) -> dict:
-    """``{"class": "UNet" | "PriorTransformer", "config": every constructor field}``: what
+    """``{"class": "UNet" | "PriorTransformer" | "GlideModel", "config": every constructor field}``: what
     :func:`network_from_config` rebuilds the network from, with nothing but this package's nets.
     Training-only switches (activation checkpointing) are left at their defaults."""
     import dataclasses
 
     cfg = dataclasses.asdict(net.cfg)
     cfg.pop("gradient_checkpointing", None)
+    for sub in cfg.values():  # nested configs (GlideModel: text + unet) carry their own switch
+        if isinstance(sub, dict):
+            sub.pop("gradient_checkpointing", None)
     return {"class": type(net).__name__, "config": cfg}
 
 
@@ -84,9 +87,11 @@ def network_from_config(doc: dict) -> torch.nn.Module:
     import dataclasses
 
     from stages.nets.prior_transformer import PriorConfig, PriorTransformer
+    from stages.nets.text_transformer import GlideConfig, GlideModel
     from stages.nets.unet import UNet, UNetConfig
 
-    classes = {"UNet": (UNet, UNetConfig), "PriorTransformer": (PriorTransformer, PriorConfig)}
+    classes = {"UNet": (UNet, UNetConfig), "PriorTransformer": (PriorTransformer, PriorConfig),
+               "GlideModel": (GlideModel, GlideConfig)}
     if doc.get("class") not in classes:
         raise ValueError(f"final config network.class must be one of {sorted(classes)} (got {doc.get('class')!r})")
     net_cls, cfg_cls = classes[doc["class"]]
@@ -94,6 +99,7 @@ def network_from_config(doc: dict) -> torch.nn.Module:
     unknown = sorted(set(doc["config"]) - set(kinds))
     if unknown:
         raise ValueError(f"final config network.config has fields this {doc['class']} does not know: {unknown}")
-    # JSON has no tuples: give tuple-typed fields their tuples back.
+    # JSON has no tuples: give tuple-typed fields their tuples back (nested config dicts, GLIDE's
+    # text + unet, are rebuilt by GlideConfig itself).
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
     return net_cls(cfg_cls(**args))

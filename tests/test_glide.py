@@ -182,6 +182,30 @@ def test_spec_validates_the_train_glide_section():
         parse_spec(_smoke(train_glide=None, sample={"cascade": "all", "steps": 2, "prompts": ["a red circle"]}))
 
 
+def test_final_weights_and_export_rebuild_a_glide_model(tmp_path):
+    """load_final / t2i export rebuild GlideModel (text transformer + UNet) from final/config.json alone."""
+    from stages.export import export_model, load_exported
+    from stages.final_weights import load_final, network_config, write_final
+
+    torch.manual_seed(0)
+    net = build_network("glide", "debug", DIMS, gradient_checkpointing=True).eval()
+    doc = network_config(net)
+    assert doc["class"] == "GlideModel"
+    assert "gradient_checkpointing" not in doc["config"]["text"]  # training-only switches left out
+    folder = write_final(str(tmp_path / "run"), {k: v for k, v in net.state_dict().items()},
+                         {"role": "glide", "flavor": "debug", "cond_dims": DIMS, "step": 3, "network": doc})
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7])
+    ids, mask = torch.randint(0, 100, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        want = net(x, t, clip_ids=ids, clip_id_mask=mask)
+        loaded, _ = load_final(folder)
+        assert type(loaded).__name__ == "GlideModel" and not loaded.cfg.text.gradient_checkpointing
+        assert torch.equal(loaded(x, t, clip_ids=ids, clip_id_mask=mask), want)
+        for fmt in ("diffusers", "folder"):
+            exported, _ = load_exported(export_model(folder, str(tmp_path / fmt), fmt=fmt))
+            assert torch.equal(exported(x, t, clip_ids=ids, clip_id_mask=mask), want)
+
+
 # ----------------------------------------------------------------------------- token ids, offline
 def test_embed_stores_the_ids_sampling_gives_the_same_caption(tmp_path):
     """The ids the embed stage writes for a caption are the ids a prompt gets at sampling (same
