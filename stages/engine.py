@@ -5,7 +5,7 @@ rank (no optimizer, LR-schedule or EMA update), keeping ZeRO's collectives in lo
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -37,9 +37,13 @@ def _clips_itself(cfg: TrainConfig, precision: str) -> bool:
     return cfg.zero_stage == 0 and precision == "fp32"
 
 
-def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
+def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]], *,
+               loss_fn: Callable[..., tuple[torch.Tensor, dict]] | None = None) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches. Returns detached tensors plus
     ``finite`` (bool): False means the loss was NaN/inf on some rank and the update was skipped.
+
+    ``loss_fn``: the stage's objective (``StageSpec.loss``: ``(diffusion, model, x0, cond, t=, noise=)``);
+    None: the diffusion loss.
 
     The finiteness check is the step's one host sync (one scalar; an all-reduce of it when there
     are several ranks, so every rank skips together and the ZeRO collectives stay in lockstep).
@@ -47,7 +51,8 @@ def train_step(engine, diffusion, micro_batches: list[tuple[torch.Tensor, dict]]
     total = None
     finite = True
     for x0, cond in micro_batches:
-        loss, _ = diffusion.training_loss(engine, x0, cond)
+        loss, _ = (diffusion.training_loss(engine, x0, cond) if loss_fn is None
+                   else loss_fn(diffusion, engine, x0, cond))
         engine.backward(loss)
         total = loss.detach() if total is None else total + loss.detach()
         if engine.is_gradient_accumulation_boundary():

@@ -70,7 +70,7 @@ def load_final(uri: str, device: str | torch.device = "cpu", config: dict | None
 
 
 def network_config(net: torch.nn.Module) -> dict:
-    """``{"class": "UNet" | "PriorTransformer" | "GlideModel", "config": every constructor field}``: what
+    """``{"class": "UNet" | "PriorTransformer" | "GlideModel" | "NoisedClip", "config": every constructor field}``: what
     :func:`network_from_config` rebuilds the network from, with nothing but this package's nets.
     Training-only switches (activation checkpointing) are left at their defaults."""
     import dataclasses
@@ -86,12 +86,13 @@ def network_config(net: torch.nn.Module) -> dict:
 def network_from_config(doc: dict) -> torch.nn.Module:
     import dataclasses
 
+    from stages.nets.noised_clip import NoisedClip, NoisedClipConfig
     from stages.nets.prior_transformer import PriorConfig, PriorTransformer
     from stages.nets.text_transformer import GlideConfig, GlideModel
     from stages.nets.unet import UNet, UNetConfig
 
     classes = {"UNet": (UNet, UNetConfig), "PriorTransformer": (PriorTransformer, PriorConfig),
-               "GlideModel": (GlideModel, GlideConfig)}
+               "GlideModel": (GlideModel, GlideConfig), "NoisedClip": (NoisedClip, NoisedClipConfig)}
     if doc.get("class") not in classes:
         raise ValueError(f"final config network.class must be one of {sorted(classes)} (got {doc.get('class')!r})")
     net_cls, cfg_cls = classes[doc["class"]]

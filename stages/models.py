@@ -54,6 +54,9 @@ MODELS: tuple[ModelDef, ...] = (
              1.0, True, "Super-resolution 256->1024 with conditioning augmentation."),
     ModelDef("glide", "train_glide", "stages.glide", "GlideTrainConfig", "SPEC", True, ("drop_text",), 3.0, False,
              "GLIDE base model: caption token ids -> its own text transformer, trained jointly -> 64px image."),
+    # Not a denoiser and in no cascade: sampling loads it for `guidance: clip` (stages/clip_guidance.py).
+    ModelDef("noised_clip", "train_noised_clip", "stages.noised_clip", "NoisedClipTrainConfig", "SPEC", True, (), 1.0,
+             False, "GLIDE's noised CLIP: noisy image x_t + t -> CLIP embedding, for CLIP guidance."),
 )
 
 # Which models a cascade runs, in order; an upsampler's input is the model before it.
@@ -64,6 +67,8 @@ CASCADES: dict[str, tuple[str, ...]] = {
 }
 
 ROLES: tuple[str, ...] = tuple(m.role for m in MODELS)
+# The models a cascade can run (denoisers); the others (the noised CLIP) only help sampling.
+CASCADE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if any(r in rs for rs in CASCADES.values()))
 TRAIN_STAGES: tuple[str, ...] = tuple(m.stage for m in MODELS)
 
 

@@ -27,5 +27,19 @@ class StageSpec:
     # the config the sample grid builds its fixed conditioning with: no CFG dropout (SR: no condaug)
     clean_config: Callable[[Any], Any] = \
         lambda cfg: cfg.model_copy(update={"cfg_drop_text": 0.0, "cfg_drop_image": 0.0})
+    # The training objective, for a model that is not a denoiser (the noised CLIP's contrastive
+    # loss): (diffusion, network, x0, cond, *, t=None, noise=None) -> (scalar loss, detached stats),
+    # the signature of Diffusion.training_loss plus the diffusion itself (its noise schedule).
+    # None: the diffusion loss. Everything that computes a stage's loss (the step, validation, the
+    # benchmarks) goes through :meth:`training_loss`, so a stage's objective is named once.
+    loss: Callable[..., tuple[Any, dict]] | None = None
+    # False: not a denoiser, nothing to draw (no training sample grid, no place in a cascade)
+    samples: bool = True
+
+    def training_loss(self, diffusion, model, x0, cond, *, t=None, noise=None):
+        """This stage's loss of ``model`` on one batch (``t``/``noise`` fixed: validation)."""
+        if self.loss is None:
+            return diffusion.training_loss(model, x0, cond, t=t, noise=noise)
+        return self.loss(diffusion, model, x0, cond, t=t, noise=noise)
 
 

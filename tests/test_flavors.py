@@ -10,8 +10,9 @@ from stages.nets import PriorTransformer, UNet, build_network, get_flavor, list_
 from stages.nets.flavors import PAPER_COND_DIMS, ROLES, count_params
 
 PAPER = {"prior": "prior-1b", "decoder": "decoder-3.5b", "base": "base64-2b",
-         "sr256": "sr256-600m", "sr1024": "sr1024-400m", "glide": "glide-3.5b"}
-KIND = {"prior": "prior", "glide": "glide"}  # every other role is a plain UNet
+         "sr256": "sr256-600m", "sr1024": "sr1024-400m", "glide": "glide-3.5b",
+         "noised_clip": "noised-clip-86m"}
+KIND = {"prior": "prior", "glide": "glide", "noised_clip": "noised_clip"}  # every other role is a plain UNet
 
 
 def test_every_role_has_debug_demo_and_its_paper_flavor():

@@ -30,6 +30,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                             "stages.engine", "stages.distributed", "stages.checkpoint", "stages.ema", "stages.optim",
                             "stages.loader", "stages.batches", "stages.final_weights", "stages.flops")),
     ("stage modules", ("stages.prior", "stages.decoder", "stages.base", "stages.superres", "stages.glide", "stages.models",
+                       "stages.noised_clip", "stages.clip_guidance",
                        "stages.export", "stages.evaluate", "stages.sample_config", "stages.sample_loading",
                        "stages.sample_outputs", "stages.rerank",
                        "stages.sample", "stages.report", "stages.report_run", "stages.report_svg", "stages.report_eval",

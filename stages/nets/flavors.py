@@ -7,6 +7,7 @@ Roles and what each network is conditioned on:
   sr256   Imagen SR: T5 tokens + low-res image -> 4x image ("64 -> 256" at paper scale)
   sr1024  Imagen SR: T5 tokens + low-res image -> 4x image ("256 -> 1024"); no self-attention
   glide   GLIDE base: token ids -> its own text transformer (trained jointly) -> base-size image
+  noised_clip  GLIDE's noised CLIP image tower: noisy image x_t + t -> CLIP embedding (CLIP guidance)
 
 Every role has `debug` (unit tests: tiny, seconds), `demo` (CPU demo: trains a visible
 colour/shape model in about a minute on 2 cores, at a small resolution: base/decoder 32px,
@@ -23,11 +24,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .noised_clip import NoisedClip, NoisedClipConfig
 from .prior_transformer import PriorConfig, PriorTransformer
 from .text_transformer import GlideConfig, GlideModel, TextTransformerConfig
 from .unet import UNet, UNetConfig
 
-ROLES = ("prior", "decoder", "base", "sr256", "sr1024", "glide")
+ROLES = ("prior", "decoder", "base", "sr256", "sr1024", "glide", "noised_clip")
 PAPER_COND_DIMS = {"t5_dim": 4096, "clip_dim": 768, "clip_token_dim": 768}
 _COND_KEYS = tuple(PAPER_COND_DIMS)
 
@@ -36,11 +38,11 @@ _COND_KEYS = tuple(PAPER_COND_DIMS)
 class Flavor:
     role: str
     name: str
-    kind: str                       # 'unet' | 'prior' | 'glide'
+    kind: str                       # 'unet' | 'prior' | 'glide' | 'noised_clip'
     image_size: int | None          # output resolution (None for the prior)
     low_res_size: int | None        # SR conditioning resolution, else None
     target_params: int | None       # paper parameter count (checked within 10%), else None
-    make_config: Callable[[dict], UNetConfig | PriorConfig | GlideConfig]   # cond_dims -> network config
+    make_config: Callable[[dict], UNetConfig | PriorConfig | GlideConfig | NoisedClipConfig]   # cond_dims -> network config
 
     def config(self, cond_dims: dict | None = None, **overrides):
         cfg = self.make_config(_check_cond_dims(cond_dims))
@@ -101,6 +103,13 @@ def _glide(size, ch, mults, blocks, attn, *, width, layers, head_dim=64, ctx=512
         unet=UNetConfig(image_size=size, base_channels=ch, channel_mults=mults, num_res_blocks=blocks,
                         attn_resolutions=attn, head_dim=head_dim, context_dim=ctx, text_dim=width,
                         coord_channels=coord))
+
+
+def _noised_clip(size, ch, mults, blocks):
+    # The head's width is CLIP's joint embedding (the embed stage's clip_dim): it is contrasted with
+    # the frozen CLIP text embeddings.
+    return lambda d: NoisedClipConfig(image_size=size, embed_dim=d["clip_dim"], base_channels=ch,
+                                      channel_mults=mults, num_res_blocks=blocks)
 
 
 _FLAVORS: dict[tuple[str, str], Flavor] = {}
@@ -172,6 +181,14 @@ _add("glide", "demo", "glide", 16, None, None,  # as the base's demo flavor
 _add("glide", "glide-3.5b", "glide", 64, None, 3_500_000_000,
      _glide(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), width=2048, layers=24, ctx=2048))
 
+# noised_clip: GLIDE's noised CLIP (§2.4) at the base model's resolution, for CLIP guidance of the
+# 64px base models. GLIDE's was a ViT whose size the paper does not give; the paper flavor is sized
+# like CLIP ViT-B/16's image tower (86M), as a conv tower (stages/nets/noised_clip.py says why).
+# debug/demo at the base flavors' 16px, so they guide the debug/demo glide and base models.
+_add("noised_clip", "debug", "noised_clip", 16, None, None, _noised_clip(16, 8, (1, 2), 1))
+_add("noised_clip", "demo", "noised_clip", 16, None, None, _noised_clip(16, 32, (1, 2, 4), 1))
+_add("noised_clip", "noised-clip-86m", "noised_clip", 64, None, 86_000_000,
+     _noised_clip(64, 224, (1, 2, 4, 4), 2))  # 82.9M
 
 # ----------------------------------------------------------------------------- API
 def list_flavors() -> list[Flavor]:
@@ -194,7 +211,7 @@ def build_network(role: str, name: str, cond_dims: dict | None = None, **overrid
     `with torch.device("meta"): build_network(...)` allocates nothing."""
     flavor = get_flavor(role, name)
     cfg = flavor.config(cond_dims, **overrides)
-    return {"prior": PriorTransformer, "glide": GlideModel}.get(flavor.kind, UNet)(cfg)
+    return {"prior": PriorTransformer, "glide": GlideModel, "noised_clip": NoisedClip}.get(flavor.kind, UNet)(cfg)
 
 
 def count_params(role: str, name: str, cond_dims: dict | None = None) -> int:
