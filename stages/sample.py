@@ -6,6 +6,9 @@ in stages/sample_outputs.py.
   imagen: prompt -> T5 tokens -> base -> sr256 -> sr1024
   glide:  prompt -> token ids -> GLIDE (its own text transformer) -> sr256 -> sr1024
 
+``guidance: clip`` guides the glide and base models with the noised CLIP of train_noised_clip
+(stages/clip_guidance.py) instead of classifier-free guidance.
+
 Everything is read back through the store exactly as training wrote it (docs/contracts.md):
 ``<run>/train_X/final/{model.safetensors,config.json}`` (safetensors only: loading a run can never
 execute code) and ``<run>/embed/encoders.json`` (which encoders embed the prompts). Networks are
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 from pipeline import store
 from pipeline.context import StageContext, StageFailed, StageResult
 
-from stages.sample_config import (CASCADES, CLI_OUT, DEFAULT_GUIDANCE, NULL_KEYS, ROLES, SAMPLER_NAMES,  # noqa: F401
-                                  SampleConfig, cascade_roles, stage_of)
+from stages.sample_config import (CASCADES, CLI_OUT, DEFAULT_GUIDANCE, NOISED_CLIP, NULL_KEYS, ROLES,  # noqa: F401
+                                  SAMPLER_NAMES, SampleConfig, cascade_roles, stage_of)
 from stages.sample_loading import LoadedModel, PromptEncoders, PromptFeatures, load_model  # noqa: F401
 from stages.sample_outputs import Sample, SampleOutputs, Samples, _to_pil, filename, write_outputs  # noqa: F401
 
@@ -56,8 +59,9 @@ def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def run_stage(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg: SampleConfig,
-              g: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Sample one batch through one model of the cascade; returns its output on CPU."""
+              g: torch.Generator, device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
+    """Sample one batch through one model of the cascade; returns its output on CPU.
+    ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/clip_guidance.py)."""
     from stages.condaug import CondAugConfig, ConditioningAugmentation
 
     b = f.clip_text.shape[0]
@@ -77,7 +81,12 @@ def run_stage(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg:
         aug = ConditioningAugmentation(CondAugConfig(**(m.config.get("condaug") or {})))
         low, level = aug.sample(low, cfg.sr_aug_level, generator=g)
         cond.update(low_res=low, aug_level=level)
-    out = m.diffusion.sample(m.net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
+    net = m.net
+    if guide is not None:
+        from stages.clip_guidance import ClipGuided
+
+        net = ClipGuided(m.net, m.diffusion, guide.net, f.clip_text, cfg.clip_guidance_for(m.role))
+    out = m.diffusion.sample(net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
                              guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
                              device=device, **start)
     if m.role == "prior":
@@ -121,6 +130,16 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
     for role in needed:  # load (and fail on a missing stage) before the slow part
         uri = stage_uris.get(stage_of(role)) or _finished_attempt(run_uri, stage_of(role))
         models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
+    guided = cfg.clip_guided(needed)
+    if guided:  # `guidance: clip`: the noised CLIP, checked against every model it guides
+        from stages.clip_guidance import check_compatible
+
+        uri = stage_uris.get(stage_of(NOISED_CLIP)) or _finished_attempt(run_uri, stage_of(NOISED_CLIP))
+        models[NOISED_CLIP] = load_model(uri, NOISED_CLIP, device=device)
+        for role in guided:
+            why = check_compatible(role, models[role].config, models[NOISED_CLIP].config)
+            if why:
+                raise StageFailed(f"sample.guidance: clip: {why}")
 
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
     encoders = encoders or PromptEncoders.load(embed_uri or _finished_attempt(run_uri, "embed"), device=device)
@@ -144,7 +163,8 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
                 g = torch.Generator(device=device).manual_seed(
                     (cfg.seed * 1_000_003 + ci * 10_007 + si * 101 + start) % (2 ** 63))
                 t0 = time.time()
-                prev = run_stage(models[role], f, prev, cfg, g, device)
+                prev = run_stage(models[role], f, prev, cfg, g, device,
+                                 guide=models.get(NOISED_CLIP) if role in guided else None)
                 progress(f"sample: {cascade}/{role} batch {start // cfg.batch_size + 1}: "
                          f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
             outs.append(prev)

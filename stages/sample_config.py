@@ -12,13 +12,19 @@ from stages import models as _models
 
 # From the model registry (stages/models.py): the roles, the cascades, each role's CFG null keys
 # and default guidance.
-ROLES = _models.ROLES
+# ROLES: the models a cascade runs (the noised CLIP only guides them: it has no per-model options).
+ROLES = _models.CASCADE_ROLES
 CASCADES = _models.CASCADES
 NULL_KEYS = {m.role: m.null_keys for m in _models.MODELS}
 SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
 CLI_OUT = "samples_cli"  # where sample_cli / sample_cascade write by default (not the stage's own dir)
-DEFAULT_GUIDANCE = {m.role: m.default_guidance for m in _models.MODELS}
+DEFAULT_GUIDANCE = {m.role: m.default_guidance for m in _models.MODELS if m.role in ROLES}
 stage_of = _models.stage_of
+# `guidance: clip` (GLIDE §2.4) guides the text-to-64px models that see the caption directly, with
+# the noised CLIP trained by train_noised_clip; its default scale per model.
+CLIP_GUIDED_ROLES = ("glide", "base")
+NOISED_CLIP = "noised_clip"
+DEFAULT_CLIP_GUIDANCE = {"glide": 3.0, "base": 3.0}
 
 
 def _default_prompts() -> list[str]:
@@ -38,6 +44,15 @@ class SampleConfig(StrictModel):
     guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
         "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
         "prior, decoder, base, sr256, sr1024, glide (missing roles use the defaults). 1.0 = no guidance."))
+    guidance: Literal["cfg", "clip"] = Field("cfg", description=(
+        "'cfg': classifier-free guidance only (guidance_scale). 'clip': CLIP guidance of the glide and base "
+        "models with the noised CLIP of train_noised_clip (GLIDE §2.4): the gradient of its noisy-image/caption "
+        "similarity, times clip_guidance_scale, is added to the model's mean at every step; those two models "
+        "then sample without CFG (GLIDE compares the two guidances), every other model as under 'cfg'."))
+    clip_guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CLIP_GUIDANCE),
+                                                          description=(
+        "CLIP guidance scale (guidance: clip): one float for the glide and base models, or a dict with roles "
+        "glide, base (missing roles use the defaults). 0 = no CLIP guidance."))
     steps: int | dict[str, int] = Field(25, description=(
         "Denoising steps: one int for every model, or role -> steps (missing roles: 25)."))
     sampler: Literal["ddim", "ddpm", "dpmpp", "dpmpp_2m"] = Field("dpmpp", description=(
@@ -89,6 +104,17 @@ class SampleConfig(StrictModel):
                 raise ValueError(f"sample.steps[{k}]={x}: must be within [1, 1000]")
         return v
 
+    @field_validator("clip_guidance_scale")
+    @classmethod
+    def _clip_scale(cls, v):
+        for k, x in (v.items() if isinstance(v, dict) else [("*", v)]):
+            if k != "*" and k not in CLIP_GUIDED_ROLES:
+                raise ValueError(f"sample.clip_guidance_scale has role {k!r}; CLIP guidance applies to "
+                                 f"{', '.join(CLIP_GUIDED_ROLES)}")
+            if not x >= 0.0:
+                raise ValueError(f"sample.clip_guidance_scale[{k}]={x}: must be >= 0 (0 = no CLIP guidance)")
+        return v
+
     @field_validator("dynamic_threshold_percentile")
     @classmethod
     def _pct(cls, v: float) -> float:
@@ -125,9 +151,24 @@ class SampleConfig(StrictModel):
     def required_stages(self) -> list[str]:
         """Training stages this config samples from (for a submit-time check against the spec)."""
         roles = {r for c in self.cascades() for r in cascade_roles(c, self.max_stage)}
-        return [stage_of(r) for r in ROLES if r in roles]
+        if self.clip_guided(roles):
+            roles.add(NOISED_CLIP)  # `guidance: clip` needs the noised CLIP trained in the same spec
+        return [stage_of(r) for r in _models.ROLES if r in roles]
+
+    def clip_guided(self, roles) -> list[str]:
+        """The roles among ``roles`` that sample with CLIP guidance."""
+        if self.guidance != "clip":
+            return []
+        return [r for r in CLIP_GUIDED_ROLES if r in roles and self.clip_guidance_for(r) > 0]
+
+    def clip_guidance_for(self, role: str) -> float:
+        g = self.clip_guidance_scale
+        return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_CLIP_GUIDANCE[role]))
 
     def guidance_for(self, role: str) -> float:
+        """The CFG weight of ``role``: 1 (none) where CLIP guidance replaces it."""
+        if self.clip_guided([role]):
+            return 1.0
         g = self.guidance_scale
         return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_GUIDANCE[role]))
 
