@@ -22,17 +22,10 @@ from stages.train_config import TrainConfig
 
 
 class NoisedClipTrainConfig(TrainConfig):
-    """A contrastive batch needs at least two captions; there is nothing to draw a sample grid of."""
+    """Contrastive: each caption's negatives are the micro-batch's other images, so bigger batches
+    teach more per step (a batch of 1 has no negatives: its loss is 0). No sample grid to draw."""
 
-    batch_size: int = Field(16, description="micro-batch size per worker (>= 2: the contrastive negatives)")
-
-    @field_validator("batch_size")
-    @classmethod
-    def _contrastive(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"must be >= 2 for the contrastive loss (each caption's negatives are the "
-                             f"batch's other images), got {v}")
-        return v
+    batch_size: int = Field(16, description="micro-batch size per worker: the contrastive negatives (1: none)")
 
     @field_validator("sample_every")
     @classmethod
