@@ -8,7 +8,11 @@ score, as Dhariwal & Nichol do for DDIM: with ``score = -eps / sigma``,
 
     eps' = eps - s * sigma * grad,       i.e.  x0' = x0 + s * sigma^2 / alpha * grad
 
-(Tweedie: ``x0 = (x_t + sigma^2 * score) / alpha``), where ``grad = grad_{x_t} cos(f(x_t, t), g(c))``.
+(Tweedie: ``x0 = (x_t + sigma^2 * score) / alpha``), where ``grad = grad_{x_t} tau * cos(f(x_t, t), g(c))``:
+GLIDE's dot product of the unit embeddings times the noised CLIP's learned logit scale tau, i.e.
+the CLIP logit, log p(caption | x_t) up to the softmax's normalizer (classifier guidance ascends
+log p). With tau the scale is in log-probability units, not tied to how sharp a given CLIP's
+cosines are.
 At each step the guided network's output is rewritten to the prediction (eps, x0 or v) that
 carries ``eps'``, so ``stages/diffusion.py``'s samplers, thresholding and CFG stay untouched: a
 guided model is just another network ``model(x_t, t, **cond)`` (:class:`ClipGuided`).
@@ -17,6 +21,10 @@ The noised CLIP is told the guided model's t: both must use the same noise sched
 sampling loads them, :func:`check_compatible`). With CFG on as well (guidance_scale != 1), the
 sampler calls the network on [cond; uncond] rows of the same x_t; the same shift on both halves
 is the shift of the guided combination (it is linear), so it is computed once.
+
+Thresholding (sample.thresholding) acts on the guided x0 estimate: at high noise, where
+``sigma^2 / alpha`` is large, dynamic thresholding rescales most of the shift away, so the guidance
+acts mostly at mid and low noise.
 """
 from __future__ import annotations
 
@@ -26,10 +34,10 @@ from stages.diffusion import _bc
 
 
 def clip_grad(clip: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """grad_{x_t} of the cosine of each noisy image with its caption embedding ([B, 3, H, W], fp32)."""
+    """grad_{x_t} of the CLIP logit of each noisy image with its caption embedding ([B, 3, H, W], fp32)."""
     with torch.enable_grad():
         x = x_t.detach().float().requires_grad_(True)
-        sim = clip.similarity(x, t.float().expand(x.shape[0]), text.to(x.device))
+        sim = clip.scale().detach() * clip.similarity(x, t.float().expand(x.shape[0]), text.to(x.device))
         (grad,) = torch.autograd.grad(sim.sum(), x)
     return grad
 

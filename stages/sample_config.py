@@ -47,7 +47,7 @@ class SampleConfig(StrictModel):
     guidance: Literal["cfg", "clip"] = Field("cfg", description=(
         "'cfg': classifier-free guidance only (guidance_scale). 'clip': CLIP guidance of the glide and base "
         "models with the noised CLIP of train_noised_clip (GLIDE §2.4): the gradient of its noisy-image/caption "
-        "similarity, times clip_guidance_scale, is added to the model's mean at every step; those two models "
+        "logit, times clip_guidance_scale, is added to the model's score at every step; those two models "
         "then sample without CFG (GLIDE compares the two guidances), every other model as under 'cfg'."))
     clip_guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CLIP_GUIDANCE),
                                                           description=(
