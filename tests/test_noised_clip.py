@@ -221,3 +221,55 @@ def test_train_noised_clip_stage_in_the_one_loop(tmp_path):
     net, config = load_final(store.join(result.outputs["final"]))
     assert type(net).__name__ == "NoisedClip" and config["role"] == "noised_clip"
     assert net.cfg.embed_dim == FIX_DIMS["clip_dim"] and config["image_size"] == 16
+
+
+def test_sample_images_loads_the_noised_clip_for_clip_guidance(tmp_path):
+    """The sample stage's own path: train_noised_clip's final/ is loaded beside train_base's and
+    guides it; a missing or mismatched noised CLIP is refused before any sampling."""
+    from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
+    from data_prep.tiny_encoders import ensure_tiny_encoders
+    from pipeline import store
+    from pipeline.context import StageFailed
+    from stages.final_weights import network_config, write_final
+    from stages.nets.flavors import get_flavor
+    from stages.sample import sample_images
+    from stages.sample_config import SampleConfig
+    from stages.train_config import TrainConfig
+
+    enc_dir = tmp_path / "encoders"
+    ensure_tiny_encoders(enc_dir)
+    clip_cfg, t5_cfg = ClipConfig(model=f"tiny:{enc_dir}"), T5Config(model=f"tiny:{enc_dir}", max_length=32)
+    clip, t5 = load_clip(clip_cfg, device="cpu"), load_t5(t5_cfg, device="cpu")
+    dims = {"clip_dim": clip.dim, "clip_token_dim": clip.token_dim, "t5_dim": t5.dim}
+    run = store.normalize(str(tmp_path / "run"))
+    store.write_json(store.join(run, "embed", "encoders.json"),
+                     {"clip": clip_cfg.model_dump(), "t5": t5_cfg.model_dump(), **dims})
+
+    def final(role: str, stage: str, **over):
+        torch.manual_seed(len(role))
+        net = build_network(role, "debug", dims)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        fl = get_flavor(role, "debug")
+        write_final(store.join(run, stage), net.state_dict(), {
+            "role": role, "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size, "low_res_size": None,
+            "diffusion": TrainConfig().diffusion.model_dump(), "step": 2, "network": network_config(net), **over})
+
+    final("base", "train_base")
+    prompts = ["a red circle", "a blue square"]
+    kw = dict(prompts=prompts, cascade="imagen", max_stage="base", steps=4, sampler="ddim")
+    with pytest.raises(StageFailed, match="stage train_noised_clip has no trained model"):
+        sample_images(SampleConfig(guidance="clip", **kw), run)
+    final("noised_clip", "train_noised_clip")
+    plain = sample_images(SampleConfig(**kw), run)
+    guided = sample_images(SampleConfig(guidance="clip", clip_guidance_scale=50.0, **kw), run)
+    import numpy as np
+
+    a, b = (torch.from_numpy(np.stack([np.asarray(s.image) for s in x])) for x in (plain, guided))
+    assert a.shape == b.shape and not torch.equal(a, b)  # same seeds: only the guidance differs
+    # a noised CLIP trained at another resolution cannot guide the base model
+    final("noised_clip", "train_noised_clip_32", image_size=32)
+    with pytest.raises(StageFailed, match="sees 32px images but base"):
+        sample_images(SampleConfig(guidance="clip", **kw), run,
+                      stage_uris={"train_noised_clip": store.join(run, "train_noised_clip_32")})
