@@ -40,7 +40,8 @@ GPUS = ("h100", "h200", "a100", "b200")
 # Assumed on-demand prices ($/GPU-hour); pass --gpu-hour-price for your own.
 DEFAULT_PRICE = {"a100": 1.8, "h100": 2.5, "h200": 3.5, "b200": 5.0}
 # Stated default MFU per role when nothing measured is recorded (the targets of issue 8).
-DEFAULT_MFU = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40}  # glide: a base-like UNet + a transformer
+DEFAULT_MFU = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40,
+               "noised_clip": 0.40}  # glide: a base-like UNet + a transformer
 EMBED_MFU = 0.30                      # encoder inference (a forward only, mid-size batches)
 DOWNLOAD_IMAGES_PER_S_PER_NODE = 1000.0  # img2dataset: ~1,000-1,350 images/s per 16-core node
 # Published encoder sizes (their FLOPs are 2 x params x positions: they cannot be built offline).
@@ -137,7 +138,7 @@ def _count(role: str, flavor: str, dims: dict[str, int], text_len: int, batch: i
 
     def step() -> None:
         x0, cond = spec.build_batch(cpu_batch, cfg, fl, dev, torch.float32)
-        loss, _ = diffusion.training_loss(net, x0, cond)
+        loss, _ = spec.training_loss(diffusion, net, x0, cond)
         loss.backward()
 
     return count_flops(step) // batch

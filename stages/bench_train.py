@@ -36,7 +36,8 @@ from stages.optim import build_optimizer, build_scheduler
 # role -> (module, StageSpec attribute, config class): the stage's own defaults (CFG rates, SR condaug)
 STAGES: dict[str, tuple[str, str, str]] = {m.role: (m.module, m.spec_attr, m.config_class) for m in MODELS}
 # Targets of issue 8 on one H200 in bf16 (MFU per stage; DeepSpeed step time / plain step time).
-MFU_TARGETS = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40}
+MFU_TARGETS = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40,
+               "noised_clip": 0.40}
 ZERO_RATIO_TARGETS = {0: 1.10, 1: 1.10, 2: 1.10, 3: 1.30}
 # Small conditioning widths for the debug/demo flavors (the paper flavors get the paper's widths).
 SMALL_COND_DIMS = {"t5_dim": 64, "clip_dim": 64, "clip_token_dim": 64}
@@ -154,7 +155,7 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
         def step(module=net) -> dict:
             micro = [spec.build_batch(cpu_batch, cfg, flavor, device, dtype)]
             return plain_train_step(module, optimizer, scheduler, diffusion, micro, grad_clip=cfg.grad_clip,
-                                    dtype=dtype)
+                                    dtype=dtype, loss_fn=spec.loss)
 
         count_step = functools.partial(step, model)  # same FLOPs; a compiled graph may not run under the counter
     else:
@@ -166,7 +167,7 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
 
         def step() -> dict:
             micro = [spec.build_batch(cpu_batch, cfg, flavor, device, dtype)]
-            return train_step(engine, diffusion, micro)
+            return train_step(engine, diffusion, micro, loss_fn=spec.loss)
 
         count_step = step
 
@@ -333,12 +334,13 @@ def build_plain(cfg, model: torch.nn.Module, *, device: torch.device):
 
 
 def plain_train_step(model, optimizer, scheduler, diffusion, micro_batches, *, grad_clip: float,
-                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.float32, loss_fn=None) -> dict[str, Any]:
     """:func:`train_step` in plain PyTorch (bf16 via autocast, fp32 weights) for comparison."""
     total = None
     for x0, cond in micro_batches:
         with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = diffusion.training_loss(model, x0, cond)
+            loss, _ = (diffusion.training_loss(model, x0, cond) if loss_fn is None
+                       else loss_fn(diffusion, model, x0, cond))
         (loss / len(micro_batches)).backward()
         total = loss.detach() if total is None else total + loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"), foreach=True)

@@ -214,7 +214,7 @@ class Trainer:
         self.logger = MetricsLogger(job.out_uri, enabled=self.rank == 0, resume_step=self.step,
                                     wandb_project=cfg.wandb_project, run_name=spec.stage, config=cfg.model_dump(),
                                     mfu=self.mfu)
-        self.grid = SampleGrid.build(self) if cfg.sample_every and spec.needs_images else None
+        self.grid = SampleGrid.build(self) if cfg.sample_every and spec.needs_images and spec.samples else None
         self.validator = Validator.build(self)  # None without a held-out split
         self.window = LossWindow(cfg.log_every, cfg.steps)
         self.guard = NonFiniteGuard(spec.stage, cfg.max_nonfinite_steps, self.ckpt)
@@ -236,7 +236,7 @@ class Trainer:
         while self.step < cfg.steps:
             micro = self.next_step_batches()
             lr = self.engine.get_lr()[0]
-            step = functools.partial(train_step, self.engine, self.diffusion, micro)
+            step = functools.partial(train_step, self.engine, self.diffusion, micro, loss_fn=self.spec.loss)
             out = self.mfu.step(step) if self.mfu is not None else step()
             self.step += 1
             self.guard.record(out["finite"], self.step)

@@ -28,8 +28,9 @@ def val_timesteps(n: int = VAL_TIMESTEPS) -> list[float]:
 
 
 class Validator:
-    def __init__(self, every: int, last: int, x0: torch.Tensor, cond: dict, seed: int):
+    def __init__(self, every: int, last: int, x0: torch.Tensor, cond: dict, seed: int, spec=None):
         self.every, self.last, self.x0, self.cond, self.seed = every, last, x0, cond, seed
+        self.spec = spec  # its StageSpec.training_loss: the stage's own objective (None: the diffusion loss)
 
     @classmethod
     def build(cls, t: Trainer) -> "Validator | None":
@@ -48,7 +49,7 @@ class Validator:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # SR's low-res path draws random numbers even without condaug
             x0, cond = spec.build_batch(batch, spec.clean_config(cfg), flavor, device, dtype)
-        return cls(cfg.eval_every, cfg.steps, x0, cond, cfg.seed)
+        return cls(cfg.eval_every, cfg.steps, x0, cond, cfg.seed, spec)
 
     def due(self, step: int) -> bool:
         return (self.every > 0 and step % self.every == 0) or step == self.last
@@ -63,7 +64,8 @@ class Validator:
             g = torch.Generator(device=self.x0.device).manual_seed(self.seed * 1_000_003 + 7919 * (i + 1))
             noise = torch.randn(self.x0.shape, generator=g, device=self.x0.device, dtype=self.x0.dtype)
             t = torch.full((self.x0.shape[0],), tv, device=self.x0.device)
-            loss, _ = diffusion.training_loss(model, self.x0, self.cond, t=t, noise=noise)
+            loss, _ = (diffusion.training_loss(model, self.x0, self.cond, t=t, noise=noise) if self.spec is None
+                       else self.spec.training_loss(diffusion, model, self.x0, self.cond, t=t, noise=noise))
             total += float(loss)
         return total / len(ts)
 

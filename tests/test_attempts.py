@@ -63,7 +63,7 @@ def test_extend_lr_resume_upgrade_gc(smoke):
     cwd, run = smoke
     run_dir = cwd / "runs" / "smoke"
     first = _weights(run_dir)
-    assert sum("final/step_00000004/model.safetensors" in k for k in first) == 6, first
+    assert sum("final/step_00000004/model.safetensors" in k for k in first) == 7, first
     others = {s: _finished_at(run, s) for s in ("download", "embed", "train_prior", "train_decoder")}
     base_attempt = stage_uri(run, "train_base")
 
@@ -129,7 +129,7 @@ def test_extend_lr_resume_upgrade_gc(smoke):
     assert code == 0 and not store.exists(base_attempt), out
     assert store.exists(store.join(new_attempt, mf.MANIFEST)), "gc keeps what the current spec uses"
     code, out, _ = t2i("resume", run, "--no-ray", cwd=cwd)
-    assert code == 0 and out.count("done already") == 10 and "▶" not in out, out  # every stage, evaluate included
+    assert code == 0 and out.count("done already") == 11 and "▶" not in out, out  # every stage, evaluate included
 
 
 def test_rerun_keeps_the_old_attempt(smoke, tmp_path):
