@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -q -e '.[test]'
+	# The demo's tiny CLIP is trained once per user (~1 min), as installing a real CLIP downloads it.
+	HF_HUB_OFFLINE=1 $(PY) -m data_prep.tiny_encoders
 	touch $(STAMP)
 
 .PHONY: venv demo test test-fast reliability clean-runs gpu-check

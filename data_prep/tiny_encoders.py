@@ -326,3 +326,22 @@ def _built(d: Path, done: str) -> bool:
         return json.loads((d / _DONE).read_text()) == json.loads(done)
     except (OSError, ValueError):
         return False
+
+
+def warm_cache(seed: int = 0) -> str:
+    """Train the demo's tiny CLIP into the per-user cache now, as installing a real model would
+    download it (``make venv`` runs this): the first demo run then spends its time on the pipeline.
+    Returns where the cached weights are (or why there are none)."""
+    import tempfile
+
+    cached = _clip_cache_path(seed)
+    if cached is None:
+        return "T2I_CACHE_DIR is off: nothing cached"
+    if not cached.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny_clip(Path(tmp) / "tiny-clip", seed=seed)
+    return str(cached)
+
+
+if __name__ == "__main__":  # python -m data_prep.tiny_encoders
+    print(f"tiny CLIP for the demo: {warm_cache()}")
