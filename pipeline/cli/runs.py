@@ -209,7 +209,11 @@ def _whole_run_report(run_uri: str) -> Optional[str]:
 def report(run: str = typer.Argument(..., help="Run URI or run id with a finished sample stage.")) -> None:
     """Rebuild ``<run>/report.html``: samples, stages, training curves and the evaluation (also
     written at the end of every run; safe while a run trains: it reads only what is written)."""
+    from pipeline import layout, store
+
     uri = resolve_run(run)
+    if not store.exists(layout.run_spec_uri(uri)):
+        fail(f"{uri} is not a run: {layout.run_spec_uri(uri)} does not exist")
     try:
         out = _whole_run_report(uri)
     except ValueError as e:
