@@ -112,3 +112,19 @@ def tiny_train_kwargs(**over) -> dict:
               checkpoint_every_steps=0, keep_last=2, loader_workers=0, ema_decay=0.9)
     kw.update(over)
     return kw
+
+
+def smoke_spec(**sections) -> dict:
+    """The shipped smoke spec as a plain dict, with ``sections`` replaced (None: removed)."""
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline/configs/smoke.yaml").read_text())
+    data = json.loads(json.dumps(data))  # the YAML anchors share dicts: copy them apart
+    for k, v in sections.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    return data

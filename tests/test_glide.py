@@ -146,19 +146,9 @@ def test_joint_step_updates_the_text_transformer():
 
 # ----------------------------------------------------------------------------- run spec
 def _smoke(**sections) -> dict:
-    import json
-    from pathlib import Path
+    from fixtures_train import smoke_spec
 
-    import yaml
-
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline/configs/smoke.yaml").read_text())
-    data = json.loads(json.dumps(data))  # the YAML anchors share dicts: copy them apart
-    for k, v in sections.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    return data
+    return smoke_spec(**sections)
 
 
 def test_spec_validates_the_train_glide_section():

@@ -115,16 +115,9 @@ def test_config_and_registry():
 
 
 def _smoke(**sections) -> dict:
-    import yaml
+    from fixtures_train import smoke_spec
 
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline/configs/smoke.yaml").read_text())
-    data = json.loads(json.dumps(data))  # the YAML anchors share dicts: copy them apart
-    for k, v in sections.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    return data
+    return smoke_spec(**sections)
 
 
 def test_spec_needs_train_noised_clip_for_clip_guidance():
