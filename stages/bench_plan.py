@@ -132,7 +132,7 @@ def _count(role: str, flavor: str, dims: dict[str, int], text_len: int, batch: i
     cpu_batch = synthetic_batch(fl, dims, batch, text_len, seed=0)
     torch.manual_seed(0)
     with torch.device(device):
-        net = build_network(role, flavor, dims)   # model FLOPs: no activation recompute
+        net = build_network(role, flavor, dims, spec.variant(cfg))   # model FLOPs: no activation recompute
     diffusion = Diffusion(**cfg.diffusion.model_dump())
     dev = torch.device(device)
 

@@ -139,9 +139,12 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
-    extra = {"channels_last": True} if opts.channels_last and flavor.kind == "unet" else {}
+    # channels_last is a UNetConfig switch: not for a GlideModel (glide, the decoder's glide variant)
+    is_unet = type(flavor.config(cond_dims, spec.variant(cfg))).__name__ == "UNetConfig"
+    extra = {"channels_last": True} if opts.channels_last and is_unet else {}
     with torch.device(device):  # built where it runs: a 2B network initialises in seconds on a GPU
-        model = build_network(spec.role, cfg.flavor, cond_dims, gradient_checkpointing=opts.activation_checkpointing,
+        model = build_network(spec.role, cfg.flavor, cond_dims, spec.variant(cfg),
+                              gradient_checkpointing=opts.activation_checkpointing,
                               **extra)
     n_params = sum(p.numel() for p in model.parameters())
     diffusion = Diffusion(**cfg.diffusion.model_dump())

@@ -25,38 +25,49 @@ class GlideTrainConfig(TrainConfig):
     cfg_drop_text: float = Field(0.2, description="probability of replacing the caption by the empty sequence (CFG)")
 
 
-def _ids(batch, tokenizer: str):
+def _ids(batch, tokenizer: str, stage: str):
     """(ids [B, L], mask [B, L]) of one tokenizer from a loader batch (stages/loader.collate)."""
     if f"{tokenizer}_ids" not in batch:
-        raise ValueError(f"train_glide: the training batch carries no {tokenizer}_ids. The loader passes them "
+        raise ValueError(f"{stage}: the training batch carries no {tokenizer}_ids. The loader passes them "
                          "only when every embedding shard stores them: shards written before the embed stage "
                          "stored token ids need a re-run of the embed stage (t2i rerun RUN --from embed)")
     return batch[f"{tokenizer}_ids"], batch[f"{tokenizer}_id_mask"]
 
 
-def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
-    from stages import batches  # torch: imported when training, not when a spec is read
-
-    net = flavor.config()       # the flavor's network config: its tokenizer and vocabulary
-    ids, mask = _ids(batch, net.tokenizer)
+def token_cond(batch, net, flavor_name: str, stage: str, device) -> dict:
+    """The token-id kwargs of a network with its own text transformer (``net``: its GlideConfig),
+    from a loader batch: ``{<tokenizer>_ids, <tokenizer>_id_mask}`` on ``device``. Shared by
+    train_glide and the decoder's ``text_encoder: glide``."""
+    ids, mask = _ids(batch, net.tokenizer, stage)
     # Checked on the loader's CPU tensor (no device sync): on a GPU an out-of-range id would be a
     # device-side assert, not a message.
     top = int(ids.max()) if ids.numel() and ids.device.type == "cpu" else -1
     if top >= net.text.vocab_size:
-        raise ValueError(f"train_glide: token id {top} is outside flavor {flavor.name}'s vocabulary "
+        raise ValueError(f"{stage}: token id {top} is outside flavor {flavor_name}'s vocabulary "
                          f"({net.text.vocab_size} rows for the {net.tokenizer} tokenizer); pick a flavor whose "
                          "vocab_size covers the embed stage's tokenizer")
-    ids, mask = ids.to(device, non_blocking=True).long(), mask.to(device, non_blocking=True).bool()
+    return {f"{net.tokenizer}_ids": ids.to(device, non_blocking=True).long(),
+            f"{net.tokenizer}_id_mask": mask.to(device, non_blocking=True).bool()}
+
+
+def ids_cond(f) -> dict:
+    """The token-id kwargs at sampling, from prompt features (stages/sample_loading.PromptFeatures):
+    the ids of both tokenizers; the network reads the one its config names."""
+    return {"clip_ids": f.clip_ids, "clip_id_mask": f.clip_id_mask, "t5_ids": f.t5_ids, "t5_id_mask": f.t5_id_mask}
+
+
+def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
+    from stages import batches  # torch: imported when training, not when a spec is read
+
     x0 = batches.images(batch, device)
-    cond = {f"{net.tokenizer}_ids": ids, f"{net.tokenizer}_id_mask": mask,
+    cond = {**token_cond(batch, flavor.config(), flavor.name, "train_glide", device),
             "drop_text": batches.drop_mask(len(x0), cfg.cfg_drop_text, device)}
     return x0, cond
 
 
-def sample_cond(f, prev):
-    """What build_batch gives the network, from prompt features (stages/sample_loading.PromptFeatures):
-    the ids of both tokenizers; the network reads the one its config names."""
-    return {"clip_ids": f.clip_ids, "clip_id_mask": f.clip_id_mask, "t5_ids": f.t5_ids, "t5_id_mask": f.t5_id_mask}
+def sample_cond(f, prev, config=None):
+    """What build_batch gives the network, from prompt features."""
+    return ids_cond(f)
 
 
 SPEC = StageSpec(stage="train_glide", role="glide", needs_images=True, build_batch=build_batch,

@@ -40,7 +40,7 @@ def build_batch(batch, cfg: TrainConfig, flavor, device, dtype):
     return x0, cond
 
 
-def sample_cond(f, prev):
+def sample_cond(f, prev, config=None):
     """What build_batch gives the network, from prompt features (stages/sample.py PromptFeatures)."""
     return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "text_embed": f.clip_text}
 

@@ -7,7 +7,9 @@ in stages/sample_outputs.py.
   glide:  prompt -> token ids -> GLIDE (its own text transformer) -> sr256 -> sr1024
 
 ``guidance: clip`` guides the glide and base models with the noised CLIP of train_noised_clip
-(stages/clip_guidance.py) instead of classifier-free guidance.
+(stages/clip_guidance.py) instead of classifier-free guidance; ``guidance: compare`` samples each
+cascade with such a model twice, CFG and CLIP-guided, from the same noise (the CLIP-guided half is
+named ``<cascade>_clip_guided``: SampleConfig.variants).
 
 Everything is read back through the store exactly as training wrote it (docs/contracts.md):
 ``<run>/train_X/final/{model.safetensors,config.json}`` (safetensors only: loading a run can never
@@ -131,7 +133,7 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
         uri = stage_uris.get(stage_of(role)) or _finished_attempt(run_uri, stage_of(role))
         models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
     guided = cfg.clip_guided(needed)
-    if guided:  # `guidance: clip`: the noised CLIP, checked against every model it guides
+    if guided:  # `guidance: clip`/`compare`: the noised CLIP, checked against every model it guides
         from stages.clip_guidance import check_compatible
 
         uri = stage_uris.get(stage_of(NOISED_CLIP)) or _finished_attempt(run_uri, stage_of(NOISED_CLIP))
@@ -139,7 +141,7 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
         for role in guided:
             why = check_compatible(role, models[role].config, models[NOISED_CLIP].config)
             if why:
-                raise StageFailed(f"sample.guidance: clip: {why}")
+                raise StageFailed(f"sample.guidance: {cfg.guidance}: {why}")
 
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
     encoders = encoders or PromptEncoders.load(embed_uri or _finished_attempt(run_uri, "embed"), device=device)
@@ -149,9 +151,10 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
                               f"embed stage's encoders give {encoders.dims}: re-train it on this embedding")
     feats = encoders.encode([p for _, _, p in expanded])
     samples: list[Sample] = []
-    for cascade in cfg.cascades():
+    for cascade, name, vcfg in ((c, n, v) for c in cfg.cascades() for n, v in cfg.variants(c)):
         ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
         roles = roles_by_cascade[cascade]
+        vguided = vcfg.clip_guided(roles)
         outs: list[torch.Tensor] = []
         for start in range(0, len(expanded), cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
@@ -159,18 +162,19 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
             prev = None
             for si, role in enumerate(roles):
                 # One generator per (seed, cascade, stage, batch): a stage's noise does not depend on
-                # how many draws earlier stages made, so max_stage does not change earlier outputs.
+                # how many draws earlier stages made, so max_stage does not change earlier outputs;
+                # nor on the guidance (`guidance: compare`'s two halves draw the same noise).
                 g = torch.Generator(device=device).manual_seed(
                     (cfg.seed * 1_000_003 + ci * 10_007 + si * 101 + start) % (2 ** 63))
                 t0 = time.time()
-                prev = run_stage(models[role], f, prev, cfg, g, device,
-                                 guide=models.get(NOISED_CLIP) if role in guided else None)
-                progress(f"sample: {cascade}/{role} batch {start // cfg.batch_size + 1}: "
+                prev = run_stage(models[role], f, prev, vcfg, g, device,
+                                 guide=models.get(NOISED_CLIP) if role in vguided else None)
+                progress(f"sample: {name}/{role} batch {start // cfg.batch_size + 1}: "
                          f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
             outs.append(prev)
         imgs = torch.cat(outs)
         for (i, k, p), x in zip(expanded, imgs):
-            samples.append(Sample(p, i, k, cascade, _to_pil(x)))
+            samples.append(Sample(p, i, k, name, _to_pil(x)))
     if cfg.rerank_keep is not None and cfg.rerank_keep < cfg.images_per_prompt:
         from stages.rerank import rerank
 

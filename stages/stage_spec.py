@@ -19,9 +19,11 @@ class StageSpec:
     needs_images: bool
     # (loader batch, cfg, flavor, device, compute dtype) -> (x0, cond kwargs of the network)
     build_batch: Callable[[Batch, Any, Any, Any, Any], tuple[Any, dict]]
-    # (prompt features, previous model's output or None) -> the same cond kwargs at sampling time;
-    # stages/sample.py adds what only sampling knows (SR: the low-res input and its aug level)
-    sample_cond: Callable[[Any, Any], dict] = lambda features, prev: {}
+    # (prompt features, previous model's output or None, the model's final/config.json) -> the same
+    # cond kwargs at sampling time (the config says which network a configurable model trained, e.g.
+    # the decoder's text encoder); stages/sample.py adds what only sampling knows (SR: the low-res
+    # input and its aug level)
+    sample_cond: Callable[[Any, Any, dict | None], dict] = lambda features, prev, config=None: {}
     # the "condaug" entry of final/config.json (SR only)
     extra_config: Callable[[Any], dict | None] = lambda cfg: None
     # the config the sample grid builds its fixed conditioning with: no CFG dropout (SR: no condaug)
@@ -33,6 +35,9 @@ class StageSpec:
     # None: the diffusion loss. Everything that computes a stage's loss (the step, validation, the
     # benchmarks) goes through :meth:`training_loss`, so a stage's objective is named once.
     loss: Callable[..., tuple[Any, dict]] | None = None
+    # The flavor variant the stage's network is (stages/nets/flavors.Flavor.variants), from its
+    # config: the decoder's text_encoder. None: the flavor's default network.
+    variant: Callable[[Any], str | None] = lambda cfg: None
     # False: not a denoiser, nothing to draw (no training sample grid, no place in a cascade)
     samples: bool = True
 

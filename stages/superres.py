@@ -51,7 +51,7 @@ def _clean(cfg: SRTrainConfig) -> SRTrainConfig:
                                                                             "blur_prob": 0.0})})
 
 
-def sample_cond(f, prev):
+def sample_cond(f, prev, config=None):
     """The text part of build_batch's kwargs; sampling adds ``low_res`` (the previous model's output
     at low_res_size) and ``aug_level`` (its fixed conditioning-augmentation level)."""
     return {"text_tokens": f.t5_tokens, "text_mask": f.t5_mask}

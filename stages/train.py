@@ -195,7 +195,8 @@ class Trainer:
         # partitions each submodule as soon as its own __init__ returns, so the parent's later
         # re-initialisation (zero_() on output convs, guided-diffusion style) would hit empty
         # partitions and silently leave random weights where zeros belong.
-        model = build_network(spec.role, cfg.flavor, job.cond_dims, gradient_checkpointing=cfg.activation_checkpointing)
+        model = build_network(spec.role, cfg.flavor, job.cond_dims, spec.variant(cfg),
+                              gradient_checkpointing=cfg.activation_checkpointing)
         self.engine, self.precision = build_engine(cfg, model, device=device, world_size=self.world)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.ema = EMA(self.engine.module, cfg.ema_decay)

@@ -28,10 +28,12 @@ def flavors(run: Optional[str] = typer.Option(None, "--run", help="Count with th
     for col in ("role", "flavor", "image", "params", "target"):
         t.add_column(col)
     for f in list_flavors():
-        n = count_params(f.role, f.name, dims)
         size = f"{f.low_res_size}→{f.image_size}" if f.low_res_size else (str(f.image_size) if f.image_size else "-")
         tgt = f"{f.target_params / 1e6:,.0f}M" if f.target_params else ""
-        t.add_row(f.role, f.name, size, f"{n:,}", tgt)
+        # A flavor with variants (the decoder's text encoders) gets a row per variant.
+        for v in f.variant_names() or (None,):
+            name = f.name if v is None else f"{f.name} ({v})"
+            t.add_row(f.role, name, size, f"{count_params(f.role, f.name, dims, v):,}", tgt)
     console.print(t)
 
 

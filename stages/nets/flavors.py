@@ -18,8 +18,8 @@ device to be within 10% of the paper's number.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -43,9 +43,23 @@ class Flavor:
     low_res_size: int | None        # SR conditioning resolution, else None
     target_params: int | None       # paper parameter count (checked within 10%), else None
     make_config: Callable[[dict], UNetConfig | PriorConfig | GlideConfig | NoisedClipConfig]   # cond_dims -> network config
+    # Other networks of the same role and size a stage config can choose (the decoder's
+    # ``text_encoder``): variant name -> make_config. ``make_config`` is ``default_variant``'s.
+    variants: Mapping[str, Callable[[dict], object]] = field(default_factory=dict)
+    default_variant: str | None = None
 
-    def config(self, cond_dims: dict | None = None, **overrides):
-        cfg = self.make_config(_check_cond_dims(cond_dims))
+    def variant_names(self) -> tuple[str, ...]:
+        return ((self.default_variant,) if self.default_variant else ()) + tuple(self.variants)
+
+    def config(self, cond_dims: dict | None = None, variant: str | None = None, **overrides):
+        if variant is None or variant == self.default_variant:
+            make = self.make_config
+        elif variant in self.variants:
+            make = self.variants[variant]
+        else:
+            allowed = ", ".join(self.variant_names()) or "none (this flavor has one network)"
+            raise ValueError(f"flavor {self.role}/{self.name} has no variant {variant!r}; variants: {allowed}")
+        cfg = make(_check_cond_dims(cond_dims))
         try:
             return dataclasses.replace(cfg, **overrides)
         except TypeError as e:
@@ -78,6 +92,19 @@ def _decoder(size, ch, mults, blocks, attn, head_dim=64, ctx=512, coord=False):
                                 num_res_blocks=blocks, attn_resolutions=attn, head_dim=head_dim,
                                 context_dim=ctx, text_dim=d["clip_token_dim"],
                                 image_embed_dim=d["clip_dim"], coord_channels=coord)
+
+
+def _decoder_glide(size, ch, mults, blocks, attn, *, width, layers, head_dim=64, ctx=512, text_ctx=128,
+                   text_head_dim=64, coord=False):
+    """The decoder as in unCLIP §2.1 (a modified GLIDE): its own text transformer on CLIP BPE ids,
+    trained jointly, plus the CLIP image embedding in the timestep embedding and 4 context tokens."""
+    glide = _glide(size, ch, mults, blocks, attn, width=width, layers=layers, head_dim=head_dim, ctx=ctx,
+                   text_ctx=text_ctx, text_head_dim=text_head_dim, coord=coord)
+
+    def make(d):
+        cfg = glide(d)
+        return dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, image_embed_dim=d["clip_dim"]))
+    return make
 
 
 def _base(size, ch, mults, blocks, attn, head_dim=64, ctx=512, coord=False):
@@ -115,8 +142,9 @@ def _noised_clip(size, ch, mults, blocks):
 _FLAVORS: dict[tuple[str, str], Flavor] = {}
 
 
-def _add(role, name, kind, image_size, low_res_size, target, make):
-    _FLAVORS[(role, name)] = Flavor(role, name, kind, image_size, low_res_size, target, make)
+def _add(role, name, kind, image_size, low_res_size, target, make, **variants):
+    default = "clip_tokens" if variants else None   # the decoder's: see DECODER_TEXT_ENCODERS
+    _FLAVORS[(role, name)] = Flavor(role, name, kind, image_size, low_res_size, target, make, variants, default)
 
 
 # prior: unCLIP's prior is a 1B-parameter decoder-only transformer.
@@ -126,8 +154,13 @@ _add("prior", "prior-1b", "prior", None, None, 1_000_000_000, _prior(width=2048,
 
 # decoder: unCLIP's 3.5B GLIDE-style 64px decoder (GLIDE's 1.2B text transformer is replaced by
 # precomputed CLIP tokens, so the UNet itself is widened to 768 channels to keep the 3.5B size).
+# Each decoder flavor has both text encoders (DecoderTrainConfig.text_encoder): ``clip_tokens``
+# (the default: frozen CLIP token features from the embed stage) and ``glide`` (unCLIP's own:
+# a GLIDE text transformer trained jointly, sized like the glide flavor of the same name).
 _add("decoder", "debug", "unet", 16, None, None,
-     _decoder(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32))
+     _decoder(16, 16, (1, 2), (1, 1), (8,), head_dim=16, ctx=32),
+     glide=_decoder_glide(16, 16, (1, 2), (1, 1), (8,), width=32, layers=2, head_dim=16, ctx=32, text_ctx=32,
+                          text_head_dim=16))
 # Demo: 16px (16 -> 64 channels over 16/8/4px, attention at 8 and 4), ~3x the samples per
 # CPU-second of the same net at 32px. Measured on the demo base (README "What the demo measures"):
 # at 32px, 1800 steps learned colour (0.98) but not position (0.10; 0.04 with min_snr_floor at
@@ -135,9 +168,15 @@ _add("decoder", "debug", "unet", 16, None, None,
 # position 0.85): the 4px bottleneck sees the 3x3 layout whole. CoordConv input channels: the
 # captions name places ("in the top left"), which a net otherwise sees only through its padding.
 _add("decoder", "demo", "unet", 16, None, None,
-     _decoder(16, 16, (1, 2, 4), (1, 1, 2), (8, 4), head_dim=32, ctx=64, coord=True))
+     _decoder(16, 16, (1, 2, 4), (1, 1, 2), (8, 4), head_dim=32, ctx=64, coord=True),
+     glide=_decoder_glide(16, 16, (1, 2, 4), (1, 1, 2), (8, 4), width=64, layers=2, head_dim=32, ctx=64,
+                          text_ctx=64, text_head_dim=32, coord=True))
+# Paper size both ways: clip_tokens widens the UNet to 768 channels to keep the 3.5B (it has no
+# text transformer); glide is GLIDE's 3.5B (the glide-3.5b UNet and 1.2B transformer, + the
+# image-embedding projections).
 _add("decoder", "decoder-3.5b", "unet", 64, None, 3_500_000_000,
-     _decoder(64, 768, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024))
+     _decoder(64, 768, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), ctx=1024),
+     glide=_decoder_glide(64, 576, (1, 2, 3, 4), (3, 3, 3, 3), (32, 16, 8), width=2048, layers=24, ctx=2048))
 
 # base: Imagen's 2B 64px base model (paper: 512 channels, mults 1-2-3-4, 3 blocks, attention at
 # 32/16/8; our blocks are slimmer than Imagen's, so 576 channels reach 2B).
@@ -205,18 +244,31 @@ def get_flavor(role: str, name: str) -> Flavor:
     return flavor
 
 
-def build_network(role: str, name: str, cond_dims: dict | None = None, **overrides) -> nn.Module:
-    """Build the network of a flavor. `overrides` replace fields of its UNetConfig/PriorConfig
-    (e.g. gradient_checkpointing=True, dropout=0.1). Honours the current default device, so
+_NETWORKS = ((GlideConfig, GlideModel), (PriorConfig, PriorTransformer), (NoisedClipConfig, NoisedClip),
+             (UNetConfig, UNet))
+
+
+def network_for(cfg) -> nn.Module:
+    """The network a config describes (its class follows the config's type, so a flavor variant
+    may be another kind of network than the flavor's default)."""
+    for cfg_cls, net_cls in _NETWORKS:
+        if isinstance(cfg, cfg_cls):
+            return net_cls(cfg)
+    raise TypeError(f"no network for config {type(cfg).__name__}")
+
+
+def build_network(role: str, name: str, cond_dims: dict | None = None, variant: str | None = None,
+                  **overrides) -> nn.Module:
+    """Build the network of a flavor (``variant``: one of its variants, e.g. the decoder's text
+    encoder; None = the default). `overrides` replace fields of its network config (e.g.
+    gradient_checkpointing=True, dropout=0.1). Honours the current default device, so
     `with torch.device("meta"): build_network(...)` allocates nothing."""
-    flavor = get_flavor(role, name)
-    cfg = flavor.config(cond_dims, **overrides)
-    return {"prior": PriorTransformer, "glide": GlideModel, "noised_clip": NoisedClip}.get(flavor.kind, UNet)(cfg)
+    return network_for(get_flavor(role, name).config(cond_dims, variant, **overrides))
 
 
-def count_params(role: str, name: str, cond_dims: dict | None = None) -> int:
+def count_params(role: str, name: str, cond_dims: dict | None = None, variant: str | None = None) -> int:
     """Parameter count, built on the meta device (no memory, works for multi-billion models).
     cond_dims defaults to the paper's (T5-XXL 4096, CLIP ViT-L/14 768/768)."""
     with torch.device("meta"):
-        net = build_network(role, name, cond_dims)
+        net = build_network(role, name, cond_dims, variant)
     return sum(p.numel() for p in net.parameters())

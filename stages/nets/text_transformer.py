@@ -22,7 +22,9 @@ Forward contract:
     TextTransformer(cfg)(ids [B, L] long, mask [B, L] bool) -> (tokens [B, L+1, W], mask [B, L+1],
                                                                final [B, W])
     GlideModel(cfg)(x, t, *, clip_ids=None, clip_id_mask=None, t5_ids=None, t5_id_mask=None,
-                    drop_text=None) -> Tensor like x
+                    drop_text=None, image_embed=None, drop_image=None) -> Tensor like x
+``image_embed``/``drop_image`` are the unCLIP decoder's (a GlideModel whose UNet has
+``image_embed_dim``: DALL-E 2's decoder is a modified GLIDE, Ramesh et al. 2022 §2.1).
 ``GlideConfig.tokenizer`` says which ids the model reads (the embed stage writes both).
 """
 from __future__ import annotations
@@ -143,10 +145,14 @@ class GlideModel(nn.Module):
         tokens, valid, final = self.text(ids, mask & ~drop[:, None])
         return tokens, valid, self.final_proj(final)
 
-    def forward(self, x, t, *, clip_ids=None, clip_id_mask=None, t5_ids=None, t5_id_mask=None, drop_text=None):
+    def forward(self, x, t, *, clip_ids=None, clip_id_mask=None, t5_ids=None, t5_id_mask=None, drop_text=None,
+                image_embed=None, drop_image=None):
         ids, mask = (clip_ids, clip_id_mask) if self.cfg.tokenizer == "clip" else (t5_ids, t5_id_mask)
         if ids is None:
             raise ValueError(f"GlideModel: {self.cfg.tokenizer}_ids is required (GlideConfig.tokenizer="
                              f"{self.cfg.tokenizer!r})")
         tokens, valid, y = self.encode_text(ids, mask, drop_text)
-        return self.unet(x, t, text_tokens=tokens, text_mask=valid, class_embed=y)
+        # The unCLIP decoder (text_encoder: glide) is this model with UNetConfig.image_embed_dim set:
+        # the UNet adds the CLIP image embedding to the timestep embedding and as 4 context tokens.
+        return self.unet(x, t, text_tokens=tokens, text_mask=valid, class_embed=y,
+                         image_embed=image_embed, drop_image=drop_image)

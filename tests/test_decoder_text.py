@@ -1,0 +1,149 @@
+"""The unCLIP decoder's two text encoders (train_decoder.text_encoder): frozen CLIP token features
+(clip_tokens, the default) or its own GLIDE text transformer trained jointly (glide, unCLIP §2.1):
+flavors, batches, the joint step, the final config, sampling's conditioning and the spec."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.nets import build_network, get_flavor
+from stages.nets.flavors import count_params
+
+DIMS = {"t5_dim": 24, "clip_dim": 16, "clip_token_dim": 12}
+
+
+def _loader_batch(n: int = 2, size: int = 16) -> dict:
+    """A micro-batch as stages/loader.collate makes it: images, embeddings and token ids."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (n, 5), generator=g)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return {"image": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            "clip_image": torch.randn(n, DIMS["clip_dim"], generator=g),
+            "clip_tokens": torch.randn(n, 5, DIMS["clip_token_dim"], generator=g), "clip_mask": mask,
+            "clip_ids": ids, "clip_id_mask": mask, "t5_ids": ids % 50, "t5_id_mask": mask}
+
+
+def test_every_decoder_flavor_has_both_text_encoders():
+    from stages.nets.text_transformer import GlideModel
+    from stages.nets.unet import UNet
+
+    for name in ("debug", "demo", "decoder-3.5b"):
+        fl = get_flavor("decoder", name)
+        assert fl.variant_names() == ("clip_tokens", "glide")
+    with torch.device("meta"):
+        assert type(build_network("decoder", "debug", DIMS)) is UNet          # default: clip_tokens
+        glide = build_network("decoder", "debug", DIMS, "glide")
+    assert type(glide) is GlideModel and glide.cfg.unet.image_embed_dim == DIMS["clip_dim"]
+    # the paper's decoder is GLIDE's 3.5B either way (within 10%, on the meta device)
+    for variant in ("clip_tokens", "glide"):
+        assert abs(count_params("decoder", "decoder-3.5b", variant=variant) / 3.5e9 - 1) < 0.10
+    with pytest.raises(ValueError, match=r"decoder/debug has no variant 'bert'; variants: clip_tokens, glide"):
+        get_flavor("decoder", "debug").config(DIMS, "bert")
+    with pytest.raises(ValueError, match=r"base/debug has no variant 'glide'; variants: none"):
+        get_flavor("base", "debug").config(DIMS, "glide")
+
+
+def test_glide_decoder_reads_ids_and_the_image_embedding():
+    """Both the caption (through its transformer) and the image embedding change the output; a
+    dropped caption is the empty sequence, a dropped embedding the learned null."""
+    torch.manual_seed(0)
+    net = build_network("decoder", "debug", DIMS, "glide").eval()
+    for p in net.parameters():  # zero-initialised output convs would hide every input
+        p.data.add_(0.02 * torch.randn_like(p))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.4, 0.6])
+    b = _loader_batch()
+    kw = dict(clip_ids=b["clip_ids"], clip_id_mask=b["clip_id_mask"], image_embed=b["clip_image"])
+    with torch.no_grad():
+        out = net(x, t, **kw)
+        other_text = net(x, t, **{**kw, "clip_ids": (b["clip_ids"] + 7) % 1000})
+        other_image = net(x, t, **{**kw, "image_embed": -b["clip_image"]})
+        dropped = net(x, t, **kw, drop_text=torch.tensor([True, False]), drop_image=torch.tensor([False, True]))
+    assert not torch.allclose(out, other_text) and not torch.allclose(out, other_image)
+    assert not torch.allclose(dropped[0], out[0]) and not torch.allclose(dropped[1], out[1])
+
+
+def test_build_batch_follows_the_text_encoder():
+    from stages import decoder
+
+    fl, cpu = get_flavor("decoder", "debug"), torch.device("cpu")
+    x0, cond = decoder.build_batch(_loader_batch(), decoder.DecoderTrainConfig(flavor="debug"), fl, cpu, torch.float32)
+    assert set(cond) == {"text_tokens", "text_mask", "image_embed", "drop_text", "drop_image"}
+    cfg = decoder.DecoderTrainConfig(flavor="debug", text_encoder="glide", cfg_drop_text=1.0)
+    x0, cond = decoder.build_batch(_loader_batch(), cfg, fl, cpu, torch.float32)
+    assert set(cond) == {"clip_ids", "clip_id_mask", "image_embed", "drop_text", "drop_image"}
+    assert cond["clip_ids"].dtype == torch.long and cond["drop_text"].all()
+    bad = _loader_batch()
+    del bad["clip_ids"]
+    with pytest.raises(ValueError, match="train_decoder: the training batch carries no clip_ids"):
+        decoder.build_batch(bad, cfg, fl, cpu, torch.float32)
+
+
+def test_joint_step_trains_the_decoders_text_transformer():
+    """One engine around the glide decoder: its optimizer holds the transformer, a step moves it."""
+    from pipeline.executors import DistEnv
+    from stages import decoder
+    from stages.diffusion import Diffusion
+    from stages.distributed import setup_distributed
+    from stages.engine import build_engine, train_step
+
+    cpu = torch.device("cpu")
+    setup_distributed(DistEnv.from_env(), cpu)
+    cfg = decoder.DecoderTrainConfig(flavor="debug", text_encoder="glide", steps=3, batch_size=2, lr=1e-3,
+                                     warmup_steps=0, cfg_drop_text=0.0, cfg_drop_image=0.0)
+    torch.manual_seed(0)
+    engine, _ = build_engine(cfg, build_network("decoder", "debug", DIMS, decoder.SPEC.variant(cfg)), device=cpu)
+    text0 = {n: p.detach().clone() for n, p in engine.module.text.named_parameters()}
+    micro = [decoder.build_batch(_loader_batch(), cfg, get_flavor("decoder", "debug"), cpu, torch.float32)]
+    diffusion = Diffusion(**cfg.diffusion.model_dump())
+    for _ in range(3):  # zero-initialised residual outputs pass no gradient to the context before step 3
+        out = train_step(engine, diffusion, micro)
+    assert out["finite"]
+    assert "token_embedding.weight" in [n for n, p in engine.module.text.named_parameters()
+                                        if not torch.equal(p, text0[n])]
+
+
+def test_sampling_conditions_the_decoder_its_final_config_describes(tmp_path):
+    """sample_cond reads the text encoder from final/config.json: a glide decoder gets token ids,
+    a clip_tokens one (and a final written before the option) CLIP token features."""
+    from stages import decoder
+    from stages.final_weights import load_final, network_config, write_final
+    from stages.sample_loading import PromptFeatures
+
+    torch.manual_seed(0)
+    net = build_network("decoder", "debug", DIMS, "glide").eval()
+    folder = write_final(str(tmp_path / "run"), dict(net.state_dict()),
+                         {"role": "decoder", "flavor": "debug", "cond_dims": DIMS, "step": 2,
+                          "network": network_config(net)})
+    loaded, config = load_final(folder)
+    assert type(loaded).__name__ == "GlideModel" and decoder.text_encoder_of(config) == "glide"
+    b = _loader_batch()
+    f = PromptFeatures(clip_text=torch.randn(2, 16), clip_tokens=b["clip_tokens"], clip_mask=b["clip_mask"],
+                       t5_tokens=torch.randn(2, 3, 24), t5_mask=torch.ones(2, 3, dtype=torch.bool),
+                       clip_ids=b["clip_ids"], clip_id_mask=b["clip_id_mask"],
+                       t5_ids=b["t5_ids"], t5_id_mask=b["t5_id_mask"])
+    prev = b["clip_image"]
+    cond = decoder.sample_cond(f, prev, config)
+    assert cond["image_embed"] is prev and torch.equal(cond["clip_ids"], b["clip_ids"])
+    with torch.no_grad():
+        assert loaded(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5]), **cond).shape == (2, 3, 16, 16)
+    assert "text_tokens" in decoder.sample_cond(f, prev, {"role": "decoder"})  # no network entry: clip_tokens
+    unet = build_network("decoder", "debug", DIMS)
+    assert "text_tokens" in decoder.sample_cond(f, prev, {"network": network_config(unet)})
+
+
+def test_spec_validates_the_text_encoder_and_keeps_old_decoders_identity():
+    """A bad value names the field and the choices; the default hashes like a spec that never named
+    it (an upgrade keeps finished decoders), glide starts a new attempt."""
+    from fixtures_train import smoke_spec
+    from pipeline.manifest import fingerprint
+    from pipeline.spec import SpecError, parse_spec
+    from stages import decoder
+
+    with pytest.raises(SpecError, match=r"train_decoder\.text_encoder.*'clip_tokens' or 'glide'"):
+        parse_spec(smoke_spec(train_decoder={"flavor": "debug", "text_encoder": "bert"}))
+    ids = {"embed": "e1"}
+    plain = fingerprint("train_decoder", decoder.DecoderTrainConfig(flavor="debug"), ids)
+    named = fingerprint("train_decoder", decoder.DecoderTrainConfig(flavor="debug", text_encoder="clip_tokens"), ids)
+    glide = fingerprint("train_decoder", decoder.DecoderTrainConfig(flavor="debug", text_encoder="glide"), ids)
+    assert plain == named != glide
