@@ -42,6 +42,27 @@ class ReportEntry:
     note: str = ""  # e.g. the demo check's verdict for this sample
 
 
+@dataclass
+class Table:
+    """A small table shown under the summary lines (e.g. `guidance: compare`'s CFG vs CLIP guidance)."""
+
+    title: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    note: str = ""
+
+
+def table_html(t: Table) -> str:
+    esc = html.escape
+    out = [f"<h2>{esc(t.title)}</h2>"]
+    if t.note:
+        out.append(f"<p class='muted'>{esc(t.note)}</p>")
+    out.append("<table class='compare'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in t.header) + "</tr>")
+    out += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in t.rows]
+    out.append("</table>")
+    return "".join(out)
+
+
 def loss_curve_svg(points: Sequence[tuple[float, float]], *, title: str, width: int = 380,
                    height: int = 210) -> str:
     """An inline SVG chart of (step, loss) points: ticked axes, log-scale y (stages/report_svg.py)."""
@@ -89,9 +110,9 @@ details{margin:4px 0}summary{cursor:pointer;color:#357}
 def build_report(entries: Sequence[ReportEntry], *, run_uri: str, title: str = "t2i samples",
                  summary_lines: Sequence[str] = (), config: dict[str, Any] | None = None,
                  stages: Sequence[str] = TRAIN_STAGES,
-                 metrics_uris: dict[str, str] | None = None) -> str:
+                 metrics_uris: dict[str, str] | None = None, tables: Sequence[Table] = ()) -> str:
     """The report as one HTML string: a table (one row per prompt, one column per cascade), the
-    summary lines (e.g. the demo check), the run's stages (stages/report_run.py), the sampling
+    summary lines (e.g. the demo check), ``tables``, the run's stages (stages/report_run.py), the sampling
     config. ``metrics_uris``: stage -> its attempt's metrics.jsonl (the attempts the samples
     came from); stages not given are found through the run's ``_CURRENT.json`` pointers."""
     esc = html.escape
@@ -107,6 +128,7 @@ def build_report(entries: Sequence[ReportEntry], *, run_uri: str, title: str = "
              f"<p class='muted'>run: {esc(run_uri)}</p>"]
     for line in summary_lines:
         parts.append(f"<p><b>{esc(line)}</b></p>")
+    parts += [table_html(t) for t in tables]
 
     parts.append("<h2>Samples</h2><table><tr><th>prompt</th>")
     parts += [f"<th>{esc(c)}</th>" for c in cascades]

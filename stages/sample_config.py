@@ -24,6 +24,10 @@ stage_of = _models.stage_of
 # the noised CLIP trained by train_noised_clip; its default scale per model.
 CLIP_GUIDED_ROLES = ("glide", "base")
 NOISED_CLIP = "noised_clip"
+# `guidance: compare`: the CLIP-guided half of a cascade is reported as '<cascade><CLIP_GUIDED_SUFFIX>'
+# (sample names, grid columns, manifest keys '<cascade>_clip_guided_demo_*'); the CFG half keeps the
+# cascade's own name, so its keys are those of a plain `guidance: cfg` run.
+CLIP_GUIDED_SUFFIX = "_clip_guided"
 DEFAULT_CLIP_GUIDANCE = {"glide": 3.0, "base": 3.0}
 
 
@@ -44,11 +48,15 @@ class SampleConfig(StrictModel):
     guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
         "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
         "prior, decoder, base, sr256, sr1024, glide (missing roles use the defaults). 1.0 = no guidance."))
-    guidance: Literal["cfg", "clip"] = Field("cfg", description=(
+    guidance: Literal["cfg", "clip", "compare"] = Field("cfg", description=(
         "'cfg': classifier-free guidance only (guidance_scale). 'clip': CLIP guidance of the glide and base "
         "models with the noised CLIP of train_noised_clip (GLIDE §2.4): the gradient of its noisy-image/caption "
         "logit, times clip_guidance_scale, is added to the model's score at every step; those two models "
-        "then sample without CFG (GLIDE compares the two guidances), every other model as under 'cfg'."))
+        "then sample without CFG (GLIDE compares the two guidances), every other model as under 'cfg'. "
+        "'compare': both, on the same prompts and seeds: every cascade samples as under 'cfg', and each cascade "
+        "with a CLIP-guidable model (imagen, glide) samples a second time as under 'clip', reported as cascade "
+        "'<cascade>_clip_guided' (its PNGs, grid column, demo check figures <cascade>_clip_guided_demo_*) "
+        "beside the CFG one, with a side-by-side table in report.html."))
     clip_guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CLIP_GUIDANCE),
                                                           description=(
         "CLIP guidance scale (guidance: clip): one float for the glide and base models, or a dict with roles "
@@ -137,6 +145,21 @@ class SampleConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _compare(self) -> "SampleConfig":
+        if self.guidance != "compare":
+            return self
+        roles = {r for c in self.cascades() for r in cascade_roles(c, self.max_stage)}
+        guidable = [r for r in CLIP_GUIDED_ROLES if r in roles]
+        if not guidable:
+            raise ValueError(f"sample.guidance: 'compare' compares CFG with CLIP guidance of the "
+                             f"{' and '.join(CLIP_GUIDED_ROLES)} models, but cascade {self.cascade!r} runs neither; "
+                             "pick cascade imagen, glide, both or all, or guidance 'cfg'")
+        if not self.clip_guided(guidable):
+            raise ValueError(f"sample.clip_guidance_scale is 0 for {', '.join(guidable)}: guidance 'compare' would "
+                             "compare CFG with no guidance at all; give a scale > 0 or use guidance 'cfg'")
+        return self
+
+    @model_validator(mode="after")
     def _device(self) -> "SampleConfig":
         d = self.device
         if d not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", d):
@@ -156,8 +179,8 @@ class SampleConfig(StrictModel):
         return [stage_of(r) for r in _models.ROLES if r in roles]
 
     def clip_guided(self, roles) -> list[str]:
-        """The roles among ``roles`` that sample with CLIP guidance."""
-        if self.guidance != "clip":
+        """The roles among ``roles`` that sample with CLIP guidance (under 'compare': in its CLIP half)."""
+        if self.guidance == "cfg":
             return []
         return [r for r in CLIP_GUIDED_ROLES if r in roles and self.clip_guidance_for(r) > 0]
 
@@ -166,11 +189,23 @@ class SampleConfig(StrictModel):
         return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_CLIP_GUIDANCE[role]))
 
     def guidance_for(self, role: str) -> float:
-        """The CFG weight of ``role``: 1 (none) where CLIP guidance replaces it."""
-        if self.clip_guided([role]):
+        """The CFG weight of ``role``: 1 (none) where CLIP guidance replaces it (under 'compare', the
+        CFG half's weight: the CLIP half samples with :meth:`variants`' 'clip' config)."""
+        if self.guidance == "clip" and self.clip_guided([role]):
             return 1.0
         g = self.guidance_scale
         return float(g) if not isinstance(g, dict) else float(g.get(role, DEFAULT_GUIDANCE[role]))
+
+    def variants(self, cascade: str) -> list[tuple[str, "SampleConfig"]]:
+        """(name the samples are reported under, the config they sample with) for ``cascade``: the
+        cascade itself, and under 'compare' its CLIP-guided half when it has a CLIP-guided model.
+        Both halves draw from the same generators (stages/sample.py seeds by cascade, not by name)."""
+        if self.guidance != "compare":
+            return [(cascade, self)]
+        out = [(cascade, self.model_copy(update={"guidance": "cfg"}))]
+        if self.clip_guided(cascade_roles(cascade, self.max_stage)):
+            out.append((cascade + CLIP_GUIDED_SUFFIX, self.model_copy(update={"guidance": "clip"})))
+        return out
 
     def steps_for(self, role: str) -> int:
         s = self.steps

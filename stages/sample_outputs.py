@@ -1,5 +1,6 @@
 """Sampling, part 3: what a sampling run leaves behind — the PNGs, grid.png, the demo check of
-every cascade (when the prompts are demo captions) and report.html, written last."""
+every cascade (when the prompts are demo captions) and report.html, written last; under
+``guidance: compare`` the report also gets the CFG vs CLIP guidance table (:func:`guidance_table`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ class Sample:
     prompt: str
     index: int  # prompt index
     k: int  # which of images_per_prompt
-    cascade: str
+    cascade: str  # the cascade; '<cascade>_clip_guided' for the CLIP-guided half of `guidance: compare`
     image: Image.Image
     uri: str = ""
     clip_score: float | None = None  # set by CLIP reranking (stages/rerank.py)
@@ -75,9 +76,42 @@ def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_ur
                 notes[id(s)] = v.note()
     entries = [report.ReportEntry(s.prompt, s.cascade, filename(s, cfg.images_per_prompt), s.image,
                                   notes.get(id(s), "")) for s in samples]
+    tables = [guidance_table(checks, cfg)] if cfg.guidance == "compare" and checks else []
     html = report.build_report(entries, run_uri=run_uri, title="t2i samples", summary_lines=lines,
-                               config=cfg.model_dump(mode="json"), metrics_uris=metrics_uris)
+                               config=cfg.model_dump(mode="json"), metrics_uris=metrics_uris, tables=tables)
     report_uri = report.write_report(store.join(out_uri, "report.html"), html)
     return SampleOutputs(samples, grid_uri, report_uri, checks, lines)
 
 
+def guidance_table(checks: dict[str, Any], cfg: SampleConfig) -> report.Table:
+    """`guidance: compare`: the demo check of each cascade's CFG half beside its CLIP-guided half
+    (same prompts, same seeds: the rows of a cascade differ only in the guidance of its
+    CLIP-guidable model)."""
+    from stages.sample_config import CLIP_GUIDED_ROLES, CLIP_GUIDED_SUFFIX, cascade_roles
+
+    def fmt(chk, attr: str, correct: str, n: str) -> str:
+        v = getattr(chk, attr)
+        return "—" if v is None else f"{v:.2f} ({getattr(chk, correct)}/{getattr(chk, n)})"
+
+    rows = []
+    for name in checks:
+        guided = checks.get(name + CLIP_GUIDED_SUFFIX)
+        if name.endswith(CLIP_GUIDED_SUFFIX) or guided is None:
+            continue
+        roles = [r for r in CLIP_GUIDED_ROLES if r in cascade_roles(name, cfg.max_stage)]
+        for label, chk, scale in (
+                ("classifier-free", checks[name], ", ".join(f"{r} guidance_scale {cfg.guidance_for(r):g}" for r in roles)),
+                ("CLIP (noised CLIP)", guided, ", ".join(f"{r} clip_guidance_scale {cfg.clip_guidance_for(r):g}"
+                                                         for r in roles))):
+            grain = "—" if chk.background_std is None else f"{chk.background_std:.1f}"
+            rows.append([name, label, scale, fmt(chk, "colour_accuracy", "colour_matches", "n"),
+                         fmt(chk, "position_accuracy", "position_correct", "position_n"), grain, str(chk.n)])
+    some = next(iter(checks.values()))
+    return report.Table(
+        "Classifier-free vs CLIP guidance (same prompts, same seeds)",
+        ["cascade", "guidance", "scale", f"colour (chance {some.chance:.2f})",
+         "position" + (f" (chance {some.position_chance:.2f})" if some.position_chance else ""),
+         "background std /255", "n"], rows,
+        "Demo check of each cascade sampled twice from the same noise: once with classifier-free guidance, "
+        "once with CLIP guidance of its 64px model by the noised CLIP (that model then samples without CFG; "
+        "the upsamplers sample alike in both). Manifest keys: <cascade>_demo_* and <cascade>_clip_guided_demo_*.")
