@@ -14,6 +14,12 @@ suite, written to the stage manifest's metrics (README "Evaluation" says how to 
 * ``<stage>_val_loss``: each training stage's final validation loss (from its manifest);
 * ``<cascade>_demo_*``: the demo check (stages/demo_check.py) when the captions are demo captions.
 
+Cascades: unclip, imagen and glide ('auto' evaluates each one the run trains). With
+``sampling.guidance: compare`` each cascade with a CLIP-guidable model is also evaluated CLIP-guided,
+its figures named ``<cascade>_clip_guided_*`` (same captions, same seeds as the CFG figures).
+Every cascade samples the held-out *captions* through the run's encoders, as ``t2i sample`` does
+(GLIDE's token ids by the embed stage's tokenizer: the ids its shards store for those captions).
+
 Sampling goes through stages/sample.py (``sample_images``), so the figures are of exactly what
 ``t2i sample`` produces. ``t2i eval RUN`` (pipeline/cli/evaluate.py) runs :func:`evaluate` offline.
 This module imports no torch until a stage runs (reading a spec stays light).
@@ -23,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import store
 from pipeline.configbase import StrictModel
@@ -40,8 +46,10 @@ class EvaluateConfig(StrictModel):
 
     fingerprint_exclude: ClassVar[tuple[str, ...]] = ()
 
-    cascade: Literal["auto", "imagen", "unclip", "both"] = Field("auto", description=(
-        "cascades to evaluate: 'auto' = each cascade whose models the run trains, or 'imagen', 'unclip', 'both'"))
+    cascade: Literal["auto", "imagen", "unclip", "glide", "both", "all"] = Field("auto", description=(
+        "cascades to evaluate: 'auto' = each cascade whose models the run trains (unclip, imagen, glide), or "
+        "'imagen', 'unclip', 'glide', 'both' (unclip and imagen) or 'all' (every cascade; the run must train "
+        "them all)"))
     num_samples: int = Field(64, ge=2, description=(
         "held-out captions sampled per cascade for FID and CLIP score (capped by the held-out count; "
         "FID is biased upwards at small N, compare figures of equal N only)"))
@@ -82,13 +90,31 @@ class EvaluateConfig(StrictModel):
                              f"{err['msg'].removeprefix('Value error, ')}") from None
         return v
 
+    @model_validator(mode="after")
+    def _sampling_for_cascade(self) -> "EvaluateConfig":
+        """The sampling settings with this cascade (e.g. guidance 'compare' needs a CLIP-guidable one)."""
+        from pydantic import ValidationError
+
+        try:
+            self.sample_config(["x"])
+        except ValidationError as e:
+            raise ValueError(f"evaluate.sampling with cascade {self.cascade!r}: "
+                             f"{e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
+
     def cascades(self) -> list[str]:
-        return ["unclip", "imagen"] if self.cascade in ("both", "auto") else [self.cascade]
+        """The cascades asked for ('auto': every cascade; those the run does not train are left out
+        when the stage runs, stages/evaluate/figures.runnable_cascades)."""
+        from stages.models import CASCADES
+
+        if self.cascade in ("auto", "all"):
+            return list(CASCADES)
+        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
 
     def sample_config(self, prompts: list[str]):
         from stages.sample_config import SampleConfig
 
-        cascade = "both" if self.cascade == "auto" else self.cascade
+        cascade = "all" if self.cascade == "auto" else self.cascade
         return SampleConfig(prompts=prompts, cascade=cascade, images_per_prompt=1, demo_check=False,
                             **self.sampling)
 

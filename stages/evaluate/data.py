@@ -48,6 +48,7 @@ def read_holdout(download_shards: str | None, embed_shards: str, rule: HoldoutRu
     """The first ``limit`` held-out samples. Captions (and images when ``image_size``) come from
     the download shards; without ``download_shards`` captions are empty and only embeddings are read."""
     keys, caps, imgs, ci, ct, ctok, t5 = [], [], [], [], [], [], []
+    ids: dict[str, list[np.ndarray]] | None = {"clip": [], "t5": []}  # None once a shard has no ids
     for pair in pair_shards(download_shards, embed_shards):
         if len(keys) >= limit:
             break
@@ -80,9 +81,14 @@ def read_holdout(download_shards: str | None, embed_shards: str, rule: HoldoutRu
             ct.append(emb.clip_text[j])
             ctok.append(emb.clip_tokens_of(j))
             t5.append(emb.t5_of(j))
+            if ids is not None and emb.clip_ids is not None and emb.t5_ids is not None:
+                ids["clip"].append(emb.ids_of("clip", j))
+                ids["t5"].append(emb.ids_of("t5", j))
+            else:  # written before the embed stage stored ids: the features stay without them
+                ids = None
     if not keys:
         raise ValueError(f"no held-out samples under {embed_shards} (rule: fraction {rule.fraction})")
-    return HoldoutSet(keys, caps, imgs, _f32(np.stack(ci)), _features(ct, ctok, t5))
+    return HoldoutSet(keys, caps, imgs, _f32(np.stack(ci)), _features(ct, ctok, t5, ids))
 
 
 def _f32(a: np.ndarray) -> torch.Tensor:
@@ -94,10 +100,20 @@ def _padded(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return _f32(out), torch.from_numpy(mask).bool()
 
 
-def _features(clip_text: list[np.ndarray], clip_tokens: list[np.ndarray], t5: list[np.ndarray]) -> PromptFeatures:
+def _features(clip_text: list[np.ndarray], clip_tokens: list[np.ndarray], t5: list[np.ndarray],
+              ids: dict[str, list[np.ndarray]] | None = None) -> PromptFeatures:
+    """The stored features (and token ids, when the shards have them) padded as a training batch:
+    the ids are the ones GLIDE trained on, and the ones sampling re-tokenizes the captions into
+    (tests/test_evaluate.py checks that the two agree)."""
+    from data_prep.embed_format import pad_ids
+
     ctok, cmask = _padded(clip_tokens)
     t5tok, t5mask = _padded(t5)
-    return PromptFeatures(_f32(np.stack(clip_text)), ctok, cmask, t5tok, t5mask)
+    extra: list[torch.Tensor | None] = [None] * 4
+    if ids is not None:
+        (cid, cidm), (tid, tidm) = pad_ids(ids["clip"]), pad_ids(ids["t5"])
+        extra = [torch.from_numpy(x) for x in (cid, cidm, tid, tidm)]
+    return PromptFeatures(_f32(np.stack(clip_text)), ctok, cmask, t5tok, t5mask, *extra)
 
 
 def load_prompt_suite(name: str | None, per_category: int = 0) -> list[tuple[str, str]]:

@@ -63,10 +63,12 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
         return {}, {}, []
     captions = held.captions if held is not None else []
     prompts = captions + [p for _, p in suite]
-    scfg = cfg.sample_config(prompts).model_copy(update={"cascade": cascades[0] if len(cascades) == 1 else "both"})
+    scfg = cfg.sample_config(prompts)
     t0 = time.time()
-    samples = sample_images(scfg, ctx.run_uri, stage_uris=ctx.stage_uris, embed_uri=ctx.embed_uri,
-                            encoders=ctx.encoders, progress=ctx.progress)
+    samples = []
+    for c in cascades:  # one at a time: any subset of cascades; each one's noise is seeded by its name
+        samples += sample_images(scfg.model_copy(update={"cascade": c}), ctx.run_uri, stage_uris=ctx.stage_uris,
+                                 embed_uri=ctx.embed_uri, encoders=ctx.encoders, progress=ctx.progress)
     metrics: dict[str, float] = {"evaluate_sample_seconds": time.time() - t0}
     clip = ctx.encoders.clip
     text = M.clip_text_embeddings(clip, prompts)
@@ -75,7 +77,9 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
     net = M.load_feature_network(cfg.fid_features, ctx.device) if n else None
     rows: list[dict] = []
     cats = ["heldout"] * n + [c for c, _ in suite]
-    for c in cascades:
+    # Under sampling.guidance 'compare' a cascade's CLIP-guided half is named <cascade>_clip_guided.
+    names = [(c, name) for c in cascades for name, _ in scfg.variants(c)]
+    for cascade, c in names:
         mine = sorted((s for s in samples if s.cascade == c), key=lambda s: s.index)
         images = [s.image for s in mine]
         scores = M.cosine(M.clip_image_embeddings(clip, images, ctx.preprocess), text)
@@ -90,7 +94,7 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
                   "clip_score": float(scores[i])} for i, (cat, p) in enumerate(zip(cats, prompts))]
         if not n:
             continue
-        metrics[f"{c}_fid"] = _fid(held, images[:n], sizes[c], net)
+        metrics[f"{c}_fid"] = _fid(held, images[:n], sizes[cascade], net)
         if demo_check.all_demo_prompts(held.captions):
             chk = demo_check.check_samples(list(zip(held.captions, images[:n])))
             metrics.update({f"{c}_{k}": v for k, v in chk.metrics().items()})

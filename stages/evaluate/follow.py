@@ -8,8 +8,8 @@ running it again while the run trains adds the new ones; it only reads what trai
 * ``step``; ``val_loss`` when the training logged one at that step (live weights, stages/validation.py);
 * ``val_loss_ema``: the same fixed held-out batch, timesteps and noise on the checkpoint's EMA
   weights (what sampling uses);
-* base / decoder: ``fid`` and ``clip_score`` of the cascade cut after this model (imagen: base;
-  unclip: the final prior + this decoder) on the held-out captions, at its output size;
+* base / decoder / glide: ``fid`` and ``clip_score`` of the cascade cut after this model (imagen: base;
+  unclip: the final prior + this decoder; glide: glide) on the held-out captions, at its output size;
 * prior: ``prior_cosine_similarity``.
 
 The SR models get the validation losses only (their FID needs the whole cascade: ``t2i eval``).
@@ -93,8 +93,8 @@ def _model_figures(ctx, mdef, tcfg, view: str) -> dict[str, float]:
     if mdef.role == "prior":
         m, _ = figures.prior_figures(sub)
         out["prior_cosine_similarity"] = m["prior_cosine_similarity"]
-    elif mdef.role in ("base", "decoder"):
-        cascade = "imagen" if mdef.role == "base" else "unclip"
+    elif mdef.role in ("base", "decoder", "glide"):
+        cascade = {"base": "imagen", "decoder": "unclip", "glide": "glide"}[mdef.role]
         cut = ctx.cfg.model_copy(update={"cascade": cascade, "prompt_suite": None,
                                          "sampling": {**ctx.cfg.sampling, "max_stage": mdef.role}})
         try:
