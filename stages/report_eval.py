@@ -38,8 +38,27 @@ def evaluation_rows(manifest: dict[str, Any]) -> list[tuple[str, float, str]]:
         meaning = next((m for key, m in _MEANING if key in name), "")
         if "_clip_score_" in name and not name.endswith("_suite"):
             meaning = f"CLIP score on the suite's {name.split('_clip_score_', 1)[1]} prompts"
+        if CLIP_GUIDED in name:
+            meaning += " (CLIP-guided: same captions and seeds as the CFG figure without _clip_guided)"
         rows.append((name, float(value), meaning.format(features=feats)))
     return rows
+
+
+CLIP_GUIDED = "_clip_guided_"  # `guidance: compare`: <cascade>_clip_guided_<figure> beside <cascade>_<figure>
+
+
+def guidance_pairs(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(<cascade>_<figure>, CFG value, CLIP-guided value) for every figure an evaluation made under
+    ``sampling.guidance: compare`` (same captions, same seeds), in a stable order."""
+    out = []
+    for name in sorted(metrics):
+        if CLIP_GUIDED not in name:
+            continue
+        cascade, figure = name.split(CLIP_GUIDED, 1)
+        plain = f"{cascade}_{figure}"
+        if plain in metrics and not figure.endswith("_n"):
+            out.append((plain, float(metrics[plain]), float(metrics[name])))
+    return out
 
 
 def read_rows(attempt: str) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from PIL import Image
 from pipeline import layout, store
 from pipeline.manifest import read_manifest
 from stages.models import TRAIN_STAGES
-from stages.report_eval import evaluation_rows, read_rows
+from stages.report_eval import evaluation_rows, guidance_pairs, read_rows
 from stages.report_svg import Series, line_chart_svg
 
 MAX_GRIDS = 8  # grids shown per stage (evenly spaced, the last always): keeps the report small
@@ -305,6 +305,12 @@ def evaluation_section(evaluate: StageView | None, trainings: Sequence[StageView
         parts.append("<table class='eval'><tr><th>figure</th><th>value</th><th>meaning</th></tr>"
                      + "".join(f"<tr><td>{esc(n)}</td><td>{v:.4g}</td><td>{esc(mean)}</td></tr>" for n, v, mean in rows)
                      + "</table>")
+        pairs = guidance_pairs(evaluate.manifest.get("metrics") or {})
+        if pairs:  # sampling.guidance: compare
+            parts.append("<h3>Classifier-free vs CLIP guidance (same captions, same seeds)</h3>"
+                         "<table class='eval'><tr><th>figure</th><th>classifier-free</th><th>CLIP-guided</th></tr>"
+                         + "".join(f"<tr><td>{esc(n)}</td><td>{a:.4g}</td><td>{b:.4g}</td></tr>" for n, a, b in pairs)
+                         + "</table>")
         counts = evaluate.manifest.get("counts") or {}
         if counts:
             parts.append(f"<p class='muted'>{esc(', '.join(f'{k} {v}' for k, v in sorted(counts.items())))}</p>")

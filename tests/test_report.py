@@ -270,3 +270,23 @@ def test_report_of_the_smoke_run(smoke_run, tmp_path):
     assert store.read_bytes(elsewhere).decode() == after
     assert after.count("<img src='data:image/png") == before.count("<img src='data:image/png") == 3  # unclip, imagen, glide
     assert "<table class='eval'>" in after and after.split("<h2>Samples</h2>")[0] == before.split("<h2>Samples</h2>")[0]
+
+
+def test_evaluation_section_puts_cfg_beside_clip_guided_figures():
+    """An evaluation sampled with guidance: compare: each <cascade>_clip_guided_<figure> beside its
+    CFG figure (counts like demo_n are not compared), and the meaning says which is which."""
+    from stages.report_eval import evaluation_rows, guidance_pairs
+    from stages.report_run import StageView, evaluation_section
+
+    metrics = {"glide_fid": 40.0, "glide_clip_guided_fid": 35.5, "glide_demo_n": 32.0,
+               "glide_clip_guided_demo_n": 32.0, "glide_demo_colour_accuracy": 0.5,
+               "glide_clip_guided_demo_colour_accuracy": 0.75, "heldout_clip_score": 0.3}
+    assert guidance_pairs(metrics) == [("glide_demo_colour_accuracy", 0.5, 0.75), ("glide_fid", 40.0, 35.5)]
+    meaning = dict((n, m) for n, _, m in evaluation_rows({"metrics": metrics}))
+    assert "CLIP-guided" in meaning["glide_clip_guided_fid"] and "CLIP-guided" not in meaning["glide_fid"]
+    doc = evaluation_section(StageView("evaluate", "file:///x/evaluate", manifest={"metrics": metrics}), [])
+    table = doc[doc.index("Classifier-free vs CLIP guidance"):]
+    assert "<tr><td>glide_fid</td><td>40</td><td>35.5</td></tr>" in table
+    assert "glide_demo_n" not in table
+    plain = evaluation_section(StageView("evaluate", "file:///x/evaluate", manifest={"metrics": {"glide_fid": 4.0}}), [])
+    assert "CLIP guidance" not in plain
