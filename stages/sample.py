@@ -41,12 +41,12 @@ from stages.sample_outputs import Sample, SampleOutputs, Samples, _to_pil, filen
 
 
 # ----------------------------------------------------------------------------- one stage
-def _cond(role: str, f: PromptFeatures, prev: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _cond(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The network's keyword arguments: the model module's own ``sample_cond``, written beside its
-    training batch builder (stages/models.py)."""
+    training batch builder (stages/models.py), told the model's final config."""
     from stages.models import model
 
-    return model(role).stage_spec.sample_cond(f, prev)
+    return model(m.role).stage_spec.sample_cond(f, prev, m.config)
 
 
 def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ def run_stage(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg:
     from stages.condaug import CondAugConfig, ConditioningAugmentation
 
     b = f.clip_text.shape[0]
-    cond = _cond(m.role, f, prev.to(device) if prev is not None else None)
+    cond = _cond(m, f, prev.to(device) if prev is not None else None)
     if m.role == "prior":
         shape: tuple[int, ...] = (b, int(m.config["cond_dims"]["clip_dim"]))
         thresholding = "none"
