@@ -332,7 +332,7 @@ if __name__ == "__main__":
 def build_plain(cfg, model: torch.nn.Module, *, device: torch.device):
     """The same optimizer and schedule without DeepSpeed (the bench's plain-PyTorch baseline)."""
     model.to(device)
-    optimizer = build_optimizer(cfg, model.parameters(), device)
+    optimizer = build_optimizer(cfg, model.named_parameters(), device)
     return model, optimizer, build_scheduler(cfg, optimizer)
 
 

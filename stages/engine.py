@@ -20,7 +20,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.devi
     deepspeed = import_deepspeed(device)
     precision = resolve_precision(cfg, device)
     model.to(device)
-    optimizer = build_optimizer(cfg, model.parameters(), device)
+    optimizer = build_optimizer(cfg, model.named_parameters(), device)
     scheduler = build_scheduler(cfg, optimizer)
     ds_cfg = deepspeed_config(cfg, world_size, precision)
     if _clips_itself(cfg, precision):

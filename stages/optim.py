@@ -36,15 +36,36 @@ def configure_cuda_fast_path() -> None:
 
 
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D tensors (norm gains, biases) — the usual split."""
-    params = [p for p in params if p.requires_grad]
-    # Under deepspeed.zero.Init a parameter is already an empty partition: its shape is ds_shape.
-    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    """AdamW; no weight decay on 1-D tensors (norm gains, biases) — the usual split — and
+    ``cfg.lr_scales`` (name prefix -> lr multiplier) as further groups. ``params``: the model's
+    ``named_parameters()`` (plain parameters are accepted when no lr_scales are set)."""
+    named = [item if isinstance(item, tuple) else ("", item) for item in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    scales = dict(cfg.lr_scales)
+    if scales and any(not n for n, _ in named):
+        raise ValueError("build_optimizer: lr_scales needs the model's named_parameters()")
+    unused = sorted(k for k in scales if not any(n.startswith(k) for n, _ in named))
+    if unused:
+        roots = sorted({n.split(".")[0] + "." for n, _ in named})
+        raise ValueError(f"lr_scales: no parameter is named {', '.join(map(repr, unused))}...; this network's "
+                         f"parameter names start with {', '.join(roots)}")
+
+    def scale_of(name: str) -> float:
+        hits = [k for k in scales if name.startswith(k)]
+        return scales[max(hits, key=len)] if hits else 1.0
+
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in named:
+        # Under deepspeed.zero.Init a parameter is already an empty partition: its shape is ds_shape.
+        decays = len(getattr(p, "ds_shape", p.shape)) >= 2
+        groups.setdefault((decays, scale_of(n)), []).append(p)
+    # Without lr_scales: [decay, no_decay], the groups (and so the checkpointed optimizer state) of
+    # every earlier release.
+    order = sorted(groups, key=lambda k: (k[1] != 1.0, k[1], not k[0]))
+    param_groups = [{"params": groups[k], "weight_decay": cfg.weight_decay if k[0] else 0.0, "lr": cfg.lr * k[1]}
+                    for k in order]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
 class WarmupCosine:

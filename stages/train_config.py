@@ -90,6 +90,10 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, description="AdamW weight decay")
     warmup_steps: int = Field(0, description="linear warmup steps from 0 to lr")
     min_lr_ratio: float = Field(0.1, description="cosine decay floor as a fraction of lr")
+    lr_scales: dict[str, float] = Field(default_factory=dict, description=(
+        "learning-rate multipliers by parameter-name prefix, e.g. {'text.': 0.1}: a jointly trained text "
+        "transformer (train_glide, train_decoder with text_encoder: glide) at a tenth of the UNet's lr; "
+        "the longest matching prefix wins, every prefix must name some parameter"))
     grad_clip: float = Field(1.0, description="global gradient-norm clip; 0 disables")
     zero_stage: int = Field(0, description="DeepSpeed ZeRO stage 0..3")
     precision: Literal["bf16", "fp32", "auto"] = Field(
@@ -129,6 +133,16 @@ class TrainConfig(StrictModel):
     def _positive(cls, v: int, info) -> int:
         if v <= 0:
             raise ValueError(f"{info.field_name} must be > 0 (got {v})")
+        return v
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _scales(cls, v: dict[str, float]) -> dict[str, float]:
+        for prefix, scale in v.items():
+            if not prefix:
+                raise ValueError("lr_scales: a prefix must not be empty (the base lr is `lr`)")
+            if not scale > 0:
+                raise ValueError(f"lr_scales[{prefix!r}]={scale}: must be > 0 (freeze nothing by lr 0)")
         return v
 
     @field_validator("warmup_steps", "checkpoint_every_steps", "sample_every", "max_failures", "loader_workers",
