@@ -147,3 +147,26 @@ def test_spec_validates_the_text_encoder_and_keeps_old_decoders_identity():
     named = fingerprint("train_decoder", decoder.DecoderTrainConfig(flavor="debug", text_encoder="clip_tokens"), ids)
     glide = fingerprint("train_decoder", decoder.DecoderTrainConfig(flavor="debug", text_encoder="glide"), ids)
     assert plain == named != glide
+
+
+def test_smoke_run_trains_the_glide_decoder_and_samples_unclip_with_it(smoke_run):
+    """The shipped smoke spec's decoder reads its own text transformer (text_encoder: glide, at
+    0.1x lr): it trains from the shards' token ids, sampling and evaluation condition it on ids."""
+    from safetensors.torch import load as st_load
+
+    from pipeline import layout, store
+    from pipeline.manifest import read_manifest
+
+    _, run = smoke_run
+    m = read_manifest(layout.finished_stage_dir(run, "train_decoder"))
+    config = store.read_json(m["outputs"]["config"])
+    assert config["network"]["class"] == "GlideModel" and config["network"]["config"]["unet"]["image_embed_dim"]
+    weights = st_load(store.read_bytes(m["outputs"]["weights"]))
+    init = build_network("decoder", "debug", config["cond_dims"], "glide").state_dict()
+    assert not torch.equal(weights["text.token_embedding.weight"], init["text.token_embedding.weight"])
+    sample = read_manifest(layout.finished_stage_dir(run, "sample"))
+    assert [u for u in store.listdir(sample["outputs"]["dir"]) if "_unclip_" in u and u.endswith(".png")]
+    evaluate = read_manifest(layout.finished_stage_dir(run, "evaluate"))
+    import math
+
+    assert all(math.isfinite(evaluate["metrics"][k]) for k in ("unclip_fid", "unclip_clip_score"))

@@ -72,7 +72,11 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.pos = nn.Parameter(torch.randn(cfg.text_ctx + 1, w) * 0.01)  # last row: the final slot's
         self.final_slot = nn.Parameter(torch.randn(w) * 0.02)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        # N(0, 1), nn.Embedding's default and GLIDE's (CLIP's 0.02 is for a text tower pre-trained
+        # on its own): trained jointly with a UNet from scratch, unit-scale token features tell
+        # the captions apart from the first step. Measured on the demo decoder (1000 x 64, text at
+        # 0.1x lr): loss at step 900 0.029 with 0.02, 0.019 with 1; position 0.10 with 0.02, 0.90 with 1.
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
         self.blocks = nn.ModuleList(Block(w, cfg.head_dim, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers))
         self.ln_final = LayerNorm32(w)
 
