@@ -56,7 +56,7 @@ def guidance_pairs(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
             continue
         cascade, figure = name.split(CLIP_GUIDED, 1)
         plain = f"{cascade}_{figure}"
-        if plain in metrics and not figure.endswith("_n"):
+        if plain in metrics and not figure.endswith(("_n", "_chance")):  # counts and chance levels are equal
             out.append((plain, float(metrics[plain]), float(metrics[name])))
     return out
 

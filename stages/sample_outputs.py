@@ -113,5 +113,5 @@ def guidance_table(checks: dict[str, Any], cfg: SampleConfig) -> report.Table:
          "position" + (f" (chance {some.position_chance:.2f})" if some.position_chance else ""),
          "background std /255", "n"], rows,
         "Demo check of each cascade sampled twice from the same noise: once with classifier-free guidance, "
-        "once with CLIP guidance of its 64px model by the noised CLIP (that model then samples without CFG; "
-        "the upsamplers sample alike in both). Manifest keys: <cascade>_demo_* and <cascade>_clip_guided_demo_*.")
+        "once with CLIP guidance of its text-to-image model (glide, Imagen's base) by the noised CLIP (that "
+        "model then samples without CFG; the upsamplers sample alike in both). Manifest keys: <cascade>_demo_* and <cascade>_clip_guided_demo_*.")

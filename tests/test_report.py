@@ -279,6 +279,7 @@ def test_evaluation_section_puts_cfg_beside_clip_guided_figures():
     from stages.report_run import StageView, evaluation_section
 
     metrics = {"glide_fid": 40.0, "glide_clip_guided_fid": 35.5, "glide_demo_n": 32.0,
+               "glide_demo_colour_chance": 0.125, "glide_clip_guided_demo_colour_chance": 0.125,
                "glide_clip_guided_demo_n": 32.0, "glide_demo_colour_accuracy": 0.5,
                "glide_clip_guided_demo_colour_accuracy": 0.75, "heldout_clip_score": 0.3}
     assert guidance_pairs(metrics) == [("glide_demo_colour_accuracy", 0.5, 0.75), ("glide_fid", 40.0, 35.5)]
