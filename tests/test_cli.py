@@ -106,6 +106,18 @@ def test_sample_reproduces_the_stage_from_another_directory(smoke_run, tmp_path)
         assert (out / name).read_bytes() == open(os.path.join(stage_dir, name), "rb").read(), name
 
 
+def test_sample_flags_name_themselves_in_errors(smoke_run, tmp_path):
+    """A bad --guidance-mode / --clip-guidance is refused naming the flag (not the spec field) and
+    what is allowed, before any model is loaded."""
+    cwd, run = smoke_run
+    code, _, err = t2i("sample", run, "--prompt", "a red circle", "--guidance-mode", "strong",
+                       "--out", str(tmp_path / "x"), cwd=cwd)
+    assert code != 0 and "--guidance-mode" in err and "'compare'" in err and "Traceback" not in err
+    code, _, err = t2i("sample", run, "--prompt", "a red circle", "--guidance-mode", "clip",
+                       "--clip-guidance", "prior=1", "--out", str(tmp_path / "y"), cwd=cwd)
+    assert code != 0 and "--clip-guidance" in err and "prior" in err and "Traceback" not in err
+
+
 def test_whole_run_report_has_the_evaluation(smoke_run):
     """Sample and evaluate run side by side, so the run ends by rebuilding <run>/report.html with
     the evaluation; `t2i report` rebuilds it on demand."""

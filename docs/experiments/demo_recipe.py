@@ -5,7 +5,9 @@ pipeline trains the same networks and diffusion through stages/train.py.
 
     .venv/bin/python docs/experiments/demo_recipe.py NAME '{"res": 16, "steps": 1300, "bs": 64, "floor": 1.0}'
 
-Options (JSON): role (base | decoder), res, steps, bs, lr, warm, ema, net (UNetConfig overrides,
+Options (JSON): role (base | decoder), text (decoder only: clip_tokens | glide = the flavor's
+variants, or t5 = the Imagen base's T5 tokens, a diagnostic), text_lr (lr multiplier of a glide
+decoder's text transformer), freeze_text, emb_std (its token-embedding init), drop_img, res, steps, bs, lr, warm, ema, net (UNetConfig overrides,
 e.g. {"coord_channels": true}), snr (Min-SNR gamma or null), floor (min_snr_floor), pred, guid,
 samp_steps, thr (thresholding), load (NAME of an earlier run: sample only), run (the demo run
 to read, default ./runs/demo), corpus ({"n", "sizes", "shapes"}: synthesize a corpus instead).
@@ -73,12 +75,30 @@ else:
              ct=torch.tensor(np.stack(CT)), ctm=torch.tensor(np.stack(CM)), ci=torch.tensor(np.stack(CI)), caps=C)
     torch.save(D, cache)
 dims = {"t5_dim": D["t5"].shape[-1], "clip_dim": D["ci"].shape[-1], "clip_token_dim": D["ct"].shape[-1]}
-cfg = get_flavor(role, "demo").config(dims, image_size=res, **{k: tuple(v) if isinstance(v, list) else v for k, v in o.get("net", {}).items()})
-net = UNet(cfg)
+text = o.get("text", "clip_tokens") if role == "decoder" else "t5"
+net_over = {k: tuple(v) if isinstance(v, list) else v for k, v in o.get("net", {}).items()}
+if text == "glide":  # the decoder flavor's glide variant (a GlideModel); `net` overrides go to its UNet
+    from stages.nets.flavors import network_for
+    cfg = get_flavor(role, "demo").config(dims, "glide")
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, image_size=res, **net_over))
+    net = network_for(cfg)
+    if o.get("emb_std"): torch.nn.init.normal_(net.text.token_embedding.weight, std=o["emb_std"])
+    if o.get("freeze_text"):
+        for p in net.text.parameters(): p.requires_grad_(False)
+    _F = PromptEncoders.load(glob.glob(f"{RUN}/embed/*/")[0].rstrip("/")).encode(D["caps"])
+    IDS, IDM = _F.clip_ids, _F.clip_id_mask
+else:
+    cfg = get_flavor(role, "demo").config(dims, image_size=res, **net_over)
+    if role == "decoder" and text == "t5":
+        cfg = dataclasses.replace(cfg, text_dim=dims["t5_dim"])
+    net = UNet(cfg)
 nparam = sum(p.numel() for p in net.parameters())
 diff = Diffusion(o.get("schedule", "cosine"), o.get("pred", "v"), min_snr_gamma=o.get("snr", 5.0), min_snr_floor=o.get("floor", 0.0))
 steps, bs, lr = o.get("steps", 600), o.get("bs", 32), o.get("lr", 3e-3)
-opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+_text = [p for n, p in net.named_parameters() if p.requires_grad and n.startswith("text.")]
+_rest = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("text.")]
+opt = torch.optim.AdamW([{"params": _rest}, {"params": _text, "lr": lr * o.get("text_lr", 1.0)}] if _text else _rest,
+                        lr=lr, weight_decay=0.0)
 warm = o.get("warm", 20)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (s - warm) / max(1, steps - warm)))))
 ema = [p.detach().clone() for p in net.parameters()]; ema_decay = o.get("ema", 0.999)
@@ -87,7 +107,12 @@ tmax = o.get("tmax", 1.0)
 def cond_of(idx, drop):
     if role == "base":
         return dict(text_tokens=D["t5"][idx], text_mask=D["t5m"][idx], drop_text=drop)
-    return dict(text_tokens=D["ct"][idx], text_mask=D["ctm"][idx], image_embed=D["ci"][idx], drop_text=drop, drop_image=torch.rand(len(idx)) < o.get("drop_img", 0.1))
+    img = dict(image_embed=D["ci"][idx], drop_text=drop, drop_image=torch.rand(len(idx)) < o.get("drop_img", 0.1))
+    if text == "glide":
+        return dict(clip_ids=IDS[idx], clip_id_mask=IDM[idx], **img)
+    if text == "t5":
+        return dict(text_tokens=D["t5"][idx], text_mask=D["t5m"][idx], **img)
+    return dict(text_tokens=D["ct"][idx], text_mask=D["ctm"][idx], **img)
 t0 = time.time(); c0 = time.process_time(); losses = [0.0]
 if o.get("load"):
     steps = 0; net.load_state_dict(torch.load(f"{OUT}/{o['load']}.pt")); ema = [p.detach().clone() for p in net.parameters()]
@@ -121,6 +146,12 @@ else:
     pix = torch.from_numpy(np.stack([preprocess_image(_jpeg_bytes(render(a, 128)), pp) for a in check_attrs(o.get("nprompts", 48))]))
     ie = torch.nn.functional.normalize(enc.clip.encode_image(pix).float(), dim=-1)  # oracle prior: the true image embedding
     cond = dict(text_tokens=F.clip_tokens[:, :32], text_mask=F.clip_mask[:, :32], image_embed=ie)
+    if text == "glide":
+        cond = dict(clip_ids=F.clip_ids, clip_id_mask=F.clip_id_mask, image_embed=ie)
+    if text == "t5":
+        cond = dict(text_tokens=F.t5_tokens, text_mask=F.t5_mask, image_embed=ie)
+    if o.get("drop_img", 0.1) >= 1:  # trained without the embedding: sample without it too
+        cond["drop_image"] = torch.ones(len(prompts), dtype=torch.bool)
 gs = torch.Generator().manual_seed(1)
 out = diff.sample(net, (len(prompts), 3, res, res), cond, sampler="dpmpp_2m", steps=o.get("samp_steps", 12), guidance_scale=o.get("guid", 3.0), thresholding=o.get("thr", "dynamic"), generator=gs)
 out = out.clamp(-1, 1)

@@ -86,12 +86,18 @@ def _per_model(text: Optional[str], cast, flag: str):
 @app.command()
 def sample(run: str = typer.Argument(..., help="Run URI or run id with trained stages."),
            prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
-           cascade: Optional[str] = typer.Option(None, help="imagen (base→SR), unclip (prior→decoder→SR) or both "
+           cascade: Optional[str] = typer.Option(None, help="imagen (base→SR), unclip (prior→decoder→SR), glide "
+                                                             "(GLIDE→SR), both (unclip+imagen) or all "
                                                              "(default: the run's sample section)."),
            seed: Optional[int] = typer.Option(None, help="Seed of all sampling noise."),
            sampler: Optional[str] = typer.Option(None, help="ddim | ddpm | dpmpp"),
            steps: Optional[str] = typer.Option(None, help="Denoising steps: N, or per model base=20,sr256=4,..."),
            guidance: Optional[str] = typer.Option(None, help="CFG scale: G, or per model base=3,decoder=3,..."),
+           guidance_mode: Optional[str] = typer.Option(None, "--guidance-mode", help=(
+               "cfg (classifier-free), clip (CLIP guidance of the glide/base models with the run's noised CLIP) "
+               "or compare (both, same prompts and seeds; the CLIP-guided half as <cascade>_clip_guided).")),
+           clip_guidance: Optional[str] = typer.Option(None, "--clip-guidance", help=(
+               "CLIP guidance scale (with --guidance-mode clip|compare): S, or per model glide=0.03,base=0.03")),
            images_per_prompt: Optional[int] = typer.Option(None, "--images-per-prompt", help="Samples per prompt."),
            max_stage: Optional[str] = typer.Option(None, "--max-stage", help="Stop early: base | decoder | sr256."),
            out: Optional[str] = typer.Option(None, help="Where to write PNGs (default: <run>/samples_cli).")) -> None:
@@ -113,12 +119,19 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
     base = spec.sample.model_dump() if spec.sample is not None else {}
     flags = {"prompts": list(prompt), "cascade": cascade, "seed": seed, "sampler": sampler,
              "steps": _per_model(steps, int, "--steps"), "guidance_scale": _per_model(guidance, float, "--guidance"),
+             "guidance": guidance_mode, "clip_guidance_scale": _per_model(clip_guidance, float, "--clip-guidance"),
              "images_per_prompt": images_per_prompt, "max_stage": max_stage}
     try:
         cfg = SampleConfig(**{**base, **{k: v for k, v in flags.items() if v is not None}})
     except ValidationError as e:
-        msgs = "; ".join(f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
-                         for err in e.errors())
+        # the sample section's field names, spelled as this command's flags
+        flag_of = {"guidance_scale": "guidance", "guidance": "guidance-mode", "clip_guidance_scale": "clip-guidance",
+                   "prompts": "prompt"}
+
+        def where(loc) -> str:
+            first = flag_of.get(str(loc[0]), str(loc[0]).replace("_", "-")) if loc else ""
+            return ".".join([first, *(str(x) for x in loc[1:])])
+        msgs = "; ".join(f"--{where(err['loc'])}: {err['msg']}" for err in e.errors())
         fail(msgs)
     try:
         paths = sample_with_config(cfg, uri, out=out)
