@@ -79,11 +79,11 @@ class PlanOptions:
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def _flavor_key(role: str, flavor: str, dims: dict[str, int], text_len: int) -> str:
+def _flavor_key(role: str, flavor: str, dims: dict[str, int], text_len: int, variant: str | None = None) -> str:
     from stages.nets.flavors import get_flavor
     import torch
 
-    cfg = get_flavor(role, flavor).config(dims)
+    cfg = get_flavor(role, flavor).config(dims, variant)
     return hashlib.sha256(f"{role}|{flavor}|{cfg!r}|{text_len}|{torch.__version__}".encode()).hexdigest()[:16]
 
 
@@ -92,14 +92,14 @@ def _cache_path() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def flops_per_sample(role: str, flavor: str, dims_items: tuple, text_len: int) -> int:
+def flops_per_sample(role: str, flavor: str, dims_items: tuple, text_len: int, variant: str | None = None) -> int:
     """Counted training FLOPs (forward + backward) of one sample: a batch-1 step on the meta device.
 
     Cached on disk by the network config's repr (an architecture change misses the cache): a
     paper flavor takes ~15 s to count on a busy CPU.
     """
     dims = dict(dims_items)
-    key = _flavor_key(role, flavor, dims, text_len)
+    key = _flavor_key(role, flavor, dims, text_len, variant)
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
@@ -107,7 +107,7 @@ def flops_per_sample(role: str, flavor: str, dims_items: tuple, text_len: int) -
         cache = {}
     if key in cache:
         return int(cache[key])
-    n = _count(role, flavor, dims, text_len)
+    n = _count(role, flavor, dims, text_len, variant=variant)
     cache[key] = n
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def flops_per_sample(role: str, flavor: str, dims_items: tuple, text_len: int) -
 
 
 def _count(role: str, flavor: str, dims: dict[str, int], text_len: int, batch: int = 1,
-           device: str = "meta") -> int:
+           device: str = "meta", variant: str | None = None) -> int:
     import torch
 
     from stages.bench_train import stage_parts, synthetic_batch
@@ -128,7 +128,9 @@ def _count(role: str, flavor: str, dims: dict[str, int], text_len: int, batch: i
 
     spec, cfg_cls = stage_parts(role)
     fl = get_flavor(role, flavor)
-    cfg = cfg_cls(flavor=flavor, batch_size=batch, steps=1)
+    # The network variant is chosen by a config field (the decoder's text_encoder): set it back.
+    chosen = {"text_encoder": variant} if variant and "text_encoder" in cfg_cls.model_fields else {}
+    cfg = cfg_cls(flavor=flavor, batch_size=batch, steps=1, **chosen)
     cpu_batch = synthetic_batch(fl, dims, batch, text_len, seed=0)
     torch.manual_seed(0)
     with torch.device(device):
@@ -225,14 +227,14 @@ def checkpoint_bytes(params: int, zero: int, precision: str, tensors: int = 0, w
     return {"module": float(module), "optimizer": float(optim), "ema": 4.0 * params, "overhead": float(overhead)}
 
 
-def params_of(role: str, flavor: str, dims: dict[str, int]) -> tuple[int, int]:
+def params_of(role: str, flavor: str, dims: dict[str, int], variant: str | None = None) -> tuple[int, int]:
     """(parameters, parameter tensors) of a flavor, built on the meta device."""
     import torch
 
     from stages.nets.flavors import build_network
 
     with torch.device("meta"):
-        net = build_network(role, flavor, dims)
+        net = build_network(role, flavor, dims, variant)
     ps = list(net.parameters())
     return sum(p.numel() for p in ps), len(ps)
 
@@ -356,13 +358,16 @@ def _train(role: str, cfg, opts: PlanOptions, corpus: CorpusFigures, peak: float
     gpus = int(max(1, cfg.gpus_per_worker) * world)
     samples = int(cfg.steps) * int(cfg.batch_size) * int(cfg.grad_accum) * world
     text_len = text_len_for(role, corpus, t5_max)
-    fps = flops_per_sample(role, cfg.flavor, tuple(sorted(dims.items())), text_len)
+    from stages.models import model
+
+    variant = model(role).stage_spec.variant(cfg)
+    fps = flops_per_sample(role, cfg.flavor, tuple(sorted(dims.items())), text_len, variant)
     if opts.mfu is not None:
         mfu, mfu_src = opts.mfu, "--mfu"
     else:
         mfu, mfu_src = measured_mfu(role, cfg.flavor, manifest, perf_md) or (DEFAULT_MFU[role], "stated default")
     gpu_h = samples * fps / (mfu * peak) / 3600
-    params, tensors = params_of(role, cfg.flavor, dims)
+    params, tensors = params_of(role, cfg.flavor, dims, variant)
     precision = cfg.precision          # auto = bf16 on GPU, fp32 on CPU (stages/optim.py)
     if precision == "auto":
         precision = "bf16" if cfg.gpus_per_worker > 0 else "fp32"
