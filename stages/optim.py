@@ -35,15 +35,12 @@ def configure_cuda_fast_path() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, named_params, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on 1-D tensors (norm gains, biases) — the usual split — and
-    ``cfg.lr_scales`` (name prefix -> lr multiplier) as further groups. ``params``: the model's
-    ``named_parameters()`` (plain parameters are accepted when no lr_scales are set)."""
-    named = [item if isinstance(item, tuple) else ("", item) for item in params]
-    named = [(n, p) for n, p in named if p.requires_grad]
+    ``cfg.lr_scales`` (name prefix -> lr multiplier) as further groups. ``named_params``: the
+    model's ``named_parameters()``."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
     scales = dict(cfg.lr_scales)
-    if scales and any(not n for n, _ in named):
-        raise ValueError("build_optimizer: lr_scales needs the model's named_parameters()")
     unused = sorted(k for k in scales if not any(n.startswith(k) for n, _ in named))
     if unused:
         roots = sorted({n.split(".")[0] + "." for n, _ in named})

@@ -128,3 +128,17 @@ def smoke_spec(**sections) -> dict:
         else:
             data[k] = v
     return data
+
+
+def loader_batch(n: int = 2, size: int = 16, clip_dim: int = 16, clip_token_dim: int = 12) -> dict:
+    """A micro-batch as stages/loader.collate makes it: images, CLIP embeddings and token ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (n, 5), generator=g)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return {"image": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            "clip_image": torch.randn(n, clip_dim, generator=g),
+            "clip_tokens": torch.randn(n, 5, clip_token_dim, generator=g), "clip_mask": mask,
+            "clip_ids": ids, "clip_id_mask": mask, "t5_ids": ids % 50, "t5_id_mask": mask}

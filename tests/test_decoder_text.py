@@ -6,22 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures_train import loader_batch
 from stages.nets import build_network, get_flavor
 from stages.nets.flavors import count_params
 
 DIMS = {"t5_dim": 24, "clip_dim": 16, "clip_token_dim": 12}
-
-
-def _loader_batch(n: int = 2, size: int = 16) -> dict:
-    """A micro-batch as stages/loader.collate makes it: images, embeddings and token ids."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (n, 5), generator=g)
-    mask = torch.ones(n, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    return {"image": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
-            "clip_image": torch.randn(n, DIMS["clip_dim"], generator=g),
-            "clip_tokens": torch.randn(n, 5, DIMS["clip_token_dim"], generator=g), "clip_mask": mask,
-            "clip_ids": ids, "clip_id_mask": mask, "t5_ids": ids % 50, "t5_id_mask": mask}
 
 
 def test_every_decoder_flavor_has_both_text_encoders():
@@ -52,7 +41,7 @@ def test_glide_decoder_reads_ids_and_the_image_embedding():
     for p in net.parameters():  # zero-initialised output convs would hide every input
         p.data.add_(0.02 * torch.randn_like(p))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.4, 0.6])
-    b = _loader_batch()
+    b = loader_batch()
     kw = dict(clip_ids=b["clip_ids"], clip_id_mask=b["clip_id_mask"], image_embed=b["clip_image"])
     with torch.no_grad():
         out = net(x, t, **kw)
@@ -67,13 +56,13 @@ def test_build_batch_follows_the_text_encoder():
     from stages import decoder
 
     fl, cpu = get_flavor("decoder", "debug"), torch.device("cpu")
-    x0, cond = decoder.build_batch(_loader_batch(), decoder.DecoderTrainConfig(flavor="debug"), fl, cpu, torch.float32)
+    x0, cond = decoder.build_batch(loader_batch(), decoder.DecoderTrainConfig(flavor="debug"), fl, cpu, torch.float32)
     assert set(cond) == {"text_tokens", "text_mask", "image_embed", "drop_text", "drop_image"}
     cfg = decoder.DecoderTrainConfig(flavor="debug", text_encoder="glide", cfg_drop_text=1.0)
-    x0, cond = decoder.build_batch(_loader_batch(), cfg, fl, cpu, torch.float32)
+    x0, cond = decoder.build_batch(loader_batch(), cfg, fl, cpu, torch.float32)
     assert set(cond) == {"clip_ids", "clip_id_mask", "image_embed", "drop_text", "drop_image"}
     assert cond["clip_ids"].dtype == torch.long and cond["drop_text"].all()
-    bad = _loader_batch()
+    bad = loader_batch()
     del bad["clip_ids"]
     with pytest.raises(ValueError, match="train_decoder: the training batch carries no clip_ids"):
         decoder.build_batch(bad, cfg, fl, cpu, torch.float32)
@@ -94,7 +83,7 @@ def test_joint_step_trains_the_decoders_text_transformer():
     torch.manual_seed(0)
     engine, _ = build_engine(cfg, build_network("decoder", "debug", DIMS, decoder.SPEC.variant(cfg)), device=cpu)
     text0 = {n: p.detach().clone() for n, p in engine.module.text.named_parameters()}
-    micro = [decoder.build_batch(_loader_batch(), cfg, get_flavor("decoder", "debug"), cpu, torch.float32)]
+    micro = [decoder.build_batch(loader_batch(), cfg, get_flavor("decoder", "debug"), cpu, torch.float32)]
     diffusion = Diffusion(**cfg.diffusion.model_dump())
     for _ in range(3):  # zero-initialised residual outputs pass no gradient to the context before step 3
         out = train_step(engine, diffusion, micro)
@@ -117,7 +106,7 @@ def test_sampling_conditions_the_decoder_its_final_config_describes(tmp_path):
                           "network": network_config(net)})
     loaded, config = load_final(folder)
     assert type(loaded).__name__ == "GlideModel" and decoder.text_encoder_of(config) == "glide"
-    b = _loader_batch()
+    b = loader_batch()
     f = PromptFeatures(clip_text=torch.randn(2, 16), clip_tokens=b["clip_tokens"], clip_mask=b["clip_mask"],
                        t5_tokens=torch.randn(2, 3, 24), t5_mask=torch.ones(2, 3, dtype=torch.bool),
                        clip_ids=b["clip_ids"], clip_id_mask=b["clip_id_mask"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures_train import loader_batch
 from stages.nets import build_network
 from stages.nets.text_transformer import TextTransformer, TextTransformerConfig
 
@@ -84,27 +85,17 @@ def test_glide_model_reads_the_ids_its_tokenizer_names():
 
 
 # ----------------------------------------------------------------------------- training
-def _loader_batch(n: int = 2, size: int = 16) -> dict:
-    """A micro-batch as stages/loader.collate makes it, token ids included."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (n, 5), generator=g)
-    mask = torch.ones(n, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    return {"image": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
-            "clip_ids": ids, "clip_id_mask": mask, "t5_ids": ids % 50, "t5_id_mask": mask}
-
-
 def test_build_batch_passes_ids_and_drops_captions():
     from stages import glide
     from stages.nets import get_flavor
 
     flavor, cpu = get_flavor("glide", "debug"), torch.device("cpu")
     cfg = glide.GlideTrainConfig(flavor="debug", cfg_drop_text=1.0)
-    x0, cond = glide.build_batch(_loader_batch(), cfg, flavor, cpu, torch.float32)
+    x0, cond = glide.build_batch(loader_batch(), cfg, flavor, cpu, torch.float32)
     assert x0.shape == (2, 3, 16, 16) and x0.min() >= -1 and x0.max() <= 1
     assert cond["clip_ids"].dtype == torch.long and cond["drop_text"].all()  # never cast to the compute dtype
     assert set(cond) == {"clip_ids", "clip_id_mask", "drop_text"}
-    bad = _loader_batch()
+    bad = loader_batch()
     bad["clip_ids"][0, 0] = 10 ** 6
     with pytest.raises(ValueError, match="outside flavor debug's vocabulary"):
         glide.build_batch(bad, cfg, flavor, cpu, torch.float32)
@@ -132,7 +123,7 @@ def test_joint_step_updates_the_text_transformer():
     text0 = {n: p.detach().clone() for n, p in engine.module.text.named_parameters()}
     n_opt = sum(p.numel() for grp in engine.optimizer.param_groups for p in grp["params"])
     assert n_opt == sum(p.numel() for p in engine.module.parameters())  # transformer and UNet: one optimizer
-    micro = [glide.build_batch(_loader_batch(), cfg, get_flavor("glide", "debug"), cpu, torch.float32)]
+    micro = [glide.build_batch(loader_batch(), cfg, get_flavor("glide", "debug"), cpu, torch.float32)]
     diffusion = Diffusion(**cfg.diffusion.model_dump())
     # Zero-initialised residual outputs (attention proj, ResBlock conv2) pass no gradient back to the
     # context or the time embedding until they have moved: the text transformer first moves at step 3.
