@@ -24,7 +24,8 @@ from data_prep.embed_encode import Encoders, encode_chunk, load_encoders  # noqa
 from data_prep.embed_format import write_embedding_shard
 from data_prep.holdout import split_rule
 from data_prep.embed_ledger import (COUNT_KEYS, done_uri, embed_identity, finalize_from_parts, is_done,
-                                    list_sources, npz_uri, part_uri, read_encoders_doc, write_encoders_doc)
+                                    list_sources, npz_uri, part_uri)
+from data_prep.encoders_doc import read_encoders_doc, write_encoders_doc
 from data_prep.embed_config import EmbedConfig  # noqa: F401  (the graph and callers import it from here)
 from data_prep.encoders import ClipConfig, T5Config, clip_preprocess_cfg
 from pipeline import layout, store

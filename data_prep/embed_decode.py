@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from data_prep.encoder_config import caption_counts  # null and empty captions counted apart
-from data_prep.image_decode import decode_rgb
+from data_prep.image_decode import preprocess_image
 from data_prep.shards import iter_shard, shard_id
 
 
@@ -28,38 +28,6 @@ class DecodedChunk:
     pixels: np.ndarray  # [b, 3, H, W] float16, normalised
     counts: dict[str, int] = field(default_factory=dict)
     columns: dict[str, list[str]] = field(default_factory=dict)  # extra list columns, JSON per sample
-
-
-_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "random": 3}  # PIL.Image.Resampling values
-
-
-def preprocess_image(data: bytes, pp: dict[str, Any]) -> np.ndarray:
-    """Encoded image bytes -> [3, H, W] float32 normalised as the CLIP model expects (raises on bad data)."""
-    from PIL import Image
-
-    size = pp["size"]
-    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    resample = _RESAMPLE.get(pp.get("interpolation", "bicubic"), 3)
-    im = decode_rgb(data)  # the download stage's decoder: pixel limits, EXIF, 16-bit, alpha (data_prep/image_decode.py)
-    w, h = im.size
-    mode = pp.get("resize_mode", "shortest")
-    if mode == "squash":
-        im = im.resize((tw, th), resample)
-    elif mode == "longest":  # fit inside, pad with fill_color
-        s = min(tw / w, th / h)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        canvas = Image.new("RGB", (tw, th), (int(pp.get("fill_color", 0)),) * 3)
-        canvas.paste(im.resize((nw, nh), resample), ((tw - nw) // 2, (th - nh) // 2))
-        im = canvas
-    else:  # "shortest": resize the short side, centre crop (open_clip's eval transform)
-        s = max(tw / w, th / h)
-        nw, nh = max(tw, round(w * s)), max(th, round(h * s))
-        im = im.resize((nw, nh), resample)
-        left, top = (nw - tw) // 2, (nh - th) // 2
-        im = im.crop((left, top, left + tw, top + th))
-    x = np.asarray(im, dtype=np.float32) / 255.0
-    x = (x - np.asarray(pp["mean"], np.float32)) / np.asarray(pp["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def _try_preprocess(data: bytes, pp: dict[str, Any]) -> np.ndarray | Exception:

@@ -4,8 +4,8 @@ Per download shard ``NNNNN.tar`` the stage writes ``shards/NNNNN.npz`` then
 ``shards/NNNNN.done.json`` (written last: a crash never leaves a shard looking done); encoder
 workers write chunk parts under ``shards/_parts/NNNNN/`` first, joined in chunk order by
 :func:`finalize_from_parts`. A shard whose done marker matches the encoders is skipped, so a
-re-run starts at the first unfinished shard (levanter's shard ledger). ``encoders.json`` says
-which encoders made the set; :func:`read_encoders_doc` is its one reader.
+re-run starts at the first unfinished shard (levanter's shard ledger). ``encoders.json``
+(which encoders made the set) has its own home, data_prep/encoders_doc.py.
 """
 from __future__ import annotations
 
@@ -151,19 +151,3 @@ def is_done(out_shards_uri: str, src: dict[str, Any], identity: dict[str, Any]) 
     """Whether ``src``'s embedding is finished for ``identity`` (npz and matching done marker)."""
     m = _markers(out_shards_uri).get(src["shard"])
     return m is not None and m.get("encoders") == identity and m.get("source_size") == src["size"]
-
-
-def encoders_doc_uri(embed_uri: str) -> str:
-    return store.join(embed_uri, layout.ENCODERS)
-
-
-def write_encoders_doc(embed_uri: str, doc: dict[str, Any]) -> str:
-    uri = encoders_doc_uri(embed_uri)
-    store.write_json(uri, doc)
-    return uri
-
-
-def read_encoders_doc(embed_uri: str) -> dict[str, Any] | None:
-    """The embed stage's ``encoders.json`` (which encoders, their dims, preprocess), or None."""
-    uri = encoders_doc_uri(embed_uri)
-    return store.read_json(uri) if store.exists(uri) else None

@@ -113,7 +113,7 @@ def rule_from_doc(doc: dict[str, Any] | None) -> HoldoutRule:
 
 def read_rule(embed_attempt_uri: str) -> HoldoutRule:
     """The held-out rule of an embed attempt (its ``encoders.json``)."""
-    from data_prep.embed_ledger import read_encoders_doc
+    from data_prep.encoders_doc import read_encoders_doc
 
     return rule_from_doc(read_encoders_doc(embed_attempt_uri))
 

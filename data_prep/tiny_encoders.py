@@ -132,7 +132,7 @@ def _training_pool(seed: int, image_size: int):
     import open_clip
 
     from data_prep import demo_corpus
-    from data_prep.embed_decode import preprocess_image
+    from data_prep.image_decode import preprocess_image
 
     attrs = demo_corpus.training_attrs()
     reps, size = TINY_CLIP_TRAIN["renders_per_caption"], TINY_CLIP_TRAIN["render_size"]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from data_prep.clip_score import clip_scores  # the evaluate stage's CLIP score, the one definition
+
 
 def rerank(samples: list, keep: int, clip: Any, preprocess: dict[str, Any]) -> tuple[list, dict[str, float]]:
     """(kept samples, figures per cascade): ``<cascade>_rerank_clip_score_kept`` / ``_first``."""
-    from stages.evaluate.metrics import clip_scores  # the evaluate stage's CLIP score, the one definition
-
     scores = clip_scores(clip, [s.image for s in samples], [s.prompt for s in samples], preprocess).tolist()
     for s, v in zip(samples, scores):
         s.clip_score = float(v)

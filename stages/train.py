@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from data_prep.embed_ledger import read_encoders_doc
+from data_prep.encoders_doc import read_encoders_doc
 from data_prep.holdout import NO_HOLDOUT, HoldoutRule, read_rule
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult

@@ -140,7 +140,7 @@ def test_tiny_clip_is_trained_on_the_demo_corpus(clip):
     from PIL import Image
 
     from data_prep import demo_corpus
-    from data_prep.embed import preprocess_image
+    from data_prep.image_decode import preprocess_image
 
     held = demo_corpus.check_attrs()
     pix = []

@@ -10,6 +10,7 @@ import torch
 
 from pipeline import store
 from stages.evaluate import evaluation_rows
+from data_prep.clip_score import clip_scores
 from stages.evaluate import metrics as M
 
 
@@ -54,8 +55,8 @@ def test_clip_score_higher_for_matching_than_shuffled_prompts(tmp_path):
     images = [render(a, 64, rng) for a in attrs]
     prompts = [caption_of(a) for a in attrs]
     pp = clip_preprocess_cfg(cfg)
-    matching = M.clip_scores(clip, images, prompts, pp)
-    shuffled = M.clip_scores(clip, images, prompts[5:] + prompts[:5], pp)
+    matching = clip_scores(clip, images, prompts, pp)
+    shuffled = clip_scores(clip, images, prompts[5:] + prompts[:5], pp)
     assert matching.shape == (16,) and (matching.abs() <= 1 + 1e-5).all()
     assert float(matching.mean()) > float(shuffled.mean()) + 0.05, (matching.mean(), shuffled.mean())
 

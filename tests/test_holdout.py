@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.embed_ledger import read_encoders_doc, write_encoders_doc
+from data_prep.encoders_doc import read_encoders_doc, write_encoders_doc
 from data_prep.holdout import NO_HOLDOUT, HoldoutRule, key_unit, read_rule, split_rule, target_count
 from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store

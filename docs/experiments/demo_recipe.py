@@ -140,7 +140,7 @@ from data_prep.demo_corpus import render, check_attrs
 if role == "base":
     cond = dict(text_tokens=F.t5_tokens, text_mask=F.t5_mask)
 else:
-    from data_prep.embed_decode import preprocess_image
+    from data_prep.image_decode import preprocess_image
     from data_prep.demo_corpus import _jpeg_bytes
     pp = enc.preprocess
     pix = torch.from_numpy(np.stack([preprocess_image(_jpeg_bytes(render(a, 128)), pp) for a in check_attrs(o.get("nprompts", 48))]))

@@ -167,7 +167,7 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
 def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_uris: dict[str, str] | None,
             progress: Callable[[str], None]):
     """What every measurement needs: the held-out rule, the run's encoders, where each model is."""
-    from data_prep.embed_ledger import read_encoders_doc
+    from data_prep.encoders_doc import read_encoders_doc
     from data_prep.holdout import read_rule
     from stages.evaluate.figures import EvalContext
     from stages.sample import PromptEncoders, resolve_device

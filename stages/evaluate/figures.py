@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import layout, store
+from data_prep import clip_score
 from stages.evaluate import metrics as M
 from stages.evaluate.data import HoldoutSet, load_prompt_suite, read_holdout
 
@@ -71,9 +72,9 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
                                  embed_uri=ctx.embed_uri, encoders=ctx.encoders, progress=ctx.progress)
     metrics: dict[str, float] = {"evaluate_sample_seconds": time.time() - t0}
     clip = ctx.encoders.clip
-    text = M.clip_text_embeddings(clip, prompts)
+    text = clip_score.clip_text_embeddings(clip, prompts)
     if n:  # the ceiling: real held-out pairs under the same CLIP (stored embeddings, exactly as trained on)
-        metrics["heldout_clip_score"] = float(M.cosine(held.clip_image, held.features.clip_text).mean())
+        metrics["heldout_clip_score"] = float(clip_score.cosine(held.clip_image, held.features.clip_text).mean())
     net = M.load_feature_network(cfg.fid_features, ctx.device) if n else None
     rows: list[dict] = []
     cats = ["heldout"] * n + [c for c, _ in suite]
@@ -82,7 +83,7 @@ def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int],
     for cascade, c in names:
         mine = sorted((s for s in samples if s.cascade == c), key=lambda s: s.index)
         images = [s.image for s in mine]
-        scores = M.cosine(M.clip_image_embeddings(clip, images, ctx.preprocess), text)
+        scores = clip_score.cosine(clip_score.clip_image_embeddings(clip, images, ctx.preprocess), text)
         if n:
             metrics[f"{c}_clip_score"] = float(scores[:n].mean())
         if suite:
@@ -124,8 +125,8 @@ def prior_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int]]:
         outs.append(run_stage(m, held.features.select(slice(i, i + scfg.batch_size), ctx.device), None, scfg, g,
                               ctx.device))
     sampled = torch.cat(outs)
-    sim = float(M.cosine(sampled, held.clip_image).mean())
-    base = float(M.cosine(held.features.clip_text, held.clip_image).mean())
+    sim = float(clip_score.cosine(sampled, held.clip_image).mean())
+    base = float(clip_score.cosine(held.features.clip_text, held.clip_image).mean())
     ctx.progress(f"evaluate: prior: cosine similarity {sim:.3f} (text-embedding baseline {base:.3f}, "
                  f"{len(held)} held-out samples)")
     return {"prior_cosine_similarity": sim, "prior_text_baseline": base}, {"prior_samples": len(held)}
