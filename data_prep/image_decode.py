@@ -11,7 +11,7 @@ so a 20000x20000 PNG of a few hundred KB costs microseconds, not 1.6 GB and seco
 * an animated GIF/WebP/APNG gives its first frame.
 
 Used by the download stage (installed into img2dataset's resizer in its child process, see
-data_prep/download_child.py), and by the training loader (stages/loader.py). Rejections raise
+data_prep/download/child.py), and by the training loader (stages/training/loader.py). Rejections raise
 :class:`ImageRejected` whose message starts with a stable reason phrase (``REASONS``), which is how
 the download stage counts rejections by reason from img2dataset's per-shard error strings.
 """

@@ -12,7 +12,7 @@ verbs; the executor decides where:
   None to run it locally.
 
 :class:`LocalExecutor` (this file) runs everything in this process; the Ray executor
-(pipeline/ray_executor.py, the only other implementation) runs the same verbs on a cluster. This
+(pipeline/run/ray_executor.py, the only other implementation) runs the same verbs on a cluster. This
 module imports nothing of the project, so every floor may use it.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class DistEnv:
     def from_env(cls) -> "DistEnv":
         """torchrun's variables when present, else a single process on a free local port."""
         e = os.environ
-        # A process that made its own single-rank group (stages/distributed.py) exports RANK etc.
+        # A process that made its own single-rank group (stages/training/distributed.py) exports RANK etc.
         # for torch's env:// init; a child it starts (a t2i subprocess) inherits them but is no
         # torchrun worker: it gets a group of its own on a free port.
         inherited = e.get(OWN_GROUP_PID) not in (None, str(os.getpid()))

@@ -18,7 +18,7 @@ config class:
   whose extent is short of the spec's is *continued in place* from its latest checkpoint.
 
 The package version is not hashed: upgrading never invalidates a finished stage. A stage's
-own ``code_version`` (pipeline/graph.py) is bumped only when its outputs change meaning.
+own ``code_version`` (pipeline/run/graph.py) is bumped only when its outputs change meaning.
 """
 from __future__ import annotations
 

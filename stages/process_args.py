@@ -1,7 +1,7 @@
 """What the diffusion process and conditioning augmentation accept, checked without torch.
 
 The one home of these checks: ``stages.diffusion.Diffusion``/``Schedule`` and
-``stages.condaug.CondAugConfig`` call them, and so does the run spec (stages/train_config.py)
+``stages.condaug.CondAugConfig`` call them, and so does the run spec (stages/training/config.py)
 when it validates a spec — which must stay fast (no torch import just to read a spec).
 """
 from __future__ import annotations

@@ -100,7 +100,7 @@ def stage_ctx(root_uri: str, stage: str, download: str, embed: str, ray_enabled:
         inputs["download"] = upstream(download)
     executor = LocalExecutor()
     if ray_enabled:
-        from pipeline.ray_executor import RayExecutor
+        from pipeline.run.ray_executor import RayExecutor
 
         executor = RayExecutor()
     return StageContext(run_uri=root_uri, out_uri=store.join(root_uri, stage), inputs=inputs, executor=executor)
@@ -131,7 +131,7 @@ def smoke_spec(**sections) -> dict:
 
 
 def loader_batch(n: int = 2, size: int = 16, clip_dim: int = 16, clip_token_dim: int = 12) -> dict:
-    """A micro-batch as stages/loader.collate makes it: images, CLIP embeddings and token ids."""
+    """A micro-batch as stages/training/loader.collate makes it: images, CLIP embeddings and token ids."""
     import torch
 
     g = torch.Generator().manual_seed(0)

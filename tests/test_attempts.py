@@ -20,7 +20,7 @@ import pytest
 
 from pipeline import layout, store
 from pipeline import manifest as mf
-from pipeline.planning import stage_uri
+from pipeline.run.planning import stage_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -88,7 +88,7 @@ def test_extend_lr_resume_upgrade_gc(smoke):
     assert new_attempt != base_attempt and "new attempt" in out, out
     m2 = store.read_json(store.join(new_attempt, mf.MANIFEST))
     assert "resumed_from_step" not in m2["counts"] and m2["counts"]["steps"] == 8
-    from stages.final_weights import load_final, resolve_final
+    from stages.training.final_weights import load_final, resolve_final
 
     old_net, old_cfg = load_final(resolve_final(base_attempt))
     assert old_cfg["step"] == 8 and sum(p.numel() for p in old_net.parameters()) > 0
@@ -100,8 +100,8 @@ def test_extend_lr_resume_upgrade_gc(smoke):
     stamp = _finished_at(run, "train_base")
     import importlib.metadata as md
 
-    from pipeline.runner import run_pipeline
-    from pipeline.planning import load_run_spec
+    from pipeline.run.runner import run_pipeline
+    from pipeline.run.planning import load_run_spec
 
     real_version = md.version
     try:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.flops import ATTENTION_FLOP_FORMULAS, attention_forward_flops, count_flops
+from stages.training.flops import ATTENTION_FLOP_FORMULAS, attention_forward_flops, count_flops
 from stages.nets import build_network, get_flavor
 from stages.nets.flavors import PAPER_COND_DIMS
 from stages.nets.layers import AttentionBlock

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stages.bench_train import bench_train
-from stages.flops import count_flops, mfu, peak_flops, peak_flops_by_name
+from stages.bench.train_step import bench_train
+from stages.training.flops import count_flops, mfu, peak_flops, peak_flops_by_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_peak_table_and_mfu():
 
 
 def test_bench_loader_against_step():
-    from stages.bench_loader import bench_loader
+    from stages.bench.loader import bench_loader
 
     res = bench_loader("base", "debug", batch=4, workers=1, batches=5, step_steps=1, step_warmup=1, device="cpu",
                        per_shard=16)
@@ -88,8 +88,8 @@ def test_bench_loader_against_step():
 
 def test_bench_loader_reads_an_existing_run(tmp_path):
     """--run: the prior reads only the run's embedding shards (its tars are never opened)."""
-    from stages.bench_loader import bench_loader, write_synthetic_shards
-    from stages.bench_train import SMALL_COND_DIMS
+    from stages.bench.loader import bench_loader, write_synthetic_shards
+    from stages.bench.train_step import SMALL_COND_DIMS
 
     write_synthetic_shards(str(tmp_path), image_size=None, cond_dims=SMALL_COND_DIMS, n_shards=1, per_shard=8)
     step = {"runs": [{"samples_per_s": 10.0, "mode": "plain"}]}  # the step is measured in the test above
@@ -107,8 +107,8 @@ _NO_RAY = textwrap.dedent("""
                 raise ImportError("ray is not installed on this host (blocked by the test)")
     sys.meta_path.insert(0, NoRay())
     import torch; torch.set_num_threads(1)
-    import pipeline.cli.bench, stages.bench_loader, data_prep.bench_embed
-    from stages.bench_train import bench_train
+    import pipeline.cli.bench, stages.bench.loader, data_prep.bench.embed
+    from stages.bench.train_step import bench_train
     res = bench_train("sr256", "debug", zero_stages=(0,), batch=1, steps=1, warmup=0, device="cpu")
     bad = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
     assert not bad, bad
@@ -165,7 +165,7 @@ def test_gpu_driver_keeps_finished_runs_of_a_timed_out_item():
 
 def test_unet_channels_last_option_is_numerically_the_same():
     """UNetConfig.channels_last (bench --channels-last) only changes the activation layout."""
-    from stages.bench_train import SMALL_COND_DIMS
+    from stages.bench.train_step import SMALL_COND_DIMS
     from stages.nets.flavors import build_network
 
     torch.manual_seed(0)

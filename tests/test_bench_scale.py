@@ -28,7 +28,7 @@ def test_bench_scale_file_store_grows_no_faster_than_the_shards(tmp_path):
 
 def test_synthetic_run_is_laid_out_like_a_real_one(tmp_path):
     from pipeline import layout, store
-    from pipeline.planning import run_status
+    from pipeline.run.planning import run_status
 
     run = build_run(normalize(str(tmp_path)), 10)
     assert [r["state"] for r in run_status(run["run"])] == ["done"] * len(run["plans"])
@@ -64,7 +64,7 @@ def test_bench_scale_on_s3():
 
 
 def test_ledger_snapshot_sees_a_shard_finished_since_at_the_next_scan(tmp_path):
-    from data_prep.embed_ledger import done_uri, is_done, list_sources, npz_uri
+    from data_prep.embed.ledger import done_uri, is_done, list_sources, npz_uri
     from pipeline import store
 
     run = build_run(normalize(str(tmp_path)), 4)

@@ -13,13 +13,13 @@ from pydantic import ValidationError
 
 from fixtures_train import DIMS, make_dataset, tiny_train_kwargs
 from pipeline import store
-from stages.final_weights import latest_final
-from stages import base, prior, superres
-from stages.checkpoint import CheckpointManager
-from stages.ema import EMA
-from stages.optim import WarmupCosine, build_scheduler
-from stages.train import DistEnv, TrainJob, train_loop
-from stages.train_config import TrainConfig
+from stages.training.final_weights import latest_final
+from stages.models import imagen_base as base, prior, superres
+from stages.training.checkpoint import CheckpointManager
+from stages.training.ema import EMA
+from stages.training.optim import WarmupCosine, build_scheduler
+from stages.training.trainer import DistEnv, TrainJob, train_loop
+from stages.training.config import TrainConfig
 
 
 def _manager(uri: str, keep_last: int = 2) -> CheckpointManager:
@@ -77,7 +77,7 @@ def test_checkpoints_on_s3_resume_and_final_loads_without_deepspeed(s3_bucket, t
     code = textwrap.dedent(f"""
         import sys
         sys.modules["deepspeed"] = None  # any import of deepspeed now fails
-        from stages.final_weights import load_final
+        from stages.training.final_weights import load_final
         net, config = load_final({str(local)!r})
         import torch
         x = torch.zeros(1, 3, config["image_size"], config["image_size"])
@@ -146,7 +146,7 @@ def test_config_errors_name_field_and_allowed(kwargs, message):
 
 
 def test_stage_defaults():
-    from stages.decoder import DecoderTrainConfig
+    from stages.models.decoder import DecoderTrainConfig
 
     d = DecoderTrainConfig()
     assert (d.cfg_drop_text, d.cfg_drop_image) == (0.5, 0.1)

@@ -44,7 +44,7 @@ def test_export_reloads_without_the_run(smoke_run, tmp_path):
         assert code == 0, err
         moved = tmp_path / f"{fmt}-moved"
         shutil.move(str(out), moved)  # nothing points back at the run
-        probe = ("import sys; from stages.export import load_exported; net, cfg = load_exported(sys.argv[1]); "
+        probe = ("import sys; from stages.export.model_folder import load_exported; net, cfg = load_exported(sys.argv[1]); "
                  "print(type(net).__name__, cfg['step'], sum(p.numel() for p in net.parameters()))")
         p = subprocess.run([sys.executable, "-c", probe, str(moved)], cwd=tmp_path, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
@@ -90,7 +90,7 @@ def test_sample_reproduces_the_stage_from_another_directory(smoke_run, tmp_path)
     the sample stage's images bit for bit, from any working directory (the encoders are found
     from the run, not from the current directory)."""
     from pipeline import store
-    from pipeline.planning import stage_uri
+    from pipeline.run.planning import stage_uri
 
     cwd, run = smoke_run
     elsewhere = tmp_path / "elsewhere"

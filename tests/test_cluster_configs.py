@@ -133,7 +133,7 @@ def test_kuberay_raycluster_structure():
 
 
 def test_kuberay_rayjob_structure_and_entrypoint():
-    from pipeline.submit import entrypoint_for
+    from pipeline.run.submit import entrypoint_for
 
     docs = _kube("rayjob.yaml")
     job = _one(docs, "RayJob")
@@ -155,7 +155,7 @@ def test_kuberay_rayjob_structure_and_entrypoint():
 
 
 def test_rayjob_spec_is_a_valid_run_spec():
-    from pipeline.spec import parse_spec
+    from pipeline.run.spec import parse_spec
 
     cm = _one(_kube("rayjob.yaml"), "ConfigMap")
     spec = parse_spec(yaml.safe_load(cm["data"]["run.yaml"]), "cluster/kuberay/rayjob.yaml")
@@ -235,7 +235,7 @@ def test_cluster_readme_walks_from_nothing_to_a_run():
 # --- submission helpers (no cluster needed) ------------------------------------------------
 
 def test_dashboard_address_normalises_and_rejects_non_dashboard_addresses(monkeypatch):
-    from pipeline.submit import SubmitError, dashboard_address, redact_address
+    from pipeline.run.submit import SubmitError, dashboard_address, redact_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
@@ -252,7 +252,7 @@ def test_dashboard_address_normalises_and_rejects_non_dashboard_addresses(monkey
 
 
 def test_submission_id_and_runtime_env(monkeypatch):
-    from pipeline.submit import build_runtime_env, project_requirements, submission_id_for
+    from pipeline.run.submit import build_runtime_env, project_requirements, submission_id_for
 
     assert submission_id_for("demo", now=0) == "t2i-demo-19700101-000000"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
@@ -270,22 +270,22 @@ def test_submission_id_and_runtime_env(monkeypatch):
 
 
 def test_staged_working_dir_ships_checkout_plus_spec_without_touching_it():
-    from pipeline.submit import SHIPPED_SPEC_DIR, project_root, staged_working_dir
+    from pipeline.run.submit import SHIPPED_SPEC_DIR, project_root, staged_working_dir
 
     root = project_root()
     before = sorted(p.name for p in root.iterdir())
     with staged_working_dir(root, "r.yaml", "run_id: r\n") as wd:
         names = set(os.listdir(wd))
         assert {"pipeline", "pyproject.toml"} <= names and ".venv" not in names and ".git" not in names
-        assert (Path(wd) / "pipeline" / "submit.py").exists()
+        assert (Path(wd) / "pipeline" / "run" / "submit.py").exists()
         assert (Path(wd) / SHIPPED_SPEC_DIR / "r.yaml").read_text() == "run_id: r\n"
     assert not os.path.exists(wd)
     assert sorted(p.name for p in root.iterdir()) == before
 
 
 def test_bad_spec_fails_before_any_network_call(tmp_path):
-    from pipeline.spec import SpecError
-    from pipeline.submit import SubmitError, submit_run
+    from pipeline.run.spec import SpecError
+    from pipeline.run.submit import SubmitError, submit_run
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"run_id: x\nstore: {{uri: 'file://{tmp_path}/store'}}\ndownload: {{url_list: demo, image_sizee: 3}}\n")
@@ -337,8 +337,8 @@ def test_submit_warns_about_paths_only_this_machine_can_read(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.spec import parse_spec
-    from pipeline.submit import locality_warnings, project_root
+    from pipeline.run.spec import parse_spec
+    from pipeline.run.submit import locality_warnings, project_root
 
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg"], "caption": ["a"]}), urls)

@@ -95,8 +95,8 @@ def _node_with(cluster, resource: str) -> str:
 
 def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli, tmp_path, monkeypatch):
     from pipeline import store
-    from pipeline.planning import run_status, stage_uri
-    from pipeline.submit import JOB_FILE, job_status_line
+    from pipeline.run.planning import run_status, stage_uri
+    from pipeline.run.submit import JOB_FILE, job_status_line
 
     spec = _write_spec(tmp_path / "spec.yaml", "cluster-submit", f"file://{tmp_path}/store",
                        resources={SPECIAL: 1})
@@ -155,8 +155,8 @@ def test_submit_runs_on_cluster_pinned_logs_and_status(cluster, direct_run, cli,
 
 def test_stop_a_running_job(cluster, cli, tmp_path):
     from pipeline import store
-    from pipeline.planning import stage_uri
-    from pipeline.submit import job_status_line
+    from pipeline.run.planning import stage_uri
+    from pipeline.run.submit import job_status_line
 
     # A stage that asks for a resource no node has waits forever: the job is running, cheaply.
     spec = _write_spec(tmp_path / "long.yaml", "cluster-stop", f"file://{tmp_path}/store",
@@ -217,7 +217,7 @@ def test_run_with_address_drives_the_cluster(cluster, direct_run):
     rc = proc.wait(timeout=150)
     log.seek(0)
     assert rc == 0, log.read()[-4000:]
-    from pipeline.planning import stage_uri
+    from pipeline.run.planning import stage_uri
 
     manifest = store.read_json(store.join(stage_uri(f"file://{tmp}/store/cluster-direct", "download"), "_MANIFEST.json"))
     assert manifest["counts"]["successes"] == 8

@@ -3,7 +3,7 @@ one line per running stage, and plain lines when the output is not a terminal.""
 from __future__ import annotations
 
 from pipeline import store
-from pipeline.console import ProgressConsole
+from pipeline.run.console import ProgressConsole
 from pipeline.progress import TRAIN_PROGRESS, StageProgress, describe, format_duration
 
 

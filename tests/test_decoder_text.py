@@ -53,7 +53,7 @@ def test_glide_decoder_reads_ids_and_the_image_embedding():
 
 
 def test_build_batch_follows_the_text_encoder():
-    from stages import decoder
+    from stages.models import decoder
 
     fl, cpu = get_flavor("decoder", "debug"), torch.device("cpu")
     x0, cond = decoder.build_batch(loader_batch(), decoder.DecoderTrainConfig(flavor="debug"), fl, cpu, torch.float32)
@@ -71,10 +71,10 @@ def test_build_batch_follows_the_text_encoder():
 def test_joint_step_trains_the_decoders_text_transformer():
     """One engine around the glide decoder: its optimizer holds the transformer, a step moves it."""
     from pipeline.executors import DistEnv
-    from stages import decoder
+    from stages.models import decoder
     from stages.diffusion import Diffusion
-    from stages.distributed import setup_distributed
-    from stages.engine import build_engine, train_step
+    from stages.training.distributed import setup_distributed
+    from stages.training.engine import build_engine, train_step
 
     cpu = torch.device("cpu")
     setup_distributed(DistEnv.from_env(), cpu)
@@ -95,9 +95,9 @@ def test_joint_step_trains_the_decoders_text_transformer():
 def test_sampling_conditions_the_decoder_its_final_config_describes(tmp_path):
     """sample_cond reads the text encoder from final/config.json: a glide decoder gets token ids,
     a clip_tokens one (and a final written before the option) CLIP token features."""
-    from stages import decoder
-    from stages.final_weights import load_final, network_config, write_final
-    from stages.sample_loading import PromptFeatures
+    from stages.models import decoder
+    from stages.training.final_weights import load_final, network_config, write_final
+    from stages.sampling.loading import PromptFeatures
 
     torch.manual_seed(0)
     net = build_network("decoder", "debug", DIMS, "glide").eval()
@@ -126,8 +126,8 @@ def test_spec_validates_the_text_encoder_and_keeps_old_decoders_identity():
     it (an upgrade keeps finished decoders), glide starts a new attempt."""
     from fixtures_train import smoke_spec
     from pipeline.manifest import fingerprint
-    from pipeline.spec import SpecError, parse_spec
-    from stages import decoder
+    from pipeline.run.spec import SpecError, parse_spec
+    from stages.models import decoder
 
     with pytest.raises(SpecError, match=r"train_decoder\.text_encoder.*'clip_tokens' or 'glide'"):
         parse_spec(smoke_spec(train_decoder={"flavor": "debug", "text_encoder": "bert"}))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_prep import demo_corpus
 from data_prep.demo_corpus import COLORS, POSITIONS, CaptionAttrs, all_attrs, caption_of, render
-from stages.demo_check import (DemoCheck, analyse, check_samples, corpus_colours, is_demo_prompt,
+from stages.sampling.demo_check import (DemoCheck, analyse, check_samples, corpus_colours, is_demo_prompt,
                                parse_demo_prompt, position_matches)
 
 
@@ -101,7 +101,7 @@ def test_position_matches_uses_the_corpus_grid():
 
 
 def test_background_std_measures_grain_not_shapes():
-    from stages.demo_check import background_std
+    from stages.sampling.demo_check import background_std
 
     a = CaptionAttrs(color="blue", shape="square", position="top left", size="large", background="gray")
     flat = render(a, 128)

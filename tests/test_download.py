@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from data_prep.demo_corpus import nearest_color, parse_caption
-from data_prep.download import DownloadConfig, _summarize, run
+from data_prep.download.stage import DownloadConfig, _summarize, run
 from data_prep.shards import ShardCorruptError, count_samples, iter_shard, list_shards, read_shard_stats, shard_id
 from pipeline import store
 from pipeline.context import StageContext, StageFailed
@@ -35,7 +35,7 @@ def _ctx(out_uri: str, ray: bool = False) -> StageContext:
     msgs: list[str] = []
     kw: dict = {}
     if ray and "executor" in StageContext.__dataclass_fields__:  # the runner hands stages an executor
-        from pipeline.ray_executor import RayExecutor
+        from pipeline.run.ray_executor import RayExecutor
 
         kw["executor"] = RayExecutor()
     elif ray:

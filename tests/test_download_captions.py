@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.download import DownloadConfig, run
+from data_prep.download.stage import DownloadConfig, run
 from data_prep.encoders import ClipConfig, T5Config, caption_counts, load_clip, load_t5
 from data_prep.http_server import DemoHTTPServer
 from data_prep.shards import iter_shard, list_shards

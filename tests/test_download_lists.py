@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from data_prep.download import DownloadConfig, run
-from data_prep.download_verify import summarize
+from data_prep.download.stage import DownloadConfig, run
+from data_prep.download.verify import summarize
 from data_prep.http_server import DemoHTTPServer
 from data_prep.shards import iter_shard, list_shards
-from data_prep.url_list import prepare_url_list
+from data_prep.download.url_list import prepare_url_list
 from pipeline.context import StageContext, StageFailed
 
 try:

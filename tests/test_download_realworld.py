@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep.download import DownloadConfig, run
+from data_prep.download.stage import DownloadConfig, run
 from data_prep.http_server import DemoHTTPServer, Route
 from data_prep.shards import iter_shard, list_shards
 from pipeline.context import StageContext, StageFailed
@@ -181,7 +181,7 @@ def test_retry_fetches_only_the_transient_failures_into_new_shards(tmp_path):
 def test_a_failed_download_resumes_fetching_only_what_failed(tmp_path):
     """The stage stops on min_success_rate but keeps its shards and its list; resume_failed (what
     `t2i resume` calls) fetches only the failed rows into a new shard; the counts cover both passes."""
-    from data_prep.download import resume_failed
+    from data_prep.download.stage import resume_failed
 
     jpeg = faithful_cases()["jpeg"][0]
     for i in range(3):
@@ -211,7 +211,7 @@ def test_a_stalled_pass_names_its_unfinished_shards(tmp_path, monkeypatch):
     when nothing has finished for a while (here 0.6 s instead of 30)."""
     import subprocess
 
-    import data_prep.download as dl
+    import data_prep.download.stage as dl
 
     class SlowChild:  # stands in for the img2dataset child: done after ~3 s, writes shard 00000 at ~0.3 s
         def __init__(self):

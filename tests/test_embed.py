@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.embed import (DecodedChunk, EmbedConfig, decode_shard, embed_shards, encode_chunk,
-                             find_compatible_embedding, load_encoders, load_encoders_for, run)
+from data_prep.embed.decode import DecodedChunk, decode_shard
+from data_prep.embed.config import EmbedConfig
+from data_prep.embed.stage import embed_shards, find_compatible_embedding, load_encoders_for, run
+from data_prep.embed.encode import encode_chunk, load_encoders
 from data_prep.embed_format import align, read_embedding_shard
 from data_prep.encoders import ClipConfig, T5Config, clip_preprocess_cfg
 from data_prep.shards import iter_shard
@@ -204,7 +206,7 @@ def test_bad_image_policy(env, tmp_path):
 
 
 def test_bench_embed_tiny_reports_ratio():
-    from data_prep.bench_embed import bench_embed, format_result
+    from data_prep.bench.embed import bench_embed, format_result
 
     r = bench_embed("tiny", batch_size=4, num_batches=2, device="cpu", image_px=48)
     assert r["embedded"] == r["samples"] == 8
@@ -216,7 +218,7 @@ def test_bench_embed_tiny_reports_ratio():
 
 
 def test_embed_offline_progress(env, baseline, tmp_path):
-    from data_prep.embed import embed_offline
+    from data_prep.embed.stage import embed_offline
 
     s = embed_offline(env["shards"], str(tmp_path), env["cfg"], progress=True)
     assert s["counts"]["n_embedded"] == 18
@@ -225,7 +227,7 @@ def test_embed_offline_progress(env, baseline, tmp_path):
 
 
 def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
-    from data_prep.embed import embed_offline
+    from data_prep.embed.stage import embed_offline
 
     ray = pytest.importorskip("ray")
     out, _ = baseline
@@ -238,7 +240,7 @@ def test_ray_data_path_matches_in_process(env, baseline, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        from pipeline.ray_executor import ray_session
+        from pipeline.run.ray_executor import ray_session
 
         with ray_session("local") as executor:
             s = embed_offline(env["shards"], str(tmp_path), env["cfg"], executor=executor, progress=False)

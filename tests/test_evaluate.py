@@ -106,7 +106,7 @@ def test_evaluate_stage_in_the_smoke_run_and_t2i_eval_reproduces_it(smoke_run):
 def test_spec_mistakes_in_the_evaluate_section_name_the_field():
     import yaml
 
-    from pipeline.spec import CONFIG_DIR, SpecError, parse_spec
+    from pipeline.run.spec import CONFIG_DIR, SpecError, parse_spec
 
     base = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     def spec(**change):
@@ -135,7 +135,7 @@ def test_checkpoint_rows_appear_in_eval_jsonl(smoke_run, tmp_path):
     """One row per complete checkpoint, appended once (a second pass adds nothing)."""
     from pipeline import layout
     from pipeline.manifest import read_manifest
-    from pipeline.planning import load_run_spec
+    from pipeline.run.planning import load_run_spec
     from stages.evaluate.follow import EVAL_LOG, complete_steps, evaluate_checkpoints, read_rows
 
     cwd, run = smoke_run
@@ -173,7 +173,7 @@ def test_an_embedding_without_a_split_scores_the_suite_only(smoke_run, tmp_path,
     import data_prep.holdout as holdout
     from pipeline import layout
     from pipeline.manifest import read_manifest
-    from pipeline.planning import load_run_spec
+    from pipeline.run.planning import load_run_spec
     from stages.evaluate import evaluate
 
     cwd, run = smoke_run

@@ -37,14 +37,14 @@ def _tar(path, rows) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from data_prep.demo_corpus import caption_of, render, training_attrs
-    from data_prep.embed import run as embed_run
-    from data_prep.embed_config import EmbedConfig
+    from data_prep.embed.stage import run as embed_run
+    from data_prep.embed.config import EmbedConfig
     from data_prep.encoders import ClipConfig, T5Config
     from data_prep.tiny_encoders import ensure_tiny_encoders
-    from stages.final_weights import network_config, write_final
+    from stages.training.final_weights import network_config, write_final
     from stages.nets.flavors import build_network, get_flavor
-    from stages.superres import SR256TrainConfig
-    from stages.train_config import TrainConfig
+    from stages.models.superres import SR256TrainConfig
+    from stages.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("eval_glide")
     ensure_tiny_encoders(root / "enc")
@@ -127,7 +127,7 @@ def test_glide_samples_held_out_captions_with_the_ids_it_trained_on(env):
     ids equal the ones the embed stage stored for the same held-out samples."""
     from data_prep.holdout import read_rule
     from stages.evaluate.data import read_holdout
-    from stages.sample import PromptEncoders
+    from stages.sampling.loading import PromptEncoders
 
     inputs = env["inputs"]
     embed = inputs["embed"]["out_uri"]

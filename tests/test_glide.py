@@ -86,7 +86,7 @@ def test_glide_model_reads_the_ids_its_tokenizer_names():
 
 # ----------------------------------------------------------------------------- training
 def test_build_batch_passes_ids_and_drops_captions():
-    from stages import glide
+    from stages.models import glide
     from stages.nets import get_flavor
 
     flavor, cpu = get_flavor("glide", "debug"), torch.device("cpu")
@@ -109,10 +109,10 @@ def test_build_batch_passes_ids_and_drops_captions():
 def test_joint_step_updates_the_text_transformer():
     """One DeepSpeed engine around GlideModel: a step moves the text transformer's weights too."""
     from pipeline.executors import DistEnv
-    from stages import glide
+    from stages.models import glide
     from stages.diffusion import Diffusion
-    from stages.distributed import setup_distributed
-    from stages.engine import build_engine, train_step
+    from stages.training.distributed import setup_distributed
+    from stages.training.engine import build_engine, train_step
     from stages.nets import get_flavor
 
     cpu = torch.device("cpu")
@@ -143,7 +143,7 @@ def _smoke(**sections) -> dict:
 
 
 def test_spec_validates_the_train_glide_section():
-    from pipeline.spec import SpecError, parse_spec
+    from pipeline.run.spec import SpecError, parse_spec
 
     debug = {"flavor": "debug", "steps": 4, "batch_size": 4, "loader_workers": 0}
     spec = parse_spec(_smoke(train_glide=debug, sample={"cascade": "glide", "steps": 2, "prompts": ["a red circle"]}))
@@ -165,8 +165,8 @@ def test_spec_validates_the_train_glide_section():
 
 def test_final_weights_and_export_rebuild_a_glide_model(tmp_path):
     """load_final / t2i export rebuild GlideModel (text transformer + UNet) from final/config.json alone."""
-    from stages.export import export_model, load_exported
-    from stages.final_weights import load_final, network_config, write_final
+    from stages.export.model_folder import export_model, load_exported
+    from stages.training.final_weights import load_final, network_config, write_final
 
     torch.manual_seed(0)
     net = build_network("glide", "debug", DIMS, gradient_checkpointing=True).eval()
@@ -193,11 +193,11 @@ def test_embed_stores_the_ids_sampling_gives_the_same_caption(tmp_path):
     tokenizers, same trimming), for both the CLIP BPE and the T5 SentencePiece tokenizer."""
     import numpy as np
 
-    from data_prep.embed_decode import DecodedChunk
-    from data_prep.embed_encode import Encoders, encode_chunk
+    from data_prep.embed.decode import DecodedChunk
+    from data_prep.embed.encode import Encoders, encode_chunk
     from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
     from data_prep.tiny_encoders import ensure_tiny_encoders
-    from stages.sample_loading import PromptEncoders
+    from stages.sampling.loading import PromptEncoders
 
     ensure_tiny_encoders(tmp_path / "enc")
     clip = load_clip(ClipConfig(model=f"tiny:{tmp_path / 'enc'}", pretrained=None), device="cpu")

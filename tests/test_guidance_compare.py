@@ -31,10 +31,10 @@ PROMPTS = demo_prompts()[:2]
 def run_uri(tmp_path_factory):
     from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
     from data_prep.tiny_encoders import ensure_tiny_encoders
-    from stages.final_weights import network_config, write_final
+    from stages.training.final_weights import network_config, write_final
     from stages.nets.flavors import build_network, get_flavor
-    from stages.superres import SR256TrainConfig
-    from stages.train_config import TrainConfig
+    from stages.models.superres import SR256TrainConfig
+    from stages.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("compare_run")
     ensure_tiny_encoders(root / "encoders")
@@ -63,7 +63,7 @@ def run_uri(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoders(run_uri):
-    from stages.sample import PromptEncoders
+    from stages.sampling.loading import PromptEncoders
 
     return PromptEncoders.load(store.join(run_uri, "embed"))
 
@@ -79,7 +79,8 @@ def _by_name(samples) -> dict[str, list[np.ndarray]]:
 def test_compare_samples_both_guidances_from_the_same_noise(run_uri, encoders, cascade):
     """The CFG half is a plain `guidance: cfg` run bit for bit, the CLIP half a plain `guidance: clip`
     run bit for bit (same prompts, same generators); the two halves differ."""
-    from stages.sample import SampleConfig, sample_images
+    from stages.sampling.config import SampleConfig
+    from stages.sampling.cascade import sample_images
 
     kw = dict(prompts=PROMPTS, cascade=cascade, steps=2, sampler="ddim", seed=5, clip_guidance_scale=50.0)
     both = sample_images(SampleConfig(guidance="compare", **kw), run_uri, encoders=encoders)
@@ -97,7 +98,7 @@ def test_compare_samples_both_guidances_from_the_same_noise(run_uri, encoders, c
 def test_compare_without_a_clip_guidable_cascade_is_sampled_once(run_uri, encoders):
     """max_stage keeps the 64px model: compare still applies; a cascade with no CLIP-guidable model
     (unclip) gets no second half (and 'compare' on unclip alone is refused, below)."""
-    from stages.sample import SampleConfig
+    from stages.sampling.config import SampleConfig
 
     cfg = SampleConfig(prompts=PROMPTS, cascade="both", guidance="compare")
     assert [n for c in cfg.cascades() for n, _ in cfg.variants(c)] == ["unclip", "imagen", "imagen_clip_guided"]
@@ -109,7 +110,7 @@ def test_compare_without_a_clip_guidable_cascade_is_sampled_once(run_uri, encode
 
 
 def test_config_validation_names_the_field():
-    from stages.sample import SampleConfig
+    from stages.sampling.config import SampleConfig
 
     for kw, msg in [({"cascade": "unclip", "guidance": "compare"}, r"sample.guidance: 'compare'.*cascade 'unclip'"),
                     ({"cascade": "glide", "guidance": "compare", "clip_guidance_scale": 0.0},
@@ -122,7 +123,8 @@ def test_config_validation_names_the_field():
 
 
 def test_stage_manifest_and_report_show_both(run_uri, tmp_path):
-    from stages.sample import SampleConfig, run
+    from stages.sampling.config import SampleConfig
+    from stages.sampling.cascade import run
 
     out = store.normalize(str(tmp_path / "sample"))
     lines: list[str] = []

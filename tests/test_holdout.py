@@ -1,6 +1,6 @@
 """The held-out split (data_prep/holdout.py): a hash rule on the sample key, fixed by the embed
 stage; training never reads a held-out key, validation and evaluation read only those; and the
-validation loss that every training stage computes on them (stages/validation.py)."""
+validation loss that every training stage computes on them (stages/training/validation.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from data_prep.encoders_doc import read_encoders_doc, write_encoders_doc
 from data_prep.holdout import NO_HOLDOUT, HoldoutRule, key_unit, read_rule, split_rule, target_count
 from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
-from stages.loader import LoaderSpec, ShardStream, pair_shards
+from stages.training.loader import LoaderSpec, ShardStream, pair_shards
 
 
 def _with_split(embed: str, n: int, fraction: float, minimum: int, max_fraction: float) -> HoldoutRule:
@@ -74,8 +74,9 @@ def test_training_loader_never_yields_held_out_keys(tmp_path):
 
 def test_embed_records_the_split(tmp_path):
     """The real embed summary: encoders.json and the manifest's counts/metrics carry the split."""
-    from data_prep.embed import EmbedConfig, _summarize
-    from data_prep.embed_ledger import embed_identity, finalize_shard, list_sources
+    from data_prep.embed.config import EmbedConfig
+    from data_prep.embed.stage import _summarize
+    from data_prep.embed.ledger import embed_identity, finalize_shard, list_sources
     from fixtures_train import embedding_shard
 
     download, _ = make_dataset(str(tmp_path / "src"), n_shards=2, per_shard=10)
@@ -102,7 +103,7 @@ def test_embed_records_the_split(tmp_path):
 
 
 def test_val_loss_in_metrics_and_manifest(tmp_path):
-    from stages import base, prior
+    from stages.models import imagen_base as base, prior
 
     download, embed = make_dataset(str(tmp_path / "data"), n_shards=2, per_shard=8)
     rule = _with_split(embed, 16, 0.0, 4, 0.25)

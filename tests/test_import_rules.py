@@ -1,7 +1,10 @@
 """The house rules of imports (docs/design.md, "Floors"), checked on the source with ast:
 
-* no import circle between the project's own modules (top-level and function-level imports);
+* a module's floor is the floor of the folder it lives in, read from docs/design.md's floors table
+  (the one list of floors); every folder holding a module is in it, and a subfolder stands above
+  its package's top-level modules;
 * no module imports one on a higher floor;
+* no import circle between the project's own modules (top-level and function-level imports);
 * ``ray`` is imported only by the orchestration modules that schedule and execute on Ray;
 * model and diffusion code (the pure core) never imports ray, deepspeed, torch.distributed,
   fsspec or boto.
@@ -10,43 +13,35 @@ from __future__ import annotations
 
 import ast
 import os
+import re
+from functools import lru_cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "data_prep", "cluster")
-
-# Lowest first. A module may import modules of its own floor or below, never above.
-FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    ("basement", ("pipeline", "pipeline.store", "pipeline.configbase", "pipeline.context", "pipeline.layout",
-                  "pipeline.manifest", "pipeline.executors", "pipeline.progress", "cluster")),
-    ("pure core", ("stages", "stages.nets", "stages.diffusion", "stages.condaug", "stages.process_args")),
-    ("data formats", ("data_prep", "data_prep.embed_format", "data_prep.shards", "data_prep.encoders",
-                      "data_prep.tiny_encoders", "data_prep.http_server", "data_prep.demo_corpus",
-                      "data_prep.embed_decode", "data_prep.embed_encode", "data_prep.embed_ledger",
-                      "data_prep.image_decode", "data_prep.url_list", "data_prep.download_config", "data_prep.holdout",
-                      "data_prep.embed_config", "data_prep.encoder_config",
-                      "data_prep.download_verify", "data_prep.download_retry", "data_prep.download_child")),
-    ("training machinery", ("stages.train", "stages.train_config", "stages.stage_spec", "stages.validation", "stages.train_metrics", "stages.train_hooks",
-                            "stages.engine", "stages.distributed", "stages.checkpoint", "stages.ema", "stages.optim",
-                            "stages.loader", "stages.batches", "stages.final_weights", "stages.flops")),
-    ("stage modules", ("stages.prior", "stages.decoder", "stages.base", "stages.superres", "stages.glide", "stages.models",
-                       "stages.noised_clip", "stages.clip_guidance",
-                       "stages.export", "stages.evaluate", "stages.sample_config", "stages.sample_loading",
-                       "stages.sample_outputs", "stages.rerank",
-                       "stages.sample", "stages.report", "stages.report_run", "stages.report_svg", "stages.report_eval",
-                       "stages.demo_check", "data_prep.download",
-                       "data_prep.embed")),
-    ("benchmarks", ("stages.bench_", "data_prep.bench_")),
-    ("orchestration", ("pipeline.graph", "pipeline.spec", "pipeline.planning", "pipeline.stage_exec",
-                       "pipeline.runner", "pipeline.ray_exec", "pipeline.ray_executor", "pipeline.gc",
-                       "pipeline.reaper", "pipeline.submit", "pipeline.console")),
-    ("CLI", ("pipeline.cli",)),
-]
-RAY_ALLOWED = ("pipeline.ray_exec", "pipeline.ray_executor", "pipeline.submit")
-PURE = ("stages.nets", "stages.diffusion", "stages.condaug", "stages.process_args")
+DESIGN = REPO / "docs" / "design.md"
+RAY_ALLOWED = ("pipeline.run.ray_scheduler", "pipeline.run.ray_executor", "pipeline.run.submit")
+PURE_CORE = ("stages", "stages/nets")  # docs/design.md, invariant 1
 NOT_IN_PURE = ("ray", "deepspeed", "torch.distributed", "fsspec", "boto3", "botocore", "s3fs")
 
 
+@lru_cache(maxsize=None)
+def floors() -> dict[str, int]:
+    """{"stages/training": 4, ...} from the ```floors block of docs/design.md."""
+    block = re.search(r"```floors\n(.*?)```", DESIGN.read_text(encoding="utf-8"), re.S)
+    assert block, "docs/design.md has no ```floors block"
+    table = {}
+    for line in block.group(1).splitlines()[1:]:
+        number, folder = line.split()[:2]
+        table[folder.rstrip("/")] = int(number)
+    return table
+
+
+def folder_of(mod: str, path: Path) -> str:
+    return str(path.parent.relative_to(REPO))
+
+
+@lru_cache(maxsize=None)
 def modules() -> dict[str, Path]:
     found = {}
     for top in PACKAGES:
@@ -76,15 +71,9 @@ def imports(mod: str, path: Path) -> list[str]:
 
 
 def floor_of(mod: str) -> int:
-    best, best_len = None, -1
-    for i, (_, prefixes) in enumerate(FLOORS):
-        for p in prefixes:
-            exact_only = p in ("pipeline", "stages", "data_prep")  # a package's __init__, not its modules
-            hit = mod == p or (not exact_only and (mod.startswith(p + ".") or (p.endswith("_") and mod.startswith(p))))
-            if hit and len(p) > best_len:
-                best, best_len = i, len(p)
-    assert best is not None, f"{mod} has no floor: add it to FLOORS (tests/test_import_rules.py) and docs/design.md"
-    return best
+    folder = folder_of(mod, modules()[mod])
+    assert folder in floors(), f"{folder}/ (holding {mod}) has no floor: add it to docs/design.md's floors table"
+    return floors()[folder]
 
 
 def project_edges() -> dict[str, set[str]]:
@@ -109,8 +98,19 @@ def test_every_module_has_a_floor_and_imports_only_downward():
     for mod, targets in project_edges().items():
         for t in targets:
             if floor_of(t) > floor_of(mod):
-                bad.append(f"{mod} ({FLOORS[floor_of(mod)][0]}) imports {t} ({FLOORS[floor_of(t)][0]})")
+                bad.append(f"{mod} (floor {floor_of(mod)}) imports {t} (floor {floor_of(t)})")
     assert not bad, "\n".join(sorted(bad))
+
+
+def test_floors_table_matches_the_tree():
+    """Every folder with a module has a floor, every listed folder exists, subfolders stand higher."""
+    folders = {folder_of(m, p) for m, p in modules().items()}
+    assert not folders - set(floors()), f"folders without a floor: {sorted(folders - set(floors()))}"
+    assert not set(floors()) - folders, f"floors table names missing folders: {sorted(set(floors()) - folders)}"
+    for folder, floor in floors().items():
+        parent = folder.rpartition("/")[0]
+        if parent:
+            assert floor > floors()[parent], f"{folder}/ (floor {floor}) must stand above {parent}/ ({floors()[parent]})"
 
 
 def test_no_import_circles():
@@ -151,7 +151,7 @@ def test_ray_only_in_the_scheduler_and_executors():
 
 
 def test_pure_core_imports_no_infrastructure():
-    bad = [(m, n) for m, p in modules().items() if m.startswith(PURE)
+    bad = [(m, n) for m, p in modules().items() if folder_of(m, p) in PURE_CORE
            for n in imports(m, p) if n.split(".")[0] in {x.split(".")[0] for x in NOT_IN_PURE}
            and any(n == x or n.startswith(x + ".") for x in NOT_IN_PURE)]
     assert not bad, bad

@@ -1,4 +1,4 @@
-"""stages/loader.py: shard pairing, splitting across ranks/workers, alignment errors, exact resume, S3."""
+"""stages/training/loader.py: shard pairing, splitting across ranks/workers, alignment errors, exact resume, S3."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 from data_prep.embed_format import write_embedding_shard
 from fixtures_train import embedding_shard, make_dataset
 from pipeline import store
-from stages.loader import (LoaderError, LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards)
+from stages.training.loader import (LoaderError, LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards)
 
 
 def _epoch_keys(shards, spec: LoaderSpec, g: int, G: int) -> list[str]:

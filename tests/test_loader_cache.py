@@ -1,4 +1,4 @@
-"""The loader's decoded-image cache (stages/loader.py): later epochs read decoded shards from
+"""The loader's decoded-image cache (stages/training/loader.py): later epochs read decoded shards from
 memory, not from the store, and yield exactly the batches (crops, flips, skips) they would
 without it; a corpus over the budget streams every epoch as before."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from fixtures_train import make_dataset
 from pipeline import store
-from stages.loader import LoaderError, LoaderSpec, ShardStream, pair_shards
+from stages.training.loader import LoaderError, LoaderSpec, ShardStream, pair_shards
 
 
 def _batches(shards, n: int, **spec):

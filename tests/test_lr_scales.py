@@ -20,8 +20,8 @@ def _lrs(optimizer) -> dict[float, int]:
 
 
 def test_without_scales_the_groups_are_the_usual_decay_split():
-    from stages.glide import GlideTrainConfig
-    from stages.optim import build_optimizer
+    from stages.models.glide import GlideTrainConfig
+    from stages.training.optim import build_optimizer
 
     net = build_network("glide", "debug", DIMS)
     opt = build_optimizer(GlideTrainConfig(flavor="debug", lr=1e-3, weight_decay=0.1), net.named_parameters(),
@@ -31,8 +31,8 @@ def test_without_scales_the_groups_are_the_usual_decay_split():
 
 
 def test_a_prefix_scales_its_parameters_and_the_schedule_keeps_the_ratio():
-    from stages.glide import GlideTrainConfig
-    from stages.optim import build_optimizer, build_scheduler
+    from stages.models.glide import GlideTrainConfig
+    from stages.training.optim import build_optimizer, build_scheduler
 
     net = build_network("glide", "debug", DIMS)
     cfg = GlideTrainConfig(flavor="debug", lr=1e-3, steps=10, warmup_steps=2, lr_scales={"text.": 0.1})
@@ -48,8 +48,8 @@ def test_a_prefix_scales_its_parameters_and_the_schedule_keeps_the_ratio():
 
 
 def test_a_prefix_that_names_nothing_is_refused_with_the_names_there_are():
-    from stages.glide import GlideTrainConfig
-    from stages.optim import build_optimizer
+    from stages.models.glide import GlideTrainConfig
+    from stages.training.optim import build_optimizer
 
     cfg = GlideTrainConfig(flavor="debug", lr_scales={"encoder.": 0.1})
     with pytest.raises(ValueError, match=r"no parameter is named 'encoder\.'.*start with final_proj\., text\., unet\."):
@@ -61,10 +61,10 @@ def test_a_prefix_that_names_nothing_is_refused_with_the_names_there_are():
 def test_deepspeed_engine_trains_with_scaled_groups():
     """ZeRO-2 over the scaled groups: the text transformer moves, at its own lr."""
     from pipeline.executors import DistEnv
-    from stages import glide
+    from stages.models import glide
     from stages.diffusion import Diffusion
-    from stages.distributed import setup_distributed
-    from stages.engine import build_engine, train_step
+    from stages.training.distributed import setup_distributed
+    from stages.training.engine import build_engine, train_step
     from stages.nets import get_flavor
 
     cpu = torch.device("cpu")

@@ -49,7 +49,7 @@ def test_tower_shapes_and_similarity():
 
 def test_contrastive_loss_treats_repeated_captions_as_positives():
     from stages.diffusion import Diffusion
-    from stages.noised_clip import contrastive_loss
+    from stages.models.noised_clip import contrastive_loss
 
     net = build_network("noised_clip", "debug", DIMS)
     x, cond, _ = _red_blue(8)
@@ -63,10 +63,10 @@ def test_contrastive_loss_treats_repeated_captions_as_positives():
 def _train_clip(steps: int = 40):
     """The debug noised CLIP trained by the one training step (DeepSpeed engine, StageSpec.loss)."""
     from pipeline.executors import DistEnv
-    from stages import noised_clip
+    from stages.models import noised_clip
     from stages.diffusion import Diffusion
-    from stages.distributed import setup_distributed
-    from stages.engine import build_engine, train_step
+    from stages.training.distributed import setup_distributed
+    from stages.training.engine import build_engine, train_step
 
     cpu = torch.device("cpu")
     setup_distributed(DistEnv.from_env(), cpu)
@@ -87,7 +87,7 @@ def test_train_step_runs_the_stage_loss_and_learns():
     net, _, _, losses = _train_clip()
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
     # and it tells the captions apart on noisy held-out images
-    from stages.noised_clip import SPEC
+    from stages.models.noised_clip import SPEC
     from stages.diffusion import Diffusion
 
     x, cond, _ = _red_blue(16, seed=999)
@@ -97,10 +97,10 @@ def test_train_step_runs_the_stage_loss_and_learns():
 
 
 def test_config_and_registry():
-    from pipeline.graph import get_stage
+    from pipeline.run.graph import get_stage
     from stages import models
-    from stages.noised_clip import NoisedClipTrainConfig
-    from stages.sample_config import ROLES as SAMPLE_ROLES, SampleConfig
+    from stages.models.noised_clip import NoisedClipTrainConfig
+    from stages.sampling.config import ROLES as SAMPLE_ROLES, SampleConfig
 
     with pytest.raises(ValueError, match="no samples to draw"):
         NoisedClipTrainConfig(sample_every=10)
@@ -121,7 +121,7 @@ def _smoke(**sections) -> dict:
 
 
 def test_spec_needs_train_noised_clip_for_clip_guidance():
-    from pipeline.spec import SpecError, parse_spec
+    from pipeline.run.spec import SpecError, parse_spec
 
     sample = {"cascade": "imagen", "guidance": "clip", "steps": 2, "prompts": ["a red circle"]}
     debug = {"flavor": "debug", "steps": 4, "batch_size": 4, "loader_workers": 0}
@@ -137,7 +137,7 @@ def test_spec_needs_train_noised_clip_for_clip_guidance():
 
 
 def test_final_weights_rebuild_the_noised_clip(tmp_path):
-    from stages.final_weights import load_final, network_config, write_final
+    from stages.training.final_weights import load_final, network_config, write_final
 
     net = build_network("noised_clip", "debug", DIMS).eval()
     folder = write_final(str(tmp_path), dict(net.state_dict()), {"role": "noised_clip", "flavor": "debug",
@@ -151,13 +151,13 @@ def test_final_weights_rebuild_the_noised_clip(tmp_path):
 
 
 def test_clip_guided_samples_score_higher_under_the_noised_clip():
-    """sample.run_stage with the noised CLIP as guide vs without, same generator seed: the guided
+    """cascade.sample_with_model with the noised CLIP as guide vs without, same generator seed: the guided
     base samples are closer to their captions under the noised CLIP (the gradient's sign)."""
-    from stages.clip_guidance import check_compatible
+    from stages.sampling.clip_guidance import check_compatible
     from stages.diffusion import Diffusion
-    from stages.sample import run_stage
-    from stages.sample_config import SampleConfig
-    from stages.sample_loading import LoadedModel, PromptFeatures
+    from stages.sampling.cascade import sample_with_model
+    from stages.sampling.config import SampleConfig
+    from stages.sampling.loading import LoadedModel, PromptFeatures
 
     clip, _, text, _ = _train_clip(30)
     torch.manual_seed(1)
@@ -176,7 +176,7 @@ def test_clip_guided_samples_score_higher_under_the_noised_clip():
 
     def draw(cfg, guided):
         g = torch.Generator().manual_seed(7)
-        return run_stage(m, f, None, cfg, g, cpu, guide=guide if guided else None)
+        return sample_with_model(m, f, None, cfg, g, cpu, guide=guide if guided else None)
 
     cfg = SampleConfig(guidance="clip", clip_guidance_scale=3.0, steps=8, sampler="ddim", prompts=["x"])
     plain, guided = draw(cfg, False), draw(cfg, True)
@@ -190,22 +190,22 @@ def test_clip_guided_samples_score_higher_under_the_noised_clip():
 
 
 def _loop_passes_the_stage_loss() -> bool:
-    """Whether stages/train.py hands StageSpec.loss to the step (the one-line hook; see docs/glide.md)."""
+    """Whether stages/training/trainer.py hands StageSpec.loss to the step (the one-line hook; see docs/glide.md)."""
     import inspect
 
-    from stages import train
+    from stages.training import trainer as train
 
     return "loss_fn=" in inspect.getsource(train)
 
 
 @pytest.mark.skipif(not _loop_passes_the_stage_loss(),
-                    reason="stages/train.py does not pass StageSpec.loss to train_step yet (docs/glide.md)")
+                    reason="stages/training/trainer.py does not pass StageSpec.loss to train_step yet (docs/glide.md)")
 def test_train_noised_clip_stage_in_the_one_loop(tmp_path):
     """run(cfg, ctx) of the stage: the one loop (DeepSpeed, checkpoints, EMA, final/) with its loss."""
     from fixtures_train import DIMS as FIX_DIMS, make_dataset, stage_ctx, tiny_train_kwargs
     from pipeline import store
-    from stages import noised_clip
-    from stages.final_weights import load_final
+    from stages.models import noised_clip
+    from stages.training.final_weights import load_final
 
     download, embed = make_dataset(str(tmp_path / "data"), n_shards=1, per_shard=6)
     cfg = noised_clip.NoisedClipTrainConfig(**tiny_train_kwargs(steps=3, batch_size=4))
@@ -223,11 +223,11 @@ def test_sample_images_loads_the_noised_clip_for_clip_guidance(tmp_path):
     from data_prep.tiny_encoders import ensure_tiny_encoders
     from pipeline import store
     from pipeline.context import StageFailed
-    from stages.final_weights import network_config, write_final
+    from stages.training.final_weights import network_config, write_final
     from stages.nets.flavors import get_flavor
-    from stages.sample import sample_images
-    from stages.sample_config import SampleConfig
-    from stages.train_config import TrainConfig
+    from stages.sampling.cascade import sample_images
+    from stages.sampling.config import SampleConfig
+    from stages.training.config import TrainConfig
 
     enc_dir = tmp_path / "encoders"
     ensure_tiny_encoders(enc_dir)

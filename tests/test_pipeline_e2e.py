@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.planning import stage_uri
-from stages.final_weights import resolve_final
+from pipeline.run.planning import stage_uri
+from stages.training.final_weights import resolve_final
 from pipeline import manifest as mf
 from pipeline import store
 from pipeline.cli import app

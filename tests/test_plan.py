@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import bench_plan
-from stages.base import BaseTrainConfig, SPEC as BASE_SPEC
-from stages.bench_train import synthetic_batch
+from stages.bench import plan as bench_plan
+from stages.models.imagen_base import BaseTrainConfig, SPEC as BASE_SPEC
+from stages.bench.train_step import synthetic_batch
 from stages.diffusion import Diffusion
-from stages.flops import count_flops
+from stages.training.flops import count_flops
 from stages.nets.flavors import build_network, get_flavor
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.planning import stage_uri
+from pipeline.run.planning import stage_uri
 from pipeline import manifest as mf
 from pipeline import store
 
@@ -102,8 +102,8 @@ def _cleanup(kids):
 def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliability):
     spec = _spec(tmp_path)
     run = f"file://{tmp_path / 'store'}/drv"
-    from pipeline.planning import plan_stages
-    from pipeline.spec import load_spec
+    from pipeline.run.planning import plan_stages
+    from pipeline.run.spec import load_spec
 
     # Where the run will put each stage (attempts are planned from the spec alone).
     emb_shards = store.join(plan_stages(load_spec(spec))["embed"].attempt_uri, "shards")

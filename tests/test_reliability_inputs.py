@@ -20,14 +20,15 @@ import pytest
 from PIL import Image
 
 from data_prep.demo_corpus import _bomb_png
-from data_prep.embed import EmbedConfig, embed_shards
+from data_prep.embed.config import EmbedConfig
+from data_prep.embed.stage import embed_shards
 from data_prep.embed_format import EmbeddingFormatError, read_embedding_shard, write_embedding_shard
 from data_prep.encoders import ClipConfig, T5Config
 from data_prep.tiny_encoders import ensure_tiny_encoders
 from fixtures_train import embedding_shard, make_dataset
 from pipeline import store
 from pipeline.context import StageFailed
-from stages.loader import LoaderError, LoaderSpec, ShardStream, pair_shards
+from stages.training.loader import LoaderError, LoaderSpec, ShardStream, pair_shards
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(120)]
 

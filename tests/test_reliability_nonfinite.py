@@ -16,9 +16,9 @@ from safetensors.torch import load as st_load
 from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
 from pipeline.context import StageFailed
-from stages import ema as ema_mod
-from stages import prior
-from stages.train import run_stage
+from stages.training import ema as ema_mod
+from stages.models import prior
+from stages.training.trainer import train_stage
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(240)]
 
@@ -76,7 +76,7 @@ def test_nonfinite_steps_are_skipped_and_counted(data, tmp_path, counters, zero,
     # Optimizer steps 2 and 3 are bad: with grad_accum=2 only their last micro-batch is NaN, so
     # the finite first micro-batch's gradients must be dropped too (and the accumulation boundary
     # must stay aligned afterwards: steps 4 and 5 update normally).
-    result = run_stage(_nan_spec(lambda n: (n - 1) // accum + 1 in (2, 3) and n % accum == 0), cfg, ctx)
+    result = train_stage(_nan_spec(lambda n: (n - 1) // accum + 1 in (2, 3) and n % accum == 0), cfg, ctx)
     assert result.counts["steps"] == 5 and result.counts["nonfinite_steps"] == 2
     assert counters["opt_steps"] == 3, "the two NaN steps must not reach the optimizer"
     assert counters["ema_updates"] == 3, "nor the EMA"
@@ -98,7 +98,7 @@ def test_nonfinite_streak_stops_stage_keeping_last_good_checkpoint(data, tmp_pat
                                                      max_nonfinite_steps=3))
     ctx = stage_ctx(str(tmp_path), "train_prior", download, embed)
     with pytest.raises(StageFailed) as ei:
-        run_stage(_nan_spec(lambda n: n >= 3), cfg, ctx)
+        train_stage(_nan_spec(lambda n: n >= 3), cfg, ctx)
     msg = str(ei.value)
     assert "NaN/inf for 3 steps in a row" in msg and "max_nonfinite_steps=3" in msg, msg
     ck = store.join(ctx.out_uri, "checkpoints", "step_00000002")

@@ -16,8 +16,8 @@ import pytest
 
 from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
-from stages import prior
-from stages.train import run_stage
+from stages.models import prior
+from stages.training.trainer import train_stage
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,7 +53,7 @@ def test_worker_sigkill_resumes_from_checkpoint(local_ray, tmp_path, reliability
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    result = run_stage(prior.SPEC, cfg, ctx)
+    result = train_stage(prior.SPEC, cfg, ctx)
     t.join(timeout=5)
 
     assert killed.get("pids"), "no RayTrainWorker process was found to kill"

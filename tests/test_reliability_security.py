@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.planning import stage_uri
+from pipeline.run.planning import stage_uri
 from pipeline import store
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
@@ -85,7 +85,7 @@ def test_pickled_embedding_shard_is_refused(tmp_path, reliability):
 
 
 def test_spec_yaml_tags_are_refused(tmp_path):
-    from pipeline.spec import SpecError, load_spec
+    from pipeline.run.spec import SpecError, load_spec
 
     p = tmp_path / "evil.yaml"
     p.write_text("run_id: !!python/object/apply:os.system ['echo pwned']\n")
@@ -107,8 +107,8 @@ def test_local_ray_binds_loopback_and_no_dashboard(monkeypatch):
     """init_ray's arguments for a local Ray: dashboard off by default and on loopback when on."""
     import ray
 
-    from pipeline import ray_exec
-    from pipeline.spec import ClusterConfig
+    from pipeline.run import ray_scheduler as ray_exec
+    from pipeline.run.spec import ClusterConfig
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

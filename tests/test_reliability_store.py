@@ -14,12 +14,12 @@ import pytest
 
 from fixtures_train import make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import manifest as mf
-from stages.final_weights import latest_final
+from stages.training.final_weights import latest_final
 from pipeline import store
 from store_faults import WriteFaults, failing_writes
-from stages import prior
-from stages.checkpoint import CheckpointManager
-from stages.train import DistEnv, TrainJob, train_loop
+from stages.models import prior
+from stages.training.checkpoint import CheckpointManager
+from stages.training.trainer import DistEnv, TrainJob, train_loop
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(240)]
 
@@ -114,7 +114,7 @@ def test_complete_marker_write_fails(s3_data, fast_retries, reliability):
 
 def test_manifest_write_fails_stage_not_done(s3_data, fast_retries, reliability):
     """The runner's last write fails: the stage must not look done, and resume completes it."""
-    from pipeline.stage_exec import execute_stage
+    from pipeline.run.stage_exec import execute_stage
 
     root, download, embed = s3_data
     out_uri = store.join(root, "train_prior")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline import store
-from stages.report import (TRAIN_STAGES, ReportEntry, build_report, loss_curve_svg, make_grid, read_metrics,
+from stages.report.page import (TRAIN_STAGES, ReportEntry, build_report, loss_curve_svg, make_grid, read_metrics,
                            stage_curves, write_report)
 
 
@@ -127,7 +127,7 @@ def _ticks(svg: str, axis: str) -> list[str]:
 
 
 def test_axes_have_ticks_log_for_losses_linear_otherwise():
-    from stages.report_svg import Series, line_chart_svg, linear_ticks, log_ticks
+    from stages.report.svg import Series, line_chart_svg, linear_ticks, log_ticks
 
     pts = [(s, 10 ** (-3 * s / 390)) for s in range(0, 391, 10)]  # 1 down to 1e-3 over 390 steps
     svg = line_chart_svg([Series("loss", pts)], title="loss", log_y=True)
@@ -154,7 +154,7 @@ def _logged_attempt(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import save as st_save
 
-    from stages.train_metrics import MetricsLogger, MfuMeter, image_grid
+    from stages.training.metrics import MetricsLogger, MfuMeter, image_grid
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -232,7 +232,7 @@ def test_report_of_the_smoke_run(smoke_run, tmp_path):
     from pipeline.manifest import read_manifest
     from stages.evaluate import evaluation_rows
     from stages.models import TRAIN_STAGES
-    from stages.report import refresh_report
+    from stages.report.page import refresh_report
 
     _, run = smoke_run
     trained = [s for s in TRAIN_STAGES if layout.finished_stage_dir(run, s)]  # those the smoke spec has
@@ -275,8 +275,8 @@ def test_report_of_the_smoke_run(smoke_run, tmp_path):
 def test_evaluation_section_puts_cfg_beside_clip_guided_figures():
     """An evaluation sampled with guidance: compare: each <cascade>_clip_guided_<figure> beside its
     CFG figure (counts like demo_n are not compared), and the meaning says which is which."""
-    from stages.report_eval import evaluation_rows, guidance_pairs
-    from stages.report_run import StageView, evaluation_section
+    from stages.report.eval_figures import evaluation_rows, guidance_pairs
+    from stages.report.run_section import StageView, evaluation_section
 
     metrics = {"glide_fid": 40.0, "glide_clip_guided_fid": 35.5, "glide_demo_n": 32.0,
                "glide_demo_colour_chance": 0.125, "glide_clip_guided_demo_colour_chance": 0.125,

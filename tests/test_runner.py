@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline import manifest as mf
 from pipeline import store
 from pipeline.cli import app
-from pipeline.planning import stage_uri
+from pipeline.run.planning import stage_uri
 
 pytestmark = pytest.mark.slow
 
@@ -138,8 +138,8 @@ def test_resume_rejects_unknown_stage_and_non_run(tmp_path):
     assert code == 2 and "is not a run" in out
     spec = _spec(tmp_path)
     run = f"file://{tmp_path}/store/r1"
-    from pipeline.runner import save_spec
-    from pipeline.spec import load_spec
+    from pipeline.run.runner import save_spec
+    from pipeline.run.spec import load_spec
 
     save_spec(load_spec(spec))
     code, out = _CliRunnerBoth("resume", run, "--stage", "train_nothing")

@@ -24,12 +24,13 @@ from data_prep.tiny_encoders import ensure_tiny_encoders
 from pipeline import store
 from pipeline.context import StageContext, StageFailed
 from stages.nets.flavors import build_network, get_flavor
-from stages.prior import PriorTrainConfig
-from stages.sample import (PromptEncoders, SampleConfig, cascade_roles, run, sample_cascade, sample_cli,
-                           sample_images)
-from stages.superres import SR256TrainConfig
-from stages.final_weights import network_config, write_final
-from stages.train_config import TrainConfig
+from stages.models.prior import PriorTrainConfig
+from stages.sampling.loading import PromptEncoders
+from stages.sampling.config import SampleConfig, cascade_roles
+from stages.sampling.cascade import run, sample_cascade, sample_cli, sample_images
+from stages.models.superres import SR256TrainConfig
+from stages.training.final_weights import network_config, write_final
+from stages.training.config import TrainConfig
 
 ROLES = ("prior", "decoder", "base", "sr256", "sr1024")  # the default cascades' ('both')
 GLIDE = "glide"  # also in the fixture run, sampled by cascade 'glide' / 'all'; final config self-describing
@@ -90,7 +91,7 @@ def test_run_stage_both_cascades(run_uri, encoders, tmp_path):
     assert len(pngs) == 6
     for u in pngs:
         assert Image.open(io.BytesIO(store.read_bytes(u))).size == (final, final)
-    from stages.report import slug
+    from stages.report.page import slug
 
     assert any(u.endswith(f"000_unclip_{slug(PROMPTS[0])}.png") for u in pngs)
     assert Image.open(io.BytesIO(store.read_bytes(res.outputs["grid"]))).width > 3 * 64

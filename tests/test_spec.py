@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.spec import CONFIG_DIR, SpecError, load_spec, parse_override, parse_spec, spec_to_yaml
+from pipeline.run.spec import CONFIG_DIR, SpecError, load_spec, parse_override, parse_spec, spec_to_yaml
 
 DEMO = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
 
@@ -114,7 +114,7 @@ def test_missing_spec_file():
 
 def test_refiner_upsampler_must_be_sampled_from_its_noise_range():
     """An SR model trained only on t <= train_t_max cannot start sampling above it."""
-    from pipeline.spec import SpecError, load_spec
+    from pipeline.run.spec import SpecError, load_spec
 
     low = {"train_sr256.diffusion.train_t_max": 0.2}
     with pytest.raises(SpecError, match=r"sample\.sr_start_t: 1\.0 is above train_sr256\.diffusion\.train_t_max"):

@@ -10,12 +10,12 @@ from safetensors.torch import load as st_load
 
 from fixtures_train import DIMS, make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
-from stages.final_weights import latest_final
-from stages import base, decoder, prior, superres
+from stages.training.final_weights import latest_final
+from stages.models import imagen_base as base, decoder, prior, superres
 from stages.nets.flavors import build_network, get_flavor
-from stages.final_weights import load_final
-from stages.train import DistEnv, TrainJob, train_loop
-from stages.train_hooks import InjectFaultAfterStep
+from stages.training.final_weights import load_final
+from stages.training.trainer import DistEnv, TrainJob, train_loop
+from stages.training.hooks import InjectFaultAfterStep
 
 STAGES = {
     "train_prior": (prior, prior.PriorTrainConfig),
@@ -118,10 +118,10 @@ def test_resume_is_exact_and_skips_incomplete_checkpoint(data, tmp_path):
 def test_build_engine_and_train_step_match_plain_pytorch(data):
     """The bench's entry points: one DeepSpeed step (fp32, ZeRO-0) equals the plain PyTorch step."""
     from stages.diffusion import Diffusion
-    from stages.loader import LoaderSpec, ShardStream, pair_shards
-    from stages.bench_train import build_plain, plain_train_step
-    from stages.distributed import setup_distributed
-    from stages.engine import build_engine, train_step
+    from stages.training.loader import LoaderSpec, ShardStream, pair_shards
+    from stages.bench.train_step import build_plain, plain_train_step
+    from stages.training.distributed import setup_distributed
+    from stages.training.engine import build_engine, train_step
 
     _, download, embed = data
     cfg = base.BaseTrainConfig(**tiny_train_kwargs(grad_clip=0.5))
@@ -150,8 +150,8 @@ def test_build_engine_and_train_step_match_plain_pytorch(data):
 def test_sample_grid_conditioning_is_clean(data):
     """SR grids condition on the real, un-augmented low-res image and never drop the text."""
     from stages.condaug import make_low_res
-    from stages.loader import pair_shards
-    from stages.train import fixed_conditioning
+    from stages.training.loader import pair_shards
+    from stages.training.trainer import fixed_conditioning
 
     _, download, embed = data
     cfg = superres.SR256TrainConfig(**tiny_train_kwargs(cfg_drop_text=1.0))

@@ -9,11 +9,11 @@ from safetensors.torch import load as st_load
 
 from fixtures_train import DIMS, make_dataset, stage_ctx, tiny_train_kwargs
 from pipeline import store
-from pipeline.ray_executor import scaling_kwargs
-from stages import base
-from stages.train_hooks import InjectFaultAfterStep
+from pipeline.run.ray_executor import scaling_kwargs
+from stages.models import imagen_base as base
+from stages.training.hooks import InjectFaultAfterStep
 from stages.nets.flavors import build_network
-from stages.train import run_stage
+from stages.training.trainer import train_stage
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_zero2_and_zero3_on_two_ray_workers_agree(local_ray, tmp_path):
         ctx = stage_ctx(root, f"train_base_z{zero}", download, embed, ray_enabled=True)
         # ZeRO-3 also loses its workers after step 2: Ray Train restarts the group (FailureConfig),
         # and the loop resumes both ranks' partitions from the store.
-        result = run_stage(base.SPEC, cfg, ctx, after_step=InjectFaultAfterStep(2) if zero == 3 else None)
+        result = train_stage(base.SPEC, cfg, ctx, after_step=InjectFaultAfterStep(2) if zero == 3 else None)
         assert result.counts["steps"] == 3
         ckpt = store.join(ctx.out_uri, "checkpoints", "step_00000003")
         assert store.exists(store.join(ckpt, "COMPLETE"))

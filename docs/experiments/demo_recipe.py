@@ -1,7 +1,7 @@
 """The harness behind README "How the recipe was found": train the demo's Imagen base (or unCLIP
 decoder) alone, in memory, on a finished demo run's images and embeddings, then run the demo
 check on the 48 held-out prompts at the model's own resolution. Not part of the pipeline: the
-pipeline trains the same networks and diffusion through stages/train.py.
+pipeline trains the same networks and diffusion through stages/training/trainer.py.
 
     .venv/bin/python docs/experiments/demo_recipe.py NAME '{"res": 16, "steps": 1300, "bs": 64, "floor": 1.0}'
 
@@ -31,8 +31,8 @@ from data_prep.demo_corpus import parse_caption, demo_prompts
 from stages.nets.flavors import get_flavor
 from stages.nets.unet import UNet
 from stages.diffusion import Diffusion
-from stages.sample_loading import PromptEncoders
-from stages import demo_check
+from stages.sampling.loading import PromptEncoders
+from stages.sampling import demo_check
 cache = f"{OUT}/data_{res}.pt"
 if o.get("corpus"):  # synthesize: {"n": 1024, "sizes": [...], "shapes": [...]}
     import data_prep.demo_corpus as DC

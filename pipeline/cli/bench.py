@@ -1,7 +1,7 @@
 """``t2i bench train | loader | embed``: speed figures, each a ratio measured in one run.
 
-The benchmarks live next to what they measure (stages/bench_train.py, stages/bench_loader.py,
-data_prep/bench_embed.py) and import neither Ray nor this CLI; this file only parses options
+The benchmarks live next to what they measure (stages/bench/train_step.py, stages/bench/loader.py,
+data_prep/bench/embed.py) and import neither Ray nor this CLI; this file only parses options
 and prints tables. Heavy imports happen inside the commands so ``t2i --help`` stays fast.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def bench_train_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Training step: samples/s, step time, peak memory, FLOPs, MFU; DeepSpeed / plain ratio."""
-    from stages.bench_train import BenchOptions, bench_train, format_table
+    from stages.bench.train_step import BenchOptions, bench_train, format_table
 
     if precision not in ("auto", "bf16", "fp32"):
         _fail(f"--precision must be auto, bf16 or fp32 (got {precision!r})")
@@ -118,7 +118,7 @@ def bench_loader_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Training-loader samples/s against the training step's consumption (target >= 3x)."""
-    from stages.bench_loader import bench_loader, format_result
+    from stages.bench.loader import bench_loader, format_result
 
     run_uri = None
     if run:
@@ -149,7 +149,7 @@ def bench_embed_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Embedding end to end (decode -> encode -> write) against the raw encoder forward (target >= 0.8x)."""
-    from data_prep.bench_embed import MODEL_SIZES, bench_embed, format_result
+    from data_prep.bench.embed import MODEL_SIZES, bench_embed, format_result
 
     if model_size not in MODEL_SIZES:
         _fail(f"--model-size must be one of {', '.join(MODEL_SIZES)} (got {model_size!r})")
@@ -176,7 +176,7 @@ def bench_download_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """The download stage end to end against raw img2dataset on the same served list (target >= 0.9x)."""
-    from data_prep.bench_download import bench_download, format_result
+    from data_prep.bench.download import bench_download, format_result
 
     try:
         res = bench_download(images, image_px, processes, threads, image_size, repeats)

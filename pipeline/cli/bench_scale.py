@@ -6,7 +6,7 @@ their done markers, checkpoints and manifests, laid out exactly as the stages la
 the spec), plus a half-finished embed (every other shard done), then times what a user waits
 for at that size:
 
-* ``status_s``      ``t2i status`` (pipeline/planning.py ``run_status``);
+* ``status_s``      ``t2i status`` (pipeline/run/planning.py ``run_status``);
 * ``plan_s``        ``t2i run`` on the finished run: planning and nothing to do (``run_pipeline``);
 * ``manifest_s``    writing the embed stage's manifest (``list_outputs`` over its 2N files);
 * ``resume_s``      a resumed embed finding its unfinished shards (``list_sources`` + ``is_done``);
@@ -84,7 +84,7 @@ class _Writer:
 
 
 def _spec(root_uri: str, n: int):
-    from pipeline.spec import load_spec
+    from pipeline.run.spec import load_spec
 
     return load_spec(os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml"),
                      {"run_id": f"scale-{n}", "store.uri": root_uri, "cluster.use_ray": False,
@@ -95,11 +95,11 @@ def build_run(root_uri: str, n: int) -> dict[str, Any]:
     """The synthetic finished run of ``n`` shards, and a half-finished embed beside it."""
     import json
 
-    from data_prep.embed_ledger import embed_identity
-    from pipeline.planning import plan_stages
-    from pipeline.runner import save_spec
-    from pipeline.spec import run_uri
-    from stages.checkpoint import step_dir_name
+    from data_prep.embed.ledger import embed_identity
+    from pipeline.run.planning import plan_stages
+    from pipeline.run.runner import save_spec
+    from pipeline.run.spec import run_uri
+    from stages.training.checkpoint import step_dir_name
 
     spec = _spec(root_uri, n)
     ruri = run_uri(spec)
@@ -188,11 +188,11 @@ def _settled(counter: list[int], quiet_s: float = 0.1, limit_s: float = 3.0) -> 
 def time_operations(run: dict[str, Any], repeats: int = REPEATS) -> dict[str, float]:
     import torch
 
-    from data_prep.embed_ledger import is_done, list_sources
-    from pipeline.planning import run_status
-    from pipeline.runner import run_pipeline
-    from stages.checkpoint import CheckpointManager
-    from stages.loader import pair_shards
+    from data_prep.embed.ledger import is_done, list_sources
+    from pipeline.run.planning import run_status
+    from pipeline.run.runner import run_pipeline
+    from stages.training.checkpoint import CheckpointManager
+    from stages.training.loader import pair_shards
 
     out: dict[str, float] = {}
     fs = store.fs_and_path(run["run"])[0]

@@ -27,7 +27,7 @@ def resolve_run(run: str) -> str:
 
 
 def load_spec_or_fail(spec_path: Optional[str], overrides: List[str]):
-    from pipeline.spec import SpecError, load_spec, parse_override
+    from pipeline.run.spec import SpecError, load_spec, parse_override
 
     try:
         return load_spec(spec_path, dict(parse_override(o) for o in overrides))

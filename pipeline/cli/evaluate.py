@@ -29,7 +29,7 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
     """Evaluate a run's trained models: FID, CLIP score, prior similarity, validation losses."""
     from pipeline import store
     from pipeline.manifest import read_manifest
-    from pipeline.planning import finished_attempt, load_run_spec
+    from pipeline.run.planning import finished_attempt, load_run_spec
     from stages.evaluate import EvaluateConfig, evaluate, evaluation_rows
     from stages.models import TRAIN_STAGES
 
@@ -68,7 +68,7 @@ def _follow(uri: str, spec, cfg, as_json: bool) -> None:
     """``--checkpoints``: training stages may still be running (their attempt is the spec's)."""
     from pipeline import store
     from pipeline.manifest import read_manifest
-    from pipeline.planning import finished_attempt, stage_uri
+    from pipeline.run.planning import finished_attempt, stage_uri
     from stages.evaluate.follow import EVAL_LOG, evaluate_checkpoints
     from stages.models import TRAIN_STAGES
 

@@ -20,8 +20,8 @@ def flavors(run: Optional[str] = typer.Option(None, "--run", help="Count with th
 
     dims = dict(PAPER_COND_DIMS)
     if run:
-        from pipeline.planning import finished_attempt
-        from stages.train import read_cond_dims
+        from pipeline.run.planning import finished_attempt
+        from stages.training.trainer import read_cond_dims
 
         dims = read_cond_dims(finished_attempt(resolve_run(run), "embed"))
     t = Table(title=f"flavors (conditioning widths {dims})")
@@ -45,7 +45,7 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
           spec: Optional[str] = typer.Option(None, help="Take the embed config from this run spec (default: demo spec)."),
           address: Optional[str] = typer.Option(None, help="Ray address; omit to embed in this process.")) -> None:
     """Precompute CLIP/T5 embeddings for existing shards, outside a pipeline run."""
-    from data_prep.embed import embed_offline
+    from data_prep.embed.stage import embed_offline
 
     cfg = load_spec_or_fail(spec, []).embed
     if clip:
@@ -60,7 +60,7 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
     if address is None:
         result = embed_offline(shards, out, cfg, progress=True)
     else:
-        from pipeline.ray_executor import ray_session
+        from pipeline.run.ray_executor import ray_session
 
         with ray_session(address) as executor:
             result = embed_offline(shards, out, cfg, executor=executor, progress=True)
@@ -107,9 +107,9 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
 
     from pipeline.cli.common import fail
     from pipeline.context import StageFailed
-    from pipeline.planning import load_run_spec
-    from stages.sample import sample_with_config
-    from stages.sample_config import SampleConfig
+    from pipeline.run.planning import load_run_spec
+    from stages.sampling.cascade import sample_with_config
+    from stages.sampling.config import SampleConfig
 
     uri = resolve_run(run)
     try:
@@ -151,10 +151,10 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
     """Write a trained model as a standalone folder (config.json + safetensors + model card)."""
     from pipeline.cli.common import fail
     from pipeline.context import StageFailed
-    from pipeline.planning import finished_attempt, load_run_spec
+    from pipeline.run.planning import finished_attempt, load_run_spec
     from pipeline.store import normalize, read_json
-    from stages.export import export_model
-    from stages.final_weights import resolve_final
+    from stages.export.model_folder import export_model
+    from stages.training.final_weights import resolve_final
     from stages.models import by_stage
 
     uri = resolve_run(run)
@@ -174,6 +174,6 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
         fail(str(e))
     console.print(f"exported {stage} ({fmt}) -> {folder}")
     if push_to_hub:
-        from stages.export import push_to_hub as push
+        from stages.export.model_folder import push_to_hub as push
 
         console.print(f"pushed -> {push(folder, push_to_hub)}")

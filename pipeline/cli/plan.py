@@ -1,6 +1,6 @@
 """``t2i plan SPEC``: what a run will cost (GPU-hours, days, bytes, dollars) before it starts.
 
-The cost model is stages/bench_plan.py; this file loads the spec, finds what an existing run
+The cost model is stages/bench/plan.py; this file loads the spec, finds what an existing run
 of it already measured (its first shards, its manifests) and prints the figures.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ def _measured(spec):
     """(CorpusFigures or None, {stage: manifest}) of the spec's run when it exists in the store."""
     from pipeline import layout, store
     from pipeline import manifest as mf
-    from pipeline.planning import plan_stages
-    from pipeline.spec import run_uri
-    from stages.bench_plan import measure_corpus
+    from pipeline.run.planning import plan_stages
+    from pipeline.run.spec import run_uri
+    from stages.bench.plan import measure_corpus
 
     try:
         if not store.exists(layout.run_spec_uri(run_uri(spec))):
@@ -66,7 +66,7 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Cost a run before it starts: samples, FLOPs, GPU-hours, days, bytes and dollars per stage."""
-    from stages.bench_plan import GPUS, TINY_DIMS, CorpusFigures, PlanOptions, plan
+    from stages.bench.plan import GPUS, TINY_DIMS, CorpusFigures, PlanOptions, plan
 
     if gpu not in GPUS:
         fail(f"--gpu must be one of {', '.join(GPUS)} (got {gpu!r})")

@@ -42,7 +42,7 @@ def _verbose() -> bool:
 
 def _run_and_report(spec, **kw) -> None:
     from pipeline.context import StageFailed
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     try:
         summary = run_pipeline(spec, log=lambda m: console.print(m), live_console=console,
@@ -111,8 +111,8 @@ def run(spec: Optional[str] = typer.Argument(None, help="Run spec YAML (default:
 
 def _run_spec_and_targets(run: str, stage: Optional[str], from_: Optional[str], no_ray: bool):
     from pipeline.context import StageFailed
-    from pipeline.planning import load_run_spec
-    from pipeline.runner import targets
+    from pipeline.run.planning import load_run_spec
+    from pipeline.run.runner import targets
 
     uri = resolve_run(run)
     try:
@@ -156,8 +156,8 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
            as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")) -> None:
     """Each stage's state, attempt, counts and duration, and the superseded attempts kept beside it."""
     from pipeline.context import StageFailed
-    from pipeline.gc import human_age, human_bytes
-    from pipeline.planning import run_status
+    from pipeline.run.gc import human_age, human_bytes
+    from pipeline.run.planning import run_status
 
     uri = resolve_run(run)
     try:
@@ -182,7 +182,7 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
         console.print(f"superseded attempts (kept; `t2i gc {run}` lists what it would remove):")
         for stage, a in old:
             console.print(f"  {stage}/{a['attempt']}: {a['state']}, {human_bytes(a['bytes'])}, {human_age(a['age_s'])} old")
-    from pipeline.submit import job_status_line
+    from pipeline.run.submit import job_status_line
 
     line = job_status_line(uri)  # a submitted run: the Ray job's own state too
     if line:
@@ -194,7 +194,7 @@ def _whole_run_report(run_uri: str) -> Optional[str]:
     evaluation) rebuilt now. Sample and evaluate run side by side, so the sample stage's own copy
     has no evaluation; this one is derived (rebuilt on every call), never listed by a manifest."""
     from pipeline import layout, store
-    from stages.report import refresh_report
+    from stages.report.page import refresh_report
 
     sample = layout.finished_stage_dir(run_uri, "sample")
     if sample is None:
@@ -229,7 +229,7 @@ def gc(run: str = typer.Argument(..., help="Run URI or run id."),
        as_json: bool = typer.Option(False, "--json", help="Print what would be removed as JSON.")) -> None:
     """List superseded attempts and incomplete checkpoints with their sizes; delete them with --yes."""
     from pipeline.context import StageFailed
-    from pipeline.gc import collect, find_garbage, human_age, human_bytes
+    from pipeline.run.gc import collect, find_garbage, human_age, human_bytes
 
     uri = resolve_run(run)
     try:

@@ -12,7 +12,7 @@ suite, written to the stage manifest's metrics (README "Evaluation" says how to 
   held-out samples, beside ``prior_text_baseline`` (the caption's CLIP text embedding vs the
   image's: what the prior must beat to be worth having, as unCLIP reports);
 * ``<stage>_val_loss``: each training stage's final validation loss (from its manifest);
-* ``<cascade>_demo_*``: the demo check (stages/demo_check.py) when the captions are demo captions.
+* ``<cascade>_demo_*``: the demo check (stages/sampling/demo_check.py) when the captions are demo captions.
 
 Cascades: unclip, imagen and glide ('auto' evaluates each one the run trains). With
 ``sampling.guidance: compare`` each cascade with a CLIP-guidable model is also evaluated CLIP-guided,
@@ -20,7 +20,7 @@ its figures named ``<cascade>_clip_guided_*`` (same captions, same seeds as the 
 Every cascade samples the held-out *captions* through the run's encoders, as ``t2i sample`` does
 (GLIDE's token ids by the embed stage's tokenizer: the ids its shards store for those captions).
 
-Sampling goes through stages/sample.py (``sample_images``), so the figures are of exactly what
+Sampling goes through stages/sampling/cascade.py (``sample_images``), so the figures are of exactly what
 ``t2i sample`` produces. ``t2i eval RUN`` (pipeline/cli/evaluate.py) runs :func:`evaluate` offline.
 This module imports no torch until a stage runs (reading a spec stays light).
 """
@@ -76,7 +76,7 @@ class EvaluateConfig(StrictModel):
     def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
         from pydantic import ValidationError
 
-        from stages.sample_config import SampleConfig
+        from stages.sampling.config import SampleConfig
 
         own = sorted(set(v) & set(_SAMPLE_OWN))
         if own:
@@ -112,7 +112,7 @@ class EvaluateConfig(StrictModel):
         return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
 
     def sample_config(self, prompts: list[str]):
-        from stages.sample_config import SampleConfig
+        from stages.sampling.config import SampleConfig
 
         cascade = "all" if self.cascade == "auto" else self.cascade
         return SampleConfig(prompts=prompts, cascade=cascade, images_per_prompt=1, demo_check=False,
@@ -170,7 +170,8 @@ def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_ur
     from data_prep.encoders_doc import read_encoders_doc
     from data_prep.holdout import read_rule
     from stages.evaluate.figures import EvalContext
-    from stages.sample import PromptEncoders, resolve_device
+    from stages.sampling.loading import PromptEncoders
+    from stages.sampling.cascade import resolve_device
 
     if "embed" not in inputs:
         raise StageFailed("evaluate: needs the embed stage (held-out split, encoders)")
@@ -186,4 +187,4 @@ def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_ur
 
 
 # What each figure means (for `t2i status`, report.html and `t2i eval`) lives with the report.
-from stages.report_eval import evaluation_rows  # noqa: E402,F401
+from stages.report.eval_figures import evaluation_rows  # noqa: E402,F401

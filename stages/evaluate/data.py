@@ -18,8 +18,8 @@ from data_prep.embed_format import pad_sequences, read_embedding_shard
 from data_prep.holdout import HoldoutRule
 from data_prep.image_decode import decode_rgb
 from data_prep.shards import iter_shard
-from stages.loader import pair_shards
-from stages.sample import PromptFeatures
+from stages.training.loader import pair_shards
+from stages.sampling.loading import PromptFeatures
 
 
 @dataclass

@@ -23,7 +23,7 @@ class EvalContext:
     embed_shards: str
     download_shards: str | None
     rule: Any                    # data_prep.holdout.HoldoutRule
-    encoders: Any                # stages.sample.PromptEncoders (the run's CLIP + T5)
+    encoders: Any                # stages.sampling.cascade.PromptEncoders (the run's CLIP + T5)
     preprocess: dict[str, Any]   # the embed stage's CLIP preprocessing
     device: torch.device
     progress: Callable[[str], None]
@@ -31,7 +31,7 @@ class EvalContext:
 
 def runnable_cascades(ctx: EvalContext) -> list[str]:
     """The configured cascades whose every model has weights to evaluate."""
-    from stages.sample import cascade_roles, stage_of
+    from stages.sampling.config import cascade_roles, stage_of
 
     max_stage = ctx.cfg.sample_config(["x"]).max_stage
     return [c for c in ctx.cfg.cascades()
@@ -40,8 +40,8 @@ def runnable_cascades(ctx: EvalContext) -> list[str]:
 
 def output_size(ctx: EvalContext, cascade: str) -> int:
     """The pixel size of a cascade's last model (its final/config.json)."""
-    from stages.final_weights import resolve_final
-    from stages.sample import cascade_roles, stage_of
+    from stages.training.final_weights import resolve_final
+    from stages.sampling.config import cascade_roles, stage_of
 
     last = cascade_roles(cascade, ctx.cfg.sample_config(["x"]).max_stage)[-1]
     final = resolve_final(ctx.stage_uris[stage_of(last)])
@@ -50,8 +50,8 @@ def output_size(ctx: EvalContext, cascade: str) -> int:
 
 def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int], list[dict]]:
     """Sample the held-out captions and the suite through each cascade; FID, CLIP score, demo check."""
-    from stages import demo_check
-    from stages.sample import sample_images
+    from stages.sampling import demo_check
+    from stages.sampling.cascade import sample_images
 
     cfg = ctx.cfg
     cascades = runnable_cascades(ctx)
@@ -113,7 +113,8 @@ def _fid(held: HoldoutSet, images: list, size: int, net: torch.nn.Module) -> flo
 
 def prior_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int]]:
     """The prior's sampled CLIP image embeddings of held-out captions vs the true ones."""
-    from stages.sample import load_model, run_stage
+    from stages.sampling.loading import load_model
+    from stages.sampling.cascade import sample_with_model
 
     cfg = ctx.cfg
     held = read_holdout(None, ctx.embed_shards, ctx.rule, cfg.prior_samples)
@@ -122,8 +123,8 @@ def prior_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int]]:
     outs = []
     for i in range(0, len(held), scfg.batch_size):
         g = torch.Generator(device=ctx.device).manual_seed(scfg.seed * 1_000_003 + i)
-        outs.append(run_stage(m, held.features.select(slice(i, i + scfg.batch_size), ctx.device), None, scfg, g,
-                              ctx.device))
+        outs.append(sample_with_model(m, held.features.select(slice(i, i + scfg.batch_size), ctx.device), None, scfg, g,
+                                      ctx.device))
     sampled = torch.cat(outs)
     sim = float(clip_score.cosine(sampled, held.clip_image).mean())
     base = float(clip_score.cosine(held.features.clip_text, held.clip_image).mean())

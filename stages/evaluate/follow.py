@@ -5,7 +5,7 @@ resources) evaluates every complete checkpoint of each training stage that has n
 running it again while the run trains adds the new ones; it only reads what training wrote
 (checkpoints are picked up only once COMPLETE) and never blocks it. A row holds:
 
-* ``step``; ``val_loss`` when the training logged one at that step (live weights, stages/validation.py);
+* ``step``; ``val_loss`` when the training logged one at that step (live weights, stages/training/validation.py);
 * ``val_loss_ema``: the same fixed held-out batch, timesteps and noise on the checkpoint's EMA
   weights (what sampling uses);
 * base / decoder / glide: ``fid`` and ``clip_score`` of the cascade cut after this model (imagen: base;
@@ -22,7 +22,7 @@ from typing import Any, Callable
 from pipeline import layout, store
 from pipeline.context import StageFailed
 
-from stages.report_eval import EVAL_LOG, read_rows  # noqa: E402,F401  (the report reads them too)
+from stages.report.eval_figures import EVAL_LOG, read_rows  # noqa: E402,F401  (the report reads them too)
 
 
 def complete_steps(attempt: str) -> list[int]:
@@ -78,10 +78,10 @@ def _model_figures(ctx, mdef, tcfg, view: str) -> dict[str, float]:
 
     from stages.diffusion import Diffusion
     from stages.evaluate import figures
-    from stages.final_weights import load_final, resolve_final
-    from stages.loader import pair_shards
+    from stages.training.final_weights import load_final, resolve_final
+    from stages.training.loader import pair_shards
     from stages.nets.flavors import get_flavor
-    from stages.validation import Validator
+    from stages.training.validation import Validator
 
     net, _ = load_final(resolve_final(view), ctx.device)
     shards = pair_shards(ctx.download_shards if mdef.needs_images else None, ctx.embed_shards)
@@ -114,10 +114,10 @@ def _with(ctx, stage_uris: dict[str, str], cfg: Any = None):
 
 
 def _final_config(mdef, tcfg, embed_uri: str, step: int) -> dict[str, Any]:
-    """final/config.json as the training loop writes it (stages/train.py Trainer.finish), for a
+    """final/config.json as the training loop writes it (stages/training/trainer.py Trainer.finish), for a
     stage that has not finished yet."""
     from stages.nets.flavors import get_flavor
-    from stages.train import read_cond_dims
+    from stages.training.trainer import read_cond_dims
 
     flavor = get_flavor(mdef.role, tcfg.flavor)
     return {"role": mdef.role, "flavor": tcfg.flavor, "cond_dims": read_cond_dims(embed_uri),

@@ -1,5 +1,5 @@
 """``t2i eval RUN --checkpoint STEP``: the weights of one step of every training stage, laid out as
-a training attempt's ``final/step_N/`` so sampling (stages/sample.py) loads them unchanged.
+a training attempt's ``final/step_N/`` so sampling (stages/sampling/cascade.py) loads them unchanged.
 
 A step that finished (``final/step_N/``) is copied as it is; a checkpoint's EMA
 (``checkpoints/step_N/ema.safetensors``, ZeRO 0-2) is written into the network the stage's
@@ -56,7 +56,7 @@ def _materialise(attempt: str, step: int, view: str, stage: str, fallback: dict 
     """``fallback``: the final config to use while the stage has never finished (no final/ yet)."""
     from safetensors.torch import load as st_load
 
-    from stages.final_weights import latest_final, load_final, write_final
+    from stages.training.final_weights import latest_final, load_final, write_final
     from stages.nets.flavors import build_network
 
     target = layout.final_dir(view, step)

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .noised_clip import NoisedClip, NoisedClipConfig
+from .clip_image_tower import NoisedClip, NoisedClipConfig
 from .prior_transformer import PriorConfig, PriorTransformer
 from .text_transformer import GlideConfig, GlideModel, TextTransformerConfig
 from .unet import UNet, UNetConfig
@@ -227,7 +227,7 @@ _add("glide", "glide-3.5b", "glide", 64, None, 3_500_000_000,
 
 # noised_clip: GLIDE's noised CLIP (§2.4) at the base model's resolution, for CLIP guidance of the
 # 64px base models. GLIDE's was a ViT whose size the paper does not give; the paper flavor is sized
-# like CLIP ViT-B/16's image tower (86M), as a conv tower (stages/nets/noised_clip.py says why).
+# like CLIP ViT-B/16's image tower (86M), as a conv tower (stages/nets/clip_image_tower.py says why).
 # debug/demo at the base flavors' 16px, so they guide the debug/demo glide and base models.
 _add("noised_clip", "debug", "noised_clip", 16, None, None, _noised_clip(16, 8, (1, 2), 1))
 _add("noised_clip", "demo", "noised_clip", 16, None, None, _noised_clip(16, 32, (1, 2, 4), 1))

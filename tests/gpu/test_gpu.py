@@ -80,7 +80,7 @@ def test_bf16_norms_keep_fp32_statistics():
 @_gpu
 def test_bench_train_bf16_reports_mfu():
     torch = _cuda()
-    from stages.bench_train import bench_train
+    from stages.bench.train_step import bench_train
 
     res = bench_train("base", "demo", zero_stages=(2,), batch=8, steps=3, warmup=2)
     plain, ds = res["runs"]
@@ -99,7 +99,7 @@ def _py(*args: str) -> list[str]:
 
 def _items(quick: bool) -> list[dict]:
     """(name, kind, argv, timeout) — sized to fit ~6 minutes on one H200 in total."""
-    T = "stages.bench_train"
+    T = "stages.bench.train_step"
     if quick:
         return [
             dict(name="base/demo", kind="train", timeout=120,
@@ -107,10 +107,10 @@ def _items(quick: bool) -> list[dict]:
             dict(name="prior/demo", kind="train", timeout=120,
                  argv=_py("-m", T, "--stage", "prior", "--flavor", "demo", "--zero", "2", "--batch", "16")),
             dict(name="loader base/demo", kind="loader", timeout=120, step_from="base/demo",
-                 argv=_py("-m", "stages.bench_loader", "--stage", "base", "--flavor", "demo", "--batch", "8",
+                 argv=_py("-m", "stages.bench.loader", "--stage", "base", "--flavor", "demo", "--batch", "8",
                           "--workers", "2", "--batches", "10")),
             dict(name="embed tiny", kind="embed", timeout=120,
-                 argv=_py("-c", "import json; from data_prep.bench_embed import bench_embed; "
+                 argv=_py("-c", "import json; from data_prep.bench.embed import bench_embed; "
                                 "print(json.dumps(bench_embed('tiny', 8, 2)))")),
         ]
     return [
@@ -127,10 +127,10 @@ def _items(quick: bool) -> list[dict]:
         # Loader at base64's batch against base64-2b's measured plain step rate (no second step bench),
         # from 1024 px JPEGs as the shipped LAION spec downloads them for every stage.
         dict(name="loader base64", kind="loader", timeout=60, step_from="base64-2b",
-             argv=_py("-m", "stages.bench_loader", "--stage", "base", "--flavor", "base64-2b", "--batch", "32",
+             argv=_py("-m", "stages.bench.loader", "--stage", "base", "--flavor", "base64-2b", "--batch", "32",
                       "--workers", "8", "--batches", "30", "--source-size", "1024")),
         dict(name="embed L14+XXL", kind="embed", timeout=150,
-             argv=_py("-c", "import json; from data_prep.bench_embed import bench_embed; "
+             argv=_py("-c", "import json; from data_prep.bench.embed import bench_embed; "
                             "print(json.dumps(bench_embed('vit-l-14+t5-xxl', 64, 16, 'cuda')))")),
     ]
 

@@ -1,0 +1,342 @@
+"""Submitting a run to a Ray cluster as a Ray job, and following it afterwards.
+
+``t2i submit`` validates the spec here (a bad spec never reaches the cluster), ships the project
+source plus the *validated* spec to the cluster through the job's runtime_env, and starts
+``python -m pipeline.cli run <spec> --address auto`` as the job's entrypoint: the job driver then
+runs the same runner as a local ``t2i run``, on the cluster. The job id is recorded in
+``<run>/_JOB.json`` so ``t2i logs/stop/status`` accept either the job id or the run.
+
+Nothing secret is shipped or recorded: the runtime_env is visible to anyone who can read the
+dashboard, so store credentials must come from the cluster itself (instance profile / workload
+identity / Kubernetes secret); only non-secret endpoint and offline settings are forwarded.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline import store
+from pipeline.run.spec import SpecError, load_spec, run_uri, spec_to_yaml
+
+JOB_FILE = "_JOB.json"
+# Where the validated spec lands inside the shipped working dir (relative to it).
+SHIPPED_SPEC_DIR = "_t2i_submit"
+# Never shipped: environments, run outputs, wheels, VCS data, caches, test data. Ray also honours
+# every .gitignore in the tree, so ignored artifacts (weights, shards) stay home too.
+WORKING_DIR_EXCLUDES = [
+    ".venv", "venv", ".git", "runs", "*.whl", ".whl", "__pycache__", "*.pyc", "*.egg-info",
+    ".pytest_cache", "build", "dist", "tests/data", "tests/**/data",
+]
+# Forwarded to the job when set here: endpoints and offline switches, never keys or tokens.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "RAY_USAGE_STATS_ENABLED")
+ACTIVE_STATES = ("PENDING", "RUNNING")
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(RuntimeError):
+    """A submission-side problem with a message meant for the user as is."""
+
+
+@dataclass
+class JobRecord:
+    """What ``<run>/_JOB.json`` holds: enough to find the job again, no credentials."""
+
+    submission_id: str
+    address: str                    # the dashboard (Jobs API) address, userinfo stripped
+    run_uri: str
+    run_id: str
+    entrypoint: str
+    spec_path: str                  # the spec inside the shipped working dir
+    pip: bool
+    submitted_at: float
+    forwarded_env: list[str] = field(default_factory=list)  # names only
+
+
+# --- addresses -------------------------------------------------------------------------------
+
+def dashboard_address(address: str | None) -> str:
+    """The Jobs API address: ``http(s)://host:port``. ``host:port`` gets ``http://``; a Ray
+    client (``ray://``) or GCS address is not the dashboard and is rejected with a hint."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard, "
+                          "e.g. forwarded with `ray dashboard cluster/aws.yaml`) or set RAY_API_SERVER_ADDRESS")
+    if address.startswith("ray://") or address == "auto":
+        raise SubmitError(f"--address {address!r} is a Ray client/GCS address; jobs are submitted to the "
+                          "dashboard: --address http://HEAD:8265")
+    if "://" not in address:
+        address = "http://" + address
+    if not address.startswith(("http://", "https://")):
+        raise SubmitError(f"--address {address!r}: expected http://HOST:PORT of the Ray dashboard")
+    return address.rstrip("/")
+
+
+def redact_address(address: str) -> str:
+    """The address without any user:password part, for files and logs."""
+    parts = urlsplit(address)
+    if parts.username is None and parts.password is None:
+        return address
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def job_client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    addr = dashboard_address(address)
+    try:
+        return JobSubmissionClient(addr)
+    except Exception as e:  # noqa: BLE001 - connection errors come in many types
+        raise SubmitError(f"cannot reach the Ray dashboard at {redact_address(addr)}: {e}") from None
+
+
+# --- what gets shipped -----------------------------------------------------------------------
+
+def project_root() -> Path:
+    """The source checkout that holds ``pipeline/`` (shipped as the job's working dir)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").exists():
+        raise SubmitError(f"t2i submit ships the project source, but {root} is not a source checkout "
+                          "(no pyproject.toml); submit from a clone of the repository")
+    return root
+
+
+def project_requirements(root: Path | None = None) -> list[str]:
+    """The ``[project].dependencies`` of pyproject.toml: the pip list a bare cluster image needs."""
+    root = root or project_root()
+    with open(root / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["project"]["dependencies"])
+
+
+def submission_id_for(run_id: str, now: float | None = None) -> str:
+    """``t2i-<run_id>-<UTC time>``: readable, tied to the run, unique per submission (Ray
+    refuses to reuse a submission id, and a run may be submitted again to resume it)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now if now is not None else time.time()))
+    return f"t2i-{re.sub(r'[^A-Za-z0-9._-]', '-', run_id)}-{stamp}"
+
+
+def build_runtime_env(working_dir: str, *, pip: bool, root: Path | None = None) -> dict:
+    env: dict = {"working_dir": working_dir, "excludes": list(WORKING_DIR_EXCLUDES)}
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    # The driver's ray.init (pipeline/run/ray_scheduler.py) adds env_vars of its own; Ray refuses to merge a
+    # job's and a driver's runtime_env that share a key unless told which wins (the driver's).
+    env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    env["env_vars"] = env_vars
+    if pip:
+        env["pip"] = {"packages": project_requirements(root), "pip_check": False}
+    return env
+
+
+@contextmanager
+def staged_working_dir(root: Path, spec_name: str, spec_yaml: str) -> Iterator[str]:
+    """A temporary directory that looks like the checkout plus ``_t2i_submit/<spec_name>``.
+
+    Top-level entries are symlinks (Ray's packager follows them), so nothing is copied and the
+    checkout itself is never written to. Excluded entries are left out here already.
+    """
+    tmp = tempfile.mkdtemp(prefix="t2i-submit-")
+    try:
+        skip = {".venv", "venv", ".git", "runs", SHIPPED_SPEC_DIR}
+        for entry in root.iterdir():
+            if entry.name not in skip:
+                os.symlink(entry, os.path.join(tmp, entry.name))
+        os.makedirs(os.path.join(tmp, SHIPPED_SPEC_DIR))
+        with open(os.path.join(tmp, SHIPPED_SPEC_DIR, spec_name), "w") as f:
+            f.write(spec_yaml)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def entrypoint_for(spec_rel_path: str) -> str:
+    # ``python`` is the cluster's interpreter (the image's / the nodes' venv), not this one.
+    return (f"python -m pipeline.cli run {shlex.quote(spec_rel_path)} "
+            "--address auto")
+
+
+# --- submit / logs / stop / status -----------------------------------------------------------
+
+def locality_warnings(spec, root: Path) -> list[str]:
+    """What in the spec will not work as intended on a remote cluster: paths only this machine can
+    read (fine when the nodes share this filesystem, as in the local test cluster -- hence
+    warnings, not errors) and a run that would not use the cluster at all."""
+    out = []
+    if not spec.cluster.use_ray:
+        out.append("cluster.use_ray is false: every stage would run inside the job's driver on the head node")
+    if store.scheme_of(spec.store.uri) == "file":
+        out.append(f"store.uri {spec.store.uri} is a local path: the cluster's nodes must share this "
+                   "filesystem (use s3:// or gs:// for a real cluster)")
+    url_list = getattr(getattr(spec, "download", None), "url_list", "demo")
+    if url_list != "demo" and store.scheme_of(url_list) == "file":
+        path = Path(store.local_path(store.normalize(url_list))).resolve()
+        if root not in path.parents:
+            out.append(f"download.url_list {url_list} is a local file outside the shipped checkout: "
+                       "the cluster cannot read it (put it in object storage)")
+    return out
+
+
+def read_job_record(run: str) -> dict | None:
+    uri = store.join(run, JOB_FILE)
+    try:
+        return store.read_json(uri) if store.exists(uri) else None
+    except Exception:  # noqa: BLE001 - an unreadable record is the same as none for lookups
+        return None
+
+
+def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dict | None = None, *,
+               pip: bool = False, log: Callable[[str], None] = print) -> JobRecord:
+    """Validate ``spec_path`` (+ dotted ``overrides``) here, then submit it as a Ray job.
+
+    Raises SpecError for a bad spec (before anything touches the cluster) and SubmitError for an
+    unreachable cluster or a run that already has an active job.
+    """
+    spec = load_spec(spec_path, overrides)  # fails here, before any network call
+    ruri = run_uri(spec)
+    addr = dashboard_address(address)
+    client = job_client(addr)
+    previous = read_job_record(ruri)
+    if previous and redact_address(addr) == previous.get("address"):
+        try:
+            state = str(client.get_job_status(previous["submission_id"]).value)
+        except Exception:  # noqa: BLE001 - an unknown old job (cluster restarted) is no conflict
+            state = None
+        if state in ACTIVE_STATES:
+            raise SubmitError(f"run {ruri} already has job {previous['submission_id']} {state} on this cluster; "
+                              f"stop it first (t2i stop {previous['submission_id']} --address {redact_address(addr)}) "
+                              "— two drivers on one run would race on its stages")
+    sid = submission_id_for(spec.run_id)
+    spec_rel = f"{SHIPPED_SPEC_DIR}/{spec.run_id}.yaml"
+    entrypoint = entrypoint_for(spec_rel)
+    root = project_root()
+    for w in locality_warnings(spec, root):
+        log(f"warning: {w}")
+    with staged_working_dir(root, f"{spec.run_id}.yaml", spec_to_yaml(spec)) as wd:
+        runtime_env = build_runtime_env(wd, pip=pip, root=root)
+        try:
+            client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid,
+                              metadata={"t2i_run_uri": ruri, "t2i_run_id": spec.run_id})
+        except Exception as e:  # noqa: BLE001 - surfaced with the address, never a traceback
+            raise SubmitError(f"submitting to {redact_address(addr)} failed: {e}") from None
+    record = JobRecord(submission_id=sid, address=redact_address(addr), run_uri=ruri, run_id=spec.run_id,
+                       entrypoint=entrypoint, spec_path=spec_rel, pip=pip, submitted_at=time.time(),
+                       forwarded_env=sorted(k for k in runtime_env["env_vars"] if k in FORWARDED_ENV))
+    try:
+        # spec.yaml now (the driver writes the same bytes when it starts) so `t2i status RUN`
+        # shows pending stages straight away; then the job record.
+        from pipeline.run.runner import save_spec
+
+        save_spec(spec)
+        store.write_json(store.join(ruri, JOB_FILE), asdict(record))
+    except Exception as e:  # noqa: BLE001 - the job runs regardless; say how to find it
+        log(f"warning: job {sid} submitted, but recording it in {ruri}/{JOB_FILE} failed ({e}); "
+            f"use the job id with t2i logs/stop")
+    return record
+
+
+def resolve_job(job_or_run: str, address: str | None = None) -> tuple[str, str]:
+    """(submission id, dashboard address) for a job id or a run (URI, path or id under ./runs).
+
+    A run is recognised by its ``_JOB.json``; the address defaults to the one recorded there.
+    """
+    record = None
+    candidates = [job_or_run]
+    if "://" not in job_or_run and os.sep not in job_or_run:
+        candidates.append(os.path.join("runs", job_or_run))
+    for cand in candidates:
+        if "://" in cand or os.path.isdir(cand):
+            record = read_job_record(store.normalize(cand))
+        if record:
+            break
+    if record:
+        return record["submission_id"], dashboard_address(address or record.get("address"))
+    return job_or_run, dashboard_address(address)
+
+
+def job_logs(job_or_run: str, address: str | None = None, *, follow: bool = False,
+             write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush())) -> str:
+    """Print the job's driver output; with ``follow`` keep printing until the job ends.
+    Returns the submission id."""
+    sid, addr = resolve_job(job_or_run, address)
+    client = job_client(addr)
+    try:
+        if not follow:
+            write(client.get_job_logs(sid))
+            return sid
+
+        async def _tail() -> None:
+            async for chunk in client.tail_job_logs(sid):
+                write(chunk)
+
+        asyncio.run(_tail())
+    except SubmitError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SubmitError(f"logs of job {sid} at {redact_address(addr)}: {e}") from None
+    return sid
+
+
+def stop_job(job_or_run: str, address: str | None = None, *, wait_s: float = 30.0) -> tuple[str, str]:
+    """Ask Ray to stop the job (SIGTERM to the driver, then SIGKILL) and wait until it has a
+    terminal state. Returns (submission id, final status)."""
+    sid, addr = resolve_job(job_or_run, address)
+    client = job_client(addr)
+    try:
+        status = str(client.get_job_status(sid).value)
+        if status in TERMINAL_STATES:
+            return sid, status
+        client.stop_job(sid)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            status = str(client.get_job_status(sid).value)
+            if status in TERMINAL_STATES:
+                break
+            time.sleep(0.5)
+    except Exception as e:  # noqa: BLE001
+        raise SubmitError(f"stopping job {sid} at {redact_address(addr)}: {e}") from None
+    return sid, status
+
+
+def job_status(run: str, address: str | None = None) -> dict | None:
+    """The run's job as ``{"submission_id", "address", "status", "message"}``; None when the run
+    was not submitted. ``status`` is None when the dashboard cannot be reached (``message`` says why)."""
+    record = read_job_record(run)
+    if not record:
+        return None
+    sid = record["submission_id"]
+    try:
+        addr = dashboard_address(address or record.get("address"))
+        info = job_client(addr).get_job_info(sid)
+        return {"submission_id": sid, "address": redact_address(addr), "status": str(info.status.value),
+                "message": info.message or ""}
+    except Exception as e:  # noqa: BLE001 - status must still show the stages
+        return {"submission_id": sid, "address": record.get("address"), "status": None, "message": str(e)}
+
+
+def job_status_line(run: str, address: str | None = None) -> str | None:
+    """One line for ``t2i status``: ``job t2i-demo-…: RUNNING at http://…``; None if not submitted."""
+    st = job_status(run, address)
+    if st is None:
+        return None
+    if st["status"] is None:
+        return f"job {st['submission_id']}: status unknown ({st['address']} unreachable: {st['message'][:200]})"
+    msg = f" — {st['message']}" if st["message"] and st["status"] in ("FAILED", "STOPPED") else ""
+    return f"job {st['submission_id']}: {st['status']} at {st['address']}{msg}"
+
+
+__all__ = ["JOB_FILE", "JobRecord", "SubmitError", "SpecError", "build_runtime_env", "dashboard_address",
+           "entrypoint_for", "job_logs", "job_status", "job_status_line", "project_requirements",
+           "read_job_record", "resolve_job", "stop_job", "submission_id_for", "submit_run"]

@@ -1,0 +1,254 @@
+"""Sampling, part 2: whole cascades from a run's trained stages — the pipeline's ``sample`` stage
+and what ``t2i sample`` calls. Loading lives in stages/sampling/loading.py, the files a run leaves
+in stages/sampling/outputs.py.
+
+  unclip: prompt -> CLIP text -> prior -> CLIP image embedding -> decoder -> sr256 -> sr1024
+  imagen: prompt -> T5 tokens -> base -> sr256 -> sr1024
+  glide:  prompt -> token ids -> GLIDE (its own text transformer) -> sr256 -> sr1024
+
+``guidance: clip`` guides the glide and base models with the noised CLIP of train_noised_clip
+(stages/sampling/clip_guidance.py) instead of classifier-free guidance; ``guidance: compare`` samples each
+cascade with such a model twice, CFG and CLIP-guided, from the same noise (the CLIP-guided half is
+named ``<cascade>_clip_guided``: SampleConfig.variants).
+
+Everything is read back through the store exactly as training wrote it (docs/contracts.md):
+``<run>/train_X/final/{model.safetensors,config.json}`` (safetensors only: loading a run can never
+execute code) and ``<run>/embed/encoders.json`` (which encoders embed the prompts). Networks are
+built from their flavor name, so nothing here knows a model size.
+
+Conditioning mirrors the training batch builders (stages/models/{prior,decoder,imagen_base,superres,glide}.py): the
+same keyword arguments, with CLIP/T5 features rounded through fp16 as the embedding shards store
+them. Classifier-free guidance is stages.diffusion's: the unconditional branch is the same call
+with the role's ``drop_*`` flags all True (the network's learned null conditioning). Each SR
+stage receives the previous stage's output downsampled to its ``low_res_size`` and noised at a
+fixed conditioning-augmentation level (Imagen §2.5), which it is told through ``aug_level``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import store
+from pipeline.context import StageContext, StageFailed, StageResult
+
+from stages.sampling.config import (CASCADES, CLI_OUT, NOISED_CLIP, ROLES, SAMPLER_NAMES, SampleConfig, cascade_roles,
+                                    stage_of)
+from stages.sampling.loading import LoadedModel, PromptEncoders, PromptFeatures, load_model
+from stages.sampling.outputs import Sample, Samples, _to_pil, write_outputs
+
+
+# ----------------------------------------------------------------------------- one stage
+def _cond(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The network's keyword arguments: the model module's own ``sample_cond``, written beside its
+    training batch builder (stages/models/__init__.py), told the model's final config."""
+    from stages.models import model
+
+    return model(m.role).stage_spec.sample_cond(f, prev, m.config)
+
+
+def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
+    """Previous stage's output at the SR model's conditioning size (as training's make_low_res)."""
+    from stages.condaug import make_low_res
+
+    if prev.shape[-1] == size:
+        return prev
+    if prev.shape[-1] > size:
+        return make_low_res(prev, size)
+    return F.interpolate(prev, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg: SampleConfig,
+                      g: torch.Generator, device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
+    """Sample one batch through one model of the cascade; returns its output on CPU.
+    ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py)."""
+    from stages.condaug import CondAugConfig, ConditioningAugmentation
+
+    b = f.clip_text.shape[0]
+    cond = _cond(m, f, prev.to(device) if prev is not None else None)
+    if m.role == "prior":
+        shape: tuple[int, ...] = (b, int(m.config["cond_dims"]["clip_dim"]))
+        thresholding = "none"
+    else:
+        size = int(m.config["image_size"])
+        shape = (b, 3, size, size)
+        thresholding = cfg.thresholding
+    start = {}
+    if m.role in ("sr256", "sr1024"):
+        if cfg.sr_start_t < 1.0:
+            start = dict(t_start=cfg.sr_start_t, x_start=_low_res(prev.to(device), shape[-1]))
+        low = _low_res(prev.to(device), int(m.config["low_res_size"]))
+        aug = ConditioningAugmentation(CondAugConfig(**(m.config.get("condaug") or {})))
+        low, level = aug.sample(low, cfg.sr_aug_level, generator=g)
+        cond.update(low_res=low, aug_level=level)
+    net = m.net
+    if guide is not None:
+        from stages.sampling.clip_guidance import ClipGuided
+
+        net = ClipGuided(m.net, m.diffusion, guide.net, f.clip_text, cfg.clip_guidance_for(m.role))
+    out = m.diffusion.sample(net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
+                             guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
+                             device=device, **start)
+    if m.role == "prior":
+        # The decoder was trained on L2-normalised CLIP image embeddings; the prior's x0 is close
+        # to but not exactly on the sphere.
+        return F.normalize(out.float(), dim=-1).cpu()
+    return out.float().clamp(-1, 1).cpu()
+
+
+# ----------------------------------------------------------------------------- cascades
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _finished_attempt(run_uri: str, stage: str) -> str:
+    """The attempt of ``stage`` the run last finished (for callers that pass no stage URIs)."""
+    from pipeline import layout
+
+    uri = layout.finished_stage_dir(run_uri, stage)
+    if uri is not None:
+        return uri
+    if stage == "embed":
+        raise StageFailed(f"{run_uri} has no finished embed stage ({layout.ENCODERS} not found): run it first "
+                          "(sampling embeds prompts with the encoders it used)")
+    raise StageFailed(f"stage {stage} has no trained model in {run_uri}: train it first (t2i resume {run_uri}), pick "
+                      "a cascade that does not need it, or stop the cascade earlier with max_stage")
+
+
+def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
+                  embed_uri: str | None = None, encoders: PromptEncoders | None = None,
+                  progress=lambda msg: None) -> list[Sample]:
+    """Sample cfg.prompts through cfg's cascades; every needed model is checked before any work.
+    ``encoders``: already loaded prompt encoders (else loaded from ``<embed>/encoders.json``)."""
+    device = resolve_device(cfg.device)
+    stage_uris = dict(stage_uris or {})
+    roles_by_cascade = {c: cascade_roles(c, cfg.max_stage) for c in cfg.cascades()}
+    needed = [r for r in ROLES if any(r in rs for rs in roles_by_cascade.values())]
+    models = {}
+    for role in needed:  # load (and fail on a missing stage) before the slow part
+        uri = stage_uris.get(stage_of(role)) or _finished_attempt(run_uri, stage_of(role))
+        models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
+    guided = cfg.clip_guided(needed)
+    if guided:  # `guidance: clip`/`compare`: the noised CLIP, checked against every model it guides
+        from stages.sampling.clip_guidance import check_compatible
+
+        uri = stage_uris.get(stage_of(NOISED_CLIP)) or _finished_attempt(run_uri, stage_of(NOISED_CLIP))
+        models[NOISED_CLIP] = load_model(uri, NOISED_CLIP, device=device)
+        for role in guided:
+            why = check_compatible(role, models[role].config, models[NOISED_CLIP].config)
+            if why:
+                raise StageFailed(f"sample.guidance: {cfg.guidance}: {why}")
+
+    expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
+    encoders = encoders or PromptEncoders.load(embed_uri or _finished_attempt(run_uri, "embed"), device=device)
+    for role, m in models.items():  # a model trained on other encoders' features cannot read these
+        if dict(m.config["cond_dims"]) != encoders.dims:
+            raise StageFailed(f"{stage_of(role)} was trained on conditioning dims {m.config['cond_dims']} but the "
+                              f"embed stage's encoders give {encoders.dims}: re-train it on this embedding")
+    feats = encoders.encode([p for _, _, p in expanded])
+    samples: list[Sample] = []
+    for cascade, name, vcfg in ((c, n, v) for c in cfg.cascades() for n, v in cfg.variants(c)):
+        ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
+        roles = roles_by_cascade[cascade]
+        vguided = vcfg.clip_guided(roles)
+        outs: list[torch.Tensor] = []
+        for start in range(0, len(expanded), cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            f = feats.select(sl, device)
+            prev = None
+            for si, role in enumerate(roles):
+                # One generator per (seed, cascade, stage, batch): a stage's noise does not depend on
+                # how many draws earlier stages made, so max_stage does not change earlier outputs;
+                # nor on the guidance (`guidance: compare`'s two halves draw the same noise).
+                g = torch.Generator(device=device).manual_seed(
+                    (cfg.seed * 1_000_003 + ci * 10_007 + si * 101 + start) % (2 ** 63))
+                t0 = time.time()
+                prev = sample_with_model(models[role], f, prev, vcfg, g, device,
+                                 guide=models.get(NOISED_CLIP) if role in vguided else None)
+                progress(f"sample: {name}/{role} batch {start // cfg.batch_size + 1}: "
+                         f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
+            outs.append(prev)
+        imgs = torch.cat(outs)
+        for (i, k, p), x in zip(expanded, imgs):
+            samples.append(Sample(p, i, k, name, _to_pil(x)))
+    if cfg.rerank_keep is not None and cfg.rerank_keep < cfg.images_per_prompt:
+        from stages.sampling.rerank import rerank
+
+        if encoders.preprocess is None:
+            raise StageFailed("sample.rerank_keep needs the embed stage's CLIP preprocessing (encoders.json "
+                              "clip_preprocess); re-run embed with this release")
+        kept, figures = rerank(samples, cfg.rerank_keep, encoders.clip, encoders.preprocess)
+        for k, v in figures.items():
+            progress(f"sample: CLIP reranking {k} = {v:.4f}")
+        return Samples(kept, figures)
+    return Samples(samples)
+
+
+# ----------------------------------------------------------------------------- entry points
+def run(cfg: SampleConfig, ctx: StageContext) -> StageResult:
+    """The pipeline's ``sample`` stage: sample, write PNGs + grid + report, run the demo check."""
+    t0 = time.time()
+    stage_uris = {name: m["out_uri"] for name, m in ctx.inputs.items() if "out_uri" in m}
+    samples = sample_images(cfg, ctx.run_uri, stage_uris=stage_uris, embed_uri=stage_uris.get("embed"),
+                            progress=ctx.progress)
+    metrics_uris = {s: store.join(u, "metrics.jsonl") for s, u in stage_uris.items() if s.startswith("train_")}
+    out = write_outputs(samples, cfg, ctx.run_uri, ctx.out_uri, metrics_uris)
+    for line in out.lines:
+        ctx.progress(line)
+    metrics: dict[str, float] = {"sample_seconds": time.time() - t0}
+    for cascade, chk in out.demo.items():
+        metrics.update({f"{cascade}_{k}": v for k, v in chk.metrics().items()})
+    metrics.update(getattr(samples, "figures", {}))  # CLIP reranking: kept vs first-drawn mean score
+    return StageResult(
+        counts={"images": len(samples), "prompts": len(cfg.prompts)},
+        metrics=metrics,
+        outputs={"dir": ctx.out_uri, "grid": out.grid_uri, "report": out.report_uri})
+
+
+def _config_from_args(prompts, cascade, guidance, steps, **overrides: Any) -> SampleConfig:
+    """A SampleConfig from call/CLI arguments; unset ones keep the config's per-model defaults."""
+    kw: dict[str, Any] = {"cascade": cascade, **overrides}
+    if prompts:
+        kw["prompts"] = list(prompts)
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    if steps is not None:
+        kw["steps"] = steps
+    return SampleConfig(**kw)
+
+
+def sample_cascade(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen", *,
+                   guidance: float | dict[str, float] | None = None, steps: int | dict[str, int] | None = None,
+                   sampler: str = "dpmpp", seed: int = 0, out_uri: str | None = None,
+                   **overrides: Any) -> list[str]:
+    """Sample a run's cascade and write the PNGs (+ grid and report) to ``out_uri``
+    (default ``<run>/samples_cli``). Returns the image URIs in prompt order."""
+    cfg = _config_from_args(prompts, cascade, guidance, steps, sampler=sampler, seed=seed, **overrides)
+    run_uri = store.normalize(run_uri)
+    out_uri = store.normalize(out_uri) if out_uri else store.join(run_uri, CLI_OUT)
+    samples = sample_images(cfg, run_uri)
+    return [s.uri for s in write_outputs(samples, cfg, run_uri, out_uri).samples]
+
+
+def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str = "imagen",
+               guidance: float | None = None, steps: int | None = None, out: str | None = None,
+               **overrides: Any) -> list[str]:
+    """:func:`sample_with_config` from keyword arguments (unset ones keep the config defaults)."""
+    return sample_with_config(_config_from_args(prompts, cascade, guidance, steps, **overrides), run_uri, out=out)
+
+
+def sample_with_config(cfg: SampleConfig, run_uri: str, *, out: str | None = None) -> list[str]:
+    """What ``t2i sample`` calls: sample ``cfg`` through the run's finished stages, write the PNGs,
+    grid and report, print progress and the demo check; returns the image URIs."""
+    run_uri = store.normalize(run_uri)
+    out_uri = store.normalize(out) if out else store.join(run_uri, CLI_OUT)
+    samples = sample_images(cfg, run_uri, progress=print)
+    res = write_outputs(samples, cfg, run_uri, out_uri)
+    print(f"grid: {res.grid_uri}\nreport: {res.report_uri}")
+    for line in res.lines:
+        print(line)
+    return [s.uri for s in res.samples]

@@ -1,0 +1,135 @@
+"""Sampling, part 1: what a cascade samples with, loaded from a run exactly as training wrote it:
+each model's EMA network + diffusion from its ``final/step_N/`` (safetensors only: loading a run
+never executes code), and the frozen CLIP + T5 the embed stage used (its ``encoders.json``),
+with prompt features rounded through fp16 as the embedding shards store them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from pipeline import store
+from pipeline.context import StageFailed
+from stages.sampling.config import NULL_KEYS, stage_of
+
+@dataclass
+class LoadedModel:
+    role: str
+    net: torch.nn.Module
+    diffusion: Any  # stages.diffusion.Diffusion
+    config: dict[str, Any]  # final/config.json
+
+
+def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
+    """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
+    from stages.diffusion import Diffusion
+    from stages.training.final_weights import load_final, resolve_final
+
+    final = resolve_final(stage_uri)
+    cfg_uri, w_uri = store.join(final, "config.json"), store.join(final, "model.safetensors")
+    # config.json is written after the weights: its absence means "not (completely) trained".
+    missing = [u for u in (cfg_uri, w_uri) if not store.exists(u)]
+    if missing:
+        raise StageFailed(
+            f"stage {stage_of(role)} has no trained model: {missing[0]} not found. Train it first "
+            f"(t2i run <spec> runs {stage_of(role)}), pick a cascade that does not need it, or stop the "
+            f"cascade earlier with max_stage")
+    config = store.read_json(cfg_uri)
+    if config.get("role") != role:
+        raise StageFailed(f"{cfg_uri}: role is {config.get('role')!r}, expected {role!r}")
+    try:
+        net = _load_glide(final, device, config) if role == "glide" else load_final(final, device, config)[0]
+    except RuntimeError as e:
+        raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
+    diff_kw = dict(config.get("diffusion") or {})
+    diff_kw["null_keys"] = NULL_KEYS[role]
+    diff_kw["dynamic_percentile"] = percentile
+    return LoadedModel(role, net, Diffusion(**diff_kw), config)
+
+
+def _load_glide(final: str, device: torch.device, config: dict) -> torch.nn.Module:
+    """GLIDE's network from its self-describing config (final_weights.network_from_config knows only
+    UNet and PriorTransformer); the flavor table when the config has none."""
+    from safetensors.torch import load as st_load
+
+    from stages.training.final_weights import load_final
+    from stages.nets.text_transformer import GlideConfig, GlideModel
+
+    doc = config.get("network") or {}
+    if doc.get("class") != "GlideModel":
+        return load_final(final, device, {**config, "network": None})[0]
+    net = GlideModel(GlideConfig(**doc["config"]))
+    net.load_state_dict(st_load(store.read_bytes(store.join(final, "model.safetensors"))))
+    return net.to(device).eval()
+
+
+@dataclass
+class PromptFeatures:
+    """Everything any network of either cascade is conditioned on, for a batch of prompts."""
+
+    clip_text: torch.Tensor  # [B, Dc]
+    clip_tokens: torch.Tensor  # [B, Lc, Dct]
+    clip_mask: torch.Tensor  # [B, Lc] bool
+    t5_tokens: torch.Tensor  # [B, Lt, Dt]
+    t5_mask: torch.Tensor  # [B, Lt] bool
+    # Token ids, for models with their own text encoder (GLIDE): padded as training batches pad them.
+    clip_ids: torch.Tensor | None = None  # [B, Lc] long
+    clip_id_mask: torch.Tensor | None = None  # [B, Lc] bool
+    t5_ids: torch.Tensor | None = None  # [B, Lt] long
+    t5_id_mask: torch.Tensor | None = None  # [B, Lt] bool
+
+    def select(self, idx: slice, device: torch.device) -> "PromptFeatures":
+        return PromptFeatures(*(None if getattr(self, f) is None else getattr(self, f)[idx].to(device) for f in
+                                ("clip_text", "clip_tokens", "clip_mask", "t5_tokens", "t5_mask",
+                                 "clip_ids", "clip_id_mask", "t5_ids", "t5_id_mask")))
+
+
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt token features padded like a training batch (data_prep.embed_format.pad_sequences)."""
+    from data_prep.embed_format import pad_sequences
+
+    out, mask = pad_sequences([x.float().numpy() for x in seqs], max(1, max(len(x) for x in seqs)), seqs[0].shape[-1])
+    return torch.from_numpy(out).float(), torch.from_numpy(mask)
+
+
+@dataclass
+class PromptEncoders:
+    """The frozen CLIP + T5 the embed stage used, reloaded from its ``encoders.json``."""
+
+    clip: Any  # data_prep.encoders.ClipEncoder
+    t5: Any  # data_prep.encoders.T5Encoder
+    preprocess: dict | None = None  # the embed stage's CLIP image preprocessing (CLIP scores of samples)
+
+    @classmethod
+    def load(cls, embed_uri: str, device: torch.device | str = "cpu") -> "PromptEncoders":
+        from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
+
+        doc_uri = store.join(embed_uri, "encoders.json")
+        if not store.exists(doc_uri):
+            raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts "
+                              "with the encoders it used)")
+        doc = store.read_json(doc_uri)
+        return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device),
+                   doc.get("clip_preprocess"))
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"clip_dim": self.clip.dim, "clip_token_dim": self.clip.token_dim, "t5_dim": self.t5.dim}
+
+    def encode(self, prompts: Sequence[str]) -> PromptFeatures:
+        from data_prep.embed_format import pad_ids
+
+        pooled, toks, _ = self.clip.encode_text(list(prompts))
+        clip_tokens, clip_mask = _pad(toks)
+        t5_tokens, t5_mask = self.t5.encode_padded(list(prompts))
+        # The same ids the embed stage writes (data_prep/embed/encode.py), padded like a batch.
+        cids, clens = self.clip.tokenize(list(prompts))
+        clip_ids, clip_id_mask = pad_ids([cids[i, : int(n)].numpy() for i, n in enumerate(clens)])
+        t5_ids, t5_id_mask = pad_ids([torch.tensor(x).numpy() for x in self.t5.token_ids(list(prompts))])
+        # The networks were trained on fp16-stored features: round the same way.
+        r = lambda x: x.float().half().float()  # noqa: E731
+        return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool(),
+                              torch.from_numpy(clip_ids), torch.from_numpy(clip_id_mask),
+                              torch.from_numpy(t5_ids), torch.from_numpy(t5_id_mask))
