@@ -31,9 +31,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline import store
+from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 
+from stages.models import model
 from stages.sampling.config import (CASCADES, CLI_OUT, NOISED_CLIP, ROLES, SAMPLER_NAMES, SampleConfig, cascade_roles,
                                     stage_of)
 from stages.sampling.loading import LoadedModel, PromptEncoders, PromptFeatures, load_model
@@ -44,8 +45,6 @@ from stages.sampling.outputs import Sample, Samples, _to_pil, write_outputs
 def _cond(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The network's keyword arguments: the model module's own ``sample_cond``, written beside its
     training batch builder (stages/models/__init__.py), told the model's final config."""
-    from stages.models import model
-
     return model(m.role).stage_spec.sample_cond(f, prev, m.config)
 
 
@@ -69,18 +68,18 @@ def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | No
     b = f.clip_text.shape[0]
     cond = _cond(m, f, prev.to(device) if prev is not None else None)
     if m.role == "prior":
-        shape: tuple[int, ...] = (b, int(m.config["cond_dims"]["clip_dim"]))
+        shape: tuple[int, ...] = (b, int(m.config.cond_dims["clip_dim"]))
         thresholding = "none"
     else:
-        size = int(m.config["image_size"])
+        size = int(m.config.image_size)
         shape = (b, 3, size, size)
         thresholding = cfg.thresholding
     start = {}
-    if m.role in ("sr256", "sr1024"):
+    if model(m.role).upsampler:
         if cfg.sr_start_t < 1.0:
             start = dict(t_start=cfg.sr_start_t, x_start=_low_res(prev.to(device), shape[-1]))
-        low = _low_res(prev.to(device), int(m.config["low_res_size"]))
-        aug = ConditioningAugmentation(CondAugConfig(**(m.config.get("condaug") or {})))
+        low = _low_res(prev.to(device), int(m.config.low_res_size))
+        aug = ConditioningAugmentation(CondAugConfig(**(m.config.condaug or {})))
         low, level = aug.sample(low, cfg.sr_aug_level, generator=g)
         cond.update(low_res=low, aug_level=level)
     net = m.net
@@ -107,8 +106,6 @@ def resolve_device(name: str) -> torch.device:
 
 def _finished_attempt(run_uri: str, stage: str) -> str:
     """The attempt of ``stage`` the run last finished (for callers that pass no stage URIs)."""
-    from pipeline import layout
-
     uri = layout.finished_stage_dir(run_uri, stage)
     if uri is not None:
         return uri
@@ -119,73 +116,108 @@ def _finished_attempt(run_uri: str, stage: str) -> str:
                       "a cascade that does not need it, or stop the cascade earlier with max_stage")
 
 
+def _stage_uri(run_uri: str, stage_uris: dict[str, str], role: str) -> str:
+    """The attempt the caller named for ``role``'s stage, else the one the run last finished."""
+    return stage_uris.get(stage_of(role)) or _finished_attempt(run_uri, stage_of(role))
+
+
+def _load_models(cfg: SampleConfig, run_uri: str, stage_uris: dict[str, str],
+                 roles_by_cascade: dict[str, tuple[str, ...]], device: torch.device) -> dict[str, LoadedModel]:
+    """Every model the cascades run, plus the noised CLIP under ``guidance: clip``/``compare``.
+    All are loaded and checked before any sampling, so a missing stage or a noised CLIP that cannot
+    guide a model fails in seconds rather than after the slow part."""
+    needed = [r for r in ROLES if any(r in rs for rs in roles_by_cascade.values())]
+    models = {}
+    for role in needed:
+        models[role] = load_model(_stage_uri(run_uri, stage_uris, role), role, device=device,
+                                  percentile=cfg.dynamic_threshold_percentile)
+    guided = cfg.clip_guided(needed)
+    if guided:
+        from stages.sampling.clip_guidance import check_compatible
+
+        models[NOISED_CLIP] = load_model(_stage_uri(run_uri, stage_uris, NOISED_CLIP), NOISED_CLIP, device=device)
+        for role in guided:
+            why = check_compatible(role, models[role].config, models[NOISED_CLIP].config)
+            if why:
+                raise StageFailed(f"sample.guidance: {cfg.guidance}: {why}")
+    return models
+
+
+def _encode_prompts(encoders: PromptEncoders, models: dict[str, LoadedModel], prompts: list[str]) -> PromptFeatures:
+    """The prompts' features, once checked that every model was trained on these encoders' dims:
+    a model trained on other encoders' features cannot read them."""
+    for role, m in models.items():
+        if dict(m.config.cond_dims) != encoders.dims:
+            raise StageFailed(f"{stage_of(role)} was trained on conditioning dims {m.config.cond_dims} but the "
+                              f"embed stage's encoders give {encoders.dims}: re-train it on this embedding")
+    return encoders.encode(prompts)
+
+
+def _stage_generator(seed: int, cascade_index: int, stage_index: int, batch_start: int,
+                     device: torch.device) -> torch.Generator:
+    """One generator per (seed, cascade, stage, batch): a stage's noise does not depend on how many
+    draws earlier stages made, so max_stage does not change earlier outputs; nor on the guidance
+    (`guidance: compare`'s two halves draw the same noise)."""
+    return torch.Generator(device=device).manual_seed(
+        (seed * 1_000_003 + cascade_index * 10_007 + stage_index * 101 + batch_start) % (2 ** 63))
+
+
+def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConfig, roles: tuple[str, ...],
+                    models: dict[str, LoadedModel], feats: PromptFeatures, n: int, device: torch.device,
+                    progress) -> torch.Tensor:
+    """The final outputs of one cascade variant (``name``, sampled with ``vcfg``) for all ``n``
+    expanded prompts, batch by batch through every stage of ``roles``."""
+    ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
+    guided = vcfg.clip_guided(roles)
+    outs: list[torch.Tensor] = []
+    for start in range(0, n, cfg.batch_size):
+        f = feats.select(slice(start, start + cfg.batch_size), device)
+        prev = None
+        for si, role in enumerate(roles):
+            g = _stage_generator(cfg.seed, ci, si, start, device)
+            t0 = time.time()
+            prev = sample_with_model(models[role], f, prev, vcfg, g, device,
+                                     guide=models.get(NOISED_CLIP) if role in guided else None)
+            progress(f"sample: {name}/{role} batch {start // cfg.batch_size + 1}: "
+                     f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
+        outs.append(prev)
+    return torch.cat(outs)
+
+
+def _rerank(samples: list[Sample], cfg: SampleConfig, encoders: PromptEncoders, progress) -> Samples:
+    """The ``rerank_keep`` samples per prompt that the run's CLIP scores highest (all of them when
+    ``rerank_keep`` keeps every image)."""
+    if cfg.rerank_keep is None or cfg.rerank_keep >= cfg.images_per_prompt:
+        return Samples(samples)
+    from stages.sampling.rerank import rerank
+
+    if encoders.preprocess is None:
+        raise StageFailed(f"sample.rerank_keep needs the embed stage's CLIP preprocessing ({layout.ENCODERS} "
+                          "clip_preprocess); re-run embed with this release")
+    kept, figures = rerank(samples, cfg.rerank_keep, encoders.clip, encoders.preprocess)
+    for k, v in figures.items():
+        progress(f"sample: CLIP reranking {k} = {v:.4f}")
+    return Samples(kept, figures)
+
+
 def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
                   embed_uri: str | None = None, encoders: PromptEncoders | None = None,
                   progress=lambda msg: None) -> list[Sample]:
     """Sample cfg.prompts through cfg's cascades; every needed model is checked before any work.
     ``encoders``: already loaded prompt encoders (else loaded from ``<embed>/encoders.json``)."""
     device = resolve_device(cfg.device)
-    stage_uris = dict(stage_uris or {})
     roles_by_cascade = {c: cascade_roles(c, cfg.max_stage) for c in cfg.cascades()}
-    needed = [r for r in ROLES if any(r in rs for rs in roles_by_cascade.values())]
-    models = {}
-    for role in needed:  # load (and fail on a missing stage) before the slow part
-        uri = stage_uris.get(stage_of(role)) or _finished_attempt(run_uri, stage_of(role))
-        models[role] = load_model(uri, role, device=device, percentile=cfg.dynamic_threshold_percentile)
-    guided = cfg.clip_guided(needed)
-    if guided:  # `guidance: clip`/`compare`: the noised CLIP, checked against every model it guides
-        from stages.sampling.clip_guidance import check_compatible
-
-        uri = stage_uris.get(stage_of(NOISED_CLIP)) or _finished_attempt(run_uri, stage_of(NOISED_CLIP))
-        models[NOISED_CLIP] = load_model(uri, NOISED_CLIP, device=device)
-        for role in guided:
-            why = check_compatible(role, models[role].config, models[NOISED_CLIP].config)
-            if why:
-                raise StageFailed(f"sample.guidance: {cfg.guidance}: {why}")
-
+    models = _load_models(cfg, run_uri, dict(stage_uris or {}), roles_by_cascade, device)
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
     encoders = encoders or PromptEncoders.load(embed_uri or _finished_attempt(run_uri, "embed"), device=device)
-    for role, m in models.items():  # a model trained on other encoders' features cannot read these
-        if dict(m.config["cond_dims"]) != encoders.dims:
-            raise StageFailed(f"{stage_of(role)} was trained on conditioning dims {m.config['cond_dims']} but the "
-                              f"embed stage's encoders give {encoders.dims}: re-train it on this embedding")
-    feats = encoders.encode([p for _, _, p in expanded])
+    feats = _encode_prompts(encoders, models, [p for _, _, p in expanded])
     samples: list[Sample] = []
-    for cascade, name, vcfg in ((c, n, v) for c in cfg.cascades() for n, v in cfg.variants(c)):
-        ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
-        roles = roles_by_cascade[cascade]
-        vguided = vcfg.clip_guided(roles)
-        outs: list[torch.Tensor] = []
-        for start in range(0, len(expanded), cfg.batch_size):
-            sl = slice(start, start + cfg.batch_size)
-            f = feats.select(sl, device)
-            prev = None
-            for si, role in enumerate(roles):
-                # One generator per (seed, cascade, stage, batch): a stage's noise does not depend on
-                # how many draws earlier stages made, so max_stage does not change earlier outputs;
-                # nor on the guidance (`guidance: compare`'s two halves draw the same noise).
-                g = torch.Generator(device=device).manual_seed(
-                    (cfg.seed * 1_000_003 + ci * 10_007 + si * 101 + start) % (2 ** 63))
-                t0 = time.time()
-                prev = sample_with_model(models[role], f, prev, vcfg, g, device,
-                                 guide=models.get(NOISED_CLIP) if role in vguided else None)
-                progress(f"sample: {name}/{role} batch {start // cfg.batch_size + 1}: "
-                         f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
-            outs.append(prev)
-        imgs = torch.cat(outs)
-        for (i, k, p), x in zip(expanded, imgs):
-            samples.append(Sample(p, i, k, name, _to_pil(x)))
-    if cfg.rerank_keep is not None and cfg.rerank_keep < cfg.images_per_prompt:
-        from stages.sampling.rerank import rerank
-
-        if encoders.preprocess is None:
-            raise StageFailed("sample.rerank_keep needs the embed stage's CLIP preprocessing (encoders.json "
-                              "clip_preprocess); re-run embed with this release")
-        kept, figures = rerank(samples, cfg.rerank_keep, encoders.clip, encoders.preprocess)
-        for k, v in figures.items():
-            progress(f"sample: CLIP reranking {k} = {v:.4f}")
-        return Samples(kept, figures)
-    return Samples(samples)
+    for cascade in cfg.cascades():
+        for name, vcfg in cfg.variants(cascade):
+            imgs = _sample_variant(cfg, cascade, name, vcfg, roles_by_cascade[cascade], models, feats,
+                                   len(expanded), device, progress)
+            samples += [Sample(p, i, k, name, _to_pil(x)) for (i, k, p), x in zip(expanded, imgs)]
+    return _rerank(samples, cfg, encoders, progress)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -195,7 +227,7 @@ def run(cfg: SampleConfig, ctx: StageContext) -> StageResult:
     stage_uris = {name: m["out_uri"] for name, m in ctx.inputs.items() if "out_uri" in m}
     samples = sample_images(cfg, ctx.run_uri, stage_uris=stage_uris, embed_uri=stage_uris.get("embed"),
                             progress=ctx.progress)
-    metrics_uris = {s: store.join(u, "metrics.jsonl") for s, u in stage_uris.items() if s.startswith("train_")}
+    metrics_uris = {s: store.join(u, layout.METRICS) for s, u in stage_uris.items() if s.startswith("train_")}
     out = write_outputs(samples, cfg, ctx.run_uri, ctx.out_uri, metrics_uris)
     for line in out.lines:
         ctx.progress(line)

@@ -42,7 +42,7 @@ from data_prep.embed_format import EmbeddingShard, pad_ids, pad_sequences, read_
 from data_prep.holdout import NO_HOLDOUT, HoldoutRule
 from data_prep.shards import ShardCorruptError, iter_shard
 from data_prep.image_decode import decode_rgb
-from pipeline import store
+from pipeline import layout, store
 
 
 class LoaderError(ValueError):
@@ -64,17 +64,17 @@ def pair_shards(download_shards: str | None, embed_shards: str) -> list[ShardPai
     """
     # One plain listing per folder, names only: a glob walks the folder and stats every entry
     # (2 x 20,000 stats for 20,000 shards), and the pairing needs names alone.
-    npzs = {os.path.basename(u)[: -len(".npz")]: u for u in _names(embed_shards, ".npz")}
+    npzs = {os.path.basename(u)[: -len(layout.EMBED_NPZ)]: u for u in _names(embed_shards, layout.EMBED_NPZ)}
     if download_shards is None:
         if not npzs:
             raise LoaderError(f"no embedding shards (*.npz) under {embed_shards}")
         return [ShardPair(i, None, npzs[k]) for i, k in enumerate(sorted(npzs))]
-    tars = _names(download_shards, ".tar")
+    tars = _names(download_shards, layout.SHARD_TAR)
     if not tars:
         raise LoaderError(f"no download shards (*.tar) under {download_shards}")
     pairs = []
     for i, t in enumerate(sorted(tars)):
-        stem = os.path.basename(t)[: -len(".tar")]
+        stem = os.path.basename(t)[: -len(layout.SHARD_TAR)]
         if stem not in npzs:
             raise LoaderError(f"download shard {t} has no embedding shard {stem}.npz under "
                               f"{embed_shards}; re-run the embed stage")
@@ -140,6 +140,39 @@ def _crop_flip(arr: np.ndarray, size: int, rng: np.random.Generator, flip: bool)
     if rng.random() < 0.5 and flip:  # the draw happens either way: crops stay the same with flips off
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _wanted_rows(in_split: np.ndarray, start: int, first: int, stride: int) -> list[bool]:
+    """Per embedding row: whether the unit reads it (every ``stride``-th row from ``first``, none
+    before ``start``, where a resumed unit goes on) and it belongs to the split."""
+    return [j >= start and (j - first) % stride == 0 and bool(keep) for j, keep in enumerate(in_split)]
+
+
+def _sample(emb: EmbeddingShard, j: int, image: np.ndarray | None) -> dict | None:
+    """One sample from embedding row j (+ its cropped image); None when the row is not finite."""
+    d = {"key": str(emb.keys[j]), "clip_image": emb.clip_image[j], "clip_text": emb.clip_text[j],
+         "t5": emb.t5_of(j), "clip_tokens": emb.clip_tokens_of(j)}
+    for tok in ("clip", "t5"):  # optional: shards written before token ids were stored lack them
+        if getattr(emb, f"{tok}_ids") is not None:
+            d[f"{tok}_ids"] = emb.ids_of(tok, j)
+    # A non-finite embedding row (a shard not written by our embed stage, bit rot) would
+    # turn every step it lands in into a NaN loss: skipped and counted like a bad image.
+    if not all(np.isfinite(d[k]).all() for k in ("clip_image", "clip_text", "t5", "clip_tokens")):
+        return None
+    if image is not None:
+        d["image"] = image
+    return d
+
+
+def _decode_or_none(data: bytes | None, size: int) -> np.ndarray | None:
+    """:func:`_decode_resized`, or None for a sample without an image or one that does not decode
+    (the caller skips and counts it)."""
+    if data is None:
+        return None
+    try:
+        return _decode_resized(data, size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _tar_samples(uri: str) -> Iterator[Any]:
@@ -229,46 +262,40 @@ class ShardStream(torch.utils.data.IterableDataset):
                                   f"{len(self.shards)} shards (fewer usable samples than ranks x loader_workers?)")
             epoch, cursor = epoch + 1, 0
 
-    def _rows(self, pair: ShardPair, emb: EmbeddingShard, start: int, first: int, stride: int, epoch: int):
+    def _rows(self, pair: ShardPair, emb: EmbeddingShard, start: int, first: int, stride: int,
+              epoch: int) -> Iterator[tuple[int, dict | None]]:
+        """(row, sample or None when unusable) for one unit's rows of a shard, in row order."""
         in_split = self.spec.holdout.keep([str(k) for k in emb.keys], self.split)
-
-        def wanted(j: int) -> bool:
-            return j >= start and (j - first) % stride == 0 and bool(in_split[j])
-
-        def sample(j: int, image: np.ndarray | None) -> dict | None:
-            d = {"key": str(emb.keys[j]), "clip_image": emb.clip_image[j], "clip_text": emb.clip_text[j],
-                 "t5": emb.t5_of(j), "clip_tokens": emb.clip_tokens_of(j)}
-            for tok in ("clip", "t5"):  # optional: shards written before token ids were stored lack them
-                if getattr(emb, f"{tok}_ids") is not None:
-                    d[f"{tok}_ids"] = emb.ids_of(tok, j)
-            # A non-finite embedding row (a shard not written by our embed stage, bit rot) would
-            # turn every step it lands in into a NaN loss: skipped and counted like a bad image.
-            if not all(np.isfinite(d[k]).all() for k in ("clip_image", "clip_text", "t5", "clip_tokens")):
-                return None
-            if image is not None:
-                d["image"] = image
-            return d
-
+        wanted = _wanted_rows(in_split, start, first, stride)
         if self.spec.image_size is None:
-            for j in range(len(emb)):
-                if wanted(j):
-                    yield j, sample(j, None)
-            return
-        size, flip = self.spec.image_size, self.spec.random_flip
+            yield from self._embedding_rows(emb, wanted)
+        elif pair.index in self._cache:
+            yield from self._cached_rows(pair, emb, self._cache[pair.index][1], wanted, epoch)
+        else:
+            yield from self._streamed_rows(pair, emb, wanted, epoch)
 
-        def draw(j: int, decoded: np.ndarray | None):  # the epoch's crop and flip of a decoded image
-            if decoded is None:
-                return None
-            return _crop_flip(decoded, size, np.random.default_rng([self.spec.seed, epoch, pair.index, j]), flip)
+    @staticmethod
+    def _embedding_rows(emb: EmbeddingShard, wanted: list[bool]) -> Iterator[tuple[int, dict | None]]:
+        """Taken for a model that trains on embeddings only (``image_size`` None: the prior). Its
+        tars are never opened, so a unit is its embedding rows alone."""
+        for j in range(len(emb)):
+            if wanted[j]:
+                yield j, _sample(emb, j, None)
 
-        cached = self._cache.get(pair.index)
-        if cached is not None:  # read whole before: no tar to open
-            for j in range(len(emb)):
-                if wanted(j):
-                    img = draw(j, cached[1][j])
-                    yield j, (sample(j, img) if img is not None else None)
-            return
-        # Decode every row on the way (not only this unit's), so the shard can be cached whole.
+    def _cached_rows(self, pair: ShardPair, emb: EmbeddingShard, images: dict[int, np.ndarray | None],
+                     wanted: list[bool], epoch: int) -> Iterator[tuple[int, dict | None]]:
+        """Taken for a shard this worker has read whole before and kept decoded (the decoded-image
+        cache): no tar to open. Only the crop and flip are drawn, exactly as streaming draws them,
+        so a cached epoch yields the streamed epoch's batches."""
+        for j in range(len(emb)):
+            if wanted[j]:
+                yield j, self._epoch_sample(emb, pair.index, j, epoch, images[j])
+
+    def _streamed_rows(self, pair: ShardPair, emb: EmbeddingShard, wanted: list[bool],
+                       epoch: int) -> Iterator[tuple[int, dict | None]]:
+        """Taken for a shard not in the cache (its first read, or a corpus over the budget): its tar
+        is read in order, each key checked against the embedding row expected next. While the cache
+        has room every row is decoded on the way, not only this unit's, so the shard can be kept whole."""
         decoded: dict[int, np.ndarray | None] | None = \
             {} if self.spec.cache_bytes > 0 and not self._cache_full else None
         row = {str(k): j for j, k in enumerate(emb.keys)}
@@ -280,25 +307,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             if row[key] != j:
                 raise LoaderError(f"embedding shard {pair.npz_uri} is misaligned with {pair.tar_uri}: tar key "
                                   f"{key} is embedding row {row[key]} but row {j} ({emb.keys[j]}) was expected next")
-            if wanted(j) or decoded is not None:
-                data = smp.image_bytes
-                try:
-                    if data is None:
-                        raise OSError("no image member")
-                    img = _decode_resized(data, size)
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    img = None
+            if wanted[j] or decoded is not None:
+                img = _decode_or_none(smp.image_bytes, self.spec.image_size)
                 if decoded is not None:
                     decoded[j] = img
-                if wanted(j):
-                    img = draw(j, img)
-                    yield j, (sample(j, img) if img is not None else None)
+                if wanted[j]:
+                    yield j, self._epoch_sample(emb, pair.index, j, epoch, img)
             j += 1
         if j < len(emb):
             raise LoaderError(f"embedding shard {pair.npz_uri} is misaligned with {pair.tar_uri}: key "
                               f"{emb.keys[j]} (row {j}) is not in the tar")
         if decoded is not None:
             self._keep(pair.index, emb, decoded)
+
+    def _epoch_sample(self, emb: EmbeddingShard, shard: int, j: int, epoch: int,
+                      decoded: np.ndarray | None) -> dict | None:
+        """Row j's sample with this epoch's crop and flip of its decoded image; None when the image
+        did not decode. The draw's generator is seeded by (seed, epoch, shard, row) alone, so the
+        cache, the split and a resume never shift it."""
+        if decoded is None:
+            return None
+        rng = np.random.default_rng([self.spec.seed, epoch, shard, j])
+        return _sample(emb, j, _crop_flip(decoded, self.spec.image_size, rng, self.spec.random_flip))
 
     def _keep(self, s: int, emb: EmbeddingShard, decoded: dict[int, np.ndarray | None]) -> None:
         """Cache a shard read whole, if it fits the budget (first come, first kept)."""
