@@ -18,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from data_prep.encoders_doc import EncodersDoc
 
 RULE_NAME = "sha1(key)[:8] / 2**64 < fraction"
 SPLITS = ("train", "holdout", "all")
@@ -103,9 +106,9 @@ class SmallestUnits:
         return HoldoutRule((lo + hi) / 2.0, self.k)
 
 
-def rule_from_doc(doc: dict[str, Any] | None) -> HoldoutRule:
+def rule_from_doc(doc: EncodersDoc | None) -> HoldoutRule:
     """The rule an ``encoders.json`` records (NO_HOLDOUT when it records none)."""
-    h = (doc or {}).get("holdout")
+    h = doc.holdout if doc is not None else None
     if not h:
         return NO_HOLDOUT
     return HoldoutRule(float(h["fraction"]), int(h.get("count", 0)))

@@ -22,7 +22,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
-from pipeline import store
+from pipeline import layout, store
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -53,7 +53,7 @@ def shard_id(uri: str) -> str:
 
 def list_shards(shards_uri: str) -> list[str]:
     """Sorted URIs of the ``*.tar`` shards directly under ``shards_uri`` (empty if none)."""
-    return sorted(u for u in store.glob(store.join(shards_uri, "*.tar")) if is_shard_name(u))
+    return sorted(u for u in store.glob(store.join(shards_uri, "*" + layout.SHARD_TAR)) if is_shard_name(u))
 
 
 def is_shard_name(uri: str) -> bool:
@@ -68,7 +68,7 @@ def is_shard_name(uri: str) -> bool:
 def read_shard_stats(shards_uri: str) -> dict[str, dict[str, Any]]:
     """``{"00000": stats, ...}`` from img2dataset's ``NNNNN_stats.json`` files under ``shards_uri``."""
     out = {}
-    for u in store.glob(store.join(shards_uri, "*_stats.json")):
+    for u in store.glob(store.join(shards_uri, "*" + layout.SHARD_STATS)):
         out[shard_id(u)] = store.read_json(u)
     return dict(sorted(out.items()))
 
@@ -144,7 +144,7 @@ def iter_shard(
 def count_samples(uri: str) -> int:
     """Samples (members with an image) in one ``.tar`` shard, or summed over every shard under a
     folder. Reads the tars (authoritative); raises ShardCorruptError on a damaged shard."""
-    uris = [uri] if uri.endswith(".tar") else list_shards(uri)
+    uris = [uri] if uri.endswith(layout.SHARD_TAR) else list_shards(uri)
     total = 0
     for u in uris:
         for _ in iter_shard(u):

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pipeline import store
+from pipeline import layout, store
 
-MANIFEST = "_MANIFEST.json"
-STARTED = "_STARTED.json"
+MANIFEST = layout.MANIFEST  # the names live in pipeline/layout.py; kept here for the modules that read them from here
+STARTED = layout.STARTED
 
 
 def code_version() -> str:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline import store
+from pipeline import layout, store
 
-PROGRESS = "_PROGRESS.json"          # written by the stage's own process
-TRAIN_PROGRESS = "_PROGRESS.train.json"  # written by rank 0 of its training loop (maybe another process)
+PROGRESS = layout.PROGRESS              # written by the stage's own process
+TRAIN_PROGRESS = layout.TRAIN_PROGRESS  # written by rank 0 of its training loop (maybe another process)
 KEEP_MESSAGES = 50
 
 

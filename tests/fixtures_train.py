@@ -15,11 +15,15 @@ import numpy as np
 from PIL import Image
 
 from data_prep.embed_format import EmbeddingShard, write_embedding_shard
-from pipeline import store
+from data_prep.encoders_doc import EncodersDoc, encoders_doc_uri, write_encoders_doc
+from pipeline import layout, store
 from pipeline.context import StageContext
 from pipeline.executors import LocalExecutor
 
 DIMS = {"t5_dim": 8, "clip_dim": 8, "clip_token_dim": 8}
+# The encoders the training data claims (the loop reads only the widths: they are never loaded).
+ENCODERS = {"clip": {"model": "tiny:/nonexistent/encoders", "pretrained": None},
+            "t5": {"model": "tiny:/nonexistent/encoders", "max_length": 32}}
 
 
 def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
@@ -64,7 +68,7 @@ def make_dataset(root_uri: str, *, n_shards: int = 2, per_shard: int = 6, image_
         store.write_bytes_atomic(store.join(download, "shards", f"{s:05d}.tar"), buf.getvalue())
         write_embedding_shard(store.join(embed, "shards", f"{s:05d}.npz"), embedding_shard(keys))
     if write_encoders_json:
-        store.write_json(store.join(embed, "encoders.json"), dict(DIMS))
+        write_encoders_doc(embed, EncodersDoc(**ENCODERS, **DIMS))
     return download, embed
 
 
@@ -91,11 +95,11 @@ def embedding_shard(keys: list[str]) -> EmbeddingShard:
 
 def upstream(uri: str, **outputs: str) -> dict:
     """What a finished upstream stage's manifest tells its downstream: its folder and outputs."""
-    return {"out_uri": uri, "outputs": {"shards": store.join(uri, "shards"), **outputs}}
+    return {"out_uri": uri, "outputs": {"shards": store.join(uri, layout.SHARDS), **outputs}}
 
 
 def stage_ctx(root_uri: str, stage: str, download: str, embed: str, ray_enabled: bool = False) -> StageContext:
-    inputs = {"embed": upstream(embed, encoders=store.join(embed, "encoders.json"))}
+    inputs = {"embed": upstream(embed, encoders=encoders_doc_uri(embed))}
     if stage != "train_prior":
         inputs["download"] = upstream(download)
     executor = LocalExecutor()

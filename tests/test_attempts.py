@@ -91,7 +91,7 @@ def test_extend_lr_resume_upgrade_gc(smoke):
     from stages.training.final_weights import load_final, resolve_final
 
     old_net, old_cfg = load_final(resolve_final(base_attempt))
-    assert old_cfg["step"] == 8 and sum(p.numel() for p in old_net.parameters()) > 0
+    assert old_cfg.step == 8 and sum(p.numel() for p in old_net.parameters()) > 0
     assert all(_weights(run_dir).get(k) == v for k, v in after.items())
 
     # 3. Resume of a finished stage is a no-op; so is a run after a package upgrade.

@@ -80,12 +80,12 @@ def test_checkpoints_on_s3_resume_and_final_loads_without_deepspeed(s3_bucket, t
         from stages.training.final_weights import load_final
         net, config = load_final({str(local)!r})
         import torch
-        x = torch.zeros(1, 3, config["image_size"], config["image_size"])
-        tokens = torch.zeros(1, 3, config["cond_dims"]["t5_dim"])
+        x = torch.zeros(1, 3, config.image_size, config.image_size)
+        tokens = torch.zeros(1, 3, config.cond_dims["t5_dim"])
         y = net(x, torch.full((1,), 0.5), text_tokens=tokens, text_mask=torch.ones(1, 3, dtype=torch.bool))
         assert y.shape == x.shape and torch.isfinite(y).all()
         assert "deepspeed" not in [m for m in sys.modules if sys.modules[m] is not None]
-        print("OK", config["role"], config["step"])
+        print("OK", config.role, config.step)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -45,7 +45,7 @@ def test_export_reloads_without_the_run(smoke_run, tmp_path):
         moved = tmp_path / f"{fmt}-moved"
         shutil.move(str(out), moved)  # nothing points back at the run
         probe = ("import sys; from stages.export.model_folder import load_exported; net, cfg = load_exported(sys.argv[1]); "
-                 "print(type(net).__name__, cfg['step'], sum(p.numel() for p in net.parameters()))")
+                 "print(type(net).__name__, cfg.step, sum(p.numel() for p in net.parameters()))")
         p = subprocess.run([sys.executable, "-c", probe, str(moved)], cwd=tmp_path, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         name, step, n = p.stdout.split()

@@ -96,14 +96,14 @@ def test_sampling_conditions_the_decoder_its_final_config_describes(tmp_path):
     """sample_cond reads the text encoder from final/config.json: a glide decoder gets token ids,
     a clip_tokens one (and a final written before the option) CLIP token features."""
     from stages.models import decoder
-    from stages.training.final_weights import load_final, network_config, write_final
+    from stages.training.final_weights import FinalConfig, load_final, network_config, write_final
     from stages.sampling.loading import PromptFeatures
 
     torch.manual_seed(0)
     net = build_network("decoder", "debug", DIMS, "glide").eval()
     folder = write_final(str(tmp_path / "run"), dict(net.state_dict()),
-                         {"role": "decoder", "flavor": "debug", "cond_dims": DIMS, "step": 2,
-                          "network": network_config(net)})
+                         FinalConfig(role="decoder", flavor="debug", cond_dims=DIMS, image_size=16, step=2, diffusion={},
+                                     network=network_config(net)))
     loaded, config = load_final(folder)
     assert type(loaded).__name__ == "GlideModel" and decoder.text_encoder_of(config) == "glide"
     b = loader_batch()
@@ -116,9 +116,10 @@ def test_sampling_conditions_the_decoder_its_final_config_describes(tmp_path):
     assert cond["image_embed"] is prev and torch.equal(cond["clip_ids"], b["clip_ids"])
     with torch.no_grad():
         assert loaded(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5]), **cond).shape == (2, 3, 16, 16)
-    assert "text_tokens" in decoder.sample_cond(f, prev, {"role": "decoder"})  # no network entry: clip_tokens
+    old = config.model_copy(update={"network": None})
+    assert "text_tokens" in decoder.sample_cond(f, prev, old)  # no network entry: clip_tokens
     unet = build_network("decoder", "debug", DIMS)
-    assert "text_tokens" in decoder.sample_cond(f, prev, {"network": network_config(unet)})
+    assert "text_tokens" in decoder.sample_cond(f, prev, config.model_copy(update={"network": network_config(unet)}))
 
 
 def test_spec_validates_the_text_encoder_and_keeps_old_decoders_identity():

@@ -41,7 +41,7 @@ def env(tmp_path_factory):
     from data_prep.embed.config import EmbedConfig
     from data_prep.encoders import ClipConfig, T5Config
     from data_prep.tiny_encoders import ensure_tiny_encoders
-    from stages.training.final_weights import network_config, write_final
+    from stages.training.final_weights import FinalConfig, network_config, write_final
     from stages.nets.flavors import build_network, get_flavor
     from stages.models.superres import SR256TrainConfig
     from stages.training.config import TrainConfig
@@ -76,11 +76,11 @@ def env(tmp_path_factory):
         cfg = SR256TrainConfig() if role.startswith("sr") else TrainConfig()
         fl = get_flavor(role, "debug")
         stage_uri = store.join(run, f"train_{role}")
-        write_final(stage_uri, net.state_dict(), {
-            "role": role, "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size,
-            "low_res_size": fl.low_res_size, "diffusion": cfg.diffusion.model_dump(),
-            "condaug": cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, "step": 2,
-            "network": network_config(net)})
+        write_final(stage_uri, net.state_dict(), FinalConfig(
+            role=role, flavor="debug", cond_dims=dims, image_size=fl.image_size,
+            low_res_size=fl.low_res_size, diffusion=cfg.diffusion.model_dump(),
+            condaug=cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, step=2,
+            network=network_config(net)))
         inputs[f"train_{role}"] = {"out_uri": stage_uri, "outputs": {}, "metrics": {"val_loss": 0.5 + i}}
     return {"root": root, "run": run, "inputs": inputs, "rule_count": res.counts["n_holdout"]}
 

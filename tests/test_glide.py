@@ -166,7 +166,7 @@ def test_spec_validates_the_train_glide_section():
 def test_final_weights_and_export_rebuild_a_glide_model(tmp_path):
     """load_final / t2i export rebuild GlideModel (text transformer + UNet) from final/config.json alone."""
     from stages.export.model_folder import export_model, load_exported
-    from stages.training.final_weights import load_final, network_config, write_final
+    from stages.training.final_weights import FinalConfig, load_final, network_config, write_final
 
     torch.manual_seed(0)
     net = build_network("glide", "debug", DIMS, gradient_checkpointing=True).eval()
@@ -174,7 +174,8 @@ def test_final_weights_and_export_rebuild_a_glide_model(tmp_path):
     assert doc["class"] == "GlideModel"
     assert "gradient_checkpointing" not in doc["config"]["text"]  # training-only switches left out
     folder = write_final(str(tmp_path / "run"), {k: v for k, v in net.state_dict().items()},
-                         {"role": "glide", "flavor": "debug", "cond_dims": DIMS, "step": 3, "network": doc})
+                         FinalConfig(role="glide", flavor="debug", cond_dims=DIMS, image_size=16, step=3, diffusion={},
+                                     network=doc))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7])
     ids, mask = torch.randint(0, 100, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
     with torch.no_grad():

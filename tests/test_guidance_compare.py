@@ -31,7 +31,8 @@ PROMPTS = demo_prompts()[:2]
 def run_uri(tmp_path_factory):
     from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
     from data_prep.tiny_encoders import ensure_tiny_encoders
-    from stages.training.final_weights import network_config, write_final
+    from data_prep.encoders_doc import EncodersDoc, write_encoders_doc
+    from stages.training.final_weights import FinalConfig, network_config, write_final
     from stages.nets.flavors import build_network, get_flavor
     from stages.models.superres import SR256TrainConfig
     from stages.training.config import TrainConfig
@@ -43,8 +44,7 @@ def run_uri(tmp_path_factory):
     clip, t5 = load_clip(clip_cfg, device="cpu"), load_t5(t5_cfg, device="cpu")
     dims = {"clip_dim": clip.dim, "clip_token_dim": clip.token_dim, "t5_dim": t5.dim}
     run = store.normalize(str(root / "run"))
-    store.write_json(store.join(run, "embed", "encoders.json"),
-                     {"clip": clip_cfg.model_dump(), "t5": t5_cfg.model_dump(), **dims})
+    write_encoders_doc(store.join(run, "embed"), EncodersDoc(clip=clip_cfg.model_dump(), t5=t5_cfg.model_dump(), **dims))
     for i, role in enumerate(ROLES):
         torch.manual_seed(i)
         net = build_network(role, "debug", dims)
@@ -53,11 +53,11 @@ def run_uri(tmp_path_factory):
                 p.add_(0.05 * torch.randn_like(p))
         cfg = SR256TrainConfig() if role.startswith("sr") else TrainConfig()
         fl = get_flavor(role, "debug")
-        write_final(store.join(run, f"train_{role}"), net.state_dict(), {
-            "role": role, "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size,
-            "low_res_size": fl.low_res_size, "diffusion": cfg.diffusion.model_dump(),
-            "condaug": cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, "step": 2,
-            "network": network_config(net)})
+        write_final(store.join(run, f"train_{role}"), net.state_dict(), FinalConfig(
+            role=role, flavor="debug", cond_dims=dims, image_size=fl.image_size,
+            low_res_size=fl.low_res_size, diffusion=cfg.diffusion.model_dump(),
+            condaug=cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, step=2,
+            network=network_config(net)))
     return run
 
 

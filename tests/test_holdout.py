@@ -19,8 +19,8 @@ def _with_split(embed: str, n: int, fraction: float, minimum: int, max_fraction:
     """Record the split as the embed stage does (same function, same encoders.json field)."""
     npzs = sorted(store.glob(store.join(embed, "shards", "*.npz")))
     rule = split_rule(npzs, n, fraction, minimum, max_fraction)
-    doc = read_encoders_doc(embed) or {}
-    write_encoders_doc(embed, {**doc, "holdout": rule.to_doc(fraction, minimum, max_fraction, n)})
+    doc = read_encoders_doc(embed)
+    write_encoders_doc(embed, doc.model_copy(update={"holdout": rule.to_doc(fraction, minimum, max_fraction, n)}))
     return rule
 
 
@@ -93,7 +93,7 @@ def test_embed_records_the_split(tmp_path):
     assert summary["counts"]["n_holdout"] == 4 and summary["counts"]["n_train"] == 16
     rule = read_rule(out)
     assert rule.count == 4 and rule.fraction == summary["metrics"]["holdout_fraction"]
-    doc = read_encoders_doc(out)["holdout"]
+    doc = read_encoders_doc(out).holdout
     assert doc["requested_fraction"] == 0.0 and doc["min"] == 4 and doc["of"] == 20
     # The fraction is identity: a new value is a new embed attempt (and so new training attempts).
     from pipeline.manifest import fingerprint

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from data_prep.demo_corpus import demo_prompts
+from data_prep.encoders_doc import EncodersDoc, read_encoders_doc, write_encoders_doc
 from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
 from data_prep.tiny_encoders import ensure_tiny_encoders
 from pipeline import store
@@ -29,7 +30,7 @@ from stages.sampling.loading import PromptEncoders
 from stages.sampling.config import SampleConfig, cascade_roles
 from stages.sampling.cascade import run, sample_cascade, sample_cli, sample_images
 from stages.models.superres import SR256TrainConfig
-from stages.training.final_weights import network_config, write_final
+from stages.training.final_weights import FinalConfig, network_config, write_final
 from stages.training.config import TrainConfig
 
 ROLES = ("prior", "decoder", "base", "sr256", "sr1024")  # the default cascades' ('both')
@@ -46,8 +47,7 @@ def run_uri(tmp_path_factory):
     clip, t5 = load_clip(clip_cfg, device="cpu"), load_t5(t5_cfg, device="cpu")
     dims = {"clip_dim": clip.dim, "clip_token_dim": clip.token_dim, "t5_dim": t5.dim}
     run = store.normalize(str(root / "run"))
-    store.write_json(store.join(run, "embed", "encoders.json"),
-                     {"clip": clip_cfg.model_dump(), "t5": t5_cfg.model_dump(), **dims})
+    write_encoders_doc(store.join(run, "embed"), EncodersDoc(clip=clip_cfg.model_dump(), t5=t5_cfg.model_dump(), **dims))
     for i, role in enumerate(ROLES + (GLIDE,)):
         torch.manual_seed(i)
         net = build_network(role, "debug", dims)
@@ -57,11 +57,11 @@ def run_uri(tmp_path_factory):
         cfg = {"prior": PriorTrainConfig(), "sr256": SR256TrainConfig(), "sr1024": SR256TrainConfig()}.get(
             role, TrainConfig())
         fl = get_flavor(role, "debug")
-        write_final(store.join(run, f"train_{role}"), net.state_dict(), {
-            "role": role, "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size,
-            "low_res_size": fl.low_res_size, "diffusion": cfg.diffusion.model_dump(),
-            "condaug": cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, "step": 3,
-            **({"network": network_config(net)} if role == GLIDE else {})})
+        write_final(store.join(run, f"train_{role}"), net.state_dict(), FinalConfig(
+            role=role, flavor="debug", cond_dims=dims, image_size=fl.image_size,
+            low_res_size=fl.low_res_size, diffusion=cfg.diffusion.model_dump(),
+            condaug=cfg.condaug.model_dump(mode="json") if hasattr(cfg, "condaug") else None, step=3,
+            **({"network": network_config(net)} if role == GLIDE else {})))
         if role == GLIDE:
             continue  # no metrics: the report's loss curves stay those of the default cascades
         rows = [f'{{"step": {s}, "loss": {1.0 / (s + 1)}, "grad_norm": 1.0, "lr": 0.0001, "samples_per_s": 5.0}}'
@@ -162,9 +162,9 @@ def test_model_trained_on_other_encoders_is_refused(run_uri, encoders, tmp_path)
     o_uri = store.normalize(str(other))
     dims = {**encoders.dims, "t5_dim": encoders.dims["t5_dim"] + 8}
     fl = get_flavor("base", "debug")
-    write_final(store.join(o_uri, "train_base"), build_network("base", "debug", dims).state_dict(), {
-        "role": "base", "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size, "low_res_size": None,
-        "diffusion": TrainConfig().diffusion.model_dump(), "condaug": None, "step": 5})  # newer than step 3
+    write_final(store.join(o_uri, "train_base"), build_network("base", "debug", dims).state_dict(), FinalConfig(
+        role="base", flavor="debug", cond_dims=dims, image_size=fl.image_size, low_res_size=None,
+        diffusion=TrainConfig().diffusion.model_dump(), condaug=None, step=5))  # newer than step 3
     with pytest.raises(StageFailed, match="train_base was trained on conditioning dims"):
         sample_images(SampleConfig(prompts=PROMPTS[:1], steps=1, cascade="imagen"), o_uri, encoders=encoders)
 
@@ -227,7 +227,7 @@ def test_clip_reranking_never_lowers_the_kept_score(run_uri, encoders, tmp_path)
     import dataclasses
 
     enc = dataclasses.replace(encoders, preprocess=json.loads(json.dumps(
-        store.read_json(store.join(run_uri, "embed", "encoders.json")).get("clip_preprocess")
+        read_encoders_doc(store.join(run_uri, "embed")).clip_preprocess
         or {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "shortest"})))
     cfg = SampleConfig(prompts=PROMPTS[:2], steps=1, cascade="imagen", max_stage="base", images_per_prompt=3,
                        rerank_keep=1)

@@ -27,6 +27,7 @@ from data_prep.demo_corpus import make_demo_corpus
 from data_prep.download.stage import DownloadConfig, _child_env, _img2dataset_kwargs, run
 from data_prep.http_server import DemoHTTPServer
 from data_prep.shards import count_samples
+from pipeline import layout
 from pipeline.context import StageContext
 
 _RAW = ("import json, sys; import img2dataset; "
@@ -53,7 +54,7 @@ def _raw_img2dataset(cfg: DownloadConfig, url_list: str, out: str, tmp: str) -> 
 def _fetch_seconds(shards: str) -> float:
     """Wall time img2dataset spent in its shards (first shard start to last shard end, from its
     stats files): the steady-state part, without interpreter start-up."""
-    stats = [json.load(open(os.path.join(shards, f))) for f in os.listdir(shards) if f.endswith("_stats.json")]
+    stats = [json.load(open(os.path.join(shards, f))) for f in os.listdir(shards) if f.endswith(layout.SHARD_STATS)]
     return max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
 
 
@@ -77,7 +78,7 @@ def bench_download(images: int = 512, image_px: int = 256, processes: int = 1, t
             res = run(cfg, StageContext(run_uri=os.path.dirname(out), out_uri=out))
             stage_t.append(time.perf_counter() - t0)
             stage_n = res.counts["successes"]
-            stage_fetch.append(_fetch_seconds(os.path.join(out, "shards")))
+            stage_fetch.append(_fetch_seconds(os.path.join(out, layout.SHARDS)))
     best_raw, best_stage = min(raw_t), min(stage_t)
     return {"images": images, "image_px": image_px, "image_size": image_size, "processes": processes,
             "threads": threads, "repeats": repeats, "raw_seconds": best_raw, "stage_seconds": best_stage,

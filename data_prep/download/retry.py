@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from data_prep.download.verify import Pass, drop_unfinished, retryable
 from data_prep.shards import read_shard_stats
-from pipeline import store
+from pipeline import layout, store
 
 
 def _list_shards(list_folder: str, per_shard: int) -> list[tuple[str, int, int]]:
@@ -41,7 +41,7 @@ def build_retry_list(shards_uri: str, done: Pass, list_folder: str, per_shard: i
             path, first, n = layout[int(s) - done.first_id]
             parts.append(pq.read_table(path, columns=keep).slice(first, n))
             continue
-        with store.open_uri(store.join(shards_uri, f"{s}.parquet"), "rb") as f:
+        with store.open_uri(layout.shard_file(shards_uri, s, layout.SHARD_PARQUET), "rb") as f:
             t = pq.read_table(f, columns=[*keep, "status", "error_message"])
         mask = [retryable(a, b or "") for a, b in zip(t["status"].to_pylist(), t["error_message"].to_pylist())]
         if any(mask):
@@ -62,7 +62,7 @@ def next_first_id(shards_uri: str) -> int:
 
 # What a later resume needs, kept with the stage's output (small next to the shards): the
 # normalised list of every pass (to find the rows of a shard that did not finish) and the passes.
-STATE = "url_list/state.json"
+STATE = layout.DOWNLOAD_STATE
 
 
 def _pass_dict(p: Pass) -> dict:
@@ -77,8 +77,8 @@ def _upload(folder: str, uri: str) -> None:
 
 def save_list(out_uri: str, list_folder: str, list_counts: dict[str, int], first: Pass) -> dict:
     """Keep the first pass's normalised list under ``<out>/url_list/pass0`` and start the state."""
-    store.remove(store.join(out_uri, "url_list"))
-    _upload(list_folder, store.join(out_uri, "url_list", "pass0"))
+    store.remove(store.join(out_uri, layout.URL_LIST))
+    _upload(list_folder, layout.url_list_pass(out_uri, 0))
     state: dict = {"list_counts": dict(list_counts), "passes": []}
     save_pass(out_uri, state, None, first)
     return state
@@ -88,7 +88,7 @@ def save_pass(out_uri: str, state: dict, list_folder: str | None, p: Pass) -> No
     """Record a pass (and upload its list, unless it is the first pass's, already kept)."""
     n = len(state["passes"])
     if list_folder is not None and n > 0:
-        _upload(list_folder, store.join(out_uri, "url_list", f"pass{n}"))
+        _upload(list_folder, layout.url_list_pass(out_uri, n))
     state["passes"].append(_pass_dict(p))
     store.write_json(store.join(out_uri, STATE), {k: v for k, v in state.items() if k != "log_tail"})
 
@@ -101,7 +101,7 @@ def load_state(out_uri: str) -> dict | None:
 def fetch_list(out_uri: str, n: int, folder: str) -> str:
     """Pass ``n``'s normalised list, copied to a local folder (img2dataset and pyarrow read it there)."""
     os.makedirs(folder, exist_ok=True)
-    src = store.join(out_uri, "url_list", f"pass{n}")
+    src = layout.url_list_pass(out_uri, n)
     for uri in store.glob(store.join(src, "*.parquet")):
         with open(os.path.join(folder, uri.rsplit("/", 1)[-1]), "wb") as f:
             f.write(store.read_bytes(uri))

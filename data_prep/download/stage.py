@@ -39,7 +39,7 @@ from data_prep.download.config import DEMO, DownloadConfig, local_path
 from data_prep.download.retry import build_retry_list, fetch_list, load_state, next_first_id, save_list, save_pass
 from data_prep.download.verify import SHARD_DIGITS, Pass, summarize
 from data_prep.download.url_list import UrlListError, prepare_url_list
-from pipeline import store
+from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 
 __all__ = ["DEMO", "DownloadConfig", "resume_failed", "run"]
@@ -181,7 +181,7 @@ def _wait_with_progress(proc: subprocess.Popen, shards_uri: str, ids: list[str],
         if rc is None and now - last_check < _POLL_S:
             continue
         last_check = now
-        done_ids = {os.path.basename(u)[:SHARD_DIGITS] for u in store.glob(store.join(shards_uri, "*_stats.json"))}
+        done_ids = {os.path.basename(u)[:SHARD_DIGITS] for u in store.glob(store.join(shards_uri, "*" + layout.SHARD_STATS))}
         done_ids &= set(ids)  # this pass's shards only
         if len(done_ids) != done_before:
             ctx.progress(f"download: {len(done_ids)}/{len(ids)} shards done")
@@ -229,7 +229,7 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
     if load_state(ctx.out_uri) is not None:
         ctx.progress("download: continuing this attempt: keeping its finished shards, fetching only failed rows")
         return resume_failed(cfg, ctx)
-    shards_uri = store.join(ctx.out_uri, "shards")
+    shards_uri = store.join(ctx.out_uri, layout.SHARDS)
     with tempfile.TemporaryDirectory(prefix="t2i-download-") as tmp, _resolved_url_list(cfg, ctx) as url_list:
         input_format = cfg.input_format or "parquet"  # demo corpus is parquet; otherwise set by validation
         try:
@@ -278,7 +278,7 @@ def _distributor(cfg: DownloadConfig, ctx: StageContext) -> tuple[str | None, st
 def _passes(cfg: DownloadConfig, ctx: StageContext, state: dict[str, Any], list_folder: str, tmp: str,
             retries: int, first_pass: bool) -> tuple[list[Pass], float]:
     """The first img2dataset pass (unless resuming), then up to ``retries`` passes over what failed."""
-    shards_uri = store.join(ctx.out_uri, "shards")
+    shards_uri = store.join(ctx.out_uri, layout.SHARDS)
     ray_address, distributor = _distributor(cfg, ctx)
     kwargs = _img2dataset_kwargs(cfg, list_folder, shards_uri, distributor)
     t0 = time.time()
@@ -308,7 +308,7 @@ def _passes(cfg: DownloadConfig, ctx: StageContext, state: dict[str, Any], list_
 
 def _finish(cfg: DownloadConfig, ctx: StageContext, state: dict[str, Any], passes: list[Pass],
             elapsed: float) -> StageResult:
-    shards_uri = store.join(ctx.out_uri, "shards")
+    shards_uri = store.join(ctx.out_uri, layout.SHARDS)
     store.remove(store.join(shards_uri, "_tmp"))  # img2dataset's scratch copies of the URL list
     result = summarize(shards_uri, passes[0].rows_per_shard, cfg.min_success_rate, elapsed,
                        state.get("log_tail", ""), state["list_counts"], passes)

@@ -17,7 +17,7 @@ from typing import Any
 
 from data_prep.image_decode import reason_of
 from data_prep.shards import ShardCorruptError, count_tar_samples, list_shards, read_shard_stats, shard_id
-from pipeline import store
+from pipeline import layout, store
 from pipeline.context import StageFailed
 
 DEADLINE_MESSAGE = "request deadline exceeded"  # data_prep.download.child's error for a slow body
@@ -56,7 +56,7 @@ def shard_rows(shards_uri: str, s: str, st: dict[str, Any]) -> list[tuple[str | 
     import pyarrow.parquet as pq
 
     try:
-        with store.open_uri(store.join(shards_uri, f"{s}.parquet"), "rb") as f:
+        with store.open_uri(layout.shard_file(shards_uri, s, layout.SHARD_PARQUET), "rb") as f:
             t = pq.read_table(f, columns=["status", "error_message"]).to_pydict()
         return [(a, b or "") for a, b in zip(t["status"], t["error_message"])]
     except Exception:
@@ -112,12 +112,12 @@ class Pass:
 def drop_unfinished(shards_uri: str, ids: list[str]) -> list[str]:
     """Remove the files of shards that never finished (no stats file, or no tar): their partial
     files must not look like output. Returns their ids."""
-    stats = {shard_id(u) for u in store.glob(store.join(shards_uri, "*_stats.json"))}
+    stats = {shard_id(u) for u in store.glob(store.join(shards_uri, "*" + layout.SHARD_STATS))}
     tars = {shard_id(u) for u in list_shards(shards_uri)}
     failed = [s for s in ids if s not in stats or s not in tars]
     for s in failed:
-        for ext in (".tar", ".parquet", "_stats.json"):
-            store.remove(store.join(shards_uri, s + ext))
+        for ext in (layout.SHARD_TAR, layout.SHARD_PARQUET, layout.SHARD_STATS):
+            store.remove(layout.shard_file(shards_uri, s, ext))
     return failed
 
 

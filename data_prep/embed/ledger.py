@@ -23,11 +23,11 @@ COUNT_KEYS = ("n_total", "n_embedded", "n_bad_image", "n_missing_caption", "n_no
 
 
 def npz_uri(out_shards_uri: str, name: str) -> str:
-    return store.join(out_shards_uri, f"{name}.npz")
+    return layout.shard_file(out_shards_uri, name, layout.EMBED_NPZ)
 
 
 def done_uri(out_shards_uri: str, name: str) -> str:
-    return store.join(out_shards_uri, f"{name}.done.json")
+    return layout.shard_file(out_shards_uri, name, layout.EMBED_DONE)
 
 
 def embed_identity(cfg: Any) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def finalize_shard(out_shards_uri: str, source: dict[str, Any], parts: list[Embe
 
 def part_uri(out_shards_uri: str, name: str, chunk: int) -> str:
     """Where a distributed encoder writes one chunk's embeddings before the shard is joined."""
-    return store.join(out_shards_uri, "_parts", name, f"{chunk:05d}.npz")
+    return store.join(out_shards_uri, layout.EMBED_PARTS, name, f"{chunk:05d}{layout.EMBED_NPZ}")
 
 
 def finalize_from_parts(out_shards_uri: str, source: dict[str, Any], counts: list[dict[str, int]],
@@ -67,7 +67,7 @@ def finalize_from_parts(out_shards_uri: str, source: dict[str, Any], counts: lis
     name = source["shard"]
     parts = [read_embedding_shard(part_uri(out_shards_uri, name, i)) for i in range(len(counts))]
     marker = finalize_shard(out_shards_uri, source, parts, counts, identity, max_bad_fraction)
-    store.remove(store.join(out_shards_uri, "_parts", name))
+    store.remove(store.join(out_shards_uri, layout.EMBED_PARTS, name))
     return marker
 
 
@@ -91,7 +91,7 @@ def _tars_with_sizes(shards_uri: str) -> list[tuple[str, int]]:
         try:
             with os.scandir(local) as it:
                 return [("file://" + e.path, e.stat().st_size) for e in it
-                        if e.name.endswith(".tar") and e.is_file() and is_shard_name(e.name)]
+                        if e.name.endswith(layout.SHARD_TAR) and e.is_file() and is_shard_name(e.name)]
         except FileNotFoundError:
             return []
     fs, path = store.fs_and_path(shards_uri)
@@ -101,7 +101,7 @@ def _tars_with_sizes(shards_uri: str) -> list[tuple[str, int]]:
     except FileNotFoundError:
         return []
     return [(prefix + e["name"].rstrip("/"), int(e.get("size") or 0)) for e in entries
-            if e.get("type") == "file" and e["name"].endswith(".tar") and is_shard_name(e["name"])]
+            if e.get("type") == "file" and e["name"].endswith(layout.SHARD_TAR) and is_shard_name(e["name"])]
 
 
 # A resume asks is_done of every shard in turn. Each question used to cost 2 existence checks and
@@ -124,8 +124,8 @@ def _markers(out_shards_uri: str) -> dict[str, Any]:
     if hit is not None and hit[0] == _scan[0] and time.monotonic() - hit[1] < _LEDGER_TTL_S:
         return hit[2]
     names = {u.rsplit("/", 1)[-1] for u in store.listdir(out_shards_uri)}
-    done = [n[: -len(".done.json")] for n in names if n.endswith(".done.json")]
-    paths = [store.fs_and_path(done_uri(out_shards_uri, s))[1] for s in sorted(done) if f"{s}.npz" in names]
+    done = [n[: -len(layout.EMBED_DONE)] for n in names if n.endswith(layout.EMBED_DONE)]
+    paths = [store.fs_and_path(done_uri(out_shards_uri, s))[1] for s in sorted(done) if s + layout.EMBED_NPZ in names]
     raw: dict[str, bytes] = {}
     if store.local_path(out_shards_uri) is not None:   # plain reads: no URL parsing per file
         for p in paths:
@@ -140,7 +140,7 @@ def _markers(out_shards_uri: str) -> dict[str, Any]:
     markers = {}
     for p, data in raw.items():
         try:
-            markers[p.rstrip("/").rsplit("/", 1)[-1][: -len(".done.json")]] = json.loads(data)
+            markers[p.rstrip("/").rsplit("/", 1)[-1][: -len(layout.EMBED_DONE)]] = json.loads(data)
         except ValueError:
             continue   # an unreadable marker is not a finished shard
     _ledger[out_shards_uri] = (_scan[0], time.monotonic(), markers)

@@ -25,9 +25,9 @@ from data_prep.embed_format import write_embedding_shard
 from data_prep.holdout import split_rule
 from data_prep.embed.ledger import (COUNT_KEYS, done_uri, embed_identity, finalize_from_parts, is_done,
                                     list_sources, npz_uri, part_uri)
-from data_prep.encoders_doc import read_encoders_doc, write_encoders_doc
+from data_prep.encoders_doc import EncodersDoc, read_encoders_doc, write_encoders_doc
 from data_prep.embed.config import EmbedConfig
-from data_prep.encoders import ClipConfig, T5Config, clip_preprocess_cfg
+from data_prep.encoders import clip_preprocess_cfg
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 from pipeline.executors import Executor, LocalExecutor, ShardPlacement
@@ -46,7 +46,7 @@ class EmbedProcessor:
     columns: tuple[str, ...] = ()  # download.save_additional_columns, carried into the npz
 
     def prepare(self, source: dict) -> None:
-        store.remove(store.join(self.out_shards, "_parts", source["shard"]))  # an interrupted run's parts
+        store.remove(store.join(self.out_shards, layout.EMBED_PARTS, source["shard"]))  # an interrupted run's parts
 
     def decode(self, source: dict, threads: int):
         return decode_shard(source["uri"], self.pp, self.cfg.batch_size, self.cfg.skip_bad_images, workers=threads,
@@ -114,7 +114,7 @@ def embed_shards(shards_uri: str, out_uri: str, cfg: EmbedConfig, *, executor: E
 
 def _summarize(out_uri: str, sources: list[dict[str, Any]], identity: dict[str, Any], pp: dict[str, Any],
                cfg: EmbedConfig, embedded_now: list[str]) -> dict[str, Any]:
-    out_shards = store.join(out_uri, "shards")
+    out_shards = store.join(out_uri, layout.SHARDS)
     markers = [store.read_json(done_uri(out_shards, s["shard"])) for s in sources]
     missing = [s["shard"] for s, m in zip(sources, markers) if m.get("encoders") != identity]
     if missing:
@@ -125,11 +125,12 @@ def _summarize(out_uri: str, sources: list[dict[str, Any]], identity: dict[str, 
     rule = split_rule([npz_uri(out_shards, s["shard"]) for s in sources], counts["n_embedded"],
                       cfg.holdout_fraction, cfg.holdout_min, cfg.holdout_max_fraction)
     # Encoder locations as absolute paths: sampling reloads them from any working directory.
-    doc = {"identity": identity, "clip": {"model": absolute_location(cfg.clip.model), "pretrained": cfg.clip.pretrained},
-           "t5": {"model": absolute_location(cfg.t5.model), "max_length": cfg.t5.max_length}, **dims,
-           "clip_preprocess": pp, "shards": [{"shard": s["shard"], "size": s["size"]} for s in sources],
-           "counts": counts, "holdout": rule.to_doc(cfg.holdout_fraction, cfg.holdout_min,
-                                                    cfg.holdout_max_fraction, counts["n_embedded"])}
+    doc = EncodersDoc(
+        identity=identity, clip={"model": absolute_location(cfg.clip.model), "pretrained": cfg.clip.pretrained},
+        t5={"model": absolute_location(cfg.t5.model), "max_length": cfg.t5.max_length}, **dims,
+        clip_preprocess=pp, shards=[{"shard": s["shard"], "size": s["size"]} for s in sources],
+        counts=counts, holdout=rule.to_doc(cfg.holdout_fraction, cfg.holdout_min, cfg.holdout_max_fraction,
+                                           counts["n_embedded"]))
     enc_uri = write_encoders_doc(out_uri, doc)
     return {"counts": {**counts, "shards": len(sources), "shards_embedded_now": len(embedded_now),
                        "n_holdout": rule.count, "n_train": counts["n_embedded"] - rule.count},
@@ -191,13 +192,12 @@ def embed_offline(shards_uri: str, out_uri: str, cfg: EmbedConfig, executor: Exe
     return s
 
 
-def load_encoders_for(embed_out_uri: str, device: Any = None) -> tuple[Encoders, dict[str, Any]]:
+def load_encoders_for(embed_out_uri: str, device: Any = None) -> tuple[Encoders, EncodersDoc]:
     """Reload the encoders an embedding set was made with (sampling encodes new prompts with them)."""
     doc = read_encoders_doc(embed_out_uri)
     if doc is None:
         raise StageFailed(f"{embed_out_uri} holds no {layout.ENCODERS}: not a finished embedding")
-    cfg = EmbedConfig(clip=ClipConfig(**doc["clip"]), t5=T5Config(**doc["t5"]),
-                      image_size=doc["identity"].get("image_size"))
+    cfg = EmbedConfig(clip=doc.clip_config(), t5=doc.t5_config(), image_size=(doc.identity or {}).get("image_size"))
     return load_encoders(cfg, device=device), doc
 
 
@@ -207,16 +207,16 @@ def find_compatible_embedding(out_uri: str, shards_uri: str, cfg: EmbedConfig) -
     if doc is None:
         return False
     identity = embed_identity(cfg)
-    if doc.get("identity") != identity:
+    if doc.identity != identity:
         return False
     try:
         sources = list_sources(shards_uri)
     except StageFailed:
         return False
-    if doc.get("shards") != [{"shard": s["shard"], "size": s["size"]} for s in sources]:
+    if doc.shards != [{"shard": s["shard"], "size": s["size"]} for s in sources]:
         return False
-    held = doc.get("holdout") or {}
+    held = doc.holdout or {}
     if (held.get("requested_fraction"), held.get("min"), held.get("max_fraction")) != (
             cfg.holdout_fraction, cfg.holdout_min, cfg.holdout_max_fraction):
         return False  # another split: training would read other samples
-    return all(is_done(store.join(out_uri, "shards"), s, identity) for s in sources)
+    return all(is_done(store.join(out_uri, layout.SHARDS), s, identity) for s in sources)

@@ -96,10 +96,10 @@ def build_run(root_uri: str, n: int) -> dict[str, Any]:
     import json
 
     from data_prep.embed.ledger import embed_identity
+    from data_prep.encoders_doc import EncodersDoc, write_encoders_doc
     from pipeline.run.planning import plan_stages
     from pipeline.run.runner import save_spec
     from pipeline.run.spec import run_uri
-    from stages.training.checkpoint import step_dir_name
 
     spec = _spec(root_uri, n)
     ruri = run_uri(spec)
@@ -113,26 +113,27 @@ def build_run(root_uri: str, n: int) -> dict[str, Any]:
     identity = embed_identity(spec.embed)
     for i in range(n):
         name = f"{i:05d}"
-        w.put(store.join(dl_shards, f"{name}.tar"), tar)
-        w.put(store.join(dl_shards, f"{name}_stats.json"), b'{"count": 1, "successes": 1}')
-        marker = json.dumps({"shard": name, "source": store.join(dl_shards, f"{name}.tar"), "source_size": len(tar),
+        w.put(layout.shard_file(dl_shards, name, layout.SHARD_TAR), tar)
+        w.put(layout.shard_file(dl_shards, name, layout.SHARD_STATS), b'{"count": 1, "successes": 1}')
+        marker = json.dumps({"shard": name, "source": layout.shard_file(dl_shards, name, layout.SHARD_TAR),
+                             "source_size": len(tar),
                              "counts": {"n_total": 1, "n_embedded": 1}, "npz_bytes": len(npz),
                              "dims": {"clip_dim": 4, "clip_token_dim": 4, "t5_dim": 4},
                              "encoders": identity}).encode()
         for out in (emb_shards, half) if i % 2 == 0 else (emb_shards,):
-            w.put(store.join(out, f"{name}.npz"), npz)
-            w.put(store.join(out, f"{name}.done.json"), marker)
-    w.put(store.join(plans["embed"].attempt_uri, layout.ENCODERS),
-          json.dumps({"identity": identity, "shards": [{"shard": f"{i:05d}", "size": len(tar)} for i in range(n)]}
-                     ).encode())
+            w.put(layout.shard_file(out, name, layout.EMBED_NPZ), npz)
+            w.put(layout.shard_file(out, name, layout.EMBED_DONE), marker)
+    write_encoders_doc(plans["embed"].attempt_uri, EncodersDoc(
+        identity=identity, clip=spec.embed.clip.model_dump(), t5=spec.embed.t5.model_dump(),
+        clip_dim=4, clip_token_dim=4, t5_dim=4, shards=[{"shard": f"{i:05d}", "size": len(tar)} for i in range(n)]))
     n_ckpt = 3 + n // 1000   # keep_last, plus an extended run's earlier finished checkpoints
     for stage, p in plans.items():
         if not stage.startswith("train_"):
             continue
         for k in range(n_ckpt):
-            d = store.join(p.attempt_uri, layout.CHECKPOINTS, step_dir_name(k + 1))
-            for rel in ("ds/mp_rank_00_model_states.pt", "state_rank0.json", "rng_rank0.safetensors",
-                        "ema.safetensors", "COMPLETE"):
+            d = layout.checkpoint_dir(p.attempt_uri, k + 1)
+            for rel in (f"{layout.CHECKPOINT_DEEPSPEED}/mp_rank_00_model_states.pt", layout.checkpoint_state(0),
+                        layout.checkpoint_rng(0), layout.CHECKPOINT_EMA, layout.CHECKPOINT_COMPLETE):
                 w.put(store.join(d, rel), b"{}")
         w.put(store.join(layout.final_dir(p.attempt_uri, TRAIN_STEPS), layout.FINAL_WEIGHTS), b"0")
     w.flush()

@@ -27,7 +27,7 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
                  "run trains) and append its row to <attempt>/eval.jsonl.")),
              as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON.")) -> None:
     """Evaluate a run's trained models: FID, CLIP score, prior similarity, validation losses."""
-    from pipeline import store
+    from pipeline import layout, store
     from pipeline.manifest import read_manifest
     from pipeline.run.planning import finished_attempt, load_run_spec
     from stages.evaluate import EvaluateConfig, evaluate, evaluation_rows
@@ -41,7 +41,7 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
     inputs = {st: read_manifest(finished_attempt(uri, st)) for st in ("download", "embed", *TRAIN_STAGES)
               if getattr(spec, st, None) is not None}
     out_uri = store.normalize(out) if out else store.join(
-        uri, "eval_cli", f"step_{checkpoint:08d}" if checkpoint is not None else "final")
+        uri, layout.EVAL_CLI, layout.step_name(checkpoint) if checkpoint is not None else layout.FINAL)
     stage_uris = None
     if checkpoint is not None:
         from stages.evaluate.offline import checkpoint_inputs
@@ -66,7 +66,7 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
 
 def _follow(uri: str, spec, cfg, as_json: bool) -> None:
     """``--checkpoints``: training stages may still be running (their attempt is the spec's)."""
-    from pipeline import store
+    from pipeline import layout, store
     from pipeline.manifest import read_manifest
     from pipeline.run.planning import finished_attempt, stage_uri
     from stages.evaluate.follow import EVAL_LOG, evaluate_checkpoints
@@ -78,7 +78,7 @@ def _follow(uri: str, spec, cfg, as_json: bool) -> None:
         attempt = stage_uri(uri, st)
         inputs[st] = read_manifest(attempt) or {"out_uri": attempt}
     progress = (lambda m: None) if as_json else (lambda m: console.print(m))
-    added = evaluate_checkpoints(cfg, uri, inputs, train_cfgs, store.join(uri, "eval_cli", "checkpoints"),
+    added = evaluate_checkpoints(cfg, uri, inputs, train_cfgs, store.join(uri, layout.EVAL_CLI, layout.CHECKPOINTS),
                                  progress=progress)
     if as_json:
         typer.echo(json.dumps(added, sort_keys=True))

@@ -152,7 +152,8 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
     from pipeline.cli.common import fail
     from pipeline.context import StageFailed
     from pipeline.run.planning import finished_attempt, load_run_spec
-    from pipeline.store import normalize, read_json
+    from pipeline.manifest import read_manifest
+    from pipeline.store import normalize
     from stages.export.model_folder import export_model
     from stages.training.final_weights import resolve_final
     from stages.models import by_stage
@@ -163,7 +164,7 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
         attempt = finished_attempt(uri, stage)
     except (StageFailed, KeyError) as e:
         fail(str(e).strip("'\""))
-    manifest = read_json(f"{attempt}/_MANIFEST.json")
+    manifest = read_manifest(attempt) or {}
     spec = load_run_spec(uri)
     card = {"name": f"{spec.run_id}/{stage}", "description": model.description, "metrics": manifest.get("metrics"),
             "data": getattr(spec.download, "url_list", "unknown") if spec.download else "unknown",

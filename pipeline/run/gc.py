@@ -12,7 +12,6 @@ interrupted gc never leaves a half-deleted attempt that looks complete.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -20,9 +19,6 @@ from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.run.graph import available_stages
 from pipeline.run.planning import describe_attempt, load_run_spec, plan_stages
-
-_STEP = re.compile(r"step_(\d+)$")
-
 
 @dataclass
 class Garbage:
@@ -65,9 +61,9 @@ def _incomplete_checkpoints(stage: str, attempt: str) -> list[Garbage]:
     root = store.join(attempt, layout.CHECKPOINTS)
     steps = []
     for uri in store.listdir(root):
-        m = _STEP.search(uri.rstrip("/"))
-        if m:
-            steps.append((int(m.group(1)), uri.rstrip("/"), store.exists(store.join(uri, "COMPLETE"))))
+        step = layout.step_of(uri)
+        if step is not None:
+            steps.append((step, uri.rstrip("/"), store.exists(store.join(uri, layout.CHECKPOINT_COMPLETE))))
     complete = [s for s, _, ok in steps if ok]
     newest = max(complete) if complete else -1
     out = []

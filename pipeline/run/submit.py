@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline import store
+from pipeline import layout, store
 from pipeline.run.spec import SpecError, load_spec, run_uri, spec_to_yaml
 
-JOB_FILE = "_JOB.json"
+JOB_FILE = layout.JOB  # kept: the CLI and tests import it from here
 # Where the validated spec lands inside the shipped working dir (relative to it).
 SHIPPED_SPEC_DIR = "_t2i_submit"
 # Never shipped: environments, run outputs, wheels, VCS data, caches, test data. Ray also honours

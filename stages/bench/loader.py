@@ -41,7 +41,7 @@ def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict
     from PIL import Image
 
     from data_prep.embed_format import EmbeddingShard, write_embedding_shard
-    from pipeline import store
+    from pipeline import layout, store
 
     rng = np.random.default_rng(seed)
     download = os.path.join(root, "download") if image_size else None
@@ -64,7 +64,8 @@ def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict
                         info = tarfile.TarInfo(f"{key}.{ext}")
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
-            store.write_bytes_atomic(os.path.join(download, "shards", f"{s:05d}.tar"), buf.getvalue())
+            store.write_bytes_atomic(layout.shard_file(os.path.join(download, layout.SHARDS), f"{s:05d}", layout.SHARD_TAR),
+                                     buf.getvalue())
         t5_len = rng.integers(max(1, text_len // 4), text_len + 1, per_shard).astype(np.int32)
         clip_len = rng.integers(max(1, text_len // 4), text_len + 1, per_shard).astype(np.int32)
 
@@ -72,24 +73,25 @@ def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict
             v = rng.normal(size=(n, d))
             return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(f16)
 
-        write_embedding_shard(os.path.join(embed, "shards", f"{s:05d}.npz"), EmbeddingShard(
+        write_embedding_shard(layout.shard_file(os.path.join(embed, layout.SHARDS), f"{s:05d}", layout.EMBED_NPZ), EmbeddingShard(
             keys=np.array(keys, dtype=np.str_),
             clip_image=unit(per_shard, cond_dims["clip_dim"]), clip_text=unit(per_shard, cond_dims["clip_dim"]),
             clip_tokens=rng.normal(size=(int(clip_len.sum()), cond_dims["clip_token_dim"])).astype(f16),
             clip_lengths=clip_len,
             t5_tokens=rng.normal(size=(int(t5_len.sum()), cond_dims["t5_dim"])).astype(f16),
             t5_lengths=t5_len))
-    store.write_json(os.path.join(embed, "encoders.json"), dict(cond_dims))
+    # No encoders.json: no encoder made these embeddings (it names them). Readers of the widths take
+    # them from a shard instead (stages/training/trainer.py read_cond_dims).
     return download, embed
 
 
 def loader_rate(download_uri: str | None, embed_uri: str, *, image_size: int | None, batch: int, workers: int,
                 batches: int, pin_memory: bool, seed: int = 0) -> dict[str, float]:
     """Samples/s of the training DataLoader over ``batches`` batches after the first (worker start-up)."""
-    from pipeline import store
+    from pipeline import layout, store
     from stages.training.loader import LoaderSpec, make_loader, pair_shards
 
-    shards = pair_shards(download_uri and store.join(download_uri, "shards"), store.join(embed_uri, "shards"))
+    shards = pair_shards(download_uri and store.join(download_uri, layout.SHARDS), store.join(embed_uri, layout.SHARDS))
     loader = make_loader(shards, LoaderSpec(image_size, batch, seed), None, workers, pin_memory=pin_memory)
     it = iter(loader)
     t_start = time.perf_counter()

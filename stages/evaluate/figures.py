@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline import layout, store
 from data_prep import clip_score
 from stages.evaluate import metrics as M
 from stages.evaluate.data import HoldoutSet, load_prompt_suite, read_holdout
@@ -40,12 +39,11 @@ def runnable_cascades(ctx: EvalContext) -> list[str]:
 
 def output_size(ctx: EvalContext, cascade: str) -> int:
     """The pixel size of a cascade's last model (its final/config.json)."""
-    from stages.training.final_weights import resolve_final
+    from stages.training.final_weights import read_final_config, resolve_final
     from stages.sampling.config import cascade_roles, stage_of
 
     last = cascade_roles(cascade, ctx.cfg.sample_config(["x"]).max_stage)[-1]
-    final = resolve_final(ctx.stage_uris[stage_of(last)])
-    return int(store.read_json(store.join(final, layout.FINAL_CONFIG))["image_size"])
+    return read_final_config(resolve_final(ctx.stage_uris[stage_of(last)])).image_size
 
 
 def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int], list[dict]]:

@@ -17,20 +17,23 @@ The SR models get the validation losses only (their FID needs the whole cascade:
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline import layout, store
 from pipeline.context import StageFailed
 
 from stages.report.eval_figures import EVAL_LOG, read_rows  # noqa: E402,F401  (the report reads them too)
 
+if TYPE_CHECKING:
+    from stages.training.final_weights import FinalConfig
+
 
 def complete_steps(attempt: str) -> list[int]:
     steps = []
     for u in store.listdir(store.join(attempt, layout.CHECKPOINTS)):
-        name = u.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("step_") and name[5:].isdigit() and store.exists(store.join(u, "COMPLETE")):
-            steps.append(int(name[5:]))
+        step = layout.step_of(u)
+        if step is not None and store.exists(store.join(u, layout.CHECKPOINT_COMPLETE)):
+            steps.append(step)
     return sorted(steps)
 
 
@@ -56,7 +59,7 @@ def evaluate_checkpoints(cfg: Any, run_uri: str, inputs: dict[str, dict], train_
         done = {int(r["step"]) for r in rows}
         new = []
         for step in (s for s in complete_steps(attempt) if s not in done):
-            view = store.join(work_uri, "weights", st, f"step_{step:08d}")
+            view = store.join(work_uri, layout.EVAL_WEIGHTS, st, layout.step_name(step))
             _materialise(attempt, step, view, st, _final_config(by_stage(st), tcfg, ctx.embed_uri, step))
             row: dict[str, Any] = {"step": step}
             v = checkpoint_val_loss(attempt, step)
@@ -113,13 +116,14 @@ def _with(ctx, stage_uris: dict[str, str], cfg: Any = None):
     return dataclasses.replace(ctx, stage_uris=stage_uris, cfg=cfg if cfg is not None else ctx.cfg)
 
 
-def _final_config(mdef, tcfg, embed_uri: str, step: int) -> dict[str, Any]:
+def _final_config(mdef, tcfg, embed_uri: str, step: int) -> FinalConfig:
     """final/config.json as the training loop writes it (stages/training/trainer.py Trainer.finish), for a
     stage that has not finished yet."""
     from stages.nets.flavors import get_flavor
+    from stages.training.final_weights import FinalConfig
     from stages.training.trainer import read_cond_dims
 
     flavor = get_flavor(mdef.role, tcfg.flavor)
-    return {"role": mdef.role, "flavor": tcfg.flavor, "cond_dims": read_cond_dims(embed_uri),
-            "image_size": flavor.image_size, "low_res_size": flavor.low_res_size,
-            "diffusion": tcfg.diffusion.model_dump(), "condaug": mdef.stage_spec.extra_config(tcfg), "step": step}
+    return FinalConfig(role=mdef.role, flavor=tcfg.flavor, cond_dims=read_cond_dims(embed_uri),
+                       image_size=flavor.image_size, low_res_size=flavor.low_res_size,
+                       diffusion=tcfg.diffusion.model_dump(), condaug=mdef.stage_spec.extra_config(tcfg), step=step)

@@ -14,8 +14,9 @@ from typing import Any
 
 from pipeline import layout, store
 from pipeline.context import StageFailed
+from stages.training.final_weights import FinalConfig
 
-WEIGHTS_DIR = "weights"
+WEIGHTS_DIR = layout.EVAL_WEIGHTS
 
 
 def checkpoint_val_loss(attempt: str, step: int) -> float | None:
@@ -52,7 +53,7 @@ def checkpoint_inputs(inputs: dict[str, dict[str, Any]], step: int, out_uri: str
     return uris, new_inputs
 
 
-def _materialise(attempt: str, step: int, view: str, stage: str, fallback: dict | None = None) -> None:
+def _materialise(attempt: str, step: int, view: str, stage: str, fallback: FinalConfig | None = None) -> None:
     """``fallback``: the final config to use while the stage has never finished (no final/ yet)."""
     from safetensors.torch import load as st_load
 
@@ -69,13 +70,13 @@ def _materialise(attempt: str, step: int, view: str, stage: str, fallback: dict 
         store.write_bytes_atomic(store.join(target, layout.FINAL_CONFIG),
                                  store.read_bytes(store.join(final, layout.FINAL_CONFIG)))
         return
-    ckpt = store.join(attempt, layout.CHECKPOINTS, f"step_{step:08d}")
-    if not store.exists(store.join(ckpt, "COMPLETE")):
-        steps = sorted(int(u.rstrip("/").rsplit("_", 1)[-1]) for u in store.listdir(store.join(attempt, layout.CHECKPOINTS))
-                       if u.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))
+    ckpt = layout.checkpoint_dir(attempt, step)
+    if not store.exists(store.join(ckpt, layout.CHECKPOINT_COMPLETE)):
+        steps = sorted(s for s in map(layout.step_of, store.listdir(store.join(attempt, layout.CHECKPOINTS)))
+                       if s is not None)
         raise StageFailed(f"{stage} has no complete checkpoint or final weights at step {step} under {attempt}; "
                           f"checkpoints: {steps or 'none'}")
-    ema_uri = store.join(ckpt, "ema.safetensors")
+    ema_uri = store.join(ckpt, layout.CHECKPOINT_EMA)
     if not store.exists(ema_uri):
         raise StageFailed(f"{stage} step {step}: the checkpoint holds no unpartitioned EMA (ZeRO-3 keeps one "
                           f"per rank); evaluate a finished step (final/step_N) of this stage instead")
@@ -84,10 +85,10 @@ def _materialise(attempt: str, step: int, view: str, stage: str, fallback: dict 
         net, config = load_final(last)
     elif fallback is not None:
         config = fallback
-        net = build_network(config["role"], config["flavor"], config["cond_dims"])
+        net = build_network(config.role, config.flavor, config.cond_dims)
     else:
         raise StageFailed(f"{stage} has not finished yet under {attempt}: its network config is unknown")
     state = net.state_dict()
     state.update(st_load(store.read_bytes(ema_uri)))
     net.load_state_dict(state)
-    write_final(view, {k: v.detach().cpu() for k, v in net.state_dict().items()}, {**config, "step": step})
+    write_final(view, {k: v.detach().cpu() for k, v in net.state_dict().items()}, config.model_copy(update={"step": step}))

@@ -18,8 +18,10 @@ import json
 from typing import Any
 
 from pipeline import layout, store
-from stages.training.final_weights import network_from_config
+from stages.training.final_weights import FinalConfig, network_from_config, read_final_config
 
+# The diffusers layout's names (its conventions, not a run's: pipeline/layout.py has those).
+DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CARD = "README.md"
 FORMATS = ("diffusers", "folder")
@@ -29,59 +31,61 @@ def export_model(final_dir: str, out_uri: str, *, fmt: str = "diffusers", card: 
     """Write the exported folder at ``out_uri`` (any store URI); returns it."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    config = store.read_json(store.join(final_dir, layout.FINAL_CONFIG))
-    if not config.get("network"):
-        raise ValueError(f"{final_dir}/config.json predates self-describing weights (no 'network' entry): "
-                         "extend or rerun the stage with this release to export it")
+    config = read_final_config(final_dir)
+    if not config.network:
+        raise ValueError(f"{store.join(final_dir, layout.FINAL_CONFIG)} predates self-describing weights (no "
+                         "'network' entry): extend or rerun the stage with this release to export it")
     weights = store.read_bytes(store.join(final_dir, layout.FINAL_WEIGHTS))
     if fmt == "diffusers":
-        hf = {"_class_name": f"T2I{config['network']['class']}", "_t2i_role": config["role"],
-              **config["network"]["config"],
-              "t2i": {k: config.get(k) for k in ("role", "flavor", "cond_dims", "image_size", "low_res_size",
-                                                 "diffusion", "condaug", "step")}}
+        hf = {"_class_name": f"T2I{config.network['class']}", "_t2i_role": config.role,
+              **config.network["config"],
+              "t2i": config.model_dump(include={"role", "flavor", "cond_dims", "image_size", "low_res_size",
+                                                "diffusion", "condaug", "step"})}
         store.write_bytes_atomic(store.join(out_uri, DIFFUSERS_WEIGHTS), weights)
-        store.write_json(store.join(out_uri, "config.json"), hf)
-    else:
+        store.write_json(store.join(out_uri, DIFFUSERS_CONFIG), hf)
+    else:  # the run's own final/ files, as training wrote them
         store.write_bytes_atomic(store.join(out_uri, layout.FINAL_WEIGHTS), weights)
-        store.write_json(store.join(out_uri, layout.FINAL_CONFIG), config)
+        store.write_json(store.join(out_uri, layout.FINAL_CONFIG), config.to_json())
     store.write_bytes_atomic(store.join(out_uri, CARD), model_card(config, card or {}).encode())
     return out_uri
 
 
-def load_exported(uri: str, device: str = "cpu"):
+def load_exported(uri: str, device: str = "cpu") -> tuple[Any, FinalConfig]:
     """(network with the exported weights, its t2i config) from an exported folder of either format."""
     from safetensors.torch import load as st_load
 
-    doc = store.read_json(store.join(uri, "config.json"))
+    doc_uri = store.join(uri, DIFFUSERS_CONFIG)  # the same name in both formats
+    doc = store.read_json(doc_uri)
     if "_class_name" in doc:  # diffusers layout
-        t2i = dict(doc["t2i"])
         cfg = {k: v for k, v in doc.items() if not k.startswith("_") and k != "t2i"}
         network = {"class": doc["_class_name"].removeprefix("T2I"), "config": cfg}
+        config = FinalConfig.from_json({**(doc.get("t2i") or {}), "network": network}, f"{doc_uri} (t2i)")
         weights = store.join(uri, DIFFUSERS_WEIGHTS)
     else:
-        t2i, network, weights = doc, doc["network"], store.join(uri, layout.FINAL_WEIGHTS)
-    net = network_from_config(network)
+        config, weights = FinalConfig.from_json(doc, doc_uri), store.join(uri, layout.FINAL_WEIGHTS)
+    net = network_from_config(config.network or {})
     net.load_state_dict(st_load(store.read_bytes(weights)))
-    return net.to(device).eval(), {**t2i, "network": network}
+    return net.to(device).eval(), config
 
 
-def model_card(config: dict, info: dict[str, Any]) -> str:
+def model_card(config: FinalConfig, info: dict[str, Any]) -> str:
     """A Hugging Face model card: what the model is, what it was trained on, how well it did."""
     metrics = info.get("metrics") or {}
+    network = (config.network or {}).get("class", "?")
     lines = [
         "---", "library_name: t2i-pipeline", "tags: [text-to-image, diffusion]", "---", "",
-        f"# {info.get('name') or config['role']} ({config['network']['class']}, flavor `{config['flavor']}`)", "",
-        f"A {config['role']} model of a text-to-image cascade trained with t2i-pipeline: "
+        f"# {info.get('name') or config.role} ({network}, flavor `{config.flavor}`)", "",
+        f"A {config.role} model of a text-to-image cascade trained with t2i-pipeline: "
         f"{info.get('description', '')}", "",
         "## Training", "",
-        f"- steps: {config.get('step')}",
+        f"- steps: {config.step}",
         f"- data: {info.get('data', 'unknown')}",
         f"- samples seen: {info.get('samples', 'unknown')}",
-        f"- conditioning widths: {json.dumps(config.get('cond_dims'))}",
-        f"- diffusion: {json.dumps(config.get('diffusion'))}",
+        f"- conditioning widths: {json.dumps(config.cond_dims)}",
+        f"- diffusion: {json.dumps(config.diffusion)}",
     ]
-    if config.get("condaug"):
-        lines.append(f"- conditioning augmentation: {json.dumps(config['condaug'])}")
+    if config.condaug:
+        lines.append(f"- conditioning augmentation: {json.dumps(config.condaug)}")
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline import store
+from pipeline import layout, store
 
-EVAL_LOG = "eval.jsonl"  # <training attempt>/eval.jsonl: one row per evaluated checkpoint
+EVAL_LOG = layout.EVAL_LOG  # <training attempt>/eval.jsonl: one row per evaluated checkpoint
 
 # What each figure means, for `t2i status`, report.html and `t2i eval` (README "Evaluation").
 _MEANING = (

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import store
+from pipeline import layout, store
 from stages.models import TRAIN_STAGES
 from stages.report.run_section import read_metrics, run_sections  # noqa: F401  (read_metrics: re-exported)
 from stages.report.svg import Series, line_chart_svg
@@ -89,7 +89,7 @@ def stage_curves(run_uri: str, stages: Sequence[str] = TRAIN_STAGES,
 
     out = {}
     for stage in stages:
-        uri = (metrics_uris or {}).get(stage) or store.join(run_uri, stage, "metrics.jsonl")
+        uri = (metrics_uris or {}).get(stage) or store.join(run_uri, stage, layout.METRICS)
         pts = points_of(read_metrics(uri)[0], "loss")
         if pts:
             out[stage] = loss_curve_svg(pts, title=f"{stage} loss ({len(pts)} points)")

@@ -30,10 +30,11 @@ from pipeline.manifest import read_manifest
 from stages.models import TRAIN_STAGES
 from stages.report.eval_figures import evaluation_rows, guidance_pairs, read_rows
 from stages.report.svg import Series, line_chart_svg
+from stages.training.final_weights import FinalConfig
 
 MAX_GRIDS = 8  # grids shown per stage (evenly spaced, the last always): keeps the report small
 GRID_THUMB = 256
-_GRID_NAME = re.compile(r"^(?P<name>.+)_(?P<step>\d{8})\.png$")
+_GRID_NAME = re.compile(r"^(?P<name>.+)_(?P<step>\d{8})\.png$")  # layout.train_sample_name
 # (metrics.jsonl keys, chart title, y label, log axis): one chart per entry with any finite point
 CHARTS: tuple[tuple[tuple[str, ...], str, str, bool], ...] = (
     (("loss", "val_loss"), "loss", "diffusion loss", True),
@@ -62,7 +63,7 @@ class StageView:
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     grids: list[tuple[int, str]] = field(default_factory=list)  # (step, uri)
     params: int | None = None
-    final_config: dict[str, Any] | None = None
+    final_config: FinalConfig | None = None
 
 
 def read_metrics(uri: str) -> tuple[list[dict[str, Any]], int]:
@@ -133,7 +134,7 @@ def collect_stage(run_uri: str, stage: str, metrics_uri: str | None = None) -> S
         view.eval_rows = read_rows(attempt)
     except ValueError:  # a torn row: the checkpoint curves are left out, the rest still shows
         view.eval_rows = []
-    for uri in store.glob(store.join(attempt, "samples", "*.png")):
+    for uri in store.glob(store.join(attempt, layout.TRAIN_SAMPLES, "*.png")):
         m = _GRID_NAME.match(uri.rsplit("/", 1)[-1])
         if m:
             view.grids.append((int(m["step"]), uri))
@@ -141,14 +142,14 @@ def collect_stage(run_uri: str, stage: str, metrics_uri: str | None = None) -> S
     outputs = (view.manifest or {}).get("outputs") or {}
     weights = outputs.get("weights") or _latest(store.join(attempt, layout.FINAL, "step_*", layout.FINAL_WEIGHTS))
     if weights is None:  # still training: the EMA weights of the newest checkpoint have the same tensors
-        weights = _latest(store.join(attempt, layout.CHECKPOINTS, "step_*", "ema.safetensors"))
+        weights = _latest(store.join(attempt, layout.CHECKPOINTS, "step_*", layout.CHECKPOINT_EMA))
     if weights is not None:
         view.params = safetensors_params(weights)
         cfg_uri = outputs.get("config") or weights.rsplit("/", 1)[0] + "/" + layout.FINAL_CONFIG
         if cfg_uri.endswith(layout.FINAL_CONFIG) and store.exists(cfg_uri):
             try:
-                view.final_config = store.read_json(cfg_uri)
-            except (ValueError, store.StoreError):
+                view.final_config = FinalConfig.from_json(store.read_json(cfg_uri), cfg_uri)
+            except (ValueError, store.StoreError):  # also DocError: the report shows what it can
                 view.final_config = None
     return view
 
@@ -264,7 +265,7 @@ def training_section(view: StageView) -> str:
     esc = html.escape
     m = view.manifest or {}
     cfg = m.get("config") or {}
-    facts = [f"flavor {cfg.get('flavor') or (view.final_config or {}).get('flavor', '?')}",
+    facts = [f"flavor {cfg.get('flavor') or (view.final_config.flavor if view.final_config else '?')}",
              f"parameters {fmt_count(view.params)}" + (f" ({view.params:,})" if view.params else ""),
              f"steps {(m.get('counts') or {}).get('steps', view.rows[-1].get('step') if view.rows else '?')}",
              f"duration {fmt_duration(m.get('duration_s')) if m else '? (not finished)'}"]
@@ -292,8 +293,8 @@ def training_section(view: StageView) -> str:
     if cfg:
         parts.append(_config_block("stage config (what the fingerprint covers)",
                                    {**cfg, **{f"extent.{k}": v for k, v in (m.get("extent") or {}).items()}}))
-    if view.final_config and view.final_config.get("network"):
-        parts.append(_config_block("network config (final/config.json)", view.final_config["network"]))
+    if view.final_config and view.final_config.network:
+        parts.append(_config_block("network config (final/config.json)", view.final_config.network))
     return "".join(parts)
 
 

@@ -28,9 +28,14 @@ acts mostly at mid and low noise.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from stages.diffusion import _bc
+
+if TYPE_CHECKING:
+    from stages.training.final_weights import FinalConfig
 
 
 def clip_grad(clip: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -77,15 +82,15 @@ class ClipGuided:
         return (out.float() + delta).to(out.dtype)
 
 
-def check_compatible(guided_role: str, guided: dict, clip: dict) -> str | None:
+def check_compatible(guided_role: str, guided: FinalConfig, clip: FinalConfig) -> str | None:
     """Why ``clip`` (a noised CLIP's final/config.json) cannot guide ``guided`` (a model's), or None."""
-    if clip.get("image_size") != guided.get("image_size"):
-        return (f"train_noised_clip ({clip.get('flavor')}) sees {clip.get('image_size')}px images but "
-                f"{guided_role} ({guided.get('flavor')}) makes {guided.get('image_size')}px; train the noised "
+    if clip.image_size != guided.image_size:
+        return (f"train_noised_clip ({clip.flavor}) sees {clip.image_size}px images but "
+                f"{guided_role} ({guided.flavor}) makes {guided.image_size}px; train the noised "
                 "CLIP with a flavor of the guided model's size")
     keys = ("schedule", "logsnr_min", "logsnr_max")
-    a = {k: (guided.get("diffusion") or {}).get(k) for k in keys}
-    b = {k: (clip.get("diffusion") or {}).get(k) for k in keys}
+    a = {k: guided.diffusion.get(k) for k in keys}
+    b = {k: clip.diffusion.get(k) for k in keys}
     if a != b:
         return (f"train_noised_clip was trained on noise schedule {b} but {guided_role} samples with {a}: "
                 "the noised CLIP's t would mean another noise level; give both the same diffusion.schedule")

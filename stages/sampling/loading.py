@@ -10,25 +10,27 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline import store
+from pipeline import layout, store
 from pipeline.context import StageFailed
 from stages.sampling.config import NULL_KEYS, stage_of
+from stages.training.final_weights import FinalConfig
+
 
 @dataclass
 class LoadedModel:
     role: str
     net: torch.nn.Module
     diffusion: Any  # stages.diffusion.Diffusion
-    config: dict[str, Any]  # final/config.json
+    config: FinalConfig  # final/config.json
 
 
 def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
     """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
     from stages.diffusion import Diffusion
-    from stages.training.final_weights import load_final, resolve_final
+    from stages.training.final_weights import load_final, read_final_config, resolve_final
 
     final = resolve_final(stage_uri)
-    cfg_uri, w_uri = store.join(final, "config.json"), store.join(final, "model.safetensors")
+    cfg_uri, w_uri = store.join(final, layout.FINAL_CONFIG), store.join(final, layout.FINAL_WEIGHTS)
     # config.json is written after the weights: its absence means "not (completely) trained".
     missing = [u for u in (cfg_uri, w_uri) if not store.exists(u)]
     if missing:
@@ -36,20 +38,20 @@ def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: f
             f"stage {stage_of(role)} has no trained model: {missing[0]} not found. Train it first "
             f"(t2i run <spec> runs {stage_of(role)}), pick a cascade that does not need it, or stop the "
             f"cascade earlier with max_stage")
-    config = store.read_json(cfg_uri)
-    if config.get("role") != role:
-        raise StageFailed(f"{cfg_uri}: role is {config.get('role')!r}, expected {role!r}")
+    config = read_final_config(final)
+    if config.role != role:
+        raise StageFailed(f"{cfg_uri}: role is {config.role!r}, expected {role!r}")
     try:
         net = _load_glide(final, device, config) if role == "glide" else load_final(final, device, config)[0]
     except RuntimeError as e:
-        raise StageFailed(f"{w_uri} does not fit network {role}/{config['flavor']}: {e}") from e
-    diff_kw = dict(config.get("diffusion") or {})
+        raise StageFailed(f"{w_uri} does not fit network {role}/{config.flavor}: {e}") from e
+    diff_kw = dict(config.diffusion)
     diff_kw["null_keys"] = NULL_KEYS[role]
     diff_kw["dynamic_percentile"] = percentile
     return LoadedModel(role, net, Diffusion(**diff_kw), config)
 
 
-def _load_glide(final: str, device: torch.device, config: dict) -> torch.nn.Module:
+def _load_glide(final: str, device: torch.device, config: FinalConfig) -> torch.nn.Module:
     """GLIDE's network from its self-describing config (final_weights.network_from_config knows only
     UNet and PriorTransformer); the flavor table when the config has none."""
     from safetensors.torch import load as st_load
@@ -57,11 +59,11 @@ def _load_glide(final: str, device: torch.device, config: dict) -> torch.nn.Modu
     from stages.training.final_weights import load_final
     from stages.nets.text_transformer import GlideConfig, GlideModel
 
-    doc = config.get("network") or {}
+    doc = config.network or {}
     if doc.get("class") != "GlideModel":
-        return load_final(final, device, {**config, "network": None})[0]
+        return load_final(final, device, config.model_copy(update={"network": None}))[0]
     net = GlideModel(GlideConfig(**doc["config"]))
-    net.load_state_dict(st_load(store.read_bytes(store.join(final, "model.safetensors"))))
+    net.load_state_dict(st_load(store.read_bytes(store.join(final, layout.FINAL_WEIGHTS))))
     return net.to(device).eval()
 
 
@@ -104,15 +106,15 @@ class PromptEncoders:
 
     @classmethod
     def load(cls, embed_uri: str, device: torch.device | str = "cpu") -> "PromptEncoders":
-        from data_prep.encoders import ClipConfig, T5Config, load_clip, load_t5
+        from data_prep.encoders import load_clip, load_t5
+        from data_prep.encoders_doc import encoders_doc_uri, read_encoders_doc
 
-        doc_uri = store.join(embed_uri, "encoders.json")
-        if not store.exists(doc_uri):
-            raise StageFailed(f"{doc_uri} not found: run the embed stage first (sampling embeds prompts "
-                              "with the encoders it used)")
-        doc = store.read_json(doc_uri)
-        return cls(load_clip(ClipConfig(**doc["clip"]), device=device), load_t5(T5Config(**doc["t5"]), device=device),
-                   doc.get("clip_preprocess"))
+        doc = read_encoders_doc(embed_uri)
+        if doc is None:
+            raise StageFailed(f"{encoders_doc_uri(embed_uri)} not found: run the embed stage first (sampling "
+                              "embeds prompts with the encoders it used)")
+        return cls(load_clip(doc.clip_config(), device=device), load_t5(doc.t5_config(), device=device),
+                   doc.clip_preprocess)
 
     @property
     def dims(self) -> dict[str, int]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline import store
+from pipeline import layout, store
 from stages.report import page as report
 from stages.sampling.config import SampleConfig
 
@@ -60,7 +60,7 @@ def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_ur
     for s in samples:
         s.uri = store.join(out_uri, filename(s, cfg.images_per_prompt))
         store.write_bytes_atomic(s.uri, report.png_bytes(s.image))
-    grid_uri = store.join(out_uri, "grid.png")
+    grid_uri = store.join(out_uri, layout.GRID)
     store.write_bytes_atomic(grid_uri, report.png_bytes(report.make_grid(samples)))
 
     checks: dict[str, Any] = {}
@@ -79,7 +79,7 @@ def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_ur
     tables = [guidance_table(checks, cfg)] if cfg.guidance == "compare" and checks else []
     html = report.build_report(entries, run_uri=run_uri, title="t2i samples", summary_lines=lines,
                                config=cfg.model_dump(mode="json"), metrics_uris=metrics_uris, tables=tables)
-    report_uri = report.write_report(store.join(out_uri, "report.html"), html)
+    report_uri = report.write_report(store.join(out_uri, layout.REPORT), html)
     return SampleOutputs(samples, grid_uri, report_uri, checks, lines)
 
 

@@ -1,6 +1,6 @@
 """Checkpoints in the artifact store that are never picked up half-written.
 
-Layout of one checkpoint (``<out>/checkpoints/step_NNNNNNNN/``)::
+Layout of one checkpoint (``<out>/checkpoints/step_NNNNNNNN/``; each name spelled in pipeline/layout.py)::
 
     ds/...                       DeepSpeed's own files (model, optimizer, LR scheduler), from save_checkpoint
     state_rank{r}.json           our per-rank state: step, data position, python RNG, world size, ZeRO stage
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -34,14 +33,10 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline import store
+from pipeline import layout, store
 
-_STEP_DIR = re.compile(r"step_(\d{8})$")
-DS_TAG = "ds"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+DS_TAG = layout.CHECKPOINT_DEEPSPEED  # the tag DeepSpeed saves under: its files land in <checkpoint>/ds/
+step_dir_name = layout.step_name      # kept: benchmarks import it from here
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -66,7 +61,7 @@ class CheckpointManager:
 
     def __init__(self, out_uri: str, *, keep_last: int, every_steps: int, every_minutes: float,
                  rank: int, world_size: int, device: torch.device, protect_through: int = -1):
-        self.root = store.join(out_uri, "checkpoints")
+        self.root = store.join(out_uri, layout.CHECKPOINTS)
         # Checkpoints up to this step belong to an earlier *finished* run of the stage (it is
         # being extended): keep_last never prunes them; only ``t2i gc`` may, when asked.
         self.protect_through = protect_through
@@ -79,10 +74,10 @@ class CheckpointManager:
         # One glob for every COMPLETE marker, not an existence check per checkpoint folder (an
         # extended run keeps every earlier finished checkpoint: they add up).
         steps = []
-        for uri in store.glob(store.join(self.root, "step_*", "COMPLETE")):
-            m = _STEP_DIR.search(uri.rsplit("/", 1)[0])
-            if m:
-                steps.append(int(m.group(1)))
+        for uri in store.glob(store.join(self.root, "step_*", layout.CHECKPOINT_COMPLETE)):
+            step = layout.step_of(uri.rsplit("/", 1)[0])
+            if step is not None:
+                steps.append(step)
         return sorted(steps)
 
     def latest(self) -> tuple[int, str] | None:
@@ -109,7 +104,7 @@ class CheckpointManager:
              ema_sharded: bool) -> str:
         """Collective. ``state`` is this rank's JSON-able state; EMA as described in the module doc."""
         uri = store.join(self.root, step_dir_name(step))
-        if store.exists(store.join(uri, "COMPLETE")):
+        if store.exists(store.join(uri, layout.CHECKPOINT_COMPLETE)):
             return uri  # a complete checkpoint of this very step exists already: never overwrite it
         if self.rank == 0 and store.exists(uri):
             store.remove(uri)  # leftovers of a crashed save at this same step (no COMPLETE marker)
@@ -119,20 +114,19 @@ class CheckpointManager:
             engine.save_checkpoint(local, tag=DS_TAG, save_latest=False)
             py_rng, rng_tensors = rng_state()
             state = {**state, **py_rng, "step": step, "world_size": self.world_size, "rank": self.rank}
-            with open(os.path.join(local, f"state_rank{self.rank}.json"), "w") as f:
+            with open(os.path.join(local, layout.checkpoint_state(self.rank)), "w") as f:
                 json.dump(state, f)
-            with open(os.path.join(local, f"rng_rank{self.rank}.safetensors"), "wb") as f:
+            with open(os.path.join(local, layout.checkpoint_rng(self.rank)), "wb") as f:
                 f.write(st_save(rng_tensors))
             if ema_tensors is not None and (ema_sharded or self.rank == 0):
-                name = f"ema_rank{self.rank}.safetensors" if ema_sharded else "ema.safetensors"
-                with open(os.path.join(local, name), "wb") as f:
+                with open(os.path.join(local, layout.checkpoint_ema(self.rank, ema_sharded)), "wb") as f:
                     f.write(st_save(ema_tensors))
             _upload_dir(local, uri)
         finally:
             shutil.rmtree(local, ignore_errors=True)
         _barrier()
         if self.rank == 0:
-            store.write_json(store.join(uri, "COMPLETE"), {"step": step, "world_size": self.world_size,
+            store.write_json(store.join(uri, layout.CHECKPOINT_COMPLETE), {"step": step, "world_size": self.world_size,
                                                            "time": time.time()})
             self._prune()
         _barrier()
@@ -144,10 +138,9 @@ class CheckpointManager:
         keep = set(complete[-self.keep_last:])
         newest = complete[-1] if complete else -1
         for uri in store.listdir(self.root):
-            m = _STEP_DIR.search(uri)
-            if not m:
+            s = layout.step_of(uri)
+            if s is None:
                 continue
-            s = int(m.group(1))
             # Old complete ones beyond keep_last, and incomplete ones older than the newest complete
             # one; never those of an earlier finished run (see protect_through).
             if s not in keep and s <= newest and s > self.protect_through:
@@ -156,7 +149,7 @@ class CheckpointManager:
     # -- load ------------------------------------------------------------------------------
     def read_state(self, uri: str) -> dict[str, Any]:
         """This rank's JSON state of checkpoint ``uri`` (read before the engine exists: data position)."""
-        state = store.read_json(store.join(uri, f"state_rank{self.rank}.json"))
+        state = store.read_json(store.join(uri, layout.checkpoint_state(self.rank)))
         if state.get("world_size") != self.world_size:
             raise RuntimeError(f"checkpoint {uri} was written by {state.get('world_size')} ranks, this run has "
                                f"{self.world_size}; resume with the same num_workers")
@@ -174,9 +167,8 @@ class CheckpointManager:
         finally:
             shutil.rmtree(local, ignore_errors=True)
         state = self.read_state(uri)
-        set_rng_state(state, st_load(store.read_bytes(store.join(uri, f"rng_rank{self.rank}.safetensors"))))
-        name = f"ema_rank{self.rank}.safetensors" if ema_sharded else "ema.safetensors"
-        ema_uri = store.join(uri, name)
+        set_rng_state(state, st_load(store.read_bytes(store.join(uri, layout.checkpoint_rng(self.rank)))))
+        ema_uri = store.join(uri, layout.checkpoint_ema(self.rank, ema_sharded))
         return st_load(store.read_bytes(ema_uri)) if store.exists(ema_uri) else None
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline import store
+from pipeline import layout, store
 
 _TB_GROUPS = (("val_", "val/"), ("samples_per_s", "perf/"), ("mfu", "perf/"), ("tflops", "perf/"),
               ("peak_mem", "memory/"), ("host_peak_rss", "memory/"))
@@ -107,10 +107,10 @@ class MetricsLogger:
         self._tb_dir = None
         if not enabled:
             return
-        uri = store.join(out_uri, "metrics.jsonl")
+        uri = store.join(out_uri, layout.METRICS)
         if resume_step == 0:  # a fresh start: curves of an attempt that never checkpointed are void
             store.remove(uri)
-            store.remove(store.join(out_uri, "tb"))
+            store.remove(store.join(out_uri, layout.TENSORBOARD))
         elif store.exists(uri):
             for line in store.read_bytes(uri).decode().splitlines():
                 if line.strip():
@@ -155,18 +155,18 @@ class MetricsLogger:
             self._wandb.log({f"samples/{name}": wandb.Image(grid_uint8, caption=f"step {step}")}, step=step)
         buf = io.BytesIO()
         Image.fromarray(grid_uint8).save(buf, format="PNG")
-        store.write_bytes_atomic(store.join(self.out_uri, "samples", f"{name}_{step:08d}.png"), buf.getvalue())
+        store.write_bytes_atomic(store.join(self.out_uri, layout.TRAIN_SAMPLES, layout.train_sample_name(name, step)), buf.getvalue())
 
     def sync(self) -> None:
         """Push metrics.jsonl and the TensorBoard files to the store."""
         if not self.enabled:
             return
         body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records).encode()
-        store.write_bytes_atomic(store.join(self.out_uri, "metrics.jsonl"), body)
+        store.write_bytes_atomic(store.join(self.out_uri, layout.METRICS), body)
         self._tb.flush()
         for name in os.listdir(self._tb_dir):
             with open(os.path.join(self._tb_dir, name), "rb") as f:
-                store.write_bytes_atomic(store.join(self.out_uri, "tb", name), f.read())
+                store.write_bytes_atomic(store.join(self.out_uri, layout.TENSORBOARD, name), f.read())
 
     def close(self) -> None:
         if not self.enabled:

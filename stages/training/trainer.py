@@ -34,7 +34,7 @@ from stages.training.checkpoint import CheckpointManager
 from stages.training.distributed import setup_distributed
 from stages.training.ema import EMA
 from stages.training.engine import build_engine, train_step
-from stages.training.final_weights import network_config, write_final
+from stages.training.final_weights import FinalConfig, network_config, read_final_config, write_final
 from stages.training.stage_spec import Batch, StageSpec  # noqa: F401  (re-exported: model modules build one)
 from stages.training.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
 from stages.training.optim import configure_cuda_fast_path
@@ -42,7 +42,7 @@ from stages.training.config import TrainConfig
 from stages.training.metrics import MetricsLogger, MfuMeter, image_grid
 from stages.training.validation import Validator
 
-LOOP_RESULT = "loop_result.json"
+LOOP_RESULT = layout.LOOP_RESULT  # kept: tests and tools import it from here
 
 
 # ----------------------------------------------------------------------------- what a stage gives
@@ -70,10 +70,10 @@ def read_cond_dims(embed_attempt: str) -> dict[str, int]:
     """Conditioning widths from the embed stage's ``encoders.json`` (or, failing that, a shard)."""
     doc = read_encoders_doc(embed_attempt)
     if doc is not None:
-        return {k: int(doc[k]) for k in ("t5_dim", "clip_dim", "clip_token_dim")}
+        return doc.dims
     from data_prep.embed_format import read_embedding_shard
 
-    shards = store.glob(store.join(embed_attempt, layout.SHARDS, "*.npz"))
+    shards = store.glob(store.join(embed_attempt, layout.SHARDS, "*" + layout.EMBED_NPZ))
     if not shards:
         raise FileNotFoundError(f"neither {layout.ENCODERS} nor any embedding shard under {embed_attempt}")
     return read_embedding_shard(shards[0]).dims
@@ -287,12 +287,12 @@ class Trainer:
         weights = self.ema.consolidated_state_dict(self.engine.module)
         final_uri = None
         if self.rank == 0:
-            final_uri = write_final(self.job.out_uri, weights, {
-                "role": self.spec.role, "flavor": self.cfg.flavor, "cond_dims": dict(self.job.cond_dims),
-                "image_size": self.flavor.image_size, "low_res_size": self.flavor.low_res_size,
-                "network": network_config(self.engine.module),
-                "diffusion": self.cfg.diffusion.model_dump(), "condaug": self.spec.extra_config(self.cfg),
-                "step": self.step})
+            final_uri = write_final(self.job.out_uri, weights, FinalConfig(
+                role=self.spec.role, flavor=self.cfg.flavor, cond_dims=dict(self.job.cond_dims),
+                image_size=self.flavor.image_size, low_res_size=self.flavor.low_res_size,
+                network=network_config(self.engine.module),
+                diffusion=self.cfg.diffusion.model_dump(), condaug=self.spec.extra_config(self.cfg),
+                step=self.step))
         out = {"step": self.step, "final": final_uri, "resumed_from": self.start_step,
                "samples": self.tracker.consumed * self.cfg.batch_size * self.world,
                "skipped": sum(self.tracker.skipped.values()), "precision": self.precision,
@@ -376,7 +376,7 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, *,
 
 def stage_result(out_uri: str, final: str) -> StageResult:
     """Read back what the loop wrote (the same whether it ran here or on Ray workers)."""
-    config = store.read_json(store.join(final, layout.FINAL_CONFIG))
+    config = read_final_config(final)
     metrics: dict[str, float] = {}
     muri = store.join(out_uri, layout.METRICS)
     if store.exists(muri):
@@ -391,7 +391,7 @@ def stage_result(out_uri: str, final: str) -> StageResult:
         if mfu_rows:  # what stages/bench/plan.measured_mfu reads
             metrics["mfu"] = float(statistics.median(mfu_rows))
     return StageResult(
-        counts={"steps": int(config["step"])},
+        counts={"steps": config.step},
         metrics=metrics,
         outputs={"final": final, "weights": store.join(final, layout.FINAL_WEIGHTS),
                  "config": store.join(final, layout.FINAL_CONFIG),
