@@ -124,7 +124,9 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         def _write() -> None:
             d = os.path.dirname(path)
             os.makedirs(d, exist_ok=True)
-            tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            # A writer killed here leaves this file behind: its name must match no reader's pattern
+            # (``*.done.json``, ``*.tar``), so it never looks like a finished artifact.
+            tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
