@@ -110,7 +110,7 @@ def test_config_and_registry():
     assert get_stage("train_noised_clip").deps == ("download", "embed")  # trains on images
     with pytest.raises(ValueError, match="unknown role 'noised_clip'"):
         SampleConfig(guidance_scale={"noised_clip": 2.0})
-    with pytest.raises(ValueError, match="CLIP guidance applies to glide, base"):
+    with pytest.raises(ValueError, match="CLIP guidance applies to base, glide"):
         SampleConfig(guidance="clip", clip_guidance_scale={"sr256": 2.0})
 
 
@@ -137,12 +137,12 @@ def test_spec_needs_train_noised_clip_for_clip_guidance():
 
 
 def test_final_weights_rebuild_the_noised_clip(tmp_path):
-    from stages.training.final_weights import load_final, network_config, write_final
+    from stages.training.final_weights import FinalConfig, load_final, network_config, write_final
 
     net = build_network("noised_clip", "debug", DIMS).eval()
-    folder = write_final(str(tmp_path), dict(net.state_dict()), {"role": "noised_clip", "flavor": "debug",
-                                                                 "cond_dims": DIMS, "step": 1,
-                                                                 "network": network_config(net)})
+    folder = write_final(str(tmp_path), dict(net.state_dict()), FinalConfig(
+        role="noised_clip", flavor="debug", cond_dims=DIMS, image_size=16, step=1, diffusion={},
+        network=network_config(net)))
     x, cond, _ = _red_blue(2)
     loaded, _ = load_final(folder)
     t = torch.rand(2)
@@ -158,16 +158,18 @@ def test_clip_guided_samples_score_higher_under_the_noised_clip():
     from stages.sampling.cascade import sample_with_model
     from stages.sampling.config import SampleConfig
     from stages.sampling.loading import LoadedModel, PromptFeatures
+    from stages.training.final_weights import FinalConfig
 
     clip, _, text, _ = _train_clip(30)
     torch.manual_seed(1)
     base = build_network("base", "debug", DIMS).eval()
     diffusion = Diffusion(prediction="v", null_keys=("drop_text",))
-    config = {"image_size": 16, "flavor": "debug", "diffusion": {"schedule": "cosine"}}
+    config = FinalConfig(role="base", flavor="debug", cond_dims=DIMS, image_size=16, step=1,
+                         diffusion={"schedule": "cosine"})
     m = LoadedModel("base", base, diffusion, config)
-    guide = LoadedModel("noised_clip", clip, diffusion, {**config, "flavor": "debug"})
+    guide = LoadedModel("noised_clip", clip, diffusion, config.model_copy(update={"role": "noised_clip"}))
     assert check_compatible("base", config, guide.config) is None
-    assert "32px" in check_compatible("base", {**config, "image_size": 32}, guide.config)
+    assert "32px" in check_compatible("base", config.model_copy(update={"image_size": 32}), guide.config)
     n = 6
     caps = text[torch.arange(n) % 2]
     f = PromptFeatures(caps, torch.zeros(n, 3, 12), torch.ones(n, 3, dtype=torch.bool),
@@ -212,8 +214,8 @@ def test_train_noised_clip_stage_in_the_one_loop(tmp_path):
     result = noised_clip.run(cfg, stage_ctx(str(tmp_path), "train_noised_clip", download, embed))
     assert result.counts["steps"] == 3 and torch.isfinite(torch.tensor(result.metrics["final_loss"]))
     net, config = load_final(store.join(result.outputs["final"]))
-    assert type(net).__name__ == "NoisedClip" and config["role"] == "noised_clip"
-    assert net.cfg.embed_dim == FIX_DIMS["clip_dim"] and config["image_size"] == 16
+    assert type(net).__name__ == "NoisedClip" and config.role == "noised_clip"
+    assert net.cfg.embed_dim == FIX_DIMS["clip_dim"] and config.image_size == 16
 
 
 def test_sample_images_loads_the_noised_clip_for_clip_guidance(tmp_path):
@@ -223,7 +225,8 @@ def test_sample_images_loads_the_noised_clip_for_clip_guidance(tmp_path):
     from data_prep.tiny_encoders import ensure_tiny_encoders
     from pipeline import store
     from pipeline.context import StageFailed
-    from stages.training.final_weights import network_config, write_final
+    from data_prep.encoders_doc import EncodersDoc, write_encoders_doc
+    from stages.training.final_weights import FinalConfig, network_config, write_final
     from stages.nets.flavors import get_flavor
     from stages.sampling.cascade import sample_images
     from stages.sampling.config import SampleConfig
@@ -235,8 +238,7 @@ def test_sample_images_loads_the_noised_clip_for_clip_guidance(tmp_path):
     clip, t5 = load_clip(clip_cfg, device="cpu"), load_t5(t5_cfg, device="cpu")
     dims = {"clip_dim": clip.dim, "clip_token_dim": clip.token_dim, "t5_dim": t5.dim}
     run = store.normalize(str(tmp_path / "run"))
-    store.write_json(store.join(run, "embed", "encoders.json"),
-                     {"clip": clip_cfg.model_dump(), "t5": t5_cfg.model_dump(), **dims})
+    write_encoders_doc(store.join(run, "embed"), EncodersDoc(clip=clip_cfg.model_dump(), t5=t5_cfg.model_dump(), **dims))
 
     def final(role: str, stage: str, **over):
         torch.manual_seed(len(role))
@@ -245,9 +247,9 @@ def test_sample_images_loads_the_noised_clip_for_clip_guidance(tmp_path):
             for p in net.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         fl = get_flavor(role, "debug")
-        write_final(store.join(run, stage), net.state_dict(), {
+        write_final(store.join(run, stage), net.state_dict(), FinalConfig(**{
             "role": role, "flavor": "debug", "cond_dims": dims, "image_size": fl.image_size, "low_res_size": None,
-            "diffusion": TrainConfig().diffusion.model_dump(), "step": 2, "network": network_config(net), **over})
+            "diffusion": TrainConfig().diffusion.model_dump(), "step": 2, "network": network_config(net), **over}))
 
     final("base", "train_base")
     prompts = ["a red circle", "a blue square"]

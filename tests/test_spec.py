@@ -53,7 +53,7 @@ def _set(path, value):
     ("download.url_list", "/nonexistent/urls.parquet", r"download\.url_list: .*/nonexistent/urls\.parquet"),
     ("run_id", "../escape", r"run_id: must match"),
     ("embed.batch_size", 0, r"embed\.batch_size: .*greater than or equal to 1"),
-    ("sample.cascade", "dalle3", r"sample\.cascade: .*'imagen', 'unclip', 'glide', 'both' or 'all'"),
+    ("sample.cascade", "dalle3", r"sample\.cascade: .*'unclip', 'imagen', 'glide', 'both' or 'all'"),
 ])
 def test_mistakes_name_the_field_and_what_is_allowed(path, value, expect):
     import re

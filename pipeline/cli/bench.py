@@ -13,11 +13,12 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.common import console
+from stages.models import ROLES
 from pipeline.cli.common import fail as _fail
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: training step, embedding, loader.")
 
-_STAGES = "base | sr256 | sr1024 | decoder | prior"
+_STAGES = " | ".join(ROLES)  # the bench names a stage by its model role
 
 
 def _zeros(spec: str) -> tuple[int, ...]:

@@ -11,7 +11,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from pipeline import layout, store
 from pipeline.cli.common import console, err_console, fail, load_spec_or_fail, resolve_run
+from stages.sampling.demo_check import figures_by_cascade
 
 app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.py
 
@@ -60,11 +62,12 @@ def _run_and_report(spec, **kw) -> None:
         if outs.get("report"):
             console.print(f"report:  {outs['report']}")
         met = sample.manifest.get("metrics", {})
-        for casc in ("imagen", "unclip"):  # the demo check: do the samples follow their prompts?
-            if f"{casc}_demo_colour_accuracy" in met:
-                console.print(f"demo check ({casc}): colour accuracy {met[casc + '_demo_colour_accuracy']:.2f} "
-                              f"(chance {met[casc + '_demo_colour_chance']:.2f}), position accuracy "
-                              f"{met[casc + '_demo_position_accuracy']:.2f} over {int(met[casc + '_demo_n'])} prompts")
+        # the demo check of every cascade sampled (and of CLIP-guided halves): do the samples follow their prompts?
+        for casc, f in figures_by_cascade(met).items():
+            position = (f", position accuracy {f['demo_position_accuracy']:.2f}"
+                        if "demo_position_accuracy" in f else "")
+            console.print(f"demo check ({casc}): colour accuracy {f['demo_colour_accuracy']:.2f} "
+                          f"(chance {f['demo_colour_chance']:.2f}){position} over {int(f['demo_n'])} prompts")
     evaluation = summary.outcomes.get("evaluate")
     if evaluation and evaluation.manifest:
         _print_evaluation(evaluation.manifest)
@@ -83,7 +86,7 @@ def _print_evaluation(manifest: dict) -> None:
     """The evaluate stage's headline figures (README "Evaluation" says how to read them)."""
     from stages.evaluate import evaluation_rows
 
-    console.print(f"evaluation: {manifest.get('out_uri')}/_MANIFEST.json")
+    console.print(f"evaluation: {store.join(manifest.get('out_uri'), layout.MANIFEST)}")
     for name, value, meaning in evaluation_rows(manifest):
         if name.endswith(HEADLINE) and not name.endswith("_suite"):
             console.print(f"  {name:32s} {value:9.4f}  {meaning}")
@@ -193,23 +196,21 @@ def _whole_run_report(run_uri: str) -> Optional[str]:
     """``<run>/report.html``: the sample stage's report with the run part (stages, training curves,
     evaluation) rebuilt now. Sample and evaluate run side by side, so the sample stage's own copy
     has no evaluation; this one is derived (rebuilt on every call), never listed by a manifest."""
-    from pipeline import layout, store
     from stages.report.page import refresh_report
 
     sample = layout.finished_stage_dir(run_uri, "sample")
     if sample is None:
         return None
-    src = store.join(sample, "report.html")
+    src = store.join(sample, layout.REPORT)
     if not store.exists(src):
         return None
-    return refresh_report(src, run_uri, out_uri=store.join(run_uri, "report.html"))
+    return refresh_report(src, run_uri, out_uri=store.join(run_uri, layout.REPORT))
 
 
 @app.command()
 def report(run: str = typer.Argument(..., help="Run URI or run id with a finished sample stage.")) -> None:
     """Rebuild ``<run>/report.html``: samples, stages, training curves and the evaluation (also
     written at the end of every run; safe while a run trains: it reads only what is written)."""
-    from pipeline import layout, store
 
     uri = resolve_run(run)
     if not store.exists(layout.run_spec_uri(uri)):

@@ -13,6 +13,7 @@ from typing import Callable
 from pipeline.configbase import TaskPlacement
 from pipeline.run.graph import deps_in_spec
 from pipeline.run.ray_executor import RayExecutor, trains_in_task
+from pipeline.run.spec import run_uri
 
 
 def _level(verbose: bool) -> str:
@@ -64,7 +65,7 @@ def _schedule(spec, todo, plans, manifests, summary, console) -> None:
     from pipeline.run.stage_exec import StageOutcome, error_message, execute_stage
 
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
-    data = spec.model_dump(mode="json")
+    ruri = run_uri(spec)
     pending = list(todo)
     running: dict = {}  # ObjectRef -> (stage name, start time)
     while pending or running:
@@ -79,7 +80,7 @@ def _schedule(spec, todo, plans, manifests, summary, console) -> None:
                 options = _task_options(getattr(spec, s.name))
                 here = RayExecutor(address=None, train_in_task="num_cpus" in options)
                 ref = remote_stage.options(name=f"stage:{s.name}", **options).remote(
-                    plans[s.name], data, {d: manifests[d] for d in deps}, here)
+                    plans[s.name], getattr(spec, s.name), ruri, {d: manifests[d] for d in deps}, here)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
                 console.say(f"▶ {s.name}: started")

@@ -18,7 +18,7 @@ from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageFailed
 from pipeline.run.graph import StageDef, deps_in_spec, downstream, enabled_stages, get_stage
-from pipeline.run.planning import load_run_spec, plan_stages  # noqa: F401  (load_run_spec: re-exported for callers)
+from pipeline.run.planning import plan_stages
 from pipeline.run.console import ProgressConsole
 from pipeline.run.reaper import start_orphan_reaper
 from pipeline.run.spec import run_uri, spec_to_yaml
@@ -126,7 +126,6 @@ def run_uri_of(p) -> str:
 
 
 def _run_in_process(spec, todo, plans, manifests, summary, console) -> None:
-    data = spec.model_dump(mode="json")
     for s in sorted(todo, key=lambda s: len(_ancestors(s, spec))):  # dependencies first
         blocked = [d for d in deps_in_spec(s, spec) if d not in manifests]
         if blocked:
@@ -136,7 +135,8 @@ def _run_in_process(spec, todo, plans, manifests, summary, console) -> None:
         console.started(s.name, plans[s.name].attempt_uri)
         t0 = time.time()
         try:
-            m = execute_stage(plans[s.name], data, {d: manifests[d] for d in deps_in_spec(s, spec)})
+            m = execute_stage(plans[s.name], getattr(spec, s.name), run_uri(spec),
+                              {d: manifests[d] for d in deps_in_spec(s, spec)})
         except Exception as e:  # noqa: BLE001 - reported in the summary, the run goes on
             console.finished(s.name)
             summary.outcomes[s.name] = StageOutcome(s.name, "failed", error=error_message(e),

@@ -16,8 +16,9 @@ from pipeline import manifest as mf
 from pipeline.context import StageContext, StageFailed
 from pipeline.executors import LocalExecutor
 from pipeline.progress import StageProgress
+from pipeline.run.graph import get_stage
 
-ERROR_FILE = "_ERROR.json"
+ERROR_FILE = layout.ERROR
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,12 @@ def node_info() -> dict[str, Any]:
     return info
 
 
-def execute_stage(plan: PlannedStage, spec_data: dict, inputs: dict[str, dict], executor: Any = None,
+def execute_stage(plan: PlannedStage, cfg: Any, ruri: str, inputs: dict[str, dict], executor: Any = None,
                   progress: Callable[[str], None] | None = None) -> dict:
-    """Run one stage attempt to completion and write its manifest, then point ``_CURRENT`` at it."""
-    from pipeline.run.graph import get_stage
-    from pipeline.run.spec import parse_spec, run_uri
+    """Run one stage attempt to completion and write its manifest, then point ``_CURRENT`` at it.
 
-    spec = parse_spec(spec_data, "<run spec>")
-    ruri = run_uri(spec)
+    ``cfg`` is the stage's own section of the run spec, validated by the driver with the whole
+    spec (cross-stage checks included); the task neither sees nor re-parses the rest."""
     out_uri = plan.attempt_uri
     state = mf.stage_state(out_uri, plan.fingerprint, plan.extent)
     if state.state == "done":
@@ -82,7 +81,6 @@ def execute_stage(plan: PlannedStage, spec_data: dict, inputs: dict[str, dict], 
     # final/step_N folder is written beside the old), and the new manifest replaces it atomically.
     store.remove(store.join(out_uri, ERROR_FILE))
     mf.mark_started(out_uri, plan.fingerprint)
-    cfg = getattr(spec, plan.name)
     # Messages and live figures go to the attempt's progress file; the driver shows them
     # (pipeline/run/console.py), wherever this runs.
     reporter = StageProgress(out_uri, echo=progress)

@@ -34,14 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.models import MODELS
+from stages.models import MODELS, model
 
 GPUS = ("h100", "h200", "a100", "b200")
 # Assumed on-demand prices ($/GPU-hour); pass --gpu-hour-price for your own.
 DEFAULT_PRICE = {"a100": 1.8, "h100": 2.5, "h200": 3.5, "b200": 5.0}
-# Stated default MFU per role when nothing measured is recorded (the targets of issue 8).
-DEFAULT_MFU = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40,
-               "noised_clip": 0.40}  # glide: a base-like UNet + a transformer
+# Stated default MFU when nothing measured is recorded: each model's target (ModelDef.mfu_target);
+# the embed stage's:
 EMBED_MFU = 0.30                      # encoder inference (a forward only, mid-size batches)
 DOWNLOAD_IMAGES_PER_S_PER_NODE = 1000.0  # img2dataset: ~1,000-1,350 images/s per 16-core node
 # Published encoder sizes (their FLOPs are 2 x params x positions: they cannot be built offline).
@@ -358,14 +357,12 @@ def _train(role: str, cfg, opts: PlanOptions, corpus: CorpusFigures, peak: float
     gpus = int(max(1, cfg.gpus_per_worker) * world)
     samples = int(cfg.steps) * int(cfg.batch_size) * int(cfg.grad_accum) * world
     text_len = text_len_for(role, corpus, t5_max)
-    from stages.models import model
-
     variant = model(role).stage_spec.variant(cfg)
     fps = flops_per_sample(role, cfg.flavor, tuple(sorted(dims.items())), text_len, variant)
     if opts.mfu is not None:
         mfu, mfu_src = opts.mfu, "--mfu"
     else:
-        mfu, mfu_src = measured_mfu(role, cfg.flavor, manifest, perf_md) or (DEFAULT_MFU[role], "stated default")
+        mfu, mfu_src = measured_mfu(role, cfg.flavor, manifest, perf_md) or (model(role).mfu_target, "stated default")
     gpu_h = samples * fps / (mfu * peak) / 3600
     params, tensors = params_of(role, cfg.flavor, dims, variant)
     precision = cfg.precision          # auto = bf16 on GPU, fp32 on CPU (stages/training/optim.py)
@@ -400,7 +397,7 @@ def measure_corpus(download_shards: str | None, embed_shards: str | None) -> Cor
 
     from data_prep.embed_format import read_embedding_shard
     from data_prep.shards import list_shards
-    from pipeline import store
+    from pipeline import layout, store
 
     c = CorpusFigures(source="measured in the run")
     found = False
@@ -417,7 +414,7 @@ def measure_corpus(download_shards: str | None, embed_shards: str | None) -> Cor
             c.caption_bytes, c.json_bytes = mean.get("txt", c.caption_bytes), mean.get("json", c.json_bytes)
             found = True
     if embed_shards:
-        npzs = store.glob(store.join(embed_shards, "*.npz"))
+        npzs = store.glob(store.join(embed_shards, "*" + layout.EMBED_NPZ))
         if npzs:
             e = read_embedding_shard(npzs[0])
             if len(e):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib
 import json
 import math
 import sys
@@ -33,11 +32,9 @@ from stages.training.flops import count_flops, mfu, peak_flops
 from stages.models import MODELS
 from stages.training.optim import build_optimizer, build_scheduler
 
-# role -> (module, StageSpec attribute, config class): the stage's own defaults (CFG rates, SR condaug)
-STAGES: dict[str, tuple[str, str, str]] = {m.role: (m.module, m.spec_attr, m.config_class) for m in MODELS}
-# Targets of issue 8 on one H200 in bf16 (MFU per stage; DeepSpeed step time / plain step time).
-MFU_TARGETS = {"base": 0.40, "decoder": 0.40, "sr256": 0.30, "sr1024": 0.30, "prior": 0.45, "glide": 0.40,
-               "noised_clip": 0.40}
+# The bench's stage names are the model roles; each model's MFU target is in its ModelDef.
+STAGES = {m.role: m for m in MODELS}
+# Targets of issue 8 on one GPU in bf16: DeepSpeed step time / plain step time per ZeRO stage.
 ZERO_RATIO_TARGETS = {0: 1.10, 1: 1.10, 2: 1.10, 3: 1.30}
 # Small conditioning widths for the debug/demo flavors (the paper flavors get the paper's widths).
 SMALL_COND_DIMS = {"t5_dim": 64, "clip_dim": 64, "clip_token_dim": 64}
@@ -57,9 +54,7 @@ def stage_parts(stage: str):
     """(StageSpec, config class) of a bench stage name."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)} (got {stage!r})")
-    mod, spec_attr, cfg_attr = STAGES[stage]
-    m = importlib.import_module(mod)
-    return getattr(m, spec_attr), getattr(m, cfg_attr)
+    return STAGES[stage].spec, STAGES[stage].config
 
 
 def default_cond_dims(flavor: str) -> dict[str, int]:
@@ -278,7 +273,7 @@ def _derive(r: dict[str, Any], base: dict[str, Any] | None, stage: str, dev: tor
         r["ratio_vs_plain"] = r["step_s"] / base["step_s"]
         r["ratio_target"] = ZERO_RATIO_TARGETS[r["zero"]]
     if r["mfu"] is not None:
-        r["mfu_target"] = MFU_TARGETS[stage]
+        r["mfu_target"] = STAGES[stage].mfu_target
 
 
 def format_table(res: dict[str, Any]) -> list[list[str]]:

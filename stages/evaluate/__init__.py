@@ -31,11 +31,12 @@ from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import store
+from pipeline import layout, store
 from pipeline.configbase import StrictModel
 from pipeline.context import StageContext, StageFailed, StageResult
+from stages.sampling.config import CASCADE_CHOICES, CASCADES, SampleConfig
 
-EVALUATION = "evaluation.json"  # per-prompt figures beside the manifest
+EVALUATION = layout.EVALUATION  # per-prompt figures beside the manifest
 NO_SPLIT = ("the embedding {embed} has no held-out split (made before splits existed, or embed.holdout_fraction "
             "and holdout_min are 0): set embed.holdout_min (a new embed attempt, so training leaves samples out)")
 _SAMPLE_OWN = ("prompts", "cascade", "images_per_prompt", "demo_check")  # set by the stage itself
@@ -46,10 +47,10 @@ class EvaluateConfig(StrictModel):
 
     fingerprint_exclude: ClassVar[tuple[str, ...]] = ()
 
-    cascade: Literal["auto", "imagen", "unclip", "glide", "both", "all"] = Field("auto", description=(
-        "cascades to evaluate: 'auto' = each cascade whose models the run trains (unclip, imagen, glide), or "
-        "'imagen', 'unclip', 'glide', 'both' (unclip and imagen) or 'all' (every cascade; the run must train "
-        "them all)"))
+    cascade: Literal[("auto", *CASCADE_CHOICES)] = Field("auto", description=(
+        f"cascades to evaluate: 'auto' = each cascade whose models the run trains ({', '.join(CASCADES)}), or "
+        f"{', '.join(repr(c) for c in CASCADES)}, 'both' (unclip and imagen) or 'all' (every cascade; the run "
+        "must train them all)"))
     num_samples: int = Field(64, ge=2, description=(
         "held-out captions sampled per cascade for FID and CLIP score (capped by the held-out count; "
         "FID is biased upwards at small N, compare figures of equal N only)"))
@@ -105,15 +106,9 @@ class EvaluateConfig(StrictModel):
     def cascades(self) -> list[str]:
         """The cascades asked for ('auto': every cascade; those the run does not train are left out
         when the stage runs, stages/evaluate/figures.runnable_cascades)."""
-        from stages.models import CASCADES
+        return list(CASCADES) if self.cascade == "auto" else self.sample_config(["x"]).cascades()
 
-        if self.cascade in ("auto", "all"):
-            return list(CASCADES)
-        return ["unclip", "imagen"] if self.cascade == "both" else [self.cascade]
-
-    def sample_config(self, prompts: list[str]):
-        from stages.sampling.config import SampleConfig
-
+    def sample_config(self, prompts: list[str]) -> SampleConfig:
         cascade = "all" if self.cascade == "auto" else self.cascade
         return SampleConfig(prompts=prompts, cascade=cascade, images_per_prompt=1, demo_check=False,
                             **self.sampling)
@@ -167,7 +162,7 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
 def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_uris: dict[str, str] | None,
             progress: Callable[[str], None]):
     """What every measurement needs: the held-out rule, the run's encoders, where each model is."""
-    from data_prep.encoders_doc import read_encoders_doc
+    from data_prep.encoders_doc import encoders_doc_uri, read_encoders_doc
     from data_prep.holdout import read_rule
     from stages.evaluate.figures import EvalContext
     from stages.sampling.loading import PromptEncoders
@@ -176,13 +171,17 @@ def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_ur
     if "embed" not in inputs:
         raise StageFailed("evaluate: needs the embed stage (held-out split, encoders)")
     embed_uri = inputs["embed"]["out_uri"]
+    doc = read_encoders_doc(embed_uri)
+    if doc is None or doc.clip_preprocess is None:  # CLIP scores preprocess samples as the embed stage did
+        raise StageFailed(f"evaluate: {encoders_doc_uri(embed_uri)} "
+                          f"{'not found' if doc is None else 'has no clip_preprocess'}: re-run the embed stage")
     rule = read_rule(embed_uri)
     uris = {n: m["out_uri"] for n, m in inputs.items() if "out_uri" in m}
     uris.update(stage_uris or {})
     device = resolve_device(cfg.sample_config(["x"]).device)
     return EvalContext(cfg, run_uri, uris, embed_uri, inputs["embed"]["outputs"]["shards"],
                        (inputs.get("download") or {}).get("outputs", {}).get("shards"), rule,
-                       PromptEncoders.load(embed_uri, device=device), read_encoders_doc(embed_uri)["clip_preprocess"],
+                       PromptEncoders.load(embed_uri, device=device), doc.clip_preprocess,
                        device, progress)
 
 

@@ -1,75 +1,77 @@
-"""The registry of trained models: the one place that says what each model role is.
+"""The registry of trained models, built from the model modules themselves.
 
-Each line names a role's graph stage, the module holding its config class, its ``StageSpec``
-(training: what data it needs and how a batch becomes network kwargs) and its ``sample_cond``
-(sampling: how prompt features and the previous model's output become the same kwargs, side by
-side with the batch builder so the two cannot drift), its null-conditioning keys for
-classifier-free guidance, its default guidance scale and where it sits in the cascades. The stage
-graph, the spec's cross-stage checks, sampling, the report and the benchmarks read this table.
+Each model module (stages/models/<model>.py) declares ``MODEL = ModelDef(...)``
+(stages/models/model_def.py): its ``StageSpec`` (training: what data it needs and how a batch
+becomes network kwargs, beside ``sample_cond``, how prompt features and the previous model's
+output become the same kwargs at sampling), its config class and ``run``, its CFG null keys and
+default guidance, whether it is an upsampler, its place in each cascade, CLIP guidance and its MFU
+target. The stage graph, the spec's cross-stage checks, sampling, evaluation, the report and the
+benchmarks read this registry; nothing else names a model's facts.
 
-Adding a model = its module (config class, ``build_batch``, ``sample_cond``, ``SPEC``) + one line
-in ``MODELS`` (docs/design.md, "Adding a model"). Importing this file imports no torch.
+Adding a model = its module + its name in ``MODELS`` below (docs/design.md, "Adding a model"), or,
+for a model kept outside this repository, its module named in ``T2I_MODELS``.
+Importing this package imports no torch (the model modules import it only when they train).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import os
+
+from stages.models import decoder, glide, imagen_base, noised_clip, prior, superres
+from stages.models.model_def import ModelDef
+
+def _plugins() -> tuple[ModelDef, ...]:
+    """Models declared outside this package, named in ``T2I_MODELS`` (comma-separated module names,
+    each declaring ``MODEL`` or ``MODELS``): a team's own model, or a test's toy model, joins the
+    registry through the same path as the shipped ones. Read once, at import, so every process
+    of a run (the driver, Ray workers, the download child) sees the same registry."""
+    found = []
+    for name in filter(None, (n.strip() for n in os.environ.get("T2I_MODELS", "").split(","))):
+        mod = importlib.import_module(name)
+        declared = getattr(mod, "MODELS", None) or (getattr(mod, "MODEL", None),)
+        if not all(isinstance(m, ModelDef) for m in declared):
+            raise ImportError(f"T2I_MODELS: module {name} declares no MODEL = ModelDef(...) (or MODELS)")
+        found += declared
+    return tuple(found)
 
 
-@dataclass(frozen=True)
-class ModelDef:
-    role: str                        # network role in stages/nets/flavors.py
-    stage: str                       # stage name in the graph and the run spec
-    module: str                      # the model's module
-    config_class: str                # its TrainConfig subclass, in ``module``
-    spec_attr: str                   # its StageSpec, in ``module``
-    needs_images: bool               # False: trains on embeddings only (its loader opens no tars)
-    null_keys: tuple[str, ...]       # drop flags set for the unconditional branch of CFG
-    default_guidance: float          # CFG scale when the sample config names none (1.0 = off)
-    upsampler: bool                  # takes the previous model's output as ``low_res``
-    description: str
-
-    def load(self):
-        return importlib.import_module(self.module)
-
-    @property
-    def stage_spec(self):
-        return getattr(self.load(), self.spec_attr)
-
-    @property
-    def config(self) -> type:
-        return getattr(self.load(), self.config_class)
+def _checked(models: tuple[ModelDef, ...]) -> tuple[ModelDef, ...]:
+    for i, m in enumerate(models):
+        for other in models[:i]:
+            if other.role == m.role or other.stage == m.stage:
+                raise ValueError(f"two models claim role {m.role!r} or stage {m.stage!r} ({other.module}, {m.module})")
+    return models
 
 
-MODELS: tuple[ModelDef, ...] = (
-    ModelDef("prior", "train_prior", "stages.models.prior", "PriorTrainConfig", "SPEC", False, ("drop_text",), 2.0, False,
-             "unCLIP diffusion prior: CLIP text -> CLIP image embedding."),
-    ModelDef("decoder", "train_decoder", "stages.models.decoder", "DecoderTrainConfig", "SPEC", True,
-             ("drop_text", "drop_image"), 3.0, False, "unCLIP decoder: CLIP image embedding (+ text) -> 64px image."),
-    ModelDef("base", "train_base", "stages.models.imagen_base", "BaseTrainConfig", "SPEC", True, ("drop_text",), 3.0, False,
-             "Imagen base model: T5 tokens -> 64px image."),
-    ModelDef("sr256", "train_sr256", "stages.models.superres", "SR256TrainConfig", "SPEC_SR256", True, ("drop_text",), 1.0,
-             True, "Super-resolution 64->256 with conditioning augmentation."),
-    ModelDef("sr1024", "train_sr1024", "stages.models.superres", "SR1024TrainConfig", "SPEC_SR1024", True, ("drop_text",),
-             1.0, True, "Super-resolution 256->1024 with conditioning augmentation."),
-    ModelDef("glide", "train_glide", "stages.models.glide", "GlideTrainConfig", "SPEC", True, ("drop_text",), 3.0, False,
-             "GLIDE base model: caption token ids -> its own text transformer, trained jointly -> 64px image."),
-    # Not a denoiser and in no cascade: sampling loads it for `guidance: clip` (stages/sampling/clip_guidance.py).
-    ModelDef("noised_clip", "train_noised_clip", "stages.models.noised_clip", "NoisedClipTrainConfig", "SPEC", True, (), 1.0,
-             False, "GLIDE's noised CLIP: noisy image x_t + t -> CLIP embedding, for CLIP guidance."),
-)
+def _cascades() -> dict[str, tuple[str, ...]]:
+    """Which models a cascade runs, in order (an upsampler's input is the model before it), from
+    each model's ``cascades`` places; cascades in the order their first model is registered."""
+    places: dict[str, dict[int, str]] = {}
+    for m in MODELS:
+        for cascade, place in m.cascades.items():
+            taken = places.setdefault(cascade, {})
+            if place in taken:
+                raise ValueError(f"cascade {cascade!r}: {m.role} and {taken[place]} both claim place {place}")
+            taken[place] = m.role
+    out = {}
+    for cascade, taken in places.items():
+        if sorted(taken) != list(range(len(taken))):
+            raise ValueError(f"cascade {cascade!r} has gaps in its places: {dict(sorted(taken.items()))}")
+        out[cascade] = tuple(taken[i] for i in range(len(taken)))
+    return out
 
-# Which models a cascade runs, in order; an upsampler's input is the model before it.
-CASCADES: dict[str, tuple[str, ...]] = {
-    "unclip": ("prior", "decoder", "sr256", "sr1024"),
-    "imagen": ("base", "sr256", "sr1024"),
-    "glide": ("glide", "sr256", "sr1024"),  # GLIDE had one upsampler; the cascade reuses Imagen's two
-}
 
-ROLES: tuple[str, ...] = tuple(m.role for m in MODELS)
-# The models a cascade can run (denoisers); the others (the noised CLIP) only help sampling.
-CASCADE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if any(r in rs for rs in CASCADES.values()))
-TRAIN_STAGES: tuple[str, ...] = tuple(m.stage for m in MODELS)
+def _derived():
+    cascades = _cascades()
+    roles = tuple(m.role for m in MODELS)
+    # The models a cascade can run (denoisers); the others (the noised CLIP) only help sampling.
+    cascade_roles = tuple(r for r in roles if any(r in rs for rs in cascades.values()))
+    return cascades, roles, cascade_roles, tuple(m.stage for m in MODELS)
+
+
+MODELS: tuple[ModelDef, ...] = _checked((prior.MODEL, decoder.MODEL, imagen_base.MODEL, superres.SR256,
+                                         superres.SR1024, glide.MODEL, noised_clip.MODEL, *_plugins()))
+CASCADES, ROLES, CASCADE_ROLES, TRAIN_STAGES = _derived()
 
 
 def model(role: str) -> ModelDef:

@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
+from stages.models.model_def import ModelDef
 from stages.training.stage_spec import StageSpec
 from stages.training.config import TrainConfig
 
@@ -56,10 +57,10 @@ def build_batch(batch, cfg: DecoderTrainConfig, flavor, device, dtype):
     return x0, cond
 
 
-def text_encoder_of(config: dict | None) -> str:
-    """Which text encoder a trained decoder reads, from its final/config.json (a decoder final
-    written before the option existed is a clip_tokens one)."""
-    network = (config or {}).get("network") or {}
+def text_encoder_of(config) -> str:
+    """Which text encoder a trained decoder reads, from its final/config.json (a FinalConfig, or
+    None; a decoder final written before the option existed is a clip_tokens one)."""
+    network = (config.network if config is not None else None) or {}
     return "glide" if network.get("class") == "GlideModel" else "clip_tokens"
 
 
@@ -80,3 +81,8 @@ def run(cfg: DecoderTrainConfig, ctx: StageContext) -> StageResult:
     from stages.training.trainer import train_stage
 
     return train_stage(SPEC, cfg, ctx)
+
+
+MODEL = ModelDef(spec=SPEC, config=DecoderTrainConfig, run=run, null_keys=("drop_text", "drop_image"),
+                 default_guidance=3.0, cascades={"unclip": 1},
+                 description="unCLIP decoder: CLIP image embedding (+ text) -> 64px image.")

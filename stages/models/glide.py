@@ -15,6 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
+from stages.models.model_def import ModelDef
 from stages.training.stage_spec import StageSpec
 from stages.training.config import TrainConfig
 
@@ -78,3 +79,8 @@ def run(cfg: GlideTrainConfig, ctx: StageContext) -> StageResult:
     from stages.training.trainer import train_stage
 
     return train_stage(SPEC, cfg, ctx)
+
+
+MODEL = ModelDef(spec=SPEC, config=GlideTrainConfig, run=run, null_keys=("drop_text",), default_guidance=3.0,
+                 cascades={"glide": 0}, clip_guidance=3.0,
+                 description="GLIDE base model: caption token ids -> its own text transformer, trained jointly -> 64px image.")

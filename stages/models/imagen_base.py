@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
+from stages.models.model_def import ModelDef
 from stages.training.stage_spec import StageSpec
 from stages.training.config import TrainConfig
 
@@ -34,3 +35,8 @@ def run(cfg: BaseTrainConfig, ctx: StageContext) -> StageResult:
     from stages.training.trainer import train_stage
 
     return train_stage(SPEC, cfg, ctx)
+
+
+MODEL = ModelDef(spec=SPEC, config=BaseTrainConfig, run=run, null_keys=("drop_text",), default_guidance=3.0,
+                 cascades={"imagen": 0}, clip_guidance=3.0,
+                 description="Imagen base model: T5 tokens -> 64px image.")

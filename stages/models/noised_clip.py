@@ -17,6 +17,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from pipeline.context import StageContext, StageResult
+from stages.models.model_def import ModelDef
 from stages.training.stage_spec import StageSpec
 from stages.training.config import TrainConfig
 
@@ -80,3 +81,8 @@ def run(cfg: NoisedClipTrainConfig, ctx: StageContext) -> StageResult:
     from stages.training.trainer import train_stage
 
     return train_stage(SPEC, cfg, ctx)
+
+
+# Not a denoiser and in no cascade: sampling loads it for `guidance: clip` (stages/sampling/clip_guidance.py).
+MODEL = ModelDef(spec=SPEC, config=NoisedClipTrainConfig, run=run,
+                 description="GLIDE's noised CLIP: noisy image x_t + t -> CLIP embedding, for CLIP guidance.")

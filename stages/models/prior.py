@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from pipeline.context import StageContext, StageResult
+from stages.models.model_def import ModelDef
 from stages.training.stage_spec import StageSpec
 from stages.training.config import DiffusionSettings, TrainConfig
 
@@ -53,3 +54,8 @@ def run(cfg: PriorTrainConfig, ctx: StageContext) -> StageResult:
     from stages.training.trainer import train_stage
 
     return train_stage(SPEC, cfg, ctx)
+
+
+MODEL = ModelDef(spec=SPEC, config=PriorTrainConfig, run=run, null_keys=("drop_text",), default_guidance=2.0,
+                 cascades={"unclip": 0}, mfu_target=0.45,
+                 description="unCLIP diffusion prior: CLIP text -> CLIP image embedding.")

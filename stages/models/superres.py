@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
+from stages.models.model_def import ModelDef
 from stages.training.stage_spec import StageSpec
 from stages.training.config import CondAugSettings, TrainConfig
 
@@ -69,3 +70,12 @@ def run(cfg: SRTrainConfig, ctx: StageContext) -> StageResult:
 
     spec = SPEC_SR1024 if isinstance(cfg, SR1024TrainConfig) else SPEC_SR256
     return train_stage(spec, cfg, ctx)
+
+
+# Both upsamplers serve every cascade (GLIDE had one upsampler; its cascade reuses Imagen's two).
+SR256 = ModelDef(spec=SPEC_SR256, config=SR256TrainConfig, run=run, null_keys=("drop_text",), upsampler=True,
+                 cascades={"unclip": 2, "imagen": 1, "glide": 1}, mfu_target=0.30,
+                 description="Super-resolution 64->256 with conditioning augmentation.")
+SR1024 = ModelDef(spec=SPEC_SR1024, config=SR1024TrainConfig, run=run, null_keys=("drop_text",), upsampler=True,
+                  cascades={"unclip": 3, "imagen": 2, "glide": 2}, mfu_target=0.30,
+                  description="Super-resolution 256->1024 with conditioning augmentation.")

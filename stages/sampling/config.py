@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline import layout
 from pipeline.configbase import StrictModel
 from stages import models as _models
 
@@ -17,18 +18,26 @@ ROLES = _models.CASCADE_ROLES
 CASCADES = _models.CASCADES
 NULL_KEYS = {m.role: m.null_keys for m in _models.MODELS}
 SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
-CLI_OUT = "samples_cli"  # where sample_cli / sample_cascade write by default (not the stage's own dir)
+CLI_OUT = layout.SAMPLES_CLI  # where sample_cli / sample_cascade write by default (not the stage's own dir)
 DEFAULT_GUIDANCE = {m.role: m.default_guidance for m in _models.MODELS if m.role in ROLES}
 stage_of = _models.stage_of
 # `guidance: clip` (GLIDE §2.4) guides the text-to-64px models that see the caption directly, with
 # the noised CLIP trained by train_noised_clip; its default scale per model.
-CLIP_GUIDED_ROLES = ("glide", "base")
+CLIP_GUIDED_ROLES = tuple(m.role for m in _models.MODELS if m.clip_guidance is not None)
 NOISED_CLIP = "noised_clip"
 # `guidance: compare`: the CLIP-guided half of a cascade is reported as '<cascade><CLIP_GUIDED_SUFFIX>'
 # (sample names, grid columns, manifest keys '<cascade>_clip_guided_demo_*'); the CFG half keeps the
 # cascade's own name, so its keys are those of a plain `guidance: cfg` run.
 CLIP_GUIDED_SUFFIX = "_clip_guided"
-DEFAULT_CLIP_GUIDANCE = {"glide": 3.0, "base": 3.0}
+DEFAULT_CLIP_GUIDANCE = {m.role: m.clip_guidance for m in _models.MODELS if m.clip_guidance is not None}
+# 'both' is the two cascades of unCLIP and Imagen (as before GLIDE), 'all' every cascade.
+CASCADE_CHOICES = (*CASCADES, "both", "all")
+# The models that draw the cascade's first image (Imagen's base, unCLIP's decoder, GLIDE): any of
+# their names as max_stage means "stop after the 64px model" of whichever cascade runs.
+FIRST_IMAGE_ROLES = tuple(r for r in ROLES if _models.model(r).needs_images and not _models.model(r).upsampler)
+UPSAMPLER_ROLES = tuple(r for r in ROLES if _models.model(r).upsampler)
+MAX_STAGES = (*FIRST_IMAGE_ROLES, *UPSAMPLER_ROLES)
+_CASCADE_HELP = ", ".join(f"'{c}' ({' -> '.join(rs)})" for c, rs in CASCADES.items())
 
 
 def _default_prompts() -> list[str]:
@@ -42,12 +51,11 @@ class SampleConfig(StrictModel):
 
     prompts: list[str] = Field(default_factory=_default_prompts, description=(
         "Prompts to sample (default: the demo corpus's fixed prompt list, which also turns on the demo check)."))
-    cascade: Literal["imagen", "unclip", "glide", "both", "all"] = Field("both", description=(
-        "'unclip' (prior -> decoder -> sr256 -> sr1024), 'imagen' (base -> sr256 -> sr1024), 'glide' "
-        "(glide -> sr256 -> sr1024), 'both' (unclip and imagen) or 'all' (every cascade)."))
+    cascade: Literal[CASCADE_CHOICES] = Field("both", description=(
+        f"{_CASCADE_HELP}, 'both' (unclip and imagen) or 'all' (every cascade)."))
     guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GUIDANCE), description=(
         "Classifier-free guidance weight: one float for every model, or a dict role -> weight with roles "
-        "prior, decoder, base, sr256, sr1024, glide (missing roles use the defaults). 1.0 = no guidance."))
+        f"{', '.join(ROLES)} (missing roles use the defaults). 1.0 = no guidance."))
     guidance: Literal["cfg", "clip", "compare"] = Field("cfg", description=(
         "'cfg': classifier-free guidance only (guidance_scale). 'clip': CLIP guidance of the glide and base "
         "models with the noised CLIP of train_noised_clip (GLIDE §2.4): the gradient of its noisy-image/caption "
@@ -59,8 +67,8 @@ class SampleConfig(StrictModel):
         "beside the CFG one, with a side-by-side table in report.html."))
     clip_guidance_scale: float | dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CLIP_GUIDANCE),
                                                           description=(
-        "CLIP guidance scale (guidance: clip): one float for the glide and base models, or a dict with roles "
-        "glide, base (missing roles use the defaults). 0 = no CLIP guidance."))
+        f"CLIP guidance scale (guidance: clip): one float for the {' and '.join(CLIP_GUIDED_ROLES)} models, or a "
+        f"dict with roles {', '.join(CLIP_GUIDED_ROLES)} (missing roles use the defaults). 0 = no CLIP guidance."))
     steps: int | dict[str, int] = Field(25, description=(
         "Denoising steps: one int for every model, or role -> steps (missing roles: 25)."))
     sampler: Literal["ddim", "ddpm", "dpmpp", "dpmpp_2m"] = Field("dpmpp", description=(
@@ -81,10 +89,10 @@ class SampleConfig(StrictModel):
         "CLIP reranking (DALL-E): keep the K of images_per_prompt samples per prompt that the run's CLIP scores "
         "highest; the manifest records the kept and the first-drawn mean CLIP scores. null = keep all."))
     batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
-    max_stage: Literal["base", "decoder", "glide", "sr256", "sr1024"] | None = Field(None, description=(
-        "Stop each cascade early: 'base'/'decoder'/'glide' = after the 64px model (base for imagen, decoder "
-        "for unclip, glide for glide: any of the three names means that), 'sr256' = after the first "
-        "upsampler; null = run the whole cascade."))
+    max_stage: Literal[MAX_STAGES] | None = Field(None, description=(
+        f"Stop each cascade early: {'/'.join(FIRST_IMAGE_ROLES)} = after the cascade's 64px model (any of "
+        f"these names means that), {'/'.join(UPSAMPLER_ROLES)} = after that upsampler; null = run the whole "
+        "cascade."))
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     demo_check: bool = Field(True, description="Score samples against their prompts when all prompts are demo captions.")
 
@@ -219,5 +227,5 @@ def cascade_roles(cascade: str, max_stage: str | None = None) -> tuple[str, ...]
     roles = CASCADES[cascade]
     if max_stage is None:
         return roles
-    last = roles[-3] if max_stage in ("base", "decoder", "glide") else max_stage
+    last = [r for r in roles if r in FIRST_IMAGE_ROLES][-1] if max_stage in FIRST_IMAGE_ROLES else max_stage
     return roles[: roles.index(last) + 1]

@@ -208,6 +208,17 @@ class DemoCheck:
         return m
 
 
+def figures_by_cascade(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """A sample manifest's ``<cascade>_demo_*`` figures, per cascade (CLIP-guided halves included):
+    {cascade: {"demo_n": ..., "demo_colour_accuracy": ..., ...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        cascade, sep, figure = key.partition("_demo_")
+        if sep and cascade and figure:
+            out.setdefault(cascade, {})["demo_" + figure] = value
+    return {c: f for c, f in out.items() if "demo_colour_accuracy" in f}
+
+
 def check_samples(samples: Iterable[tuple[str, Image.Image | np.ndarray]],
                   colours: Mapping[str, tuple[int, int, int]] | None = None) -> DemoCheck:
     """Score (prompt, image) pairs; pairs whose prompt is not a demo caption are skipped."""
