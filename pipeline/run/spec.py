@@ -124,16 +124,16 @@ def cross_stage_problems(spec) -> list[str]:
 
     problems: list[str] = []
     flavors = {}
-    for stage, role in ((m.stage, m.role) for m in MODELS):
+    for stage, role, net in ((m.stage, m.role, m.network_role) for m in MODELS):
         cfg = getattr(spec, stage, None)
         if cfg is None:
             continue
         from stages.nets.flavors import get_flavor, list_flavors
 
         try:
-            flavors[role] = get_flavor(role, cfg.flavor)
+            flavors[role] = get_flavor(net, cfg.flavor)
         except ValueError:
-            allowed = sorted(f.name for f in list_flavors() if f.role == role)
+            allowed = sorted(f.name for f in list_flavors() if f.role == net)
             problems.append(f"{stage}.flavor: unknown flavor {cfg.flavor!r} for {role}; allowed: {', '.join(allowed)}")
     for role, f in flavors.items():
         if f.low_res_size is not None and f.image_size is not None and f.image_size <= f.low_res_size:

@@ -124,7 +124,7 @@ def bench_loader(stage: str = "base", flavor: str = "debug", *, batch: int = 4, 
     from stages.training.trainer import read_cond_dims
 
     spec, _ = stage_parts(stage)
-    fl = get_flavor(spec.role, flavor)
+    fl = get_flavor(spec.net_role, flavor)
     image_size = fl.image_size if spec.needs_images else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if workers < 0 or batches < 1 or batch < 1:

@@ -82,7 +82,7 @@ def _flavor_key(role: str, flavor: str, dims: dict[str, int], text_len: int, var
     from stages.nets.flavors import get_flavor
     import torch
 
-    cfg = get_flavor(role, flavor).config(dims, variant)
+    cfg = get_flavor(model(role).network_role, flavor).config(dims, variant)
     return hashlib.sha256(f"{role}|{flavor}|{cfg!r}|{text_len}|{torch.__version__}".encode()).hexdigest()[:16]
 
 
@@ -126,14 +126,14 @@ def _count(role: str, flavor: str, dims: dict[str, int], text_len: int, batch: i
     from stages.nets.flavors import build_network, get_flavor
 
     spec, cfg_cls = stage_parts(role)
-    fl = get_flavor(role, flavor)
+    fl = get_flavor(spec.net_role, flavor)
     # The network variant is chosen by a config field (the decoder's text_encoder): set it back.
     chosen = {"text_encoder": variant} if variant and "text_encoder" in cfg_cls.model_fields else {}
     cfg = cfg_cls(flavor=flavor, batch_size=batch, steps=1, **chosen)
     cpu_batch = synthetic_batch(fl, dims, batch, text_len, seed=0)
     torch.manual_seed(0)
     with torch.device(device):
-        net = build_network(role, flavor, dims, spec.variant(cfg))   # model FLOPs: no activation recompute
+        net = build_network(spec.net_role, flavor, dims, spec.variant(cfg))   # model FLOPs: no activation recompute
     diffusion = Diffusion(**cfg.diffusion.model_dump())
     dev = torch.device(device)
 
@@ -233,7 +233,7 @@ def params_of(role: str, flavor: str, dims: dict[str, int], variant: str | None 
     from stages.nets.flavors import build_network
 
     with torch.device("meta"):
-        net = build_network(role, flavor, dims, variant)
+        net = build_network(model(role).network_role, flavor, dims, variant)
     ps = list(net.parameters())
     return sum(p.numel() for p in ps), len(ps)
 

@@ -138,7 +138,7 @@ def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_b
     is_unet = type(flavor.config(cond_dims, spec.variant(cfg))).__name__ == "UNetConfig"
     extra = {"channels_last": True} if opts.channels_last and is_unet else {}
     with torch.device(device):  # built where it runs: a 2B network initialises in seconds on a GPU
-        model = build_network(spec.role, cfg.flavor, cond_dims, spec.variant(cfg),
+        model = build_network(spec.net_role, cfg.flavor, cond_dims, spec.variant(cfg),
                               gradient_checkpointing=opts.activation_checkpointing,
                               **extra)
     n_params = sum(p.numel() for p in model.parameters())
@@ -216,7 +216,7 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
 
     opts = options or BenchOptions()
     spec, cfg_cls = stage_parts(stage)
-    fl = get_flavor(spec.role, flavor)
+    fl = get_flavor(spec.net_role, flavor)
     for z in zero_stages:
         if z not in (0, 1, 2, 3):
             raise ValueError(f"zero stages must be among 0, 1, 2, 3 (got {z})")

@@ -88,7 +88,7 @@ def _model_figures(ctx, mdef, tcfg, view: str) -> dict[str, float]:
 
     net, _ = load_final(resolve_final(view), ctx.device)
     shards = pair_shards(ctx.download_shards if mdef.needs_images else None, ctx.embed_shards)
-    val = Validator.for_data(mdef.stage_spec, tcfg, get_flavor(mdef.role, tcfg.flavor), shards, ctx.rule,
+    val = Validator.for_data(mdef.stage_spec, tcfg, get_flavor(mdef.network_role, tcfg.flavor), shards, ctx.rule,
                              ctx.device, torch.float32)
     out = {"val_loss_ema": val.loss(net, Diffusion(**tcfg.diffusion.model_dump()))}
     del net
@@ -123,7 +123,7 @@ def _final_config(mdef, tcfg, embed_uri: str, step: int) -> FinalConfig:
     from stages.training.final_weights import FinalConfig
     from stages.training.trainer import read_cond_dims
 
-    flavor = get_flavor(mdef.role, tcfg.flavor)
+    flavor = get_flavor(mdef.network_role, tcfg.flavor)
     return FinalConfig(role=mdef.role, flavor=tcfg.flavor, cond_dims=read_cond_dims(embed_uri),
                        image_size=flavor.image_size, low_res_size=flavor.low_res_size,
                        diffusion=tcfg.diffusion.model_dump(), condaug=mdef.stage_spec.extra_config(tcfg), step=step)

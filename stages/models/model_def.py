@@ -46,6 +46,11 @@ class ModelDef:
         return self.spec.needs_images
 
     @property
+    def network_role(self) -> str:
+        """The flavor table's name for its network (stages/nets/flavors.py)."""
+        return self.spec.net_role
+
+    @property
     def stage_spec(self) -> StageSpec:
         return self.spec
 

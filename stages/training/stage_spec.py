@@ -15,7 +15,7 @@ class StageSpec:
     """Everything that differs between the training stages."""
 
     stage: str  # graph name, e.g. "train_base"
-    role: str  # network role for stages.nets.flavors
+    role: str  # the model's name in the registry, sampling and final/config.json, e.g. "base"
     needs_images: bool
     # (loader batch, cfg, flavor, device, compute dtype) -> (x0, cond kwargs of the network)
     build_batch: Callable[[Batch, Any, Any, Any, Any], tuple[Any, dict]]
@@ -40,6 +40,14 @@ class StageSpec:
     variant: Callable[[Any], str | None] = lambda cfg: None
     # False: not a denoiser, nothing to draw (no training sample grid, no place in a cascade)
     samples: bool = True
+    # The network family in stages/nets/flavors.py, when the model trains an existing network
+    # under a name of its own (a new model on the Imagen base UNet: network="base"). "": its role.
+    network: str = ""
+
+    @property
+    def net_role(self) -> str:
+        """The role the flavor table knows this model's network by."""
+        return self.network or self.role
 
     def training_loss(self, diffusion, model, x0, cond, *, t=None, noise=None):
         """This stage's loss of ``model`` on one batch (``t``/``noise`` fixed: validation)."""

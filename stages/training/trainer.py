@@ -167,7 +167,7 @@ class Trainer:
             configure_cuda_fast_path()  # TF32 matmuls, cudnn autotune
         setup_distributed(env, device)
         self.device, self.rank, self.world = device, dist.get_rank(), dist.get_world_size()
-        self.flavor = get_flavor(spec.role, cfg.flavor)
+        self.flavor = get_flavor(spec.net_role, cfg.flavor)
         self.ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
                                       every_minutes=cfg.checkpoint_every_minutes, rank=self.rank,
                                       world_size=self.world, device=device, protect_through=job.protect_through)
@@ -195,7 +195,7 @@ class Trainer:
         # partitions each submodule as soon as its own __init__ returns, so the parent's later
         # re-initialisation (zero_() on output convs, guided-diffusion style) would hit empty
         # partitions and silently leave random weights where zeros belong.
-        model = build_network(spec.role, cfg.flavor, job.cond_dims, spec.variant(cfg),
+        model = build_network(spec.net_role, cfg.flavor, job.cond_dims, spec.variant(cfg),
                               gradient_checkpointing=cfg.activation_checkpointing)
         self.engine, self.precision = build_engine(cfg, model, device=device, world_size=self.world)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
