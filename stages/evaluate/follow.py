@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline import layout, store
 from pipeline.context import StageFailed
+from stages.sampling.config import CASCADES, FIRST_IMAGE_ROLES
 
 from stages.report.eval_figures import EVAL_LOG, read_rows  # noqa: E402,F401  (the report reads them too)
 
@@ -96,8 +97,8 @@ def _model_figures(ctx, mdef, tcfg, view: str) -> dict[str, float]:
     if mdef.role == "prior":
         m, _ = figures.prior_figures(sub)
         out["prior_cosine_similarity"] = m["prior_cosine_similarity"]
-    elif mdef.role in ("base", "decoder", "glide"):
-        cascade = {"base": "imagen", "decoder": "unclip", "glide": "glide"}[mdef.role]
+    elif mdef.role in FIRST_IMAGE_ROLES:  # draws a cascade's first image: its FID/CLIP score there
+        cascade = next(c for c, roles in CASCADES.items() if mdef.role in roles)
         cut = ctx.cfg.model_copy(update={"cascade": cascade, "prompt_suite": None,
                                          "sampling": {**ctx.cfg.sampling, "max_stage": mdef.role}})
         try:
