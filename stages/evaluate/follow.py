@@ -17,16 +17,21 @@ The SR models get the validation losses only (their FID needs the whole cascade:
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from pipeline import layout, store
 from pipeline.context import StageFailed
+from stages.diffusion import Diffusion
+from stages.evaluate import NO_SPLIT, context, figures
+from stages.evaluate.offline import _materialise, checkpoint_val_loss
+from stages.models import by_stage
+from stages.nets.flavors import get_flavor
+from stages.report.eval_figures import EVAL_LOG, read_rows  # one reader of eval.jsonl: the report reads it too
 from stages.sampling.config import CASCADES, FIRST_IMAGE_ROLES
-
-from stages.report.eval_figures import EVAL_LOG, read_rows  # noqa: E402,F401  (the report reads them too)
-
-if TYPE_CHECKING:
-    from stages.training.final_weights import FinalConfig
+from stages.training.final_weights import FinalConfig, load_final, resolve_final
+from stages.training.loader import pair_shards
+from stages.training.trainer import read_cond_dims
+from stages.training.validation import Validator
 
 
 def complete_steps(attempt: str) -> list[int]:
@@ -42,12 +47,6 @@ def evaluate_checkpoints(cfg: Any, run_uri: str, inputs: dict[str, dict], train_
                          work_uri: str, *, progress: Callable[[str], None] = lambda m: None) -> dict[str, list[dict]]:
     """Rows added per stage (module docstring). ``train_cfgs``: each stage's TrainConfig from the
     run's spec (the validation batch is built as training built it)."""
-    from stages.evaluate import context
-    from stages.evaluate.offline import _materialise, checkpoint_val_loss
-    from stages.models import by_stage
-
-    from stages.evaluate import NO_SPLIT
-
     ctx = context(cfg, run_uri, inputs, None, progress)
     if not ctx.rule.enabled:
         raise StageFailed("evaluate: " + NO_SPLIT.format(embed=ctx.embed_uri))
@@ -79,13 +78,6 @@ def evaluate_checkpoints(cfg: Any, run_uri: str, inputs: dict[str, dict], train_
 
 def _model_figures(ctx, mdef, tcfg, view: str) -> dict[str, float]:
     import torch
-
-    from stages.diffusion import Diffusion
-    from stages.evaluate import figures
-    from stages.training.final_weights import load_final, resolve_final
-    from stages.training.loader import pair_shards
-    from stages.nets.flavors import get_flavor
-    from stages.training.validation import Validator
 
     net, _ = load_final(resolve_final(view), ctx.device)
     shards = pair_shards(ctx.download_shards if mdef.needs_images else None, ctx.embed_shards)
@@ -120,10 +112,6 @@ def _with(ctx, stage_uris: dict[str, str], cfg: Any = None):
 def _final_config(mdef, tcfg, embed_uri: str, step: int) -> FinalConfig:
     """final/config.json as the training loop writes it (stages/training/trainer.py Trainer.finish), for a
     stage that has not finished yet."""
-    from stages.nets.flavors import get_flavor
-    from stages.training.final_weights import FinalConfig
-    from stages.training.trainer import read_cond_dims
-
     flavor = get_flavor(mdef.network_role, tcfg.flavor)
     return FinalConfig(role=mdef.role, flavor=tcfg.flavor, cond_dims=read_cond_dims(embed_uri),
                        image_size=flavor.image_size, low_res_size=flavor.low_res_size,

@@ -24,9 +24,10 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.context import StageContext, StageResult
+from stages.models.glide import ids_cond, token_cond
 from stages.models.model_def import ModelDef
-from stages.training.stage_spec import StageSpec
 from stages.training.config import TrainConfig
+from stages.training.stage_spec import StageSpec
 
 TEXT_ENCODERS = ("clip_tokens", "glide")
 
@@ -45,8 +46,6 @@ def build_batch(batch, cfg: DecoderTrainConfig, flavor, device, dtype):
     x0 = batches.images(batch, device)
     b = len(x0)
     if cfg.text_encoder == "glide":
-        from stages.models.glide import token_cond
-
         text = token_cond(batch, flavor.config(variant="glide"), flavor.name, "train_decoder", device)
     else:
         text = batches.clip_tokens(batch, device, dtype)
@@ -67,8 +66,6 @@ def text_encoder_of(config) -> str:
 def sample_cond(f, prev, config=None):
     """What build_batch gives the network; ``prev`` is the prior's sampled CLIP image embedding."""
     if text_encoder_of(config) == "glide":
-        from stages.models.glide import ids_cond
-
         return {**ids_cond(f), "image_embed": prev}
     return {"text_tokens": f.clip_tokens, "text_mask": f.clip_mask, "image_embed": prev}
 
@@ -78,7 +75,7 @@ SPEC = StageSpec(stage="train_decoder", role="decoder", needs_images=True, build
 
 
 def run(cfg: DecoderTrainConfig, ctx: StageContext) -> StageResult:
-    from stages.training.trainer import train_stage
+    from stages.training.trainer import train_stage  # torch: imported when training, not when a spec is read
 
     return train_stage(SPEC, cfg, ctx)
 

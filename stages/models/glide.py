@@ -76,7 +76,7 @@ SPEC = StageSpec(stage="train_glide", role="glide", needs_images=True, build_bat
 
 
 def run(cfg: GlideTrainConfig, ctx: StageContext) -> StageResult:
-    from stages.training.trainer import train_stage
+    from stages.training.trainer import train_stage  # torch: imported when training, not when a spec is read
 
     return train_stage(SPEC, cfg, ctx)
 

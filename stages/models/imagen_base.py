@@ -32,7 +32,7 @@ SPEC = StageSpec(stage="train_base", role="base", needs_images=True, build_batch
 
 
 def run(cfg: BaseTrainConfig, ctx: StageContext) -> StageResult:
-    from stages.training.trainer import train_stage
+    from stages.training.trainer import train_stage  # torch: imported when training, not when a spec is read
 
     return train_stage(SPEC, cfg, ctx)
 

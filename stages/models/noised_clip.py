@@ -50,7 +50,7 @@ def contrastive_loss(diffusion, model, x0, cond, *, t=None, noise=None):
     import torch
     import torch.nn.functional as F
 
-    from stages.diffusion import _bc
+    from stages.diffusion import _bc  # torch: imported when training, not when a spec is read
 
     b = x0.shape[0]
     if t is None:
@@ -78,7 +78,7 @@ SPEC = StageSpec(stage="train_noised_clip", role="noised_clip", needs_images=Tru
 
 
 def run(cfg: NoisedClipTrainConfig, ctx: StageContext) -> StageResult:
-    from stages.training.trainer import train_stage
+    from stages.training.trainer import train_stage  # torch: imported when training, not when a spec is read
 
     return train_stage(SPEC, cfg, ctx)
 

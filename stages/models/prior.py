@@ -51,7 +51,7 @@ SPEC = StageSpec(stage="train_prior", role="prior", needs_images=False, build_ba
 
 
 def run(cfg: PriorTrainConfig, ctx: StageContext) -> StageResult:
-    from stages.training.trainer import train_stage
+    from stages.training.trainer import train_stage  # torch: imported when training, not when a spec is read
 
     return train_stage(SPEC, cfg, ctx)
 

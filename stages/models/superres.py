@@ -31,7 +31,7 @@ class SR1024TrainConfig(SRTrainConfig):
 
 def build_batch(batch, cfg: SRTrainConfig, flavor, device, dtype):
     from stages.training import batches  # torch: imported when training, not when a spec is read
-    from stages.condaug import CondAugConfig, ConditioningAugmentation, make_low_res
+    from stages.condaug import CondAugConfig, ConditioningAugmentation, make_low_res  # torch: as batches
 
     x0 = batches.images(batch, device)
     low = make_low_res(x0, flavor.low_res_size)
@@ -66,7 +66,7 @@ SPEC_SR1024 = StageSpec(stage="train_sr1024", role="sr1024", needs_images=True, 
 
 def run(cfg: SRTrainConfig, ctx: StageContext) -> StageResult:
     """One entry for both stages: the config class says which (the graph gives each its own)."""
-    from stages.training.trainer import train_stage
+    from stages.training.trainer import train_stage  # torch: imported when training, not when a spec is read
 
     spec = SPEC_SR1024 if isinstance(cfg, SR1024TrainConfig) else SPEC_SR256
     return train_stage(spec, cfg, ctx)

@@ -33,12 +33,14 @@ import torch.nn.functional as F
 
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
-
+from stages.condaug import CondAugConfig, ConditioningAugmentation, make_low_res
 from stages.models import model
+from stages.sampling.clip_guidance import ClipGuided, check_compatible
 from stages.sampling.config import (CASCADES, CLI_OUT, NOISED_CLIP, ROLES, SAMPLER_NAMES, SampleConfig, cascade_roles,
                                     stage_of)
 from stages.sampling.loading import LoadedModel, PromptEncoders, PromptFeatures, load_model
 from stages.sampling.outputs import Sample, Samples, _to_pil, write_outputs
+from stages.sampling.rerank import rerank
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -50,8 +52,6 @@ def _cond(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None) -> dict[
 
 def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
     """Previous stage's output at the SR model's conditioning size (as training's make_low_res)."""
-    from stages.condaug import make_low_res
-
     if prev.shape[-1] == size:
         return prev
     if prev.shape[-1] > size:
@@ -63,8 +63,6 @@ def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | No
                       g: torch.Generator, device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
     """Sample one batch through one model of the cascade; returns its output on CPU.
     ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py)."""
-    from stages.condaug import CondAugConfig, ConditioningAugmentation
-
     b = f.clip_text.shape[0]
     cond = _cond(m, f, prev.to(device) if prev is not None else None)
     if m.role == "prior":
@@ -84,8 +82,6 @@ def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | No
         cond.update(low_res=low, aug_level=level)
     net = m.net
     if guide is not None:
-        from stages.sampling.clip_guidance import ClipGuided
-
         net = ClipGuided(m.net, m.diffusion, guide.net, f.clip_text, cfg.clip_guidance_for(m.role))
     out = m.diffusion.sample(net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
                              guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
@@ -133,8 +129,6 @@ def _load_models(cfg: SampleConfig, run_uri: str, stage_uris: dict[str, str],
                                   percentile=cfg.dynamic_threshold_percentile)
     guided = cfg.clip_guided(needed)
     if guided:
-        from stages.sampling.clip_guidance import check_compatible
-
         models[NOISED_CLIP] = load_model(_stage_uri(run_uri, stage_uris, NOISED_CLIP), NOISED_CLIP, device=device)
         for role in guided:
             why = check_compatible(role, models[role].config, models[NOISED_CLIP].config)
@@ -189,7 +183,6 @@ def _rerank(samples: list[Sample], cfg: SampleConfig, encoders: PromptEncoders, 
     ``rerank_keep`` keeps every image)."""
     if cfg.rerank_keep is None or cfg.rerank_keep >= cfg.images_per_prompt:
         return Samples(samples)
-    from stages.sampling.rerank import rerank
 
     if encoders.preprocess is None:
         raise StageFailed(f"sample.rerank_keep needs the embed stage's CLIP preprocessing ({layout.ENCODERS} "

@@ -41,7 +41,7 @@ _CASCADE_HELP = ", ".join(f"'{c}' ({' -> '.join(rs)})" for c, rs in CASCADES.ite
 
 
 def _default_prompts() -> list[str]:
-    from data_prep.demo_corpus import demo_prompts
+    from data_prep.demo_corpus import demo_prompts  # pyarrow, PIL: reading a spec stays light
 
     return demo_prompts()
 

@@ -38,14 +38,14 @@ BORDER_FRACTION = 1 / 16  # the band whose background grain is measured (shapes 
 
 def corpus_colours() -> dict[str, tuple[int, int, int]]:
     """The demo corpus's colour table: name -> (r, g, b) in 0..255."""
-    from data_prep import demo_corpus
+    from data_prep import demo_corpus  # pyarrow: t2i run prints demo checks with this module, lightly
 
     return {name: tuple(int(c) for c in rgb) for name, rgb in demo_corpus.COLORS.items()}
 
 
 def parse_demo_prompt(prompt: str) -> tuple[str, str] | None:
     """(colour, position) if ``prompt`` is a demo-corpus caption, else None."""
-    from data_prep import demo_corpus
+    from data_prep import demo_corpus  # pyarrow: t2i run prints demo checks with this module, lightly
 
     try:
         attrs = demo_corpus.parse_caption(prompt)
@@ -135,7 +135,7 @@ def analyse(img: Image.Image | np.ndarray, colours: Mapping[str, tuple[int, int,
 
 def corpus_positions() -> dict[str, tuple[float, float]]:
     """The demo corpus's nominal shape centres: position name -> (x, y) as fractions of the side."""
-    from data_prep import demo_corpus
+    from data_prep import demo_corpus  # pyarrow: t2i run prints demo checks with this module, lightly
 
     return {str(k): (float(v[0]), float(v[1])) for k, v in demo_corpus.POSITIONS.items()}
 

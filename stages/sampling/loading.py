@@ -10,10 +10,15 @@ from typing import Any, Sequence
 
 import torch
 
+from data_prep.embed_format import pad_ids, pad_sequences
+from data_prep.encoders import load_clip, load_t5
+from data_prep.encoders_doc import encoders_doc_uri, read_encoders_doc
 from pipeline import layout, store
 from pipeline.context import StageFailed
+from stages.diffusion import Diffusion
+from stages.nets.text_transformer import GlideConfig, GlideModel
 from stages.sampling.config import NULL_KEYS, stage_of
-from stages.training.final_weights import FinalConfig
+from stages.training.final_weights import FinalConfig, load_final, read_final_config, resolve_final
 
 
 @dataclass
@@ -26,9 +31,6 @@ class LoadedModel:
 
 def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: float = 0.995) -> LoadedModel:
     """A trained stage's EMA network + its diffusion, from ``<stage_uri>/final/`` (safetensors)."""
-    from stages.diffusion import Diffusion
-    from stages.training.final_weights import load_final, read_final_config, resolve_final
-
     final = resolve_final(stage_uri)
     cfg_uri, w_uri = store.join(final, layout.FINAL_CONFIG), store.join(final, layout.FINAL_WEIGHTS)
     # config.json is written after the weights: its absence means "not (completely) trained".
@@ -55,9 +57,6 @@ def _load_glide(final: str, device: torch.device, config: FinalConfig) -> torch.
     """GLIDE's network from its self-describing config (final_weights.network_from_config knows only
     UNet and PriorTransformer); the flavor table when the config has none."""
     from safetensors.torch import load as st_load
-
-    from stages.training.final_weights import load_final
-    from stages.nets.text_transformer import GlideConfig, GlideModel
 
     doc = config.network or {}
     if doc.get("class") != "GlideModel":
@@ -90,8 +89,6 @@ class PromptFeatures:
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt token features padded like a training batch (data_prep.embed_format.pad_sequences)."""
-    from data_prep.embed_format import pad_sequences
-
     out, mask = pad_sequences([x.float().numpy() for x in seqs], max(1, max(len(x) for x in seqs)), seqs[0].shape[-1])
     return torch.from_numpy(out).float(), torch.from_numpy(mask)
 
@@ -106,9 +103,6 @@ class PromptEncoders:
 
     @classmethod
     def load(cls, embed_uri: str, device: torch.device | str = "cpu") -> "PromptEncoders":
-        from data_prep.encoders import load_clip, load_t5
-        from data_prep.encoders_doc import encoders_doc_uri, read_encoders_doc
-
         doc = read_encoders_doc(embed_uri)
         if doc is None:
             raise StageFailed(f"{encoders_doc_uri(embed_uri)} not found: run the embed stage first (sampling "
@@ -121,8 +115,6 @@ class PromptEncoders:
         return {"clip_dim": self.clip.dim, "clip_token_dim": self.clip.token_dim, "t5_dim": self.t5.dim}
 
     def encode(self, prompts: Sequence[str]) -> PromptFeatures:
-        from data_prep.embed_format import pad_ids
-
         pooled, toks, _ = self.clip.encode_text(list(prompts))
         clip_tokens, clip_mask = _pad(toks)
         t5_tokens, t5_mask = self.t5.encode_padded(list(prompts))

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline import layout, store
 from stages.report import page as report
-from stages.sampling.config import SampleConfig
+from stages.sampling import demo_check
+from stages.sampling.config import CLIP_GUIDED_ROLES, CLIP_GUIDED_SUFFIX, SampleConfig, cascade_roles
 
 
 @dataclass
@@ -55,8 +56,6 @@ class SampleOutputs:
 def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_uri: str,
                   metrics_uris: dict[str, str] | None = None) -> SampleOutputs:
     """PNGs, grid.png, then report.html (last: its presence means the rest is there)."""
-    from stages.sampling import demo_check
-
     for s in samples:
         s.uri = store.join(out_uri, filename(s, cfg.images_per_prompt))
         store.write_bytes_atomic(s.uri, report.png_bytes(s.image))
@@ -87,8 +86,6 @@ def guidance_table(checks: dict[str, Any], cfg: SampleConfig) -> report.Table:
     """`guidance: compare`: the demo check of each cascade's CFG half beside its CLIP-guided half
     (same prompts, same seeds: the rows of a cascade differ only in the guidance of its
     CLIP-guidable model)."""
-    from stages.sampling.config import CLIP_GUIDED_ROLES, CLIP_GUIDED_SUFFIX, cascade_roles
-
     def fmt(chk, attr: str, correct: str, n: str) -> str:
         v = getattr(chk, attr)
         return "—" if v is None else f"{v:.2f} ({getattr(chk, correct)}/{getattr(chk, n)})"

@@ -17,6 +17,11 @@ from pydantic import Field, PositiveInt
 
 from pipeline import layout, store
 from pipeline.configbase import StoredDoc
+from stages.nets.clip_image_tower import NoisedClip, NoisedClipConfig
+from stages.nets.flavors import build_network
+from stages.nets.prior_transformer import PriorConfig, PriorTransformer
+from stages.nets.text_transformer import GlideConfig, GlideModel
+from stages.nets.unet import UNet, UNetConfig
 
 
 class FinalConfig(StoredDoc):
@@ -95,8 +100,6 @@ def load_final(uri: str, device: str | torch.device = "cpu",
     """
     from safetensors.torch import load as st_load
 
-    from stages.nets.flavors import build_network
-
     config = config if config is not None else read_final_config(uri)
     if config.network:  # self-describing: every constructor argument, no flavor table needed
         net = network_from_config(config.network)
@@ -122,11 +125,6 @@ def network_config(net: torch.nn.Module) -> dict:
 
 def network_from_config(doc: dict) -> torch.nn.Module:
     import dataclasses
-
-    from stages.nets.clip_image_tower import NoisedClip, NoisedClipConfig
-    from stages.nets.prior_transformer import PriorConfig, PriorTransformer
-    from stages.nets.text_transformer import GlideConfig, GlideModel
-    from stages.nets.unet import UNet, UNetConfig
 
     classes = {"UNet": (UNet, UNetConfig), "PriorTransformer": (PriorTransformer, PriorConfig),
                "GlideModel": (GlideModel, GlideConfig), "NoisedClip": (NoisedClip, NoisedClipConfig)}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import layout, store
+from stages.training.flops import flop_counter, mfu, peak_flops
 
 _TB_GROUPS = (("val_", "val/"), ("samples_per_s", "perf/"), ("mfu", "perf/"), ("tflops", "perf/"),
               ("peak_mem", "memory/"), ("host_peak_rss", "memory/"))
@@ -59,8 +60,6 @@ class MfuMeter:
     forward, so the figure is hardware FLOPs utilisation, as the bench notes."""
 
     def __init__(self, device, precision: str, samples_per_step: int, peak: float | None = None):
-        from stages.training.flops import peak_flops
-
         self.peak = peak if peak is not None else peak_flops(device, precision)  # FLOP/s
         self.samples_per_step = samples_per_step  # all ranks: batch_size * grad_accum * world
         self.flops_per_step: float | None = None  # one rank's step
@@ -74,7 +73,6 @@ class MfuMeter:
         """Run ``fn()`` (one training step); the first time on a GPU, under the FLOP counter."""
         if not self.pending:
             return fn()
-        from stages.training.flops import flop_counter
 
         counter = flop_counter()
         with counter:
@@ -84,8 +82,6 @@ class MfuMeter:
 
     def figures(self, samples_per_s: float) -> dict[str, float]:
         """``mfu`` and ``tflops_per_gpu`` at this throughput; empty until a step was counted."""
-        from stages.training.flops import mfu
-
         if not self.flops_per_step or not samples_per_s or samples_per_s <= 0:
             return {}
         step_s = self.samples_per_step / samples_per_s

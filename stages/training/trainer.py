@@ -24,22 +24,25 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from data_prep.embed_format import read_embedding_shard
 from data_prep.encoders_doc import read_encoders_doc
 from data_prep.holdout import NO_HOLDOUT, HoldoutRule, read_rule
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
 from pipeline.executors import DistEnv
 from pipeline.progress import TRAIN_PROGRESS, StageProgress
+from stages.diffusion import Diffusion
+from stages.nets.flavors import build_network, get_flavor
 from stages.training.checkpoint import CheckpointManager
+from stages.training.config import TrainConfig
 from stages.training.distributed import setup_distributed
 from stages.training.ema import EMA
 from stages.training.engine import build_engine, train_step
 from stages.training.final_weights import FinalConfig, network_config, read_final_config, write_final
-from stages.training.stage_spec import Batch, StageSpec  # noqa: F401  (re-exported: model modules build one)
 from stages.training.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
-from stages.training.optim import configure_cuda_fast_path
-from stages.training.config import TrainConfig
 from stages.training.metrics import MetricsLogger, MfuMeter, image_grid
+from stages.training.optim import configure_cuda_fast_path
+from stages.training.stage_spec import StageSpec
 from stages.training.validation import Validator
 
 LOOP_RESULT = layout.LOOP_RESULT  # kept: tests and tools import it from here
@@ -71,7 +74,6 @@ def read_cond_dims(embed_attempt: str) -> dict[str, int]:
     doc = read_encoders_doc(embed_attempt)
     if doc is not None:
         return doc.dims
-    from data_prep.embed_format import read_embedding_shard
 
     shards = store.glob(store.join(embed_attempt, layout.SHARDS, "*" + layout.EMBED_NPZ))
     if not shards:
@@ -157,9 +159,6 @@ class Trainer:
 
     def __init__(self, spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
                  after_step: Callable[[int, int], None] | None = None):
-        from stages.diffusion import Diffusion
-        from stages.nets.flavors import build_network, get_flavor
-
         self.spec, self.cfg, self.job, self.after_step = spec, cfg, job, after_step
         device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
