@@ -23,6 +23,9 @@ class ModelDef:
     null_keys: tuple[str, ...] = ()   # drop flags set for the unconditional branch of CFG
     default_guidance: float = 1.0     # CFG scale when the sample config names none (1.0 = off)
     upsampler: bool = False           # takes the previous model's output as ``low_res``
+    # What sampling draws: "image" ([B, 3, S, S] in [-1, 1]) or "embedding" (a CLIP image
+    # embedding, [B, clip_dim], unit length, never thresholded: the unCLIP prior's output).
+    draws: str = "image"
     # Its place in each cascade it belongs to, e.g. {"imagen": 1}: the registry builds the
     # cascades from these (stages/models/__init__.py CASCADES). Empty: in no cascade (it only helps).
     cascades: dict[str, int] = field(default_factory=dict, hash=False)
@@ -31,6 +34,10 @@ class ModelDef:
     clip_guidance: float | None = None
     # Model FLOPs utilisation the benchmarks hold one GPU's bf16 step to (docs/performance.md).
     mfu_target: float = 0.40
+
+    def __post_init__(self) -> None:
+        if self.draws not in ("image", "embedding"):
+            raise ValueError(f"ModelDef({self.spec.role}).draws must be 'image' or 'embedding' (got {self.draws!r})")
 
     @property
     def role(self) -> str:

@@ -57,5 +57,5 @@ def run(cfg: PriorTrainConfig, ctx: StageContext) -> StageResult:
 
 
 MODEL = ModelDef(spec=SPEC, config=PriorTrainConfig, run=run, null_keys=("drop_text",), default_guidance=2.0,
-                 cascades={"unclip": 0}, mfu_target=0.45,
+                 cascades={"unclip": 0}, draws="embedding", mfu_target=0.45,
                  description="unCLIP diffusion prior: CLIP text -> CLIP image embedding.")

@@ -65,7 +65,8 @@ def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | No
     ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py)."""
     b = f.clip_text.shape[0]
     cond = _cond(m, f, prev.to(device) if prev is not None else None)
-    if m.role == "prior":
+    draws_embedding = model(m.role).draws == "embedding"
+    if draws_embedding:
         shape: tuple[int, ...] = (b, int(m.config.cond_dims["clip_dim"]))
         thresholding = "none"
     else:
@@ -86,7 +87,7 @@ def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | No
     out = m.diffusion.sample(net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
                              guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
                              device=device, **start)
-    if m.role == "prior":
+    if draws_embedding:
         # The decoder was trained on L2-normalised CLIP image embeddings; the prior's x0 is close
         # to but not exactly on the sphere.
         return F.normalize(out.float(), dim=-1).cpu()

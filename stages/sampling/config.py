@@ -34,7 +34,7 @@ DEFAULT_CLIP_GUIDANCE = {m.role: m.clip_guidance for m in _models.MODELS if m.cl
 CASCADE_CHOICES = (*CASCADES, "both", "all")
 # The models that draw the cascade's first image (Imagen's base, unCLIP's decoder, GLIDE): any of
 # their names as max_stage means "stop after the 64px model" of whichever cascade runs.
-FIRST_IMAGE_ROLES = tuple(r for r in ROLES if _models.model(r).needs_images and not _models.model(r).upsampler)
+FIRST_IMAGE_ROLES = tuple(r for r in ROLES if _models.model(r).draws == "image" and not _models.model(r).upsampler)
 UPSAMPLER_ROLES = tuple(r for r in ROLES if _models.model(r).upsampler)
 MAX_STAGES = (*FIRST_IMAGE_ROLES, *UPSAMPLER_ROLES)
 _CASCADE_HELP = ", ".join(f"'{c}' ({' -> '.join(rs)})" for c, rs in CASCADES.items())
