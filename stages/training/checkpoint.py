@@ -7,11 +7,20 @@ Layout of one checkpoint (``<out>/checkpoints/step_NNNNNNNN/``; each name spelle
     rng_rank{r}.safetensors      torch CPU (+CUDA) RNG states
     ema.safetensors              the EMA (ZeRO 0-2: identical on every rank, written by rank 0)
     ema_rank{r}.safetensors      ... or each rank's EMA partition (ZeRO-3)
-    COMPLETE                     written by rank 0 last, after every rank has uploaded everything
+    COMPLETE                     written by rank 0 last, after every rank has uploaded everything:
+                                 step, world size and every file of the checkpoint with its size
+                                 and SHA-256
 
-Saving: DeepSpeed writes into a local temp dir per rank, each rank uploads what it wrote, all
-ranks barrier, then rank 0 writes ``COMPLETE``. A checkpoint without ``COMPLETE`` (a crash, a
-preempted node, a half-finished upload) is invisible to :meth:`CheckpointManager.latest`.
+Saving: DeepSpeed writes into a local temp dir per rank, each rank uploads what it wrote and
+hands rank 0 its files' sizes and checksums, all ranks barrier, then rank 0 writes ``COMPLETE``.
+A checkpoint without ``COMPLETE`` (a crash, a preempted node, a half-finished upload) is
+invisible to :meth:`CheckpointManager.latest`.
+
+Restoring (:meth:`CheckpointManager.restore_point`): every rank fetches what it reads and
+checks each file against ``COMPLETE``; a checkpoint any rank finds damaged (a truncated copy, a
+store fault) is skipped with one warning naming it and the file, and the next older complete
+one is tried, so a damaged file never reaches ``torch.load``. Checkpoints of releases that wrote
+no file list are restored unverified.
 
 Unpickling: everything of ours is JSON or safetensors. DeepSpeed's own files are torch pickles
 that ``engine.load_checkpoint`` reads with ``torch.load(weights_only=False)``; that is the one
@@ -20,12 +29,14 @@ DeepSpeed's checkpoint format. Only load checkpoints from a store you trust.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +65,30 @@ def set_rng_state(py: dict, tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file is missing, or differs from what ``COMPLETE`` says was written."""
+
+
+@dataclass
+class RestorePoint:
+    """The checkpoint every rank fetched and verified, ready for :meth:`CheckpointManager.load`."""
+
+    step: int
+    uri: str
+    local: str                     # this rank's verified copy of what it reads (removed by load)
+    state: dict[str, Any]          # this rank's JSON state (data position, RNG, step)
+    damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped, one line each
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a local file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
 class CheckpointManager:
@@ -121,13 +156,16 @@ class CheckpointManager:
             if ema_tensors is not None and (ema_sharded or self.rank == 0):
                 with open(os.path.join(local, layout.checkpoint_ema(self.rank, ema_sharded)), "wb") as f:
                     f.write(st_save(ema_tensors))
+            files = {os.path.relpath(os.path.join(d, n), local): file_digest(os.path.join(d, n))
+                     for d, _, names in os.walk(local) for n in names}
             _upload_dir(local, uri)
         finally:
             shutil.rmtree(local, ignore_errors=True)
-        _barrier()
+        every_rank = _gather(files)  # also the barrier: every rank has uploaded
         if self.rank == 0:
-            store.write_json(store.join(uri, layout.CHECKPOINT_COMPLETE), {"step": step, "world_size": self.world_size,
-                                                           "time": time.time()})
+            listing = {rel: digest for rank_files in every_rank for rel, digest in rank_files.items()}
+            store.write_json(store.join(uri, layout.CHECKPOINT_COMPLETE), {
+                "step": step, "world_size": self.world_size, "time": time.time(), "files": listing})
             self._prune()
         _barrier()
         self._last_save_time = time.monotonic()
@@ -147,34 +185,115 @@ class CheckpointManager:
                 store.remove(uri)
 
     # -- load ------------------------------------------------------------------------------
-    def read_state(self, uri: str) -> dict[str, Any]:
-        """This rank's JSON state of checkpoint ``uri`` (read before the engine exists: data position)."""
-        state = store.read_json(store.join(uri, layout.checkpoint_state(self.rank)))
+    def restore_point(self, ema_sharded: bool) -> RestorePoint | None:
+        """Collective. The newest complete checkpoint that every rank fetched and verified, or
+        None when there is none (a fresh start). Damaged ones are skipped, newest first; if every
+        complete checkpoint is damaged the stage fails saying so (training from scratch over a
+        user's checkpoints is never done silently)."""
+        steps = _broadcast_object(self.complete_steps() if self.rank == 0 else None)  # rank 0's listing
+        damaged: list[str] = []
+        for step in reversed(steps):
+            uri = store.join(self.root, step_dir_name(step))
+            local = tempfile.mkdtemp(prefix=f"ckpt-load-r{self.rank}-")
+            try:
+                state = self._fetch(uri, local, ema_sharded)
+                why = ""
+            except CheckpointDamaged as e:
+                state, why = {}, str(e)
+            reasons = [r for r in _gather(why) if r]
+            if not reasons:
+                return RestorePoint(step, uri, local, state, damaged)
+            shutil.rmtree(local, ignore_errors=True)
+            damaged.append(f"checkpoint {uri} is damaged and was skipped: {reasons[0]}")
+        if damaged:
+            raise RuntimeError(f"every complete checkpoint under {self.root} is damaged ({damaged[-1]}); restore "
+                               "the files from a backup, or start the stage afresh with `t2i rerun`")
+        return None
+
+    def _fetch(self, uri: str, local: str, ema_sharded: bool) -> dict[str, Any]:
+        """Download what this rank reads into ``local``, each file checked against COMPLETE."""
+        listing = store.read_json(store.join(uri, layout.CHECKPOINT_COMPLETE)).get("files")
+        wanted = [layout.checkpoint_state(self.rank), layout.checkpoint_rng(self.rank)]
+        ema = layout.checkpoint_ema(self.rank, ema_sharded)
+        if listing is None or ema in listing:
+            wanted.append(ema)
+        try:
+            _download_dir(store.join(uri, DS_TAG), os.path.join(local, DS_TAG))
+            for rel in wanted:
+                src = store.join(uri, rel)
+                if listing is None and not store.exists(src):
+                    continue  # an unverified (older) checkpoint without an EMA file
+                _download_file(src, os.path.join(local, rel))
+        except FileNotFoundError as e:
+            raise CheckpointDamaged(f"a file is missing ({e})") from e
+        if listing is not None:
+            for dirpath, _, names in os.walk(local):
+                for name in names:
+                    rel = os.path.relpath(os.path.join(dirpath, name), local)
+                    expected = listing.get(rel)
+                    if expected is None:
+                        raise CheckpointDamaged(f"{rel} is not one of the files COMPLETE lists")
+                    got = file_digest(os.path.join(dirpath, name))
+                    if got != expected:
+                        raise CheckpointDamaged(f"{rel} has {got['bytes']} bytes / sha256 {got['sha256'][:12]}…, "
+                                                f"COMPLETE says {expected['bytes']} / {expected['sha256'][:12]}…")
+            missing = [rel for rel in listing if rel.startswith(DS_TAG + "/") and not os.path.exists(
+                os.path.join(local, rel))]
+            if missing:
+                raise CheckpointDamaged(f"{missing[0]} is missing")
+        with open(os.path.join(local, layout.checkpoint_state(self.rank))) as f:
+            state = json.load(f)
         if state.get("world_size") != self.world_size:
             raise RuntimeError(f"checkpoint {uri} was written by {state.get('world_size')} ranks, this run has "
                                f"{self.world_size}; resume with the same num_workers")
         return state
 
-    def load(self, engine, uri: str, ema_sharded: bool) -> dict[str, torch.Tensor] | None:
-        """Restore DeepSpeed state + RNG into the running engine; return the EMA tensors for this rank."""
-        local = tempfile.mkdtemp(prefix=f"ckpt-load-r{self.rank}-")
+    def load(self, engine, point: RestorePoint, ema_sharded: bool) -> dict[str, torch.Tensor] | None:
+        """Restore DeepSpeed state + RNG from the verified local copy into the running engine;
+        return the EMA tensors for this rank. Removes the local copy."""
         try:
-            _download_dir(store.join(uri, DS_TAG), os.path.join(local, DS_TAG))
-            load_path, _ = engine.load_checkpoint(local, tag=DS_TAG, load_optimizer_states=True,
+            load_path, _ = engine.load_checkpoint(point.local, tag=DS_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
             if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load checkpoint {uri}")
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {point.uri}")
+            with open(os.path.join(point.local, layout.checkpoint_rng(self.rank)), "rb") as f:
+                set_rng_state(point.state, st_load(f.read()))
+            ema = os.path.join(point.local, layout.checkpoint_ema(self.rank, ema_sharded))
+            if not os.path.exists(ema):
+                return None
+            with open(ema, "rb") as f:
+                return st_load(f.read())
         finally:
-            shutil.rmtree(local, ignore_errors=True)
-        state = self.read_state(uri)
-        set_rng_state(state, st_load(store.read_bytes(store.join(uri, layout.checkpoint_rng(self.rank)))))
-        ema_uri = store.join(uri, layout.checkpoint_ema(self.rank, ema_sharded))
-        return st_load(store.read_bytes(ema_uri)) if store.exists(ema_uri) else None
+            shutil.rmtree(point.local, ignore_errors=True)
 
 
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a barrier too)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _download_file(uri: str, dst: str) -> None:
+    fs, path = store.fs_and_path(uri)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    store.with_retries(lambda: fs.get_file(path, dst), what=f"download {uri}")
 
 
 def _upload_dir(local: str, uri: str) -> None:

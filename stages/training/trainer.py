@@ -171,13 +171,11 @@ class Trainer:
                                       every_minutes=cfg.checkpoint_every_minutes, rank=self.rank,
                                       world_size=self.world, device=device, protect_through=job.protect_through)
 
-        # 1. Where to start: rank 0 decides (the listing could differ mid-write), everyone follows.
-        latest = self.ckpt.latest()
-        start = torch.tensor([latest[0] if latest else -1], device=device)
-        dist.broadcast(start, src=0)
-        self.start_step = int(start.item())
-        resume_uri = store.join(self.ckpt.root, f"step_{self.start_step:08d}") if self.start_step >= 0 else None
-        state = self.ckpt.read_state(resume_uri) if resume_uri else {}
+        # 1. Where to start: the newest checkpoint every rank fetched and verified (rank 0's listing:
+        # it could differ mid-write); damaged ones are skipped and reported.
+        self.restore = self.ckpt.restore_point(ema_sharded=cfg.zero_stage == 3)
+        self.start_step = self.restore.step if self.restore else -1
+        state = self.restore.state if self.restore else {}
 
         # 2. Data, at the saved position (built before the engine: workers fork a small process).
         self.shards = pair_shards(job.download_uri, job.embed_uri)
@@ -203,8 +201,8 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # noise, t and CFG masks differ per rank
 
         self.step = 0
-        if resume_uri:
-            ema_tensors = self.ckpt.load(self.engine, resume_uri, self.ema.zero3)  # also restores the RNG states
+        if self.restore:
+            ema_tensors = self.ckpt.load(self.engine, self.restore, self.ema.zero3)  # also restores the RNG states
             if ema_tensors is not None:
                 self.ema.load_state_tensors(ema_tensors)
             self.step = int(state["step"])
@@ -295,7 +293,7 @@ class Trainer:
         out = {"step": self.step, "final": final_uri, "resumed_from": self.start_step,
                "samples": self.tracker.consumed * self.cfg.batch_size * self.world,
                "skipped": sum(self.tracker.skipped.values()), "precision": self.precision,
-               "nonfinite_steps": self.guard.total}
+               "nonfinite_steps": self.guard.total, "damaged_checkpoints": self.restore.damaged if self.restore else []}
         if self.rank == 0:
             # Also in the store: Ray Train (v2) keeps reported metrics only alongside a Ray checkpoint,
             # which this loop does not use, so the driver reads the finishing attempt's result here.
@@ -363,6 +361,10 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, *,
         raise StageFailed(f"{spec.stage}: training ended without final weights (no {luri})")
     result = stage_result(job.out_uri, loop_out["final"])
     resumed = int(loop_out.get("resumed_from", -1))
+    for warning in loop_out.get("damaged_checkpoints") or []:  # skipped at restore: said once, counted
+        ctx.progress(f"warning: {spec.stage}: {warning}")
+    if loop_out.get("damaged_checkpoints"):
+        result.counts["damaged_checkpoints_skipped"] = len(loop_out["damaged_checkpoints"])
     if resumed >= 0:  # the attempt that finished started from this checkpoint (after a restart or resume)
         result.counts["resumed_from_step"] = resumed
         ctx.progress(f"{spec.stage}: resumed from checkpoint step {resumed}")
