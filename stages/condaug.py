@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .diffusion import Schedule, _bc
+from .diffusion import Generators, Schedule, _bc, randn
 from .process_args import check_condaug
 
 
@@ -78,12 +78,11 @@ class ConditioningAugmentation:
         self.cfg = cfg or CondAugConfig()
         self.schedule = Schedule(self.cfg.schedule)
 
-    def apply(self, low_res: torch.Tensor, level: torch.Tensor,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def apply(self, low_res: torch.Tensor, level: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """Noise low_res with the forward process at `level` (float [B]); level 0 is exact identity
         (the clamped schedule would otherwise leave alpha = 1 - 2e-9)."""
         alpha, sigma = self.schedule.alpha_sigma(level)
-        noise = torch.randn(low_res.shape, device=low_res.device, dtype=low_res.dtype, generator=generator)
+        noise = randn(low_res.shape, generator, device=low_res.device, dtype=low_res.dtype)
         noisy = _bc(alpha, low_res) * low_res + _bc(sigma, low_res) * noise
         return torch.where(_bc(level, low_res) > 0, noisy, low_res)
 
@@ -97,8 +96,7 @@ class ConditioningAugmentation:
         level = self.cfg.max_train_level * torch.rand(b, device=dev, generator=generator)
         return self.apply(low_res, level, generator), level
 
-    def sample(self, low_res: torch.Tensor, level: float | None = None,
-               generator: torch.Generator | None = None):
+    def sample(self, low_res: torch.Tensor, level: float | None = None, generator: Generators = None):
         lvl = self.cfg.sample_level if level is None else level
         if not 0.0 <= lvl <= 1.0:
             raise ValueError(f"aug level must be in [0, 1], got {lvl}")

@@ -65,6 +65,21 @@ class Schedule:
 
 
 # ----------------------------------------------------------------------------- conversions
+Generators = "torch.Generator | list[torch.Generator] | None"
+
+
+def randn(shape, generator: Generators = None, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian noise of ``shape`` = [B, ...]. ``generator`` may be a list with one generator per
+    row (diffusers' convention): each row is then drawn from its own generator alone, so an image
+    never depends on which others share its batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), device=device, dtype=dtype, generator=g)
+                            for g in generator])
+    return torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
+
+
 def _bc(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] coefficient -> broadcastable against [B, ...] in like's dtype."""
     return c.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
@@ -250,7 +265,7 @@ class Diffusion:
     def sample(self, model, shape, cond: dict | None = None, *, sampler: str = "dpmpp_2m",
                steps: int = 50, guidance_scale: float = 1.0, thresholding: str | None = None,
                eta: float = 0.0, uncond: dict | None = None, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, device=None,
+               generator: Generators = None, device=None,
                dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None,
                t_start: float = 1.0, x_start: torch.Tensor | None = None):
         """Draw samples of `shape` = [B, ...] from t=t_start (1: pure noise) to t=0.
@@ -262,7 +277,8 @@ class Diffusion:
 
         sampler: 'ddpm' (ancestral), 'ddim' (eta=0 deterministic, eta=1 equals ddpm) or
         'dpmpp_2m' (DPM-Solver++(2M), Lu et al. 2022: ~20 steps match ~250 DDPM steps).
-        Time steps are uniform in t. cond: keyword arguments of the network.
+        Time steps are uniform in t. cond: keyword arguments of the network. ``generator``: one, or
+        one per row of the batch (:func:`randn`).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -277,7 +293,7 @@ class Diffusion:
             device = next((v.device for v in tensors if v is not None), torch.device("cpu"))
         if not 0.0 < t_start <= 1.0:
             raise ValueError(f"t_start must be in (0, 1], got {t_start}")
-        x = (torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        x = (randn(shape, generator, device=device, dtype=dtype)
              if noise is None else noise.to(device=device, dtype=dtype))
         b = x.shape[0]
         if x_start is not None:
@@ -300,7 +316,7 @@ class Diffusion:
                 var = (s_s ** 2 / s_t ** 2) * (1 - a_t ** 2 / a_s ** 2)
                 std = (1.0 if sampler == "ddpm" else eta) * var.clamp(min=0).sqrt()
                 dir_coef = (s_s ** 2 - std ** 2).clamp(min=0).sqrt()
-                z = torch.randn(x.shape, device=device, dtype=dtype, generator=generator)
+                z = randn(x.shape, generator, device=device, dtype=dtype)
                 x = _bc(a_s, x) * x0 + _bc(dir_coef, x) * eps + _bc(std, x) * z
             else:
                 # DPM-Solver++(2M) in the half-log-SNR variable lambda/2 (data prediction).

@@ -60,7 +60,7 @@ def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg: SampleConfig,
-                      g: torch.Generator, device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
+                      g: "torch.Generator | list[torch.Generator]", device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
     """Sample one batch through one model of the cascade; returns its output on CPU.
     ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py)."""
     b = f.clip_text.shape[0]
@@ -148,20 +148,28 @@ def _encode_prompts(encoders: PromptEncoders, models: dict[str, LoadedModel], pr
     return encoders.encode(prompts)
 
 
-def _stage_generator(seed: int, cascade_index: int, stage_index: int, batch_start: int,
-                     device: torch.device) -> torch.Generator:
-    """One generator per (seed, cascade, stage, batch): a stage's noise does not depend on how many
-    draws earlier stages made, so max_stage does not change earlier outputs; nor on the guidance
-    (`guidance: compare`'s two halves draw the same noise)."""
-    return torch.Generator(device=device).manual_seed(
-        (seed * 1_000_003 + cascade_index * 10_007 + stage_index * 101 + batch_start) % (2 ** 63))
+def image_seed(seed: int, index: int, k: int, images_per_prompt: int) -> int:
+    """The seed of image ``k`` of prompt ``index``: consecutive seeds from ``sample.seed`` (diffusers'
+    convention), so image 17 of a grid is regenerated alone with ``--seed <seed + 17>``."""
+    return seed + index * images_per_prompt + k
+
+
+def _image_generators(seeds: list[int], cascade_index: int, stage_index: int,
+                      device: torch.device) -> list[torch.Generator]:
+    """One generator per image and per (cascade, stage): an image's noise depends on its own seed
+    only, not on its batch; a stage's noise not on how many draws earlier stages made (max_stage
+    does not change earlier outputs); nor on the guidance (`guidance: compare`'s halves match)."""
+    return [torch.Generator(device=device).manual_seed(
+        (s * 1_000_003 + cascade_index * 10_007 + stage_index * 101) % (2 ** 63)) for s in seeds]
 
 
 def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConfig, roles: tuple[str, ...],
-                    models: dict[str, LoadedModel], feats: PromptFeatures, n: int, device: torch.device,
+                    models: dict[str, LoadedModel], feats: PromptFeatures, seeds: list[int], device: torch.device,
                     progress) -> torch.Tensor:
-    """The final outputs of one cascade variant (``name``, sampled with ``vcfg``) for all ``n``
-    expanded prompts, batch by batch through every stage of ``roles``."""
+    """The final outputs of one cascade variant (``name``, sampled with ``vcfg``) for every
+    expanded prompt (``seeds``: each one's image seed), batch by batch through every stage of
+    ``roles``."""
+    n = len(seeds)
     ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
     guided = vcfg.clip_guided(roles)
     outs: list[torch.Tensor] = []
@@ -169,7 +177,7 @@ def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConf
         f = feats.select(slice(start, start + cfg.batch_size), device)
         prev = None
         for si, role in enumerate(roles):
-            g = _stage_generator(cfg.seed, ci, si, start, device)
+            g = _image_generators(seeds[start:start + cfg.batch_size], ci, si, device)
             t0 = time.time()
             prev = sample_with_model(models[role], f, prev, vcfg, g, device,
                                      guide=models.get(NOISED_CLIP) if role in guided else None)
@@ -208,8 +216,9 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
     samples: list[Sample] = []
     for cascade in cfg.cascades():
         for name, vcfg in cfg.variants(cascade):
+            seeds = [image_seed(cfg.seed, i, k, cfg.images_per_prompt) for i, k, _ in expanded]
             imgs = _sample_variant(cfg, cascade, name, vcfg, roles_by_cascade[cascade], models, feats,
-                                   len(expanded), device, progress)
+                                   seeds, device, progress)
             samples += [Sample(p, i, k, name, _to_pil(x)) for (i, k, p), x in zip(expanded, imgs)]
     return _rerank(samples, cfg, encoders, progress)
 

@@ -83,7 +83,10 @@ class SampleConfig(StrictModel):
     sr_start_t: float = Field(1.0, gt=0.0, le=1.0, description=(
         "Upsamplers start from the upsampled low-res image noised to this t (SDEdit) instead of pure "
         "noise at 1.0; below 1 keeps colours/layout of small or briefly trained upsamplers."))
-    seed: int = Field(0, description="Seed of all sampling noise: the same seed and config give the same images.")
+    seed: int = Field(0, description=(
+        "Seed of all sampling noise: the same seed and config give the same images. Image k of prompt i "
+        "has its own seed, seed + i * images_per_prompt + k, and its noise depends on nothing else (not "
+        "on its batch): sampled alone with that seed it comes out the same."))
     images_per_prompt: int = Field(1, ge=1, le=64, description="Samples per prompt per cascade.")
     rerank_keep: int | None = Field(None, ge=1, description=(
         "CLIP reranking (DALL-E): keep the K of images_per_prompt samples per prompt that the run's CLIP scores "
