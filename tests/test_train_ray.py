@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -48,6 +49,16 @@ def test_zero2_and_zero3_on_two_ray_workers_agree(local_ray, tmp_path):
         assert ema_files == (["ema_rank0.safetensors", "ema_rank1.safetensors"] if zero == 3 else ["ema.safetensors"])
         lines = [json.loads(x) for x in store.read_bytes(result.outputs["metrics"]).decode().splitlines()]
         assert [r["step"] for r in lines] == [1, 2, 3]
+        if zero == 3:  # the restart restored step 2: each rank read its own partition, not the other's
+            listing = store.read_json(store.join(ctx.out_uri, "checkpoints", "step_00000002", "COMPLETE"))["files"]
+            own = [sum(d["bytes"] for rel, d in listing.items() if re.search(rf"zero_pp_rank_{r}_|_rank{r}\.", rel))
+                   for r in (0, 1)]
+            # DeepSpeed's unpartitioned files every rank loads (its zero_to_fp32.py script is read by none)
+            shared = sum(d["bytes"] for rel, d in listing.items()
+                         if rel.startswith("ds/") and not re.search(r"zero_pp_rank_\d+_|_rank\d+\.", rel))
+            assert min(own) > 0 and result.counts["resumed_from_step"] == 2
+            assert result.counts["restore_bytes_read_total"] == sum(own) + 2 * shared
+            assert result.counts["restore_bytes_read_max"] == max(own) + shared
         finals[zero] = st_load(store.read_bytes(result.outputs["weights"]))
 
     # Same data, seeds and fp32 math: ZeRO-3's consolidated (all-gathered partition) EMA, after a

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -80,6 +81,19 @@ class RestorePoint:
     local: str                     # this rank's verified copy of what it reads (removed by load)
     state: dict[str, Any]          # this rank's JSON state (data position, RNG, step)
     damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped, one line each
+    bytes_read: list[int] = field(default_factory=list)  # what each rank fetched from the store, by rank
+
+
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|_rank(\d+)\.")
+
+
+def rank_reads(rel: str, rank: int) -> bool:
+    """Whether ``rank`` reads checkpoint file ``rel`` on restore: every rank's own files and the
+    shared ones, never another rank's partition. DeepSpeed (without ``elastic_checkpoint``)
+    loads only its own rank's ZeRO optimizer file (and, under ZeRO-3, its own model-state
+    partition); ``mp_rank_00_model_states.pt`` and ``ema.safetensors`` are read by all."""
+    m = _RANK_FILE.search(rel.rsplit("/", 1)[-1])
+    return m is None or int(m.group(1) or m.group(2)) == rank
 
 
 def file_digest(path: str) -> dict[str, Any]:
@@ -202,7 +216,8 @@ class CheckpointManager:
                 state, why = {}, str(e)
             reasons = [r for r in _gather(why) if r]
             if not reasons:
-                return RestorePoint(step, uri, local, state, damaged)
+                read = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(local) for n in names)
+                return RestorePoint(step, uri, local, state, damaged, _gather(read))
             shutil.rmtree(local, ignore_errors=True)
             damaged.append(f"checkpoint {uri} is damaged and was skipped: {reasons[0]}")
         if damaged:
@@ -211,14 +226,18 @@ class CheckpointManager:
         return None
 
     def _fetch(self, uri: str, local: str, ema_sharded: bool) -> dict[str, Any]:
-        """Download what this rank reads into ``local``, each file checked against COMPLETE."""
+        """Download what this rank reads (:func:`rank_reads`) into ``local``, each file checked
+        against COMPLETE."""
         listing = store.read_json(store.join(uri, layout.CHECKPOINT_COMPLETE)).get("files")
         wanted = [layout.checkpoint_state(self.rank), layout.checkpoint_rng(self.rank)]
         ema = layout.checkpoint_ema(self.rank, ema_sharded)
         if listing is None or ema in listing:
             wanted.append(ema)
         try:
-            _download_dir(store.join(uri, DS_TAG), os.path.join(local, DS_TAG))
+            if listing is None:  # an older release's checkpoint: what is there, unverified
+                _download_dir(store.join(uri, DS_TAG), os.path.join(local, DS_TAG), self.rank)
+            else:
+                wanted += [rel for rel in listing if rel.startswith(DS_TAG + "/") and rank_reads(rel, self.rank)]
             for rel in wanted:
                 src = store.join(uri, rel)
                 if listing is None and not store.exists(src):
@@ -237,10 +256,6 @@ class CheckpointManager:
                     if got != expected:
                         raise CheckpointDamaged(f"{rel} has {got['bytes']} bytes / sha256 {got['sha256'][:12]}…, "
                                                 f"COMPLETE says {expected['bytes']} / {expected['sha256'][:12]}…")
-            missing = [rel for rel in listing if rel.startswith(DS_TAG + "/") and not os.path.exists(
-                os.path.join(local, rel))]
-            if missing:
-                raise CheckpointDamaged(f"{missing[0]} is missing")
         with open(os.path.join(local, layout.checkpoint_state(self.rank))) as f:
             state = json.load(f)
         if state.get("world_size") != self.world_size:
@@ -309,8 +324,8 @@ def _upload_dir(local: str, uri: str) -> None:
             store.with_retries(lambda: fs.put_file(src, dst), what=f"upload {src} -> {uri}/{rel}")
 
 
-def _download_dir(uri: str, local: str) -> None:
-    """Copy every file under ``uri`` into ``local``. All ranks' DeepSpeed files: ZeRO-1/2 loading reads them."""
+def _download_dir(uri: str, local: str, rank: int) -> None:
+    """Copy the files under ``uri`` that ``rank`` reads (:func:`rank_reads`) into ``local``."""
     fs, root = store.fs_and_path(uri)
     root = root.rstrip("/")
     files = store.with_retries(lambda: fs.find(root), what=f"list {uri}")
@@ -318,6 +333,8 @@ def _download_dir(uri: str, local: str) -> None:
         raise FileNotFoundError(f"checkpoint directory {uri} is empty")
     for path in files:
         rel = os.path.relpath(path, root)
+        if not rank_reads(rel, rank):
+            continue
         dst = os.path.join(local, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         store.with_retries(lambda: fs.get_file(path, dst), what=f"download {uri}/{rel}")

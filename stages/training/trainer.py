@@ -293,7 +293,8 @@ class Trainer:
         out = {"step": self.step, "final": final_uri, "resumed_from": self.start_step,
                "samples": self.tracker.consumed * self.cfg.batch_size * self.world,
                "skipped": sum(self.tracker.skipped.values()), "precision": self.precision,
-               "nonfinite_steps": self.guard.total, "damaged_checkpoints": self.restore.damaged if self.restore else []}
+               "nonfinite_steps": self.guard.total, "damaged_checkpoints": self.restore.damaged if self.restore else [],
+               "restore_bytes_read": self.restore.bytes_read if self.restore else []}
         if self.rank == 0:
             # Also in the store: Ray Train (v2) keeps reported metrics only alongside a Ray checkpoint,
             # which this loop does not use, so the driver reads the finishing attempt's result here.
@@ -367,6 +368,9 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, *,
         result.counts["damaged_checkpoints_skipped"] = len(loop_out["damaged_checkpoints"])
     if resumed >= 0:  # the attempt that finished started from this checkpoint (after a restart or resume)
         result.counts["resumed_from_step"] = resumed
+        read = [int(b) for b in loop_out.get("restore_bytes_read") or []]
+        if read:  # what the restore fetched from the store: the busiest rank's and all ranks' together
+            result.counts["restore_bytes_read_max"], result.counts["restore_bytes_read_total"] = max(read), sum(read)
         ctx.progress(f"{spec.stage}: resumed from checkpoint step {resumed}")
     if "skipped" in loop_out:  # rank 0's undecodable images, this attempt
         result.counts["skipped_samples"] = int(loop_out["skipped"])
