@@ -109,6 +109,12 @@ def checkpoint_rng(rank: int) -> str:
     return f"rng_rank{rank}.safetensors"
 
 
+def checkpoint_uploaded(rank: int) -> str:
+    """Written by a rank once all its files of a checkpoint are in the store: their sizes and
+    SHA-256 sums, which rank 0 merges into COMPLETE (background uploads need no collective)."""
+    return f"uploaded_rank{rank}.json"
+
+
 def checkpoint_ema(rank: int, sharded: bool) -> str:
     """The EMA file a rank writes and reads: the one EMA, or its own partition under ZeRO-3."""
     return f"ema_rank{rank}.safetensors" if sharded else CHECKPOINT_EMA

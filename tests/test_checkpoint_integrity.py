@@ -35,7 +35,8 @@ def test_complete_lists_every_file_with_size_and_checksum(tmp_path):
     ckpt = store.join(ctx.out_uri, layout.CHECKPOINTS, layout.step_name(2))
     listing = store.read_json(store.join(ckpt, layout.CHECKPOINT_COMPLETE))["files"]
     on_disk = {os.path.relpath(os.path.join(d, n), store.local_path(ckpt))
-               for d, _, names in os.walk(store.local_path(ckpt)) for n in names} - {layout.CHECKPOINT_COMPLETE}
+               for d, _, names in os.walk(store.local_path(ckpt)) for n in names}
+    on_disk -= {layout.CHECKPOINT_COMPLETE, layout.checkpoint_uploaded(0)}
     assert set(listing) == on_disk
     for rel, digest in listing.items():
         assert digest["bytes"] == os.path.getsize(os.path.join(store.local_path(ckpt), rel))
@@ -61,3 +62,41 @@ def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
         _truncate(store.join(ctx.out_uri, layout.CHECKPOINTS, layout.step_name(step)))
     with pytest.raises(Exception, match="every complete checkpoint under .* is damaged.*t2i rerun"):
         _train(tmp_path, 6, [])
+
+
+class _Engine:
+    """What CheckpointManager needs of a DeepSpeed engine: a snapshot written to a local folder."""
+
+    def save_checkpoint(self, folder: str, tag: str, save_latest: bool) -> None:
+        os.makedirs(os.path.join(folder, tag), exist_ok=True)
+        with open(os.path.join(folder, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(os.urandom(1 << 16))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_slow_upload_blocks_the_loop_only_when_synchronous(tmp_path, monkeypatch, background):
+    import time
+
+    import torch
+
+    from stages.training import checkpoint
+
+    real = checkpoint._upload_dir
+
+    def slow_store(local, uri):  # a store 0.6 s away: the same upload, with added latency
+        time.sleep(0.6)
+        real(local, uri)
+
+    monkeypatch.setattr(checkpoint, "_upload_dir", slow_store)
+    m = checkpoint.CheckpointManager(str(tmp_path), keep_last=2, every_steps=1, every_minutes=0, rank=0,
+                                     world_size=1, device=torch.device("cpu"))
+    t0 = time.perf_counter()
+    uri = m.save(_Engine(), 1, {"data": {}}, {"w": torch.zeros(2)}, ema_sharded=False, background=background)
+    returned = time.perf_counter() - t0
+    complete = store.join(uri, layout.CHECKPOINT_COMPLETE)
+    if background:
+        assert returned < 0.4 and not store.exists(complete)  # training goes on while it uploads
+        m.wait()
+    else:
+        assert returned >= 0.6
+    assert store.exists(complete) and m.latest() == (1, uri)

@@ -11,9 +11,13 @@ Layout of one checkpoint (``<out>/checkpoints/step_NNNNNNNN/``; each name spelle
                                  step, world size and every file of the checkpoint with its size
                                  and SHA-256
 
-Saving: DeepSpeed writes into a local temp dir per rank, each rank uploads what it wrote and
-hands rank 0 its files' sizes and checksums, all ranks barrier, then rank 0 writes ``COMPLETE``.
-A checkpoint without ``COMPLETE`` (a crash, a preempted node, a half-finished upload) is
+Saving: DeepSpeed writes into a local temp dir per rank (the only part the step loop waits for),
+then each rank uploads what it wrote and writes ``uploaded_rank{r}.json`` (its files' sizes and
+checksums); rank 0 writes ``COMPLETE`` once every rank's marker is there. With
+``checkpoint_upload: background`` (the default) the uploads run in a thread while training goes
+on: at most one upload in flight per rank (the next save first waits for it), and a failed upload
+fails the stage at the next save or at the end, naming the file, never leaving ``COMPLETE``
+behind. A checkpoint without ``COMPLETE`` (a crash, a preempted node, a half-finished upload) is
 invisible to :meth:`CheckpointManager.latest`.
 
 Restoring (:meth:`CheckpointManager.restore_point`): every rank fetches what it reads and
@@ -36,6 +40,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +122,7 @@ class CheckpointManager:
         self.keep_last, self.every_steps, self.every_minutes = keep_last, every_steps, every_minutes
         self.rank, self.world_size, self.device = rank, world_size, device
         self._last_save_time = time.monotonic()
+        self._upload: _Upload | None = None  # the background upload in flight, if any
 
     # -- discovery -------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
@@ -150,8 +156,10 @@ class CheckpointManager:
 
     # -- save ------------------------------------------------------------------------------
     def save(self, engine, step: int, state: dict[str, Any], ema_tensors: dict[str, torch.Tensor] | None,
-             ema_sharded: bool) -> str:
-        """Collective. ``state`` is this rank's JSON-able state; EMA as described in the module doc."""
+             ema_sharded: bool, *, background: bool = False) -> str:
+        """Collective. ``state`` is this rank's JSON-able state; EMA as described in the module doc.
+        ``background``: return once the snapshot is on local disk; the upload runs in a thread."""
+        self.wait()  # at most one upload in flight; its failure fails the stage here
         uri = store.join(self.root, step_dir_name(step))
         if store.exists(store.join(uri, layout.CHECKPOINT_COMPLETE)):
             return uri  # a complete checkpoint of this very step exists already: never overwrite it
@@ -170,20 +178,29 @@ class CheckpointManager:
             if ema_tensors is not None and (ema_sharded or self.rank == 0):
                 with open(os.path.join(local, layout.checkpoint_ema(self.rank, ema_sharded)), "wb") as f:
                     f.write(st_save(ema_tensors))
-            files = {os.path.relpath(os.path.join(d, n), local): file_digest(os.path.join(d, n))
-                     for d, _, names in os.walk(local) for n in names}
-            _upload_dir(local, uri)
-        finally:
+        except BaseException:
             shutil.rmtree(local, ignore_errors=True)
-        every_rank = _gather(files)  # also the barrier: every rank has uploaded
-        if self.rank == 0:
-            listing = {rel: digest for rank_files in every_rank for rel, digest in rank_files.items()}
-            store.write_json(store.join(uri, layout.CHECKPOINT_COMPLETE), {
-                "step": step, "world_size": self.world_size, "time": time.time(), "files": listing})
-            self._prune()
-        _barrier()
+            raise
+        _barrier()  # every rank's snapshot is taken: the engine may move on
+        self._upload = _Upload(self, step, uri, local)
         self._last_save_time = time.monotonic()
+        if background:
+            self._upload.start()
+        else:
+            self._upload.run()
+            self.wait()
+            _barrier()  # synchronous: COMPLETE is written when save returns
         return uri
+
+    def wait(self) -> None:
+        """Wait for this rank's upload in flight (no collective); re-raise its failure."""
+        up, self._upload = self._upload, None
+        if up is None:
+            return
+        if up.is_alive() or up.ident is not None:  # a synchronous save ran it in this thread
+            up.join()
+        if up.error is not None:
+            raise up.error
 
     def _prune(self) -> None:
         complete = self.complete_steps()
@@ -285,6 +302,39 @@ class CheckpointManager:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+class _Upload(threading.Thread):
+    """One rank's upload of one checkpoint snapshot; rank 0 then waits for every rank's marker
+    and writes COMPLETE. Runs in the background or, for a synchronous save, in the caller."""
+
+    def __init__(self, manager: CheckpointManager, step: int, uri: str, local: str):
+        super().__init__(name=f"checkpoint-upload-{step}", daemon=True)
+        self.m, self.step, self.uri, self.local = manager, step, uri, local
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            files = {os.path.relpath(os.path.join(d, n), self.local): file_digest(os.path.join(d, n))
+                     for d, _, names in os.walk(self.local) for n in names}
+            _upload_dir(self.local, self.uri)
+            store.write_json(store.join(self.uri, layout.checkpoint_uploaded(self.m.rank)), files)
+            if self.m.rank == 0:
+                self._complete()
+        except BaseException as e:  # noqa: BLE001 - handed to the training loop by wait()
+            self.error = e
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _complete(self) -> None:
+        """Rank 0: once every rank's files are in the store, COMPLETE with all their digests."""
+        markers = [store.join(self.uri, layout.checkpoint_uploaded(r)) for r in range(self.m.world_size)]
+        while not all(store.exists(u) for u in markers):
+            time.sleep(0.2)  # another rank still uploads (a rank whose upload fails fails the stage)
+        listing = {rel: d for u in markers for rel, d in store.read_json(u).items()}
+        store.write_json(store.join(self.uri, layout.CHECKPOINT_COMPLETE), {
+            "step": self.step, "world_size": self.m.world_size, "time": time.time(), "files": listing})
+        self.m._prune()
 
 
 def _gather(obj: Any) -> list[Any]:

@@ -77,7 +77,7 @@ class TrainConfig(StrictModel):
 
     extent_fields: ClassVar[tuple[str, ...]] = ("steps",)
     fingerprint_exclude: ClassVar[tuple[str, ...]] = (
-        "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last", "log_every", "sample_every",
+        "checkpoint_every_steps", "checkpoint_every_minutes", "checkpoint_upload", "keep_last", "log_every", "sample_every",
         "sample_steps", "wandb_project", "num_workers", "cpus_per_worker", "gpus_per_worker", "resources",
         "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing",
         "eval_every", "val_samples")
@@ -106,6 +106,10 @@ class TrainConfig(StrictModel):
         "mirror half the training images (augmentation); false when captions name left and right"))
     checkpoint_every_steps: int = Field(1000, description="save a checkpoint every N steps; 0 = only by time/end")
     checkpoint_every_minutes: float = Field(0.0, description="also save every M minutes; 0 disables")
+    checkpoint_upload: Literal["background", "sync"] = Field("background", description=(
+        "'background': a save waits only for the snapshot on local disk and uploads it while training "
+        "goes on (one upload in flight; a failed upload fails the stage at the next save or the end); "
+        "'sync': the step loop waits for the upload and COMPLETE"))
     keep_last: int = Field(3, description="complete checkpoints kept in the store")
     log_every: int = Field(10, description="log metrics every N steps")
     sample_every: int = Field(0, description="write a sample grid every N steps; 0 disables")

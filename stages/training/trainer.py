@@ -144,6 +144,7 @@ class NonFiniteGuard:
         self.streak += 1
         self.total += 1
         if self.streak >= self.limit:
+            self.ckpt.wait()  # the last good checkpoint may still be uploading: name it once it is whole
             latest = self.ckpt.latest()
             raise StageFailed(
                 f"{self.stage}: loss was NaN/inf for {self.streak} steps in a row (up to step {step}; "
@@ -275,12 +276,13 @@ class Trainer:
         # resumed-from checkpoint's interval; rows past an older checkpoint are dropped on resume.
         self.logger.sync()
         self.ckpt.save(self.engine, self.step, {"data": self.tracker.state()}, self.ema.state_tensors(),
-                       ema_sharded=self.ema.zero3)
+                       ema_sharded=self.ema.zero3, background=self.cfg.checkpoint_upload == "background")
         if self.live is not None:
             self.live.figures(last_checkpoint=self.step)
 
     def finish(self) -> dict[str, Any]:
         """The stage's output: consolidated EMA weights (a collective under ZeRO-3) in final/step_N/."""
+        self.ckpt.wait()  # the last checkpoint's upload (and, on rank 0, its COMPLETE)
         weights = self.ema.consolidated_state_dict(self.engine.module)
         final_uri = None
         if self.rank == 0:
