@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from pydantic import Field
 
+from data_prep.http_server import DemoHTTPServer
 from pipeline.configbase import StrictModel
 
 # Eight shape colours, far apart in RGB (min pairwise distance ~90, yellow-orange) and from the backgrounds,
@@ -339,8 +340,6 @@ def serve_demo_corpus(out_dir: str, num_images: int, image_size: int, seed: int,
                       *, include_bomb: bool = False) -> Iterator[CorpusInfo]:
     """Generate the corpus and serve it on 127.0.0.1 for the duration of the ``with`` block;
     the parquet's URLs point at the live server."""
-    from data_prep.http_server import DemoHTTPServer
-
     with DemoHTTPServer(out_dir) as server:
         yield make_demo_corpus(out_dir, num_images, image_size, seed, bad_fraction,
                                base_url=server.base_url, include_bomb=include_bomb)

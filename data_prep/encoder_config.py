@@ -39,7 +39,7 @@ class ClipConfig(StrictModel):
             raise ValueError("clip.model 'tiny:' needs a directory, e.g. 'tiny:./runs/_encoders'")
         if not v.startswith(TINY_PREFIX) and not _looks_like_path(v) and not v.startswith("hf-hub:") \
                 and v != DEFAULT_CLIP[0]:  # the default is known good; checking it would import open_clip
-            import open_clip
+            import open_clip  # open_clip: loaded only when a CLIP is built or read
 
             if v.replace("/", "-") not in open_clip.list_models():
                 raise ValueError(f"clip.model {v!r} is not an open_clip architecture (e.g. 'ViT-L-14', 'ViT-B-32'), "
@@ -51,7 +51,7 @@ class ClipConfig(StrictModel):
         m, p = self.model, self.pretrained
         if p and not m.startswith(TINY_PREFIX) and not _looks_like_path(m) and not _looks_like_path(p) \
                 and not m.startswith("hf-hub:") and (m, p) != DEFAULT_CLIP:
-            import open_clip
+            import open_clip  # open_clip: loaded only when a CLIP is built or read
 
             tags = open_clip.list_pretrained_tags_by_model(m.replace("/", "-"))
             if p not in tags:

@@ -25,6 +25,7 @@ import torch
 
 
 from data_prep.encoder_config import TINY_PREFIX, ClipConfig, T5Config, _looks_like_path, caption_counts  # noqa: F401
+from data_prep.tiny_encoders import ensure_tiny_encoders
 
 
 def default_device() -> torch.device:
@@ -39,8 +40,6 @@ def resolve_clip_model(cfg: ClipConfig) -> tuple[str, str | None]:
     """(name open_clip understands, pretrained) — 'tiny:' builds if missing, dirs become local-dir:."""
     m = cfg.model
     if m.startswith(TINY_PREFIX):
-        from data_prep.tiny_encoders import ensure_tiny_encoders
-
         clip_dir, _ = ensure_tiny_encoders(m[len(TINY_PREFIX):])
         return "local-dir:" + clip_dir, None
     if _looks_like_path(m):
@@ -58,8 +57,6 @@ def resolve_clip_model(cfg: ClipConfig) -> tuple[str, str | None]:
 def resolve_t5_model(cfg: T5Config) -> str:
     m = cfg.model
     if m.startswith(TINY_PREFIX):
-        from data_prep.tiny_encoders import ensure_tiny_encoders
-
         return ensure_tiny_encoders(m[len(TINY_PREFIX):])[1]
     if _looks_like_path(m):
         d = Path(os.path.expanduser(m)).resolve()
@@ -77,7 +74,7 @@ def clip_preprocess_cfg(cfg: ClipConfig, image_size: int | None = None) -> dict[
     nodes need this but must not load a 1 GB checkpoint to get it; a test checks it agrees
     with the loaded model's own ``preprocess_cfg``.
     """
-    from open_clip.factory import get_model_config
+    from open_clip.factory import get_model_config  # open_clip: loaded only when a CLIP is built or read
     from open_clip.pretrained import get_pretrained_cfg
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
@@ -168,7 +165,7 @@ class ClipEncoder:
         x = m.token_embedding(ids).to(cast) + m.positional_embedding[:L].to(cast)
         x = m.transformer(x, attn_mask=m.attn_mask[:L, :L] if causal else None)
         x = m.ln_final(x)
-        from open_clip.transformer import text_global_pool
+        from open_clip.transformer import text_global_pool  # open_clip: loaded only when a CLIP is built or read
 
         pooled = text_global_pool(x, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
@@ -194,7 +191,7 @@ def _clip_lengths(ids: torch.Tensor, model: Any, tokenizer: Any) -> torch.Tensor
 
 
 def load_clip(cfg: ClipConfig, device: torch.device | str | None = None, image_size: int | None = None) -> ClipEncoder:
-    import open_clip
+    import open_clip  # open_clip: loaded only when a CLIP is built or read
 
     device = torch.device(device) if device is not None else default_device()
     name, pretrained = resolve_clip_model(cfg)
@@ -275,7 +272,7 @@ def _pad_ids(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def load_t5(cfg: T5Config, device: torch.device | str | None = None) -> T5Encoder:
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer, T5EncoderModel  # transformers: loaded only when a T5 is built or read
 
     device = torch.device(device) if device is not None else default_device()
     path = resolve_t5_model(cfg)

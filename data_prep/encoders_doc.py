@@ -11,15 +11,13 @@ stage) may carry the widths and encoders alone. Unknown keys are kept (pipeline.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field, field_validator
 
+from data_prep.encoder_config import ClipConfig, T5Config
 from pipeline import layout, store
 from pipeline.configbase import StoredDoc
-
-if TYPE_CHECKING:
-    from data_prep.encoder_config import ClipConfig, T5Config
 
 
 class EncodersDoc(StoredDoc):
@@ -52,14 +50,10 @@ class EncodersDoc(StoredDoc):
         """The conditioning widths (``cond_dims`` of every network trained on this embedding)."""
         return {"clip_dim": self.clip_dim, "clip_token_dim": self.clip_token_dim, "t5_dim": self.t5_dim}
 
-    def clip_config(self) -> "ClipConfig":
-        from data_prep.encoder_config import ClipConfig
-
+    def clip_config(self) -> ClipConfig:
         return ClipConfig(**self.clip)
 
-    def t5_config(self) -> "T5Config":
-        from data_prep.encoder_config import T5Config
-
+    def t5_config(self) -> T5Config:
         return T5Config(**self.t5)
 
 

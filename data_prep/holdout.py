@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from data_prep.encoders_doc import EncodersDoc
+from data_prep.encoders_doc import EncodersDoc, read_encoders_doc
+from pipeline import store
 
 RULE_NAME = "sha1(key)[:8] / 2**64 < fraction"
 SPLITS = ("train", "holdout", "all")
@@ -116,16 +116,12 @@ def rule_from_doc(doc: EncodersDoc | None) -> HoldoutRule:
 
 def read_rule(embed_attempt_uri: str) -> HoldoutRule:
     """The held-out rule of an embed attempt (its ``encoders.json``)."""
-    from data_prep.encoders_doc import read_encoders_doc
-
     return rule_from_doc(read_encoders_doc(embed_attempt_uri))
 
 
 def shard_keys(npz_uri: str) -> np.ndarray:
     """Only the ``keys`` array of an embedding shard (np.load reads one zip member: the features
     are not read, so the split of a large set costs a few KB per shard)."""
-    from pipeline import store
-
     with store.open_uri(npz_uri, "rb") as f, np.load(f, allow_pickle=False) as z:
         return np.asarray(z["keys"])
 

@@ -213,7 +213,7 @@ def decode_bgr_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     img = open_checked(data, max_pixels, min_side, max_aspect_ratio)
     if img.format in ("JPEG", "PNG", "WEBP") and img.mode in _CV2_MODES and not _has_alpha(img) \
             and getattr(img, "n_frames", 1) == 1 and _complete(img, data):
-        import cv2
+        import cv2  # cv2 (img2dataset's dependency): only on the fast decode path
 
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if arr is not None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:

@@ -24,12 +24,17 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_prep import demo_corpus
+from data_prep.image_decode import preprocess_image
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -73,7 +78,7 @@ def _corpus() -> list[str]:
 def build_tiny_clip(out_dir: str | Path, seed: int = 0, train: bool = True) -> Path:
     """Write the tiny CLIP into ``out_dir``: trained on the demo corpus (``train=True``, from the
     cache when present) or with its random initial weights."""
-    import open_clip
+    import open_clip  # open_clip: loaded only when a CLIP is built or read
     from safetensors.torch import load_file, save_file
 
     out = Path(out_dir)
@@ -99,8 +104,6 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, train: bool = True) -> P
 def clip_recipe_key(seed: int) -> str:
     """Everything the trained tiny CLIP depends on: architecture, preprocessing, recipe, seed, and
     the captions/pixels the corpus draws (its tables and the held-out prompts)."""
-    from data_prep import demo_corpus
-
     key = json.dumps([TINY_CLIP_CFG, TINY_CLIP_PREPROCESS, TINY_CLIP_TRAIN, seed, demo_corpus.COLORS,
                       demo_corpus.BACKGROUNDS, demo_corpus.SHAPES, demo_corpus.POSITIONS, demo_corpus.SIZES,
                       demo_corpus.demo_prompts(), torch.__version__.split("+")[0]], sort_keys=True)
@@ -129,10 +132,7 @@ def _training_pool(seed: int, image_size: int):
 
     Images go through the corpus's own path: render (with its jitter), JPEG, then the embed
     stage's CLIP preprocessing, so the CLIP is trained on what it will embed."""
-    import open_clip
-
-    from data_prep import demo_corpus
-    from data_prep.image_decode import preprocess_image
+    import open_clip  # open_clip: loaded only when a CLIP is built or read
 
     attrs = demo_corpus.training_attrs()
     reps, size = TINY_CLIP_TRAIN["renders_per_caption"], TINY_CLIP_TRAIN["render_size"]
@@ -150,8 +150,6 @@ def _training_pool(seed: int, image_size: int):
 def _minimal_pair_groups(field: str) -> list[list[int]]:
     """Indices into ``training_attrs()`` grouped by everything but ``field``: each group's captions
     differ only in that attribute ("... in the top left ..." vs "... in the center ...")."""
-    from data_prep import demo_corpus
-
     groups: dict[tuple, list[int]] = {}
     for i, a in enumerate(demo_corpus.training_attrs()):
         key = tuple(getattr(a, f) for f in ("color", "shape", "position", "size", "background") if f != field)
@@ -181,7 +179,7 @@ def _encode_text_trimmed(model, ids: torch.Tensor) -> torch.Tensor:
     """open_clip's ``CLIP.encode_text`` over the first max-length positions only: with its causal
     mask a token never sees later positions, so this is the full 77-position pass (the same
     identity data_prep.encoders.ClipEncoder.encode_text relies on), at a fraction of the cost."""
-    from open_clip.transformer import text_global_pool
+    from open_clip.transformer import text_global_pool  # open_clip: loaded only when a CLIP is built or read
 
     L = int((ids != 0).sum(1).max())
     ids = ids[:, :L]
@@ -194,7 +192,7 @@ def _encode_text_trimmed(model, ids: torch.Tensor) -> torch.Tensor:
 def train_tiny_clip(model, seed: int = 0, log=None) -> dict[str, float]:
     """Contrastive training of ``model`` (an open_clip CLIP) on the demo corpus, in place.
     Returns {"loss": last loss, "accuracy": image->text top-1 over a batch, "seconds": time}."""
-    from open_clip.loss import ClipLoss
+    from open_clip.loss import ClipLoss  # open_clip: loaded only when a CLIP is built or read
 
     cfg = TINY_CLIP_TRAIN
     threads = torch.get_num_threads()
@@ -252,10 +250,8 @@ def build_tiny_t5_tokenizer(out_dir: str | Path):
     plus every character alone and after the word boundary '▁' (scored low), so known words
     are one token and anything else still tokenises.
     """
-    from collections import Counter
-
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers: loaded only when a T5 is built or read
 
     counts = Counter(w for line in _corpus() for w in line.split())
     total = sum(counts.values())
@@ -277,7 +273,7 @@ def build_tiny_t5_tokenizer(out_dir: str | Path):
 
 
 def build_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
-    from transformers import T5Config as HFT5Config
+    from transformers import T5Config as HFT5Config  # transformers: loaded only when a T5 is built or read
     from transformers import T5EncoderModel
 
     out = Path(out_dir)
@@ -332,8 +328,6 @@ def warm_cache(seed: int = 0) -> str:
     """Train the demo's tiny CLIP into the per-user cache now, as installing a real model would
     download it (``make venv`` runs this): the first demo run then spends its time on the pipeline.
     Returns where the cached weights are (or why there are none)."""
-    import tempfile
-
     cached = _clip_cache_path(seed)
     if cached is None:
         return "T2I_CACHE_DIR is off: nothing cached"

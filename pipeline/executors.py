@@ -150,7 +150,7 @@ class LocalExecutor:
 
 def _cuda() -> bool:
     try:
-        import torch
+        import torch  # torch: t2i status must not load it (the CLI imports this module)
 
         return torch.cuda.is_available()
     except ImportError:

@@ -65,7 +65,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     timeouts) are not OSErrors and s3fs lets them through, so they are listed explicitly."""
     errs: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ConnectionError as BotoConnectionError  # optional: S3 support
         from botocore.exceptions import HTTPClientError
 
         errs += [BotoConnectionError, HTTPClientError]

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data_prep.embed.config import EmbedConfig
 from data_prep.embed.encode import Encoders
@@ -45,8 +46,6 @@ def _captions(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _write_shards(root: str, n: int, per_shard: int, image_px: int, seed: int = 0) -> str:
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     shards = os.path.join(root, "shards")
     os.makedirs(shards, exist_ok=True)
@@ -65,8 +64,8 @@ def _write_shards(root: str, n: int, per_shard: int, image_px: int, seed: int = 
 
 
 def _large_encoders(device: torch.device, tok_root: str) -> tuple[Encoders, EmbedConfig]:
-    import open_clip
-    from transformers import AutoTokenizer, T5EncoderModel
+    import open_clip  # open_clip: loaded only when a CLIP is built or read
+    from transformers import AutoTokenizer, T5EncoderModel  # transformers: loaded only when a T5 is built or read
     from transformers import T5Config as HFT5Config
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -196,7 +196,7 @@ class DownloadConfig(TaskPlacement):
         # (the stage runs the same checks on it when it reads it).
         local = local_path(self.url_list)
         if local is not None and os.path.exists(local):
-            from data_prep.download.url_list import check_url_list  # pyarrow, only when there is a list to read
+            from data_prep.download.url_list import check_url_list  # heavy: pyarrow's readers, only for a list to read
 
             check_url_list(self, local)
         return self

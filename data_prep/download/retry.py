@@ -35,10 +35,10 @@ def build_retry_list(shards_uri: str, done: Pass, list_folder: str, per_shard: i
     keep = ["url", "caption", *columns]
     parts: list[pa.Table] = []
     unfinished = set(drop_unfinished(shards_uri, done.ids()))
-    layout = _list_shards(list_folder, per_shard)
+    slices = _list_shards(list_folder, per_shard)
     for s in done.ids():
         if s in unfinished:  # nothing of it landed: all its rows, from the list it was cut from
-            path, first, n = layout[int(s) - done.first_id]
+            path, first, n = slices[int(s) - done.first_id]
             parts.append(pq.read_table(path, columns=keep).slice(first, n))
             continue
         with store.open_uri(layout.shard_file(shards_uri, s, layout.SHARD_PARQUET), "rb") as f:

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -251,8 +252,6 @@ def prepare_url_list(cfg: ListSpec, url_list: str, fmt: str, out_dir: str) -> Pr
     Files are prepared on a few threads (pyarrow reads, casts and writes without the GIL): ~1.5 s
     per million LAION rows each; img2dataset then reads the normalised files as it would the originals.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     fs, files = list_files(url_list, fmt)
     os.makedirs(out_dir, exist_ok=True)
     counts = {"rows_in_list": 0, "rejected_missing_url": 0, "null_captions": 0, "empty_captions": 0}

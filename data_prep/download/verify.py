@@ -18,7 +18,7 @@ from typing import Any
 from data_prep.image_decode import reason_of
 from data_prep.shards import ShardCorruptError, count_tar_samples, list_shards, read_shard_stats, shard_id
 from pipeline import layout, store
-from pipeline.context import StageFailed
+from pipeline.context import StageFailed, StageResult
 
 DEADLINE_MESSAGE = "request deadline exceeded"  # data_prep.download.child's error for a slow body
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are 00000.tar, 00001.tar, ...
@@ -53,7 +53,7 @@ def retryable(status: str | None, error: str) -> bool:
 def shard_rows(shards_uri: str, s: str, st: dict[str, Any]) -> list[tuple[str | None, str]]:
     """(status, error) of every row of a finished shard, from img2dataset's per-shard parquet
     (one row per URL); without that file, from the stats' (capped) error counter."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: pyarrow, only for the shards' parquet
 
     try:
         with store.open_uri(layout.shard_file(shards_uri, s, layout.SHARD_PARQUET), "rb") as f:
@@ -130,8 +130,6 @@ def summarize(shards_uri: str, rows_per_shard: list[int], min_success_rate: floa
     its last outcome: a retryable failure of an earlier pass, and every row of an earlier pass's
     unfinished shards, was fetched again later and is counted there.
     """
-    from pipeline.context import StageResult
-
     passes = passes or [Pass(0, list(rows_per_shard))]
     stats = read_shard_stats(shards_uri)
     counts: dict[str, int] = dict(list_counts or {})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from data_prep.embed.decode import DecodedChunk
 from data_prep.embed_format import EmbeddingShard
@@ -33,8 +34,6 @@ def load_encoders(cfg: Any, device: Any = None) -> Encoders:
 
 def encode_chunk(enc: Encoders, chunk: DecodedChunk, t5_micro_batch: int | None = None) -> tuple[EmbeddingShard, dict[str, int]]:
     """Embed one decoded chunk; rows with any non-finite value (after the fp16 cast) are dropped."""
-    import torch
-
     counts = dict(chunk.counts)
     # Captions longer than each encoder's context are cut when encoded: counted per encoder.
     counts.update(n_truncated_clip=enc.clip.count_truncated(chunk.captions),

@@ -9,10 +9,12 @@ re-run starts at the first unfinished shard (levanter's shard ledger). ``encoder
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Any
 
-from data_prep.embed_format import EmbeddingShard, write_embedding_shard
+from data_prep.embed_format import EmbeddingShard, read_embedding_shard, write_embedding_shard
 from data_prep.encoders import encoder_identity
 from data_prep.shards import is_shard_name, list_shards, shard_id
 from pipeline import layout, store
@@ -62,8 +64,6 @@ def part_uri(out_shards_uri: str, name: str, chunk: int) -> str:
 def finalize_from_parts(out_shards_uri: str, source: dict[str, Any], counts: list[dict[str, int]],
                         identity: dict[str, Any], max_bad_fraction: float) -> dict[str, Any]:
     """finalize_shard over the part files of ``counts`` (chunk order), then delete the parts."""
-    from data_prep.embed_format import read_embedding_shard
-
     name = source["shard"]
     parts = [read_embedding_shard(part_uri(out_shards_uri, name, i)) for i in range(len(counts))]
     marker = finalize_shard(out_shards_uri, source, parts, counts, identity, max_bad_fraction)
@@ -117,9 +117,6 @@ _ledger: dict[str, tuple[int, float, dict[str, Any]]] = {}
 
 
 def _markers(out_shards_uri: str) -> dict[str, Any]:
-    import json
-    import time
-
     hit = _ledger.get(out_shards_uri)
     if hit is not None and hit[0] == _scan[0] and time.monotonic() - hit[1] < _LEDGER_TTL_S:
         return hit[2]

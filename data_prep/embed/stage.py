@@ -13,6 +13,7 @@ feeding encoder actors. The stage never knows which. Resume is per shard (the le
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -143,8 +144,6 @@ def _summarize(out_uri: str, sources: list[dict[str, Any]], identity: dict[str, 
 def absolute_location(model: str) -> str:
     """``tiny:./runs/_encoders`` -> ``tiny:/abs/runs/_encoders``; a relative local directory ->
     its absolute path; hub names and URIs unchanged."""
-    import os
-
     prefix = "tiny:" if model.startswith("tiny:") else ""
     path = model[len(prefix):]
     if "://" in path or not (prefix or path.startswith(".") or os.path.isdir(path)):

@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 
 from pipeline.cli import bench, evaluate, models, plan, runs, submit
+from pipeline.cli.common import err_console
+from pipeline.manifest import code_version
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT,
@@ -25,8 +27,6 @@ app.add_typer(bench.bench_app, name="bench")
 
 def _version(value: bool) -> None:
     if value:
-        from pipeline.manifest import code_version
-
         typer.echo(f"t2i-pipeline {code_version()}")
         raise typer.Exit()
 
@@ -52,8 +52,6 @@ def main() -> None:  # pragma: no cover - exercised through the console script i
     except Exception as e:  # noqa: BLE001
         if debug or type(e).__name__ not in _USER_ERRORS:
             raise
-        from pipeline.cli.common import err_console
-
         msg = str(e).strip("'\"") or type(e).__name__
         err_console.print(f"[bold red]error:[/] {msg}\n(run with --debug for the traceback)")
         sys.exit(2)

@@ -7,14 +7,18 @@ and prints tables. Heavy imports happen inside the commands so ``t2i --help`` st
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from contextlib import nullcontext
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import console
-from stages.models import ROLES
+from pipeline.cli.common import console, resolve_run
 from pipeline.cli.common import fail as _fail
+from pipeline.store import normalize
+from stages.models import ROLES
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed: training step, embedding, loader.")
 
@@ -79,7 +83,7 @@ def bench_train_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Training step: samples/s, step time, peak memory, FLOPs, MFU; DeepSpeed / plain ratio."""
-    from stages.bench.train_step import BenchOptions, bench_train, format_table
+    from stages.bench.train_step import BenchOptions, bench_train, format_table  # torch: t2i --help must not load it
 
     if precision not in ("auto", "bf16", "fp32"):
         _fail(f"--precision must be auto, bf16 or fp32 (got {precision!r})")
@@ -119,12 +123,10 @@ def bench_loader_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Training-loader samples/s against the training step's consumption (target >= 3x)."""
-    from stages.bench.loader import bench_loader, format_result
+    from stages.bench.loader import bench_loader, format_result  # torch: t2i --help must not load it
 
     run_uri = None
     if run:
-        from pipeline.cli.common import resolve_run
-
         run_uri = resolve_run(run)
     try:
         results = [bench_loader(stage, flavor, batch=batch, workers=workers, batches=batches, run_uri=run_uri,
@@ -150,7 +152,7 @@ def bench_embed_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Embedding end to end (decode -> encode -> write) against the raw encoder forward (target >= 0.8x)."""
-    from data_prep.bench.embed import MODEL_SIZES, bench_embed, format_result
+    from data_prep.bench.embed import MODEL_SIZES, bench_embed, format_result  # torch: t2i --help must not load it
 
     if model_size not in MODEL_SIZES:
         _fail(f"--model-size must be one of {', '.join(MODEL_SIZES)} (got {model_size!r})")
@@ -177,7 +179,7 @@ def bench_download_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """The download stage end to end against raw img2dataset on the same served list (target >= 0.9x)."""
-    from data_prep.bench.download import bench_download, format_result
+    from data_prep.bench.download import bench_download, format_result  # heavy: the download stage, run by this command
 
     try:
         res = bench_download(images, image_px, processes, threads, image_size, repeats)
@@ -194,12 +196,7 @@ def bench_scale_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Control plane at N shards: status, planning, manifest, embed resume, loader pairing, checkpoint listing."""
-    import shutil
-    import tempfile
-    from contextlib import nullcontext
-
-    from pipeline.cli.bench_scale import OPERATIONS, bench_scale, moto_store
-    from pipeline.store import normalize
+    from pipeline.cli.bench_scale import OPERATIONS, bench_scale, moto_store  # heavy: benchmark code, loaded when run
 
     try:
         sizes = [int(s) for s in shards.split(",") if s.strip()]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 import os
 import tarfile
@@ -29,8 +30,15 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable
 
+import numpy as np
+
+from data_prep.embed_format import EmbeddingShard, to_npz_bytes
+from data_prep.encoders_doc import EncodersDoc, write_encoders_doc
 from pipeline import layout, store
 from pipeline import manifest as mf
+from pipeline.run.planning import plan_stages, run_status
+from pipeline.run.runner import run_pipeline, save_spec
+from pipeline.run.spec import load_spec, run_uri
 
 OPERATIONS = ("status", "plan", "manifest", "resume", "pair", "checkpoint")
 TRAIN_STEPS = 4
@@ -47,10 +55,6 @@ def _tiny_tar() -> bytes:
 
 
 def _tiny_npz() -> bytes:
-    import numpy as np
-
-    from data_prep.embed_format import EmbeddingShard, to_npz_bytes
-
     f = np.float16
     return to_npz_bytes(EmbeddingShard(keys=np.array(["000000000"]), clip_image=np.zeros([1, 4], f),
                                        clip_text=np.zeros([1, 4], f), clip_tokens=np.zeros([2, 4], f),
@@ -84,8 +88,6 @@ class _Writer:
 
 
 def _spec(root_uri: str, n: int):
-    from pipeline.run.spec import load_spec
-
     return load_spec(os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml"),
                      {"run_id": f"scale-{n}", "store.uri": root_uri, "cluster.use_ray": False,
                       "download.number_sample_per_shard": 1, "sample": None})
@@ -93,13 +95,7 @@ def _spec(root_uri: str, n: int):
 
 def build_run(root_uri: str, n: int) -> dict[str, Any]:
     """The synthetic finished run of ``n`` shards, and a half-finished embed beside it."""
-    import json
-
-    from data_prep.embed.ledger import embed_identity
-    from data_prep.encoders_doc import EncodersDoc, write_encoders_doc
-    from pipeline.run.planning import plan_stages
-    from pipeline.run.runner import save_spec
-    from pipeline.run.spec import run_uri
+    from data_prep.embed.ledger import embed_identity  # torch (the encoders): t2i --help must not load it
 
     spec = _spec(root_uri, n)
     ruri = run_uri(spec)
@@ -187,13 +183,11 @@ def _settled(counter: list[int], quiet_s: float = 0.1, limit_s: float = 3.0) -> 
 
 
 def time_operations(run: dict[str, Any], repeats: int = REPEATS) -> dict[str, float]:
-    import torch
+    import torch  # torch: t2i --help must not load it
 
-    from data_prep.embed.ledger import is_done, list_sources
-    from pipeline.run.planning import run_status
-    from pipeline.run.runner import run_pipeline
-    from stages.training.checkpoint import CheckpointManager
-    from stages.training.loader import pair_shards
+    from data_prep.embed.ledger import is_done, list_sources  # torch (the encoders): t2i --help must not load it
+    from stages.training.checkpoint import CheckpointManager  # torch: t2i --help must not load it
+    from stages.training.loader import pair_shards  # torch: t2i --help must not load it
 
     out: dict[str, float] = {}
     fs = store.fs_and_path(run["run"])[0]
@@ -244,7 +238,7 @@ def moto_store():
     import uuid
 
     import boto3
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # optional: moto is in the test extra, needed by --store s3 only
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from pipeline.store import normalize
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -19,15 +21,13 @@ def fail(msg: str, code: int = 2) -> None:
 
 def resolve_run(run: str) -> str:
     """A run URI, a local path, or a bare run id under the default store (./runs)."""
-    from pipeline.store import normalize
-
     if "://" in run or os.sep in run or os.path.exists(run):
         return normalize(run)
     return normalize(os.path.join("runs", run))
 
 
 def load_spec_or_fail(spec_path: Optional[str], overrides: List[str]):
-    from pipeline.run.spec import SpecError, load_spec, parse_override
+    from pipeline.run.spec import SpecError, load_spec, parse_override  # speed: not for t2i --help (yaml, spec)
 
     try:
         return load_spec(spec_path, dict(parse_override(o) for o in overrides))

@@ -11,8 +11,12 @@ import json
 from typing import Optional
 
 import typer
+from rich.table import Table
 
+from pipeline import layout, store
 from pipeline.cli.common import console, resolve_run
+from pipeline.manifest import read_manifest
+from stages.models import TRAIN_STAGES
 
 app = typer.Typer()
 
@@ -27,11 +31,8 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
                  "run trains) and append its row to <attempt>/eval.jsonl.")),
              as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON.")) -> None:
     """Evaluate a run's trained models: FID, CLIP score, prior similarity, validation losses."""
-    from pipeline import layout, store
-    from pipeline.manifest import read_manifest
-    from pipeline.run.planning import finished_attempt, load_run_spec
-    from stages.evaluate import EvaluateConfig, evaluate, evaluation_rows
-    from stages.models import TRAIN_STAGES
+    from pipeline.run.planning import finished_attempt, load_run_spec  # speed: not for t2i --help (yaml, spec)
+    from stages.evaluate import EvaluateConfig, evaluate, evaluation_rows  # heavy: stage code, loaded when it runs
 
     uri = resolve_run(run)
     spec = load_run_spec(uri)
@@ -44,7 +45,7 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
         uri, layout.EVAL_CLI, layout.step_name(checkpoint) if checkpoint is not None else layout.FINAL)
     stage_uris = None
     if checkpoint is not None:
-        from stages.evaluate.offline import checkpoint_inputs
+        from stages.evaluate.offline import checkpoint_inputs  # torch: t2i --help must not load it
 
         stage_uris, inputs = checkpoint_inputs(inputs, checkpoint, out_uri)
     progress = (lambda m: None) if as_json else (lambda m: console.print(m))
@@ -53,8 +54,6 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
         typer.echo(json.dumps({"metrics": result.metrics, "counts": result.counts, "outputs": result.outputs},
                               sort_keys=True))
         return
-    from rich.table import Table
-
     table = Table(title=f"evaluation of {uri}" + (f" at step {checkpoint}" if checkpoint is not None else ""))
     for col in ("figure", "value", "meaning"):
         table.add_column(col)
@@ -66,11 +65,8 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
 
 def _follow(uri: str, spec, cfg, as_json: bool) -> None:
     """``--checkpoints``: training stages may still be running (their attempt is the spec's)."""
-    from pipeline import layout, store
-    from pipeline.manifest import read_manifest
-    from pipeline.run.planning import finished_attempt, stage_uri
-    from stages.evaluate.follow import EVAL_LOG, evaluate_checkpoints
-    from stages.models import TRAIN_STAGES
+    from pipeline.run.planning import finished_attempt, stage_uri  # speed: not for t2i --help (yaml, spec)
+    from stages.evaluate.follow import EVAL_LOG, evaluate_checkpoints  # torch: t2i --help must not load it
 
     inputs = {st: read_manifest(finished_attempt(uri, st)) for st in ("download", "embed")}
     train_cfgs = {st: getattr(spec, st) for st in TRAIN_STAGES if getattr(spec, st, None) is not None}

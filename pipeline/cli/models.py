@@ -5,9 +5,15 @@ import os
 from typing import List, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
-from pipeline.cli.common import console, load_spec_or_fail, resolve_run
+from pipeline.cli.common import console, fail, load_spec_or_fail, resolve_run
+from pipeline.context import StageFailed
+from pipeline.manifest import read_manifest
+from pipeline.run.ray_executor import ray_session
+from pipeline.store import normalize
+from stages.models import by_stage
 
 app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.py
 
@@ -16,12 +22,12 @@ app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.p
 def flavors(run: Optional[str] = typer.Option(None, "--run", help="Count with this run's conditioning widths "
                                                                   "(its encoders), as its weights files hold.")) -> None:
     """Named network sizes per model, with parameter counts (counted on the meta device)."""
-    from stages.nets.flavors import PAPER_COND_DIMS, count_params, list_flavors
+    from stages.nets.flavors import PAPER_COND_DIMS, count_params, list_flavors  # torch: t2i --help must not load it
 
     dims = dict(PAPER_COND_DIMS)
     if run:
-        from pipeline.run.planning import finished_attempt
-        from stages.training.trainer import read_cond_dims
+        from pipeline.run.planning import finished_attempt  # speed: not for t2i --help (yaml, spec)
+        from stages.training.trainer import read_cond_dims  # torch: t2i --help must not load it
 
         dims = read_cond_dims(finished_attempt(resolve_run(run), "embed"))
     t = Table(title=f"flavors (conditioning widths {dims})")
@@ -45,7 +51,7 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
           spec: Optional[str] = typer.Option(None, help="Take the embed config from this run spec (default: demo spec)."),
           address: Optional[str] = typer.Option(None, help="Ray address; omit to embed in this process.")) -> None:
     """Precompute CLIP/T5 embeddings for existing shards, outside a pipeline run."""
-    from data_prep.embed.stage import embed_offline
+    from data_prep.embed.stage import embed_offline  # torch: t2i --help must not load it
 
     cfg = load_spec_or_fail(spec, []).embed
     if clip:
@@ -60,8 +66,6 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
     if address is None:
         result = embed_offline(shards, out, cfg, progress=True)
     else:
-        from pipeline.run.ray_executor import ray_session
-
         with ray_session(address) as executor:
             result = embed_offline(shards, out, cfg, executor=executor, progress=True)
     c = result["counts"]
@@ -78,8 +82,6 @@ def _per_model(text: Optional[str], cast, flag: str):
             return cast(text)
         return {k.strip(): cast(v) for k, v in (part.split("=", 1) for part in text.split(",") if part.strip())}
     except ValueError:
-        from pipeline.cli.common import fail
-
         fail(f"{flag} takes a number or role=number pairs, e.g. {flag} 3 or {flag} base=3,sr256=1 (got {text!r})")
 
 
@@ -103,13 +105,9 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
            out: Optional[str] = typer.Option(None, help="Where to write PNGs (default: <run>/samples_cli).")) -> None:
     """Sample prompts through a run's trained cascades. Starts from the run's own sample section
     (steps, guidance, sampler, SR settings); every flag overrides it."""
-    from pydantic import ValidationError
-
-    from pipeline.cli.common import fail
-    from pipeline.context import StageFailed
-    from pipeline.run.planning import load_run_spec
-    from stages.sampling.cascade import sample_with_config
-    from stages.sampling.config import SampleConfig
+    from pipeline.run.planning import load_run_spec  # speed: not for t2i --help (yaml, spec)
+    from stages.sampling.cascade import sample_with_config  # torch: t2i --help must not load it
+    from stages.sampling.config import SampleConfig  # heavy: stage code, loaded by the command that runs it
 
     uri = resolve_run(run)
     try:
@@ -149,14 +147,9 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
            push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
            ) -> None:
     """Write a trained model as a standalone folder (config.json + safetensors + model card)."""
-    from pipeline.cli.common import fail
-    from pipeline.context import StageFailed
-    from pipeline.run.planning import finished_attempt, load_run_spec
-    from pipeline.manifest import read_manifest
-    from pipeline.store import normalize
-    from stages.export.model_folder import export_model
-    from stages.training.final_weights import resolve_final
-    from stages.models import by_stage
+    from pipeline.run.planning import finished_attempt, load_run_spec  # speed: not for t2i --help (yaml, spec)
+    from stages.export.model_folder import export_model  # torch: t2i --help must not load it
+    from stages.training.final_weights import resolve_final  # torch: t2i --help must not load it
 
     uri = resolve_run(run)
     try:
@@ -175,6 +168,6 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
         fail(str(e))
     console.print(f"exported {stage} ({fmt}) -> {folder}")
     if push_to_hub:
-        from stages.export.model_folder import push_to_hub as push
+        from stages.export.model_folder import push_to_hub as push  # torch: t2i --help must not load it
 
         console.print(f"pushed -> {push(folder, push_to_hub)}")

@@ -12,6 +12,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from pipeline import layout, store
+from pipeline import manifest as mf
 from pipeline.cli.common import console, fail, load_spec_or_fail
 
 app = typer.Typer()
@@ -20,11 +22,9 @@ _REPO = Path(__file__).resolve().parents[2]
 
 def _measured(spec):
     """(CorpusFigures or None, {stage: manifest}) of the spec's run when it exists in the store."""
-    from pipeline import layout, store
-    from pipeline import manifest as mf
-    from pipeline.run.planning import plan_stages
-    from pipeline.run.spec import run_uri
-    from stages.bench.plan import measure_corpus
+    from pipeline.run.planning import plan_stages  # speed: not for t2i --help (yaml, spec)
+    from pipeline.run.spec import run_uri  # speed: as above
+    from stages.bench.plan import measure_corpus  # heavy: the cost model, loaded by t2i plan (t2i --help stays fast)
 
     try:
         if not store.exists(layout.run_spec_uri(run_uri(spec))):
@@ -66,7 +66,7 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Cost a run before it starts: samples, FLOPs, GPU-hours, days, bytes and dollars per stage."""
-    from stages.bench.plan import GPUS, TINY_DIMS, CorpusFigures, PlanOptions, plan
+    from stages.bench.plan import GPUS, TINY_DIMS, CorpusFigures, PlanOptions, plan  # heavy: the cost model, as above
 
     if gpu not in GPUS:
         fail(f"--gpu must be one of {', '.join(GPUS)} (got {gpu!r})")

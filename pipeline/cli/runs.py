@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pipeline import layout, store
 from pipeline.cli.common import console, err_console, fail, load_spec_or_fail, resolve_run
+from pipeline.context import StageFailed
 from stages.sampling.demo_check import figures_by_cascade
 
 app = typer.Typer()  # its commands join the main app in pipeline/cli/__init__.py
@@ -35,7 +36,7 @@ def _summary_table(summary) -> Table:
 
 def _verbose() -> bool:
     """``t2i --debug``: also forward the stages' own output and Ray's logs."""
-    import click
+    import click  # speed: t2i --help never loads click (typer bundles its own copy)
 
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root() if ctx else None
@@ -43,8 +44,7 @@ def _verbose() -> bool:
 
 
 def _run_and_report(spec, **kw) -> None:
-    from pipeline.context import StageFailed
-    from pipeline.run.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline  # speed: not for t2i --help (yaml, spec)
 
     try:
         summary = run_pipeline(spec, log=lambda m: console.print(m), live_console=console,
@@ -84,7 +84,7 @@ HEADLINE = ("_fid", "_clip_score", "prior_cosine_similarity", "prior_text_baseli
 
 def _print_evaluation(manifest: dict) -> None:
     """The evaluate stage's headline figures (README "Evaluation" says how to read them)."""
-    from stages.evaluate import evaluation_rows
+    from stages.evaluate import evaluation_rows  # heavy: stage code, loaded when there is an evaluation to print
 
     console.print(f"evaluation: {store.join(manifest.get('out_uri'), layout.MANIFEST)}")
     for name, value, meaning in evaluation_rows(manifest):
@@ -113,9 +113,8 @@ def run(spec: Optional[str] = typer.Argument(None, help="Run spec YAML (default:
 
 
 def _run_spec_and_targets(run: str, stage: Optional[str], from_: Optional[str], no_ray: bool):
-    from pipeline.context import StageFailed
-    from pipeline.run.planning import load_run_spec
-    from pipeline.run.runner import targets
+    from pipeline.run.planning import load_run_spec  # speed: not for t2i --help (yaml, spec)
+    from pipeline.run.runner import targets  # speed: as above
 
     uri = resolve_run(run)
     try:
@@ -158,9 +157,9 @@ def rerun(run: str = typer.Argument(..., help="Run URI or run id."),
 def status(run: str = typer.Argument(..., help="Run URI or run id."),
            as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")) -> None:
     """Each stage's state, attempt, counts and duration, and the superseded attempts kept beside it."""
-    from pipeline.context import StageFailed
-    from pipeline.run.gc import human_age, human_bytes
-    from pipeline.run.planning import run_status
+    from pipeline.run.gc import human_age, human_bytes  # speed: not for t2i --help (yaml, spec)
+    from pipeline.run.planning import run_status  # speed: as above
+    from pipeline.run.submit import job_status_line  # speed: as above
 
     uri = resolve_run(run)
     try:
@@ -185,8 +184,6 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
         console.print(f"superseded attempts (kept; `t2i gc {run}` lists what it would remove):")
         for stage, a in old:
             console.print(f"  {stage}/{a['attempt']}: {a['state']}, {human_bytes(a['bytes'])}, {human_age(a['age_s'])} old")
-    from pipeline.run.submit import job_status_line
-
     line = job_status_line(uri)  # a submitted run: the Ray job's own state too
     if line:
         console.print(line)
@@ -196,7 +193,7 @@ def _whole_run_report(run_uri: str) -> Optional[str]:
     """``<run>/report.html``: the sample stage's report with the run part (stages, training curves,
     evaluation) rebuilt now. Sample and evaluate run side by side, so the sample stage's own copy
     has no evaluation; this one is derived (rebuilt on every call), never listed by a manifest."""
-    from stages.report.page import refresh_report
+    from stages.report.page import refresh_report  # torch (via the run section): t2i --help must not load it
 
     sample = layout.finished_stage_dir(run_uri, "sample")
     if sample is None:
@@ -229,8 +226,7 @@ def gc(run: str = typer.Argument(..., help="Run URI or run id."),
        yes: bool = typer.Option(False, "--yes", help="Really delete (without it: list only)."),
        as_json: bool = typer.Option(False, "--json", help="Print what would be removed as JSON.")) -> None:
     """List superseded attempts and incomplete checkpoints with their sizes; delete them with --yes."""
-    from pipeline.context import StageFailed
-    from pipeline.run.gc import collect, find_garbage, human_age, human_bytes
+    from pipeline.run.gc import collect, find_garbage, human_age, human_bytes  # speed: not for t2i --help (yaml, spec)
 
     uri = resolve_run(run)
     try:

@@ -26,8 +26,8 @@ def submit(spec: str = typer.Argument(..., help="Run spec YAML (validated here b
                                          "(--no-pip, the default: the cluster image already has them)."),
            ) -> None:
     """Submit a run to a Ray cluster as a Ray job; prints the job id (also kept in <run>/_JOB.json)."""
-    from pipeline.run.spec import SpecError, parse_override
-    from pipeline.run.submit import SubmitError, submit_run
+    from pipeline.run.spec import SpecError, parse_override  # speed: not for t2i --help (yaml, spec)
+    from pipeline.run.submit import SubmitError, submit_run  # speed: as above
 
     try:
         overrides = dict(parse_override(o) for o in set_)
@@ -46,7 +46,7 @@ def logs(job_or_run: str = typer.Argument(..., help="Job id (t2i-…) or a submi
          address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """The job driver's output (the same lines `t2i run` prints locally)."""
-    from pipeline.run.submit import SubmitError, job_logs
+    from pipeline.run.submit import SubmitError, job_logs  # speed: not for t2i --help (yaml, spec)
 
     try:
         job_logs(job_or_run, address, follow=follow)
@@ -59,7 +59,7 @@ def stop(job_or_run: str = typer.Argument(..., help="Job id (t2i-…) or a submi
          address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
          wait: float = typer.Option(30.0, help="Seconds to wait for the job to reach a final state.")) -> None:
     """Stop a submitted run's job. Finished stages stay done; `t2i submit` again resumes the run."""
-    from pipeline.run.submit import SubmitError, stop_job
+    from pipeline.run.submit import SubmitError, stop_job  # speed: not for t2i --help (yaml, spec)
 
     try:
         sid, status = stop_job(job_or_run, address, wait_s=wait)

@@ -13,6 +13,8 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 
+from stages.models import MODELS, TRAIN_STAGES  # the registry of trained models: pure data, no torch
+
 
 @dataclass(frozen=True)
 class StageDef:
@@ -33,16 +35,12 @@ class StageDef:
 
 
 def _training_stages() -> tuple[StageDef, ...]:
-    from stages.models import MODELS  # the registry of trained models: pure data, no torch
-
     return tuple(StageDef(m.stage, m.module, m.config_class, ("embed",) if not m.needs_images else ("download", "embed"),
                           m.description) for m in MODELS)
 
 
 def _all() -> tuple[StageDef, ...]:
     """Every stage, in topological order."""
-    from stages.models import TRAIN_STAGES
-
     return (
         StageDef("download", "data_prep.download.stage", "DownloadConfig", (),
                  "img2dataset download of a URL+caption list into webdataset shards.", required=True,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import yaml
+
 from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageFailed
@@ -36,8 +38,6 @@ def plan_stages(spec, fresh: set[str] | frozenset[str] = frozenset()) -> dict[st
 
 def load_run_spec(run: str):
     """The spec a run was last started with (saved at <run>/spec.yaml)."""
-    import yaml
-
     uri = layout.run_spec_uri(run)
     if not store.exists(uri):
         raise StageFailed(f"{run} is not a run: {uri} does not exist")

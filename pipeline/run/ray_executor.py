@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -53,7 +54,7 @@ class RayExecutor:
     train_in_task: bool = False
 
     def ray_address(self) -> str | None:
-        import ray
+        import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
         return self.address or (ray.get_runtime_context().gcs_address if ray.is_initialized() else None)
 
@@ -68,7 +69,7 @@ class RayExecutor:
         return self._ray_train(loop_fn, placement, name=name, progress=progress)
 
     def _ray_train(self, loop_fn, placement: WorkerPlacement, *, name: str, progress) -> dict:
-        import ray.train
+        import ray.train  # ray: loaded only when a stage trains on it
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -92,7 +93,7 @@ class RayExecutor:
     # -- shard maps ------------------------------------------------------------------------------
     def map_shards(self, processor, sources: list[dict], placement: ShardPlacement, *, progress,
                    on_done=None) -> list[dict]:
-        import ray
+        import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
         for src in sources:
             processor.prepare(src)
@@ -135,7 +136,7 @@ class _EncodeActor:
 
 
 def _finish_as_chunks_arrive(ds, processor, sources: list[dict], on_done) -> list[dict]:
-    import ray
+    import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     by_name = {s["shard"]: s for s in sources}
     results: dict[str, dict[int, dict]] = {}
@@ -183,7 +184,7 @@ def _finish(processor, source: dict, results: list[dict]) -> dict:
 
 
 def _actors_and_gpus(p: ShardPlacement, n_shards: int, progress) -> tuple[int, float]:
-    import ray
+    import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
@@ -199,9 +200,7 @@ def _actors_and_gpus(p: ShardPlacement, n_shards: int, progress) -> tuple[int, f
 
 def ray_session(address: str | None):
     """Connect to Ray for the length of a block unless already connected (then leave it be)."""
-    import contextlib
-
-    import ray
+    import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     @contextlib.contextmanager
     def session():

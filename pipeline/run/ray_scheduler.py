@@ -13,7 +13,9 @@ from typing import Callable
 from pipeline.configbase import TaskPlacement
 from pipeline.run.graph import deps_in_spec
 from pipeline.run.ray_executor import RayExecutor, trains_in_task
+from pipeline.run.reaper import start_orphan_reaper
 from pipeline.run.spec import run_uri
+from pipeline.run.stage_exec import StageOutcome, error_message, execute_stage
 
 
 def _level(verbose: bool) -> str:
@@ -23,7 +25,7 @@ def _level(verbose: bool) -> str:
 
 
 def init_ray(cluster, address: str | None = None, verbose: bool = False) -> None:
-    import ray
+    import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     if ray.is_initialized():
         return
@@ -37,8 +39,6 @@ def init_ray(cluster, address: str | None = None, verbose: bool = False) -> None
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level=_level(verbose), log_to_driver=verbose)
         return
-    from pipeline.run.reaper import start_orphan_reaper
-
     start_orphan_reaper()  # a SIGKILLed driver leaves Ray's agents behind otherwise
     ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), num_gpus=cluster.num_gpus,
              include_dashboard=cluster.include_dashboard, dashboard_host=cluster.dashboard_host,
@@ -48,7 +48,7 @@ def init_ray(cluster, address: str | None = None, verbose: bool = False) -> None
 def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, console, verbose: bool = False) -> None:
     """Stages' own output stays on their workers (``verbose``: forward it, with Ray's logs); the
     driver shows what they report through the store (pipeline/run/console.py)."""
-    import ray
+    import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     owned = not ray.is_initialized()  # a Ray we start, we stop: callers in one process run many specs
     init_ray(spec.cluster, address, verbose)
@@ -60,9 +60,7 @@ def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, co
 
 
 def _schedule(spec, todo, plans, manifests, summary, console) -> None:
-    import ray
-
-    from pipeline.run.stage_exec import StageOutcome, error_message, execute_stage
+    import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     ruri = run_uri(spec)

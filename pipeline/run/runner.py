@@ -20,6 +20,7 @@ from pipeline.context import StageFailed
 from pipeline.run.graph import StageDef, deps_in_spec, downstream, enabled_stages, get_stage
 from pipeline.run.planning import plan_stages
 from pipeline.run.console import ProgressConsole
+from pipeline.run.ray_scheduler import run_on_ray
 from pipeline.run.reaper import start_orphan_reaper
 from pipeline.run.spec import run_uri, spec_to_yaml
 from pipeline.run.stage_exec import RunSummary, StageOutcome, error_message, execute_stage
@@ -68,8 +69,6 @@ def run_pipeline(spec, *, only: list[str] | None = None, fresh: list[str] | None
     todo = _longest_first(todo, spec)
     with ProgressConsole(log, live_console=live_console) as console:
         if spec.cluster.use_ray:
-            from pipeline.run.ray_scheduler import run_on_ray
-
             run_on_ray(spec, todo, plans, manifests, summary, address=address, console=console, verbose=verbose)
         else:
             _run_in_process(spec, todo, plans, manifests, summary, console)

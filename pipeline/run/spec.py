@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, create_model, field_validator
 from pipeline.configbase import StrictModel
 from pipeline.run.graph import STAGES, stage_config_classes
 from pipeline.store import SUPPORTED_SCHEMES, normalize, scheme_of
+from stages.models import MODELS, chained_pairs
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_SPEC = CONFIG_DIR / "demo.yaml"
@@ -40,7 +41,7 @@ class StoreConfig(StrictModel):
             raise ValueError(f"unsupported URI scheme {scheme!r}; allowed: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}")
         if scheme == "gs":
             try:
-                import gcsfs  # noqa: F401
+                import gcsfs  # noqa: F401  (optional: the gcs extra)
             except ImportError as e:
                 raise ValueError("gs:// needs gcsfs: pip install 't2i-pipeline[gcs]'") from e
         return normalize(v) if scheme == "file" else v.rstrip("/")
@@ -120,15 +121,13 @@ def parse_spec(data: dict, source: str = "<dict>"):
 def cross_stage_problems(spec) -> list[str]:
     """Checks that need more than one field: flavors exist, the cascade's sizes chain up,
     the downloaded images are large enough for every model that trains on them."""
-    from stages.models import MODELS, chained_pairs
-
     problems: list[str] = []
     flavors = {}
     for stage, role, net in ((m.stage, m.role, m.network_role) for m in MODELS):
         cfg = getattr(spec, stage, None)
         if cfg is None:
             continue
-        from stages.nets.flavors import get_flavor, list_flavors
+        from stages.nets.flavors import get_flavor, list_flavors  # torch: reading a spec must not load it
 
         try:
             flavors[role] = get_flavor(net, cfg.flavor)
@@ -165,8 +164,6 @@ def cross_stage_problems(spec) -> list[str]:
 def _refiner_problems(spec) -> list[str]:
     """An upsampler trained only on t <= diffusion.train_t_max (a low-noise refiner) has never seen
     the noise levels above it: sampling must start at or below that level."""
-    from stages.models import MODELS
-
     problems = []
     for m in (m for m in MODELS if m.upsampler):
         cfg = getattr(spec, m.stage, None)

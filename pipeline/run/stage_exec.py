@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -55,8 +56,6 @@ class RunSummary:
 def node_info() -> dict[str, Any]:
     info: dict[str, Any] = {"hostname": socket.gethostname(), "pid": os.getpid()}
     try:  # which Ray node, when the stage runs in a Ray task (ray is only imported if already loaded)
-        import sys
-
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             ctx = ray.get_runtime_context()

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline import layout, store
+from pipeline.run.runner import save_spec
 from pipeline.run.spec import SpecError, load_spec, run_uri, spec_to_yaml
 
 JOB_FILE = layout.JOB  # kept: the CLI and tests import it from here
@@ -95,7 +96,7 @@ def redact_address(address: str) -> str:
 
 
 def job_client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # ray: loaded only by the job commands
 
     addr = dashboard_address(address)
     try:
@@ -237,8 +238,6 @@ def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dic
     try:
         # spec.yaml now (the driver writes the same bytes when it starts) so `t2i status RUN`
         # shows pending stages straight away; then the job record.
-        from pipeline.run.runner import save_spec
-
         save_spec(spec)
         store.write_json(store.join(ruri, JOB_FILE), asdict(record))
     except Exception as e:  # noqa: BLE001 - the job runs regardless; say how to find it

@@ -27,8 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from data_prep.embed_format import EmbeddingShard, write_embedding_shard
+from pipeline import layout, store
 from stages.bench.train_step import bench_train, default_cond_dims, stage_parts
+from stages.nets.flavors import get_flavor
+from stages.training.loader import LoaderSpec, make_loader, pair_shards
+from stages.training.trainer import read_cond_dims
 
 
 def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict[str, int], n_shards: int = 2,
@@ -38,11 +44,6 @@ def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict
     ``image_size`` is the stored JPEGs' short side (what the download stage wrote), not
     necessarily the training resolution.
     """
-    from PIL import Image
-
-    from data_prep.embed_format import EmbeddingShard, write_embedding_shard
-    from pipeline import layout, store
-
     rng = np.random.default_rng(seed)
     download = os.path.join(root, "download") if image_size else None
     embed = os.path.join(root, "embed")
@@ -88,9 +89,6 @@ def write_synthetic_shards(root: str, *, image_size: int | None, cond_dims: dict
 def loader_rate(download_uri: str | None, embed_uri: str, *, image_size: int | None, batch: int, workers: int,
                 batches: int, pin_memory: bool, seed: int = 0) -> dict[str, float]:
     """Samples/s of the training DataLoader over ``batches`` batches after the first (worker start-up)."""
-    from pipeline import layout, store
-    from stages.training.loader import LoaderSpec, make_loader, pair_shards
-
     shards = pair_shards(download_uri and store.join(download_uri, layout.SHARDS), store.join(embed_uri, layout.SHARDS))
     loader = make_loader(shards, LoaderSpec(image_size, batch, seed), None, workers, pin_memory=pin_memory)
     it = iter(loader)
@@ -119,10 +117,6 @@ def bench_loader(stage: str = "base", flavor: str = "debug", *, batch: int = 4, 
     ``step_zero``: measure the step with DeepSpeed at that ZeRO stage instead of plain PyTorch.
     ``step_result``: reuse a ``bench_train`` result instead of measuring the step again.
     """
-    from pipeline import store
-    from stages.nets.flavors import get_flavor
-    from stages.training.trainer import read_cond_dims
-
     spec, _ = stage_parts(stage)
     fl = get_flavor(spec.net_role, flavor)
     image_size = fl.image_size if spec.needs_images else None
@@ -131,8 +125,6 @@ def bench_loader(stage: str = "base", flavor: str = "debug", *, batch: int = 4, 
         raise ValueError(f"workers must be >= 0, batches and batch >= 1 (got {workers}, {batches}, {batch})")
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         if run_uri:
-            from pipeline import layout
-
             download = layout.finished_stage_dir(run_uri, "download") if spec.needs_images else None
             embed = layout.finished_stage_dir(run_uri, "embed")
             if embed is None or (spec.needs_images and download is None):

@@ -30,10 +30,14 @@ import json
 import math
 import os
 import re
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep.embed_format import read_embedding_shard
+from data_prep.shards import list_shards
+from pipeline import layout, store
 from stages.models import MODELS, model
 
 GPUS = ("h100", "h200", "a100", "b200")
@@ -79,8 +83,9 @@ class PlanOptions:
 
 # ----------------------------------------------------------------------------- FLOPs
 def _flavor_key(role: str, flavor: str, dims: dict[str, int], text_len: int, variant: str | None = None) -> str:
-    from stages.nets.flavors import get_flavor
-    import torch
+    import torch  # torch: only to key the FLOPs cache (importing the cost model stays light)
+
+    from stages.nets.flavors import get_flavor  # torch: as above
 
     cfg = get_flavor(model(role).network_role, flavor).config(dims, variant)
     return hashlib.sha256(f"{role}|{flavor}|{cfg!r}|{text_len}|{torch.__version__}".encode()).hexdigest()[:16]
@@ -118,12 +123,12 @@ def flops_per_sample(role: str, flavor: str, dims_items: tuple, text_len: int, v
 
 def _count(role: str, flavor: str, dims: dict[str, int], text_len: int, batch: int = 1,
            device: str = "meta", variant: str | None = None) -> int:
-    import torch
+    import torch  # torch: only to count FLOPs (importing the cost model stays light)
 
-    from stages.bench.train_step import stage_parts, synthetic_batch
-    from stages.diffusion import Diffusion
-    from stages.training.flops import count_flops
-    from stages.nets.flavors import build_network, get_flavor
+    from stages.bench.train_step import stage_parts, synthetic_batch  # torch: as above
+    from stages.diffusion import Diffusion  # torch: as above
+    from stages.nets.flavors import build_network, get_flavor  # torch: as above
+    from stages.training.flops import count_flops  # torch: as above
 
     spec, cfg_cls = stage_parts(role)
     fl = get_flavor(spec.net_role, flavor)
@@ -168,7 +173,7 @@ def measured_mfu(role: str, flavor: str, run_manifest: dict | None, perf_md: str
 
 
 def peak_bf16(gpu: str) -> float:
-    from stages.training.flops import peak_flops_by_name
+    from stages.training.flops import peak_flops_by_name  # torch: importing the cost model stays light
 
     if gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {', '.join(GPUS)} (got {gpu!r})")
@@ -228,9 +233,9 @@ def checkpoint_bytes(params: int, zero: int, precision: str, tensors: int = 0, w
 
 def params_of(role: str, flavor: str, dims: dict[str, int], variant: str | None = None) -> tuple[int, int]:
     """(parameters, parameter tensors) of a flavor, built on the meta device."""
-    import torch
+    import torch  # torch: only to build the network (importing the cost model stays light)
 
-    from stages.nets.flavors import build_network
+    from stages.nets.flavors import build_network  # torch: as above
 
     with torch.device("meta"):
         net = build_network(model(role).network_role, flavor, dims, variant)
@@ -317,7 +322,7 @@ def _count_local_rows(url_list: str) -> int | None:
     total = 0
     for f in files:
         if f.endswith(".parquet"):
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # heavy: pyarrow, only for a local parquet list
 
             total += pq.ParquetFile(f).metadata.num_rows
         elif f.endswith((".csv", ".tsv")):
@@ -393,12 +398,6 @@ def _train(role: str, cfg, opts: PlanOptions, corpus: CorpusFigures, peak: float
 # ----------------------------------------------------------------------------- measured corpus
 def measure_corpus(download_shards: str | None, embed_shards: str | None) -> CorpusFigures | None:
     """Per-sample figures of a run's first download shard and first embedding shard (or None)."""
-    import tarfile
-
-    from data_prep.embed_format import read_embedding_shard
-    from data_prep.shards import list_shards
-    from pipeline import layout, store
-
     c = CorpusFigures(source="measured in the run")
     found = False
     if download_shards:

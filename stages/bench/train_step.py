@@ -28,9 +28,14 @@ from typing import Any, Callable
 
 import torch
 
-from stages.training.flops import count_flops, mfu, peak_flops
+from pipeline.executors import DistEnv
+from stages.diffusion import Diffusion
 from stages.models import MODELS
-from stages.training.optim import build_optimizer, build_scheduler
+from stages.nets.flavors import PAPER_COND_DIMS, build_network, get_flavor
+from stages.training.distributed import setup_distributed
+from stages.training.engine import build_engine, train_step
+from stages.training.flops import count_flops, mfu, peak_flops
+from stages.training.optim import build_optimizer, build_scheduler, configure_cuda_fast_path, resolve_precision
 
 # The bench's stage names are the model roles; each model's MFU target is in its ModelDef.
 STAGES = {m.role: m for m in MODELS}
@@ -58,8 +63,6 @@ def stage_parts(stage: str):
 
 
 def default_cond_dims(flavor: str) -> dict[str, int]:
-    from stages.nets.flavors import PAPER_COND_DIMS
-
     return dict(SMALL_COND_DIMS if flavor in ("debug", "demo") else PAPER_COND_DIMS)
 
 
@@ -126,11 +129,6 @@ def _timed(step: Callable[[], dict], warmup: int, steps: int, device: torch.devi
 def _one_run(mode: str, zero: int | None, *, spec, cfg, flavor, cond_dims, cpu_batch, device, opts: BenchOptions,
              warmup: int, steps: int, count: bool) -> dict[str, Any]:
     """Build a fresh network (same seed every run) and engine, time it, count its FLOPs, free it."""
-    from stages.diffusion import Diffusion
-    from stages.nets.flavors import build_network
-    from stages.training.optim import resolve_precision
-    from stages.training.engine import build_engine, train_step
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
@@ -209,11 +207,6 @@ def bench_train(stage: str, flavor: str = "debug", *, zero_stages: tuple[int, ..
     figures and the remaining runs still happen. ``threads``: torch intra-op threads (CPU); on a
     shared, loaded CPU box one thread is far steadier than OpenMP teams fighting for the cores.
     """
-    from stages.nets.flavors import get_flavor
-    from stages.training.optim import configure_cuda_fast_path, resolve_precision
-    from pipeline.executors import DistEnv
-    from stages.training.distributed import setup_distributed
-
     opts = options or BenchOptions()
     spec, cfg_cls = stage_parts(stage)
     fl = get_flavor(spec.net_role, flavor)

@@ -29,11 +29,15 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from data_prep import holdout
+from data_prep.encoders_doc import encoders_doc_uri, read_encoders_doc
 from pipeline import layout, store
 from pipeline.configbase import StrictModel
 from pipeline.context import StageContext, StageFailed, StageResult
+from stages.evaluate.names import check_feature_name, feature_kind
+from stages.models import TRAIN_STAGES
 from stages.sampling.config import CASCADE_CHOICES, CASCADES, SampleConfig
 
 EVALUATION = layout.EVALUATION  # per-prompt figures beside the manifest
@@ -68,17 +72,11 @@ class EvaluateConfig(StrictModel):
     @field_validator("fid_features")
     @classmethod
     def _features(cls, v: str) -> str:
-        from stages.evaluate.names import check_feature_name
-
         return check_feature_name(v)
 
     @field_validator("sampling")
     @classmethod
     def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from pydantic import ValidationError
-
-        from stages.sampling.config import SampleConfig
-
         own = sorted(set(v) & set(_SAMPLE_OWN))
         if own:
             raise ValueError(f"sampling.{own[0]} is set by the evaluate stage itself; allowed: the sample "
@@ -94,8 +92,6 @@ class EvaluateConfig(StrictModel):
     @model_validator(mode="after")
     def _sampling_for_cascade(self) -> "EvaluateConfig":
         """The sampling settings with this cascade (e.g. guidance 'compare' needs a CLIP-guidable one)."""
-        from pydantic import ValidationError
-
         try:
             self.sample_config(["x"])
         except ValidationError as e:
@@ -127,9 +123,7 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
              stage_uris: dict[str, str] | None = None) -> StageResult:
     """Every figure of the stage from upstream manifests ``inputs`` (stage -> manifest);
     ``stage_uris`` overrides where a training stage's weights are read (``t2i eval --checkpoint``)."""
-    from stages.evaluate import figures
-    from stages.evaluate.names import feature_kind
-    from stages.models import TRAIN_STAGES
+    from stages.evaluate import figures  # torch: reading a spec (this stage's config) must not load it
 
     t0 = time.time()
     ctx = context(cfg, run_uri, inputs, stage_uris, progress)
@@ -162,11 +156,9 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
 def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_uris: dict[str, str] | None,
             progress: Callable[[str], None]):
     """What every measurement needs: the held-out rule, the run's encoders, where each model is."""
-    from data_prep.encoders_doc import encoders_doc_uri, read_encoders_doc
-    from data_prep.holdout import read_rule
-    from stages.evaluate.figures import EvalContext
-    from stages.sampling.loading import PromptEncoders
-    from stages.sampling.cascade import resolve_device
+    from stages.evaluate.figures import EvalContext  # torch: reading a spec (this stage's config) must not load it
+    from stages.sampling.cascade import resolve_device  # torch: as above
+    from stages.sampling.loading import PromptEncoders  # torch: as above
 
     if "embed" not in inputs:
         raise StageFailed("evaluate: needs the embed stage (held-out split, encoders)")
@@ -175,7 +167,7 @@ def context(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], stage_ur
     if doc is None or doc.clip_preprocess is None:  # CLIP scores preprocess samples as the embed stage did
         raise StageFailed(f"evaluate: {encoders_doc_uri(embed_uri)} "
                           f"{'not found' if doc is None else 'has no clip_preprocess'}: re-run the embed stage")
-    rule = read_rule(embed_uri)
+    rule = holdout.read_rule(embed_uri)  # looked up when called: tests replace it
     uris = {n: m["out_uri"] for n, m in inputs.items() if "out_uri" in m}
     uris.update(stage_uris or {})
     device = resolve_device(cfg.sample_config(["x"]).device)

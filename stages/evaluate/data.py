@@ -13,11 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image
 
-from data_prep.embed_format import pad_sequences, read_embedding_shard
+from data_prep.embed_format import pad_ids, pad_sequences, read_embedding_shard
 from data_prep.holdout import HoldoutRule
 from data_prep.image_decode import decode_rgb
 from data_prep.shards import iter_shard
+from stages.evaluate.prompt_suite import SUITE
 from stages.training.loader import pair_shards
 from stages.sampling.loading import PromptFeatures
 
@@ -35,8 +38,6 @@ class HoldoutSet:
 
 
 def _square(img, size: int):
-    from PIL import Image
-
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -105,8 +106,6 @@ def _features(clip_text: list[np.ndarray], clip_tokens: list[np.ndarray], t5: li
     """The stored features (and token ids, when the shards have them) padded as a training batch:
     the ids are the ones GLIDE trained on, and the ones sampling re-tokenizes the captions into
     (tests/test_evaluate.py checks that the two agree)."""
-    from data_prep.embed_format import pad_ids
-
     ctok, cmask = _padded(clip_tokens)
     t5tok, t5mask = _padded(t5)
     extra: list[torch.Tensor | None] = [None] * 4
@@ -123,13 +122,9 @@ def load_prompt_suite(name: str | None, per_category: int = 0) -> list[tuple[str
     if not name:
         return []
     if name == "default":
-        from stages.evaluate.prompt_suite import SUITE
-
         cats: Any = {k: list(v) for k, v in SUITE.items()}
         where = "the shipped suite"
     else:
-        import yaml
-
         path = Path(name)
         if not path.exists():
             raise FileNotFoundError(f"evaluate.prompt_suite: {path} does not exist ('default' is the shipped suite)")

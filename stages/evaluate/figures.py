@@ -11,6 +11,11 @@ import torch
 from data_prep import clip_score
 from stages.evaluate import metrics as M
 from stages.evaluate.data import HoldoutSet, load_prompt_suite, read_holdout
+from stages.sampling import demo_check
+from stages.sampling.cascade import sample_images, sample_with_model
+from stages.sampling.config import cascade_roles, stage_of
+from stages.sampling.loading import load_model
+from stages.training.final_weights import read_final_config, resolve_final
 
 
 @dataclass
@@ -30,8 +35,6 @@ class EvalContext:
 
 def runnable_cascades(ctx: EvalContext) -> list[str]:
     """The configured cascades whose every model has weights to evaluate."""
-    from stages.sampling.config import cascade_roles, stage_of
-
     max_stage = ctx.cfg.sample_config(["x"]).max_stage
     return [c for c in ctx.cfg.cascades()
             if all(stage_of(r) in ctx.stage_uris for r in cascade_roles(c, max_stage))]
@@ -39,18 +42,12 @@ def runnable_cascades(ctx: EvalContext) -> list[str]:
 
 def output_size(ctx: EvalContext, cascade: str) -> int:
     """The pixel size of a cascade's last model (its final/config.json)."""
-    from stages.training.final_weights import read_final_config, resolve_final
-    from stages.sampling.config import cascade_roles, stage_of
-
     last = cascade_roles(cascade, ctx.cfg.sample_config(["x"]).max_stage)[-1]
     return read_final_config(resolve_final(ctx.stage_uris[stage_of(last)])).image_size
 
 
 def cascade_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int], list[dict]]:
     """Sample the held-out captions and the suite through each cascade; FID, CLIP score, demo check."""
-    from stages.sampling import demo_check
-    from stages.sampling.cascade import sample_images
-
     cfg = ctx.cfg
     cascades = runnable_cascades(ctx)
     sizes = {c: output_size(ctx, c) for c in cascades}
@@ -111,9 +108,6 @@ def _fid(held: HoldoutSet, images: list, size: int, net: torch.nn.Module) -> flo
 
 def prior_figures(ctx: EvalContext) -> tuple[dict[str, float], dict[str, int]]:
     """The prior's sampled CLIP image embeddings of held-out captions vs the true ones."""
-    from stages.sampling.loading import load_model
-    from stages.sampling.cascade import sample_with_model
-
     cfg = ctx.cfg
     held = read_holdout(None, ctx.embed_shards, ctx.rule, cfg.prior_samples)
     scfg = cfg.sample_config(["x"])

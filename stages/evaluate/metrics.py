@@ -22,8 +22,12 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from stages.evaluate.names import check_feature_name
 
 TINY_CONFIG = "fid_features.json"
 TINY_WEIGHTS = "fid_features.safetensors"
@@ -105,11 +109,9 @@ def load_saved_features(d: str | Path) -> TinyFeatures:
 
 def load_feature_network(name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The FID feature network ``name`` names (module docstring)."""
-    from stages.evaluate.names import check_feature_name
-
     check_feature_name(name)
     if name.startswith("torchvision:"):
-        import torchvision
+        import torchvision  # heavy: only for the torchvision feature network
 
         parts = name.split(":", 2)
         if len(parts) == 3:  # a local state dict: nothing is downloaded
@@ -129,7 +131,7 @@ def load_feature_network(name: str, device: torch.device | str = "cpu") -> torch
 def fid(real: torch.Tensor, fake: torch.Tensor, net: torch.nn.Module, batch_size: int = 64) -> float:
     """Fréchet distance between the feature statistics of two uint8 [N, 3, H, W] image sets
     (torchmetrics' FrechetInceptionDistance with ``net`` as its feature extractor)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance  # heavy: only when an FID is computed
 
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images per set (got {len(real)} real, {len(fake)} generated)")
@@ -148,14 +150,10 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def pil_to_uint8(images: Sequence[Any], size: int | None = None) -> torch.Tensor:
     """PIL images -> uint8 [N, 3, S, S] (resized to ``size`` when given)."""
-    import numpy as np
-
     out = []
     for im in images:
         im = im.convert("RGB")
         if size is not None and im.size != (size, size):
-            from PIL import Image
-
             im = im.resize((size, size), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
     return torch.stack(out)

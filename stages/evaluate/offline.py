@@ -14,7 +14,9 @@ from typing import Any
 
 from pipeline import layout, store
 from pipeline.context import StageFailed
-from stages.training.final_weights import FinalConfig
+from stages.models import TRAIN_STAGES
+from stages.nets.flavors import build_network
+from stages.training.final_weights import FinalConfig, latest_final, load_final, write_final
 
 WEIGHTS_DIR = layout.EVAL_WEIGHTS
 
@@ -35,8 +37,6 @@ def checkpoint_val_loss(attempt: str, step: int) -> float | None:
 def checkpoint_inputs(inputs: dict[str, dict[str, Any]], step: int, out_uri: str) -> tuple[dict[str, str], dict]:
     """(stage -> a folder holding ``final/step_N/`` of that stage at ``step``, the inputs with each
     training manifest's ``val_loss`` replaced by the one logged at ``step``)."""
-    from stages.models import TRAIN_STAGES
-
     uris, new_inputs = {}, dict(inputs)
     for st in TRAIN_STAGES:
         if st not in inputs:
@@ -56,9 +56,6 @@ def checkpoint_inputs(inputs: dict[str, dict[str, Any]], step: int, out_uri: str
 def _materialise(attempt: str, step: int, view: str, stage: str, fallback: FinalConfig | None = None) -> None:
     """``fallback``: the final config to use while the stage has never finished (no final/ yet)."""
     from safetensors.torch import load as st_load
-
-    from stages.training.final_weights import latest_final, load_final, write_final
-    from stages.nets.flavors import build_network
 
     target = layout.final_dir(view, step)
     if store.exists(store.join(target, layout.FINAL_CONFIG)):

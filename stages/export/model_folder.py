@@ -96,7 +96,7 @@ def model_card(config: FinalConfig, info: dict[str, Any]) -> str:
 
 def push_to_hub(folder: str, repo_id: str, *, private: bool = True) -> str:
     """Upload an exported local folder as a model repo (needs a network and a token)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # heavy: only for --push-to-hub
 
     path = store.local_path(store.normalize(folder))
     if path is None:

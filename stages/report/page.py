@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import layout, store
 from stages.models import TRAIN_STAGES
-from stages.report.run_section import read_metrics, run_sections  # noqa: F401  (read_metrics: re-exported)
+from stages.report.run_section import points_of, read_metrics, run_sections  # noqa: F401  (read_metrics: re-exported)
 from stages.report.svg import Series, line_chart_svg
 
 THUMB_SIZE = 192
@@ -85,8 +85,6 @@ def _thumb_data_uri(img: Image.Image, size: int = THUMB_SIZE) -> str:
 def stage_curves(run_uri: str, stages: Sequence[str] = TRAIN_STAGES,
                  metrics_uris: dict[str, str] | None = None) -> dict[str, str]:
     """Stage name -> SVG of its loss curve, for every stage whose metrics.jsonl has loss rows."""
-    from stages.report.run_section import points_of
-
     out = {}
     for stage in stages:
         uri = (metrics_uris or {}).get(stage) or store.join(run_uri, stage, layout.METRICS)
