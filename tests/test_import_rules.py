@@ -5,6 +5,8 @@
   its package's top-level modules;
 * no module imports one on a higher floor;
 * no import circle between the project's own modules (top-level and function-level imports);
+* imports of the project's own modules sit at the top of files; one inside a function says why on
+  its line (a module that reading a spec, ``t2i --help`` or ``t2i status`` must not load, or a cycle);
 * ``ray`` is imported only by the orchestration modules that schedule and execute on Ray;
 * model and diffusion code (the pure core) never imports ray, deepspeed, torch.distributed,
   fsspec or boto.
@@ -142,6 +144,23 @@ def test_no_import_circles():
         if v not in index:
             visit(v)
     assert not out, out
+
+
+def test_function_level_project_imports_say_why():
+    unexplained = []
+    for mod, path in modules().items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    name = node.names[0].name if isinstance(node, ast.Import) else (node.module or "")
+                    own = node.level > 0 if isinstance(node, ast.ImportFrom) else False
+                    if (own or name.split(".")[0] in PACKAGES) and "#" not in lines[node.lineno - 1]:
+                        unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not unexplained, ("move these imports to the top of the file, or say on the line why they must wait:\n"
+                             + "\n".join(sorted(set(unexplained))))
 
 
 def test_ray_only_in_the_scheduler_and_executors():
