@@ -105,7 +105,7 @@ def _features(clip_text: list[np.ndarray], clip_tokens: list[np.ndarray], t5: li
               ids: dict[str, list[np.ndarray]] | None = None) -> PromptFeatures:
     """The stored features (and token ids, when the shards have them) padded as a training batch:
     the ids are the ones GLIDE trained on, and the ones sampling re-tokenizes the captions into
-    (tests/test_evaluate.py checks that the two agree)."""
+    (tests/stages/test_evaluate.py checks that the two agree)."""
     ctok, cmask = _padded(clip_tokens)
     t5tok, t5mask = _padded(t5)
     extra: list[torch.Tensor | None] = [None] * 4

@@ -63,7 +63,7 @@ class Block(nn.Module):
         b, n, c = x.shape
         # One qkv matmul on [B, n, C]; each head is a view with a unit last-dim stride, which is
         # what the fused kernels need (CPU flash; CUDA memory-efficient, as the causal+padding
-        # bool mask rules out CUDA flash). tests/test_attention_kernels.py checks the choice.
+        # bool mask rules out CUDA flash). tests/unit/test_attention_kernels.py checks the choice.
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # the fused kernels write the output in q's [B, n, heads, D] layout: this reshape is a view

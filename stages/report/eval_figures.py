@@ -4,7 +4,7 @@ per-checkpoint rows (``eval.jsonl``, written by stages/evaluate/follow.py).
 
 Its own module, below stages.evaluate and stages.sampling.cascade, because report.html is written by the
 sample stage and the evaluate stage imports sampling: report.html reading these from
-stages.evaluate would make an import circle (tests/test_import_rules.py).
+stages.evaluate would make an import circle (tests/unit/test_import_rules.py).
 """
 from __future__ import annotations
 
