@@ -14,7 +14,7 @@ Layout of one checkpoint (``<out>/checkpoints/step_NNNNNNNN/``; each name spelle
 Saving: DeepSpeed writes into a local temp dir per rank (the only part the step loop waits for),
 then each rank uploads what it wrote and writes ``uploaded_rank{r}.json`` (its files' sizes and
 checksums); rank 0 writes ``COMPLETE`` once every rank's marker is there. With
-``checkpoint_upload: background`` (the default) the uploads run in a thread while training goes
+``checkpoint_upload: background`` the uploads run in a thread while training goes
 on: at most one upload in flight per rank (the next save first waits for it), and a failed upload
 fails the stage at the next save or at the end, naming the file, never leaving ``COMPLETE``
 behind. A checkpoint without ``COMPLETE`` (a crash, a preempted node, a half-finished upload) is

@@ -106,10 +106,11 @@ class TrainConfig(StrictModel):
         "mirror half the training images (augmentation); false when captions name left and right"))
     checkpoint_every_steps: int = Field(1000, description="save a checkpoint every N steps; 0 = only by time/end")
     checkpoint_every_minutes: float = Field(0.0, description="also save every M minutes; 0 disables")
-    checkpoint_upload: Literal["background", "sync"] = Field("background", description=(
-        "'background': a save waits only for the snapshot on local disk and uploads it while training "
-        "goes on (one upload in flight; a failed upload fails the stage at the next save or the end); "
-        "'sync': the step loop waits for the upload and COMPLETE"))
+    checkpoint_upload: Literal["sync", "background"] = Field("sync", description=(
+        "'sync': the step loop waits for the upload and COMPLETE. 'background': a save waits only for "
+        "the snapshot on local disk and uploads it while training goes on (one upload in flight; a "
+        "failed upload fails the stage at the next save or the end); a worker that dies right after a "
+        "save loses that checkpoint (the one before it is used)"))
     keep_last: int = Field(3, description="complete checkpoints kept in the store")
     log_every: int = Field(10, description="log metrics every N steps")
     sample_every: int = Field(0, description="write a sample grid every N steps; 0 disables")
