@@ -62,6 +62,7 @@ EVAL_WEIGHTS = "weights"          # t2i eval at checkpoints: weights/<stage>/...
 # written by every rank (or rank 0) before rank 0 writes COMPLETE last.
 CHECKPOINT_DEEPSPEED = "ds"       # DeepSpeed's own files (its checkpoint tag)
 CHECKPOINT_COMPLETE = "COMPLETE"  # rank 0, last: the checkpoint is whole iff it exists
+CHECKPOINT_DAMAGED = "DAMAGED.json"  # rank 0, when a restore found a file that differs from COMPLETE's list
 CHECKPOINT_EMA = "ema.safetensors"  # rank 0: the EMA (ZeRO 0-2: the same on every rank)
 
 # Inside shards/: one set of files per shard id NNNNN.

@@ -1,4 +1,4 @@
-"""``t2i bench train | loader | embed``: speed figures, each a ratio measured in one run.
+"""``t2i bench train | loader | embed | download | checkpoint | scale``: speed figures, each a ratio measured in one run.
 
 The benchmarks live next to what they measure (stages/bench/train_step.py, stages/bench/loader.py,
 data_prep/bench/embed.py) and import neither Ray nor this CLI; this file only parses options
@@ -185,6 +185,31 @@ def bench_download_cmd(
         res = bench_download(images, image_px, processes, threads, image_size, repeats)
     except ValueError as e:
         _fail(str(e))
+    console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
+
+
+@bench_app.command("checkpoint")
+def bench_checkpoint_cmd(
+    stage: str = typer.Option("base", help=_STAGES),
+    flavor: str = typer.Option("debug", help="network size"),
+    steps: int = typer.Option(60, "--steps", help="timed training steps per mode"),
+    every: int = typer.Option(30, "--every", help="save a checkpoint every N steps (longer than an upload)"),
+    zero: int = typer.Option(2, "--zero", help="ZeRO stage of the engine"),
+    mbps: float = typer.Option(20.0, "--mbps", help="the store link's bandwidth, MB/s each way (the proxy's throttle)"),
+    latency_ms: float = typer.Option(20.0, "--latency-ms", help="added latency per connection to the store"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """A save's step-time overhead, synchronous vs background upload, to moto's S3 server behind a
+    throttling proxy on 127.0.0.1 (target: background >= 5x cheaper), and what a background save holds."""
+    from pipeline.cli.slow_proxy import remote_like_s3  # heavy: moto (the test extra), loaded when run
+    from stages.bench.checkpoint import bench_checkpoint, format_result  # torch: t2i --help must not load it
+
+    try:
+        with remote_like_s3(mbps, latency_ms) as bucket:
+            res = bench_checkpoint(bucket, stage, flavor, steps=steps, every=every, zero=zero)
+    except ValueError as e:
+        _fail(str(e))
+    res["link"] = {"mbps": mbps, "latency_ms": latency_ms}
     console.print_json(json.dumps(res)) if as_json else console.print(format_result(res))
 
 

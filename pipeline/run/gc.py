@@ -5,7 +5,10 @@ What it offers to remove:
 * superseded attempts: attempt folders of a stage that the run's current spec does not use
   (an older config, a ``t2i rerun``'s predecessor), and attempts of stages no longer in the spec;
 * incomplete checkpoints: ``step_N`` folders without ``COMPLETE`` that are older than the
-  attempt's newest complete checkpoint (a crashed save; never one that may be being written).
+  attempt's newest complete checkpoint (a crashed save; never one that may be being written);
+* damaged checkpoints: complete ones whose files are missing or differ in size from what
+  ``COMPLETE`` lists (one listing per checkpoint, no download), or that a restore found
+  damaged by checksum and marked (``DAMAGED.json``); training already skips them.
 
 Deletion is manifest-first: an attempt stops looking done before any of its files go, so an
 interrupted gc never leaves a half-deleted attempt that looks complete.
@@ -22,7 +25,7 @@ from pipeline.run.planning import describe_attempt, load_run_spec, plan_stages
 
 @dataclass
 class Garbage:
-    kind: str          # superseded | unused-stage | incomplete-checkpoint
+    kind: str          # superseded | unused-stage | incomplete-checkpoint | damaged-checkpoint
     stage: str
     uri: str
     bytes: int
@@ -46,7 +49,7 @@ def find_garbage(run: str) -> list[Garbage]:
         pointed = layout.read_current(run, stage)
         for name, uri in attempts:
             if uri == current:
-                items.extend(_incomplete_checkpoints(stage, uri))
+                items.extend(checkpoint_garbage(stage, uri))
                 continue
             d = describe_attempt(uri)
             note = f"{d['state']}" + (f", {d['steps']} steps" if d["steps"] is not None else "")
@@ -57,7 +60,7 @@ def find_garbage(run: str) -> list[Garbage]:
     return items
 
 
-def _incomplete_checkpoints(stage: str, attempt: str) -> list[Garbage]:
+def checkpoint_garbage(stage: str, attempt: str) -> list[Garbage]:
     root = store.join(attempt, layout.CHECKPOINTS)
     steps = []
     for uri in store.listdir(root):
@@ -68,18 +71,43 @@ def _incomplete_checkpoints(stage: str, attempt: str) -> list[Garbage]:
     newest = max(complete) if complete else -1
     out = []
     for step, uri, ok in sorted(steps):
+        fs, path = store.fs_and_path(uri)
         if not ok and step < newest:
-            fs, path = store.fs_and_path(uri)
             out.append(Garbage("incomplete-checkpoint", stage, uri, int(fs.du(path, total=True)), None,
                                f"step {step}, older than complete step {newest}"))
+        elif ok:
+            why = checkpoint_damage(uri)
+            if why:
+                out.append(Garbage("damaged-checkpoint", stage, uri, int(fs.du(path, total=True)), None,
+                                   f"step {step}: {why}"))
     return out
+
+
+def checkpoint_damage(uri: str) -> str | None:
+    """Why a complete checkpoint cannot be restored, from one listing (sizes against COMPLETE's
+    file list) and the mark a restore leaves when a checksum differs; None if it looks whole."""
+    marker = store.join(uri, layout.CHECKPOINT_DAMAGED)
+    if store.exists(marker):
+        return "a restore found it damaged: " + str(store.read_json(marker).get("reason", ""))
+    listing = store.read_json(store.join(uri, layout.CHECKPOINT_COMPLETE)).get("files")
+    if not listing:
+        return None  # an older release's checkpoint: nothing to compare with
+    fs, root = store.fs_and_path(uri)
+    root = root.rstrip("/")
+    sizes = {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in fs.find(root, detail=True).items()}
+    for rel, want in sorted(listing.items()):
+        if rel not in sizes:
+            return f"{rel} is missing"
+        if sizes[rel] != int(want["bytes"]):
+            return f"{rel} has {sizes[rel]} bytes, COMPLETE says {want['bytes']}"
+    return None
 
 
 def collect(items: list[Garbage], log: Callable[[str], None] = print) -> int:
     """Delete ``items`` (manifest first for attempts). Returns the bytes freed."""
     freed = 0
     for g in items:
-        if g.kind != "incomplete-checkpoint":
+        if g.kind not in ("incomplete-checkpoint", "damaged-checkpoint"):  # attempts: manifest first
             store.remove(mf.manifest_uri(g.uri), recursive=False)  # never looks done again
             run = g.uri.rstrip("/").rsplit("/", 2)[0]
             if layout.read_current(run, g.stage) == g.uri:

@@ -231,6 +231,25 @@ def checkpoint_bytes(params: int, zero: int, precision: str, tensors: int = 0, w
     return {"module": float(module), "optimizer": float(optim), "ema": 4.0 * params, "overhead": float(overhead)}
 
 
+def restore_traffic(parts: dict[str, float], zero: int, precision: str, world: int) -> tuple[float, float]:
+    """(bytes all ``world`` ranks read from the store to restore one checkpoint at the world size
+    that wrote it, the same after a change of world size), the rule stages/training/checkpoint.py
+    measures (``rank_reads``, ``elastic.elastic_reads``). Module weights M, optimizer state O, EMA E:
+    a rank reads its own partitions and the unpartitioned files, never another rank's partition.
+    ZeRO-0 in fp32: one file holds module and optimizer, read by every rank: W (M + O + E). ZeRO-1/2
+    (and bf16 ZeRO-0, whose optimizer is partitioned): the module file and the EMA on every rank,
+    one optimizer partition each: W (M + E) + O. ZeRO-3: everything partitioned: M + O + E.
+    After a change of world size every rank converts the whole checkpoint: W x all of it."""
+    m, o, e, overhead = parts["module"], parts["optimizer"], parts["ema"], parts["overhead"]
+    if zero == 0 and precision == "fp32":
+        same = world * (m + o + e)
+    elif zero == 3:
+        same = m + o + e
+    else:
+        same = world * (m + e) + o
+    return same + overhead, world * (m + o + e + overhead)
+
+
 def params_of(role: str, flavor: str, dims: dict[str, int], variant: str | None = None) -> tuple[int, int]:
     """(parameters, parameter tensors) of a flavor, built on the meta device."""
     import torch  # torch: only to build the network (importing the cost model stays light)
@@ -375,11 +394,7 @@ def _train(role: str, cfg, opts: PlanOptions, corpus: CorpusFigures, peak: float
         precision = "bf16" if cfg.gpus_per_worker > 0 else "fp32"
     parts = checkpoint_bytes(params, cfg.zero_stage, precision, tensors, world)
     ckpt = sum(parts.values())
-    ds = parts["module"] + parts["optimizer"] + parts["overhead"]
-    # Restore: each rank reads every rank's DeepSpeed files (ZeRO-1/2 loading needs them all;
-    # ZeRO-3 only its own partition) and its EMA (whole, or its partition under ZeRO-3).
-    restore = world * (ds + parts["ema"]) if cfg.zero_stage in (1, 2) else ds + parts["ema"] * (
-        1 if cfg.zero_stage == 3 else world)
+    restore, restore_resized = restore_traffic(parts, cfg.zero_stage, precision, world)
     saves = math.ceil(cfg.steps / cfg.checkpoint_every_steps) if cfg.checkpoint_every_steps else 1
     hours = gpu_h / gpus
     if cfg.checkpoint_every_minutes:
@@ -391,7 +406,8 @@ def _train(role: str, cfg, opts: PlanOptions, corpus: CorpusFigures, peak: float
             "text_len": text_len, "mfu": mfu, "mfu_source": mfu_src, "gpus": gpus, "gpu_hours": gpu_h,
             "days": hours / 24, "zero_stage": cfg.zero_stage, "world_size": world,
             "checkpoint_bytes": ckpt, "checkpoint_parts": parts, "checkpoint_save_traffic": ckpt,
-            "checkpoint_restore_traffic": restore, "checkpoints_saved": saves,
+            "checkpoint_restore_traffic": restore, "checkpoint_restore_traffic_resized": restore_resized,
+            "checkpoints_saved": saves,
             "checkpoint_write_traffic_total": saves * ckpt, "bytes": stored, "cost": gpu_h * price}
 
 

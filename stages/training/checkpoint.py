@@ -22,9 +22,11 @@ invisible to :meth:`CheckpointManager.latest`.
 
 Restoring (:meth:`CheckpointManager.restore_point`): every rank fetches what it reads and
 checks each file against ``COMPLETE``; a checkpoint any rank finds damaged (a truncated copy, a
-store fault) is skipped with one warning naming it and the file, and the next older complete
-one is tried, so a damaged file never reaches ``torch.load``. Checkpoints of releases that wrote
-no file list are restored unverified.
+store fault) is skipped with one warning naming it and the file, marked ``DAMAGED.json`` (later
+restores skip it without fetching it; ``t2i gc`` lists it) and the next older complete one is
+tried, so a damaged file never reaches ``torch.load``. Checkpoints of releases that wrote no file
+list are restored unverified. A checkpoint written by another number of ranks is fetched whole
+by every rank and converted to a DeepSpeed Universal Checkpoint (stages/training/elastic.py).
 
 Unpickling: everything of ours is JSON or safetensors. DeepSpeed's own files are torch pickles
 that ``engine.load_checkpoint`` reads with ``torch.load(weights_only=False)``; that is the one
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -51,7 +54,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline import layout, store
+from stages.training import elastic
 
+log = logging.getLogger(__name__)
 DS_TAG = layout.CHECKPOINT_DEEPSPEED  # the tag DeepSpeed saves under: its files land in <checkpoint>/ds/
 step_dir_name = layout.step_name      # kept: benchmarks import it from here
 
@@ -87,6 +92,19 @@ class RestorePoint:
     state: dict[str, Any]          # this rank's JSON state (data position, RNG, step)
     damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped, one line each
     bytes_read: list[int] = field(default_factory=list)  # what each rank fetched from the store, by rank
+    written_by: int = 0            # the world size that wrote it
+    peer_states: list[dict[str, Any]] = field(default_factory=list)  # every old rank's state (a resize only)
+    load_dir: str = ""             # what engine.load_checkpoint reads: local, or its universal conversion
+
+    @property
+    def resized(self) -> bool:
+        """Written by another number of ranks than this run has (see stages/training/elastic.py)."""
+        return bool(self.peer_states)
+
+    @property
+    def universal(self) -> bool:
+        """DeepSpeed must be built with ``checkpoint.load_universal`` to load it."""
+        return self.load_dir != self.local
 
 
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|_rank(\d+)\.")
@@ -114,7 +132,8 @@ class CheckpointManager:
     """Decides when to save, saves, finds the latest complete checkpoint, loads it, prunes old ones."""
 
     def __init__(self, out_uri: str, *, keep_last: int, every_steps: int, every_minutes: float,
-                 rank: int, world_size: int, device: torch.device, protect_through: int = -1):
+                 rank: int, world_size: int, device: torch.device, protect_through: int = -1,
+                 background_budget_bytes: int = 0):
         self.root = store.join(out_uri, layout.CHECKPOINTS)
         # Checkpoints up to this step belong to an earlier *finished* run of the stage (it is
         # being extended): keep_last never prunes them; only ``t2i gc`` may, when asked.
@@ -123,6 +142,11 @@ class CheckpointManager:
         self.rank, self.world_size, self.device = rank, world_size, device
         self._last_save_time = time.monotonic()
         self._upload: _Upload | None = None  # the background upload in flight, if any
+        # Background saves: the most local disk a snapshot may hold while training goes on (0: no
+        # limit); a bigger one is uploaded synchronously, counted here and logged.
+        self.background_budget_bytes = background_budget_bytes
+        self.sync_fallbacks = 0
+        self.snapshot_bytes = 0  # this rank's last snapshot on local disk
 
     # -- discovery -------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
@@ -182,6 +206,14 @@ class CheckpointManager:
             shutil.rmtree(local, ignore_errors=True)
             raise
         _barrier()  # every rank's snapshot is taken: the engine may move on
+        self.snapshot_bytes = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(local) for n in names)
+        # Decided on the biggest rank's snapshot, so that every rank takes the same (collective) path.
+        if background and self.background_budget_bytes and max(_gather(self.snapshot_bytes)) > self.background_budget_bytes:
+            background = False
+            self.sync_fallbacks += 1
+            log.warning("checkpoint step %d: rank %d's snapshot (%.2f GB) exceeds checkpoint_background_budget_gb "
+                        "(%.2f GB): uploaded synchronously", step, self.rank, self.snapshot_bytes / 1e9,
+                        self.background_budget_bytes / 1e9)
         self._upload = _Upload(self, step, uri, local)
         self._last_save_time = time.monotonic()
         if background:
@@ -203,12 +235,16 @@ class CheckpointManager:
             raise up.error
 
     def _prune(self) -> None:
-        complete = self.complete_steps()
+        # A damaged checkpoint takes no place among the keep_last, and is never removed here: the
+        # user may repair it from a backup, or remove it with `t2i gc`, which lists it.
+        damaged = {s for s in self.complete_steps()
+                   if store.exists(store.join(self.root, step_dir_name(s), layout.CHECKPOINT_DAMAGED))}
+        complete = [s for s in self.complete_steps() if s not in damaged]
         keep = set(complete[-self.keep_last:])
         newest = complete[-1] if complete else -1
         for uri in store.listdir(self.root):
             s = layout.step_of(uri)
-            if s is None:
+            if s is None or s in damaged:
                 continue
             # Old complete ones beyond keep_last, and incomplete ones older than the newest complete
             # one; never those of an earlier finished run (see protect_through).
@@ -225,16 +261,26 @@ class CheckpointManager:
         damaged: list[str] = []
         for step in reversed(steps):
             uri = store.join(self.root, step_dir_name(step))
+            known = _broadcast_object(_damage_note(uri) if self.rank == 0 else None)
+            if known:  # found damaged by an earlier restore: not fetched again
+                damaged.append(f"checkpoint {uri} is damaged and was skipped: {known}")
+                continue
             local = tempfile.mkdtemp(prefix=f"ckpt-load-r{self.rank}-")
             try:
-                state = self._fetch(uri, local, ema_sharded)
+                point = self._fetch(step, uri, local, ema_sharded)
                 why = ""
             except CheckpointDamaged as e:
-                state, why = {}, str(e)
+                point, why = None, str(e)
             reasons = [r for r in _gather(why) if r]
+            if reasons and self.rank == 0:  # remembered for later restores and listed by `t2i gc`
+                store.write_json(store.join(uri, layout.CHECKPOINT_DAMAGED), {"reason": reasons[0], "time": time.time()})
             if not reasons:
-                read = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(local) for n in names)
-                return RestorePoint(step, uri, local, state, damaged, _gather(read))
+                point.damaged = damaged
+                point.bytes_read = _gather(sum(os.path.getsize(os.path.join(d, n))
+                                               for d, _, names in os.walk(local) for n in names))
+                if point.resized and elastic.needs_conversion(local):
+                    point.load_dir = elastic.to_universal(local)
+                return point
             shutil.rmtree(local, ignore_errors=True)
             damaged.append(f"checkpoint {uri} is damaged and was skipped: {reasons[0]}")
         if damaged:
@@ -242,19 +288,47 @@ class CheckpointManager:
                                "the files from a backup, or start the stage afresh with `t2i rerun`")
         return None
 
-    def _fetch(self, uri: str, local: str, ema_sharded: bool) -> dict[str, Any]:
-        """Download what this rank reads (:func:`rank_reads`) into ``local``, each file checked
-        against COMPLETE."""
-        listing = store.read_json(store.join(uri, layout.CHECKPOINT_COMPLETE)).get("files")
+    def _fetch(self, step: int, uri: str, local: str, ema_sharded: bool) -> RestorePoint:
+        """Download what this rank reads into ``local``, each file checked against COMPLETE: its
+        own partition and the shared files (:func:`rank_reads`), or, when another number of
+        ranks wrote the checkpoint, what a re-partition needs (:func:`elastic.elastic_reads`)."""
+        complete = store.read_json(store.join(uri, layout.CHECKPOINT_COMPLETE))
+        listing = complete.get("files")
+        written_by = int(complete.get("world_size", self.world_size))
+        if written_by != self.world_size:
+            if listing is None:
+                raise RuntimeError(f"checkpoint {uri} (written by {written_by} ranks, by a release without file "
+                                   f"lists) can only be resumed on {written_by} ranks; this run has {self.world_size}")
+            self._download_verified(uri, local, listing, [r for r in listing if elastic.elastic_reads(r, ema_sharded)])
+            peers = []
+            for r in range(written_by):
+                with open(os.path.join(local, layout.checkpoint_state(r))) as f:
+                    peers.append(json.load(f))
+            # the step, and whatever else is the same on every rank, from rank 0's state
+            state = {k: v for k, v in peers[0].items() if k not in ("data", "python", "rank")}
+            return RestorePoint(step, uri, local, state, written_by=written_by, peer_states=peers, load_dir=local)
         wanted = [layout.checkpoint_state(self.rank), layout.checkpoint_rng(self.rank)]
         ema = layout.checkpoint_ema(self.rank, ema_sharded)
         if listing is None or ema in listing:
             wanted.append(ema)
-        try:
-            if listing is None:  # an older release's checkpoint: what is there, unverified
+        if listing is None:  # an older release's checkpoint: what is there, unverified
+            try:
                 _download_dir(store.join(uri, DS_TAG), os.path.join(local, DS_TAG), self.rank)
-            else:
-                wanted += [rel for rel in listing if rel.startswith(DS_TAG + "/") and rank_reads(rel, self.rank)]
+            except FileNotFoundError as e:
+                raise CheckpointDamaged(f"a file is missing ({e})") from e
+        else:
+            wanted += [rel for rel in listing if rel.startswith(DS_TAG + "/") and rank_reads(rel, self.rank)]
+        self._download_verified(uri, local, listing, wanted)
+        with open(os.path.join(local, layout.checkpoint_state(self.rank))) as f:
+            state = json.load(f)
+        return RestorePoint(step, uri, local, state, written_by=written_by, load_dir=local)
+
+    @staticmethod
+    def _download_verified(uri: str, local: str, listing: dict | None, wanted: list[str]) -> None:
+        """Fetch ``wanted`` (paths relative to the checkpoint) into ``local``; then every local file
+        must be one COMPLETE lists, with its size and SHA-256 (no listing: an older release's
+        checkpoint, taken unverified)."""
+        try:
             for rel in wanted:
                 src = store.join(uri, rel)
                 if listing is None and not store.exists(src):
@@ -273,30 +347,41 @@ class CheckpointManager:
                     if got != expected:
                         raise CheckpointDamaged(f"{rel} has {got['bytes']} bytes / sha256 {got['sha256'][:12]}…, "
                                                 f"COMPLETE says {expected['bytes']} / {expected['sha256'][:12]}…")
-        with open(os.path.join(local, layout.checkpoint_state(self.rank))) as f:
-            state = json.load(f)
-        if state.get("world_size") != self.world_size:
-            raise RuntimeError(f"checkpoint {uri} was written by {state.get('world_size')} ranks, this run has "
-                               f"{self.world_size}; resume with the same num_workers")
-        return state
 
-    def load(self, engine, point: RestorePoint, ema_sharded: bool) -> dict[str, torch.Tensor] | None:
-        """Restore DeepSpeed state + RNG from the verified local copy into the running engine;
-        return the EMA tensors for this rank. Removes the local copy."""
+    def load(self, engine, point: RestorePoint, ema_sharded: bool
+             ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]] | None:
+        """Restore DeepSpeed state + RNG from the verified local copy into the running engine
+        (built with ``load_universal`` when ``point.universal``); return the EMA for this rank:
+        its tensors, or, after a resize under ZeRO-3, every old rank's partition in rank order
+        (for ``EMA.load_resharded``). Removes the local copy."""
         try:
-            load_path, _ = engine.load_checkpoint(point.local, tag=DS_TAG, load_optimizer_states=True,
+            load_path, _ = engine.load_checkpoint(point.load_dir, tag=DS_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {point.uri}")
-            with open(os.path.join(point.local, layout.checkpoint_rng(self.rank)), "rb") as f:
-                set_rng_state(point.state, st_load(f.read()))
+            if point.resized:
+                elastic.reseed_after_resize(point.step)
+            else:
+                with open(os.path.join(point.local, layout.checkpoint_rng(self.rank)), "rb") as f:
+                    set_rng_state(point.state, st_load(f.read()))
+            if point.resized and ema_sharded:
+                return [_read_safetensors(os.path.join(point.local, layout.checkpoint_ema(r, True)))
+                        for r in range(point.written_by)]
             ema = os.path.join(point.local, layout.checkpoint_ema(self.rank, ema_sharded))
-            if not os.path.exists(ema):
-                return None
-            with open(ema, "rb") as f:
-                return st_load(f.read())
+            return _read_safetensors(ema) if os.path.exists(ema) else None
         finally:
             shutil.rmtree(point.local, ignore_errors=True)
+
+
+def _damage_note(uri: str) -> str | None:
+    """Why an earlier restore found checkpoint ``uri`` damaged, or None."""
+    marker = store.join(uri, layout.CHECKPOINT_DAMAGED)
+    return store.read_json(marker).get("reason", "see DAMAGED.json") if store.exists(marker) else None
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        return st_load(f.read())
 
 
 def _barrier() -> None:

@@ -77,7 +77,8 @@ class TrainConfig(StrictModel):
 
     extent_fields: ClassVar[tuple[str, ...]] = ("steps",)
     fingerprint_exclude: ClassVar[tuple[str, ...]] = (
-        "checkpoint_every_steps", "checkpoint_every_minutes", "checkpoint_upload", "keep_last", "log_every", "sample_every",
+        "checkpoint_every_steps", "checkpoint_every_minutes", "checkpoint_upload", "checkpoint_background_budget_gb",
+        "keep_last", "log_every", "sample_every",
         "sample_steps", "wandb_project", "num_workers", "cpus_per_worker", "gpus_per_worker", "resources",
         "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing",
         "eval_every", "val_samples")
@@ -111,6 +112,10 @@ class TrainConfig(StrictModel):
         "the snapshot on local disk and uploads it while training goes on (one upload in flight; a "
         "failed upload fails the stage at the next save or the end); a worker that dies right after a "
         "save loses that checkpoint (the one before it is used)"))
+    checkpoint_background_budget_gb: float = Field(0.0, ge=0, description=(
+        "with checkpoint_upload 'background': the most local disk one rank's snapshot may hold while "
+        "training goes on; a save over it is uploaded synchronously (logged, counted as "
+        "checkpoint_sync_fallbacks). 0: no limit"))
     keep_last: int = Field(3, description="complete checkpoints kept in the store")
     log_every: int = Field(10, description="log metrics every N steps")
     sample_every: int = Field(0, description="write a sample grid every N steps; 0 disables")

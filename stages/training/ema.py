@@ -68,6 +68,23 @@ class EMA:
                                  "(was the checkpoint written with another world size or ZeRO stage?)")
             s.copy_(t)
 
+    @torch.no_grad()
+    def load_resharded(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        """ZeRO-3 after a change of world size: ``parts[r]`` is old rank r's partition of every
+        parameter; this rank takes its own slice of each under the new layout (the same flattened,
+        end-padded layout as :meth:`consolidated_state_dict`)."""
+        if not self.zero3:
+            raise ValueError("a partitioned EMA can only be re-sliced into a ZeRO-3 run")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for n, p, s in zip(self.names, self.params, self.shadow):
+            if any(n not in part for part in parts):
+                raise ValueError(f"EMA state lacks parameter {n!r} in some rank's partition")
+            full = torch.cat([part[n].reshape(-1) for part in parts])[: p.ds_numel]
+            size = s.numel()  # this rank's partition, end padding included
+            mine = full[rank * size:(rank + 1) * size]
+            s.zero_()  # the padding past the parameter's end stays zero
+            s.view(-1)[: mine.numel()].copy_(mine)
+
     # -- final export ------------------------------------------------------------------------
     @torch.no_grad()
     def consolidated_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:

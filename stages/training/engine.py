@@ -15,14 +15,18 @@ from stages.training.optim import build_optimizer, build_scheduler, deepspeed_co
 from stages.training.config import TrainConfig
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device, world_size: int = 1):
-    """DeepSpeed engine around ``model`` with our AdamW + warmup/cosine LambdaLR. -> (engine, precision)."""
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, *, device: torch.device, world_size: int = 1,
+                 load_universal: bool = False):
+    """DeepSpeed engine around ``model`` with our AdamW + warmup/cosine LambdaLR. -> (engine, precision).
+    ``load_universal``: it will restore a Universal Checkpoint (a resize, stages/training/elastic.py)."""
     deepspeed = import_deepspeed(device)
     precision = resolve_precision(cfg, device)
     model.to(device)
     optimizer = build_optimizer(cfg, model.named_parameters(), device)
     scheduler = build_scheduler(cfg, optimizer)
     ds_cfg = deepspeed_config(cfg, world_size, precision)
+    if load_universal:
+        ds_cfg["checkpoint"] = {"load_universal": True}
     if _clips_itself(cfg, precision):
         ds_cfg["gradient_clipping"] = 0.0  # see train_step: DeepSpeed would clip but not report the norm
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,

@@ -101,7 +101,7 @@ class LoaderSpec:
     cache_bytes: int = 256 << 20  # per loader worker: decoded shards kept in memory (0: none)
 
 
-def _units(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[int, int, int]]:
+def units_of_epoch(n_shards: int, epoch: int, g: int, G: int, seed: int) -> list[tuple[int, int, int]]:
     """(shard position, first row, row stride) for logical worker g of G in an epoch."""
     order = np.random.default_rng([seed, epoch]).permutation(n_shards)
     if n_shards >= G:
@@ -193,7 +193,7 @@ def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a micro-batch; token features padded to the batch's longest caption."""
-    out: dict[str, Any] = {"keys": [s["key"] for s in samples]}
+    out: dict[str, Any] = {"keys": [s["key"] for s in samples], "epochs": [s.get("epoch", 0) for s in samples]}
     if "image" in samples[0]:
         out["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B,3,H,W]
     out["clip_image"] = torch.from_numpy(np.stack([s["clip_image"] for s in samples]))
@@ -222,7 +222,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated micro-batches for one rank (see module docstring)."""
 
     def __init__(self, shards: list[ShardPair], spec: LoaderSpec, positions: dict[int, dict] | None = None,
-                 rotate: int = 0, split: str = "train"):
+                 rotate: int = 0, split: str = "train", plans: dict[int, list[list[int]]] | None = None,
+                 plan_next_epoch: int = 0):
         if not shards:
             raise LoaderError("no shards to train on")
         if split not in ("train", "holdout"):
@@ -231,18 +232,38 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards, self.spec, self.split = shards, spec, split
         self.positions = positions or {}
         self.rotate = rotate
+        # After a change of world size: each worker's explicit list of what the interrupted epochs
+        # still owe, walked before epoch ``plan_next_epoch`` (stages/training/data_resize.py).
+        self.plans, self.plan_next_epoch = plans or {}, plan_next_epoch
         # shard index -> (embeddings, {row: decoded image or None if undecodable}); filled per
         # worker process (each DataLoader worker has its own copy of this object)
         self._cache: dict[int, tuple[EmbeddingShard, dict[int, np.ndarray | None]]] = {}
         self._cached_bytes = 0
         self._cache_full = False  # a shard did not fit: stop decoding rows beyond each unit's own
 
-    def _samples(self, g: int, G: int, start: dict) -> Iterator[tuple[dict, dict, int]]:
-        """(sample, position after it, skipped-so-far) forever, from ``start``."""
+    def _samples(self, g: int, G: int, start: dict, plan: list[list[int]] = ()) -> Iterator[tuple[dict, dict, int]]:
+        """(sample, position after it, skipped-so-far) forever, from ``start``: the rest of
+        ``plan`` first (``start`` has a "plan" cursor; a worker with a plan that has not started
+        is at its beginning), then the epochs."""
+        skipped = 0
+        if plan and ("plan" in start or not start):
+            cursor, index = int(start.get("plan", 0)), int(start.get("index", 0))
+            for cursor in range(cursor, len(plan)):
+                epoch, s, begin, first, stride = plan[cursor]
+                pair = self.shards[s]
+                emb = self._cache[s][0] if s in self._cache else _read_embeddings(pair.npz_uri)
+                for row, sample in self._rows(pair, emb, max(index, begin, first), first, stride, epoch):
+                    if sample is None:
+                        skipped += 1
+                        continue
+                    sample["epoch"] = epoch
+                    yield sample, {"plan": cursor, "index": row + 1}, skipped
+                index = 0
+            start = {"epoch": self.plan_next_epoch}
         epoch, cursor, index = start.get("epoch", 0), start.get("cursor", 0), start.get("index", 0)
-        skipped, empty_epochs = 0, 0
+        empty_epochs = 0
         while True:
-            units = _units(len(self.shards), epoch, g, G, self.spec.seed)
+            units = units_of_epoch(len(self.shards), epoch, g, G, self.spec.seed)
             produced = 0
             while cursor < len(units):
                 s, first, stride = units[cursor]
@@ -253,6 +274,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         skipped += 1
                         continue
                     produced += 1
+                    sample["epoch"] = epoch
                     yield sample, {"epoch": epoch, "cursor": cursor, "index": row + 1}, skipped
                 cursor, index = cursor + 1, 0
             # A resumed epoch may legitimately have nothing left; two empty epochs in a row mean none ever will.
@@ -346,7 +368,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         w = (p + self.rotate) % K
         g, G = self.spec.rank * K + w, self.spec.world_size * K
         batch, last_pos, skipped = [], None, 0
-        for sample, pos, skipped in self._samples(g, G, self.positions.get(w, {})):
+        for sample, pos, skipped in self._samples(g, G, self.positions.get(w, {}), self.plans.get(w, [])):
             batch.append(sample)
             last_pos = pos
             if len(batch) == self.spec.batch_size:
@@ -360,16 +382,18 @@ def make_loader(shards: list[ShardPair], spec: LoaderSpec, state: dict | None, n
                 pin_memory: bool = False, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`ShardStream` resuming from ``state`` (see :func:`loader_state`)."""
     K = max(1, num_workers)
-    positions, rotate = {}, 0
+    positions, rotate, plans, plan_next = {}, 0, {}, 0
     if state:
         if state.get("workers") != K or state.get("world_size") != spec.world_size:
             raise LoaderError(
-                f"checkpoint data position was saved with {state.get('workers')} loader workers x "
-                f"{state.get('world_size')} ranks, this run has {K} x {spec.world_size}; resume with the same "
-                "loader_workers and num_workers (the data split depends on them)")
+                f"data position was saved for {state.get('workers')} loader workers x {state.get('world_size')} "
+                f"ranks, this loader has {K} x {spec.world_size}: redistribute it first "
+                "(stages/training/data_resize.redistribute)")
         positions = {int(k): v for k, v in state["positions"].items()}
         rotate = int(state["consumed"]) % K
-    ds = ShardStream(shards, spec, positions, rotate)
+        plans = {int(k): v for k, v in (state.get("plans") or {}).items()}
+        plan_next = int(state.get("plan_next_epoch", 0))
+    ds = ShardStream(shards, spec, positions, rotate, plans=plans, plan_next_epoch=plan_next)
     # Its own generator: creating an iterator otherwise draws a seed from the global torch RNG,
     # which would shift the training RNG stream of a resumed run (the stream is restored first).
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -382,20 +406,32 @@ def make_loader(shards: list[ShardPair], spec: LoaderSpec, state: dict | None, n
 class PositionTracker:
     """What the loop keeps about the data it has consumed; saved in every checkpoint."""
 
-    def __init__(self, num_workers: int, world_size: int, state: dict | None = None):
+    def __init__(self, num_workers: int, world_size: int, state: dict | None = None, batch_size: int = 0):
         self.K, self.world_size = max(1, num_workers), world_size
         self.positions: dict[int, dict] = {}
-        self.consumed = 0
+        self.consumed = 0   # batches this rank has taken since the last change of world size
+        self.samples = 0    # samples this rank has taken (rank 0 also holds those before a change)
         self.skipped: dict[int, int] = {}
+        self.plans: dict[str, list] = {}  # see data_resize: kept in every checkpoint after a change
+        self.plan_next_epoch = 0
+        self.resized_from: dict | None = None
         if state:
             self.positions = {int(k): v for k, v in state["positions"].items()}
             self.consumed = int(state["consumed"])
+            # (states of releases before this field: every batch was full)
+            self.samples = int(state.get("samples", self.consumed * batch_size))
+            self.plans, self.plan_next_epoch = state.get("plans") or {}, int(state.get("plan_next_epoch", 0))
+            self.resized_from = state.get("resized_from")
 
     def update(self, batch: dict) -> None:
         self.positions[int(batch["worker"])] = dict(batch["position"])
         self.skipped[int(batch["worker"])] = int(batch["skipped"])
         self.consumed += 1
+        self.samples += len(batch["keys"])
 
     def state(self) -> dict:
-        return {"workers": self.K, "world_size": self.world_size, "consumed": self.consumed,
-                "positions": {str(k): v for k, v in sorted(self.positions.items())}}
+        out = {"workers": self.K, "world_size": self.world_size, "consumed": self.consumed, "samples": self.samples,
+               "positions": {str(k): v for k, v in sorted(self.positions.items())}}
+        if self.plans:
+            out.update(plans=self.plans, plan_next_epoch=self.plan_next_epoch)
+        return out

@@ -35,6 +35,7 @@ from stages.diffusion import Diffusion
 from stages.nets.flavors import build_network, get_flavor
 from stages.training.checkpoint import CheckpointManager
 from stages.training.config import TrainConfig
+from stages.training.data_resize import redistribute
 from stages.training.distributed import setup_distributed
 from stages.training.ema import EMA
 from stages.training.engine import build_engine, train_step
@@ -161,6 +162,7 @@ class Trainer:
     def __init__(self, spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
                  after_step: Callable[[int, int], None] | None = None):
         self.spec, self.cfg, self.job, self.after_step = spec, cfg, job, after_step
+        self.record_batch = getattr(after_step, "record_batch", None)  # a hook may also see each batch
         device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -170,7 +172,8 @@ class Trainer:
         self.flavor = get_flavor(spec.net_role, cfg.flavor)
         self.ckpt = CheckpointManager(job.out_uri, keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
                                       every_minutes=cfg.checkpoint_every_minutes, rank=self.rank,
-                                      world_size=self.world, device=device, protect_through=job.protect_through)
+                                      world_size=self.world, device=device, protect_through=job.protect_through,
+                                      background_budget_bytes=int(cfg.checkpoint_background_budget_gb * 1e9))
 
         # 1. Where to start: the newest checkpoint every rank fetched and verified (rank 0's listing:
         # it could differ mid-write); damaged ones are skipped and reported.
@@ -182,9 +185,9 @@ class Trainer:
         self.shards = pair_shards(job.download_uri, job.embed_uri)
         lspec = LoaderSpec(self.flavor.image_size if spec.needs_images else None, cfg.batch_size, cfg.seed,
                            self.rank, self.world, job.holdout, cfg.random_flip)
-        self.loader = make_loader(self.shards, lspec, state.get("data"), cfg.loader_workers,
-                                  pin_memory=device.type == "cuda")
-        self.tracker = PositionTracker(cfg.loader_workers, self.world, state.get("data"))
+        data = self._data_state(state)
+        self.loader = make_loader(self.shards, lspec, data, cfg.loader_workers, pin_memory=device.type == "cuda")
+        self.tracker = PositionTracker(cfg.loader_workers, self.world, data, cfg.batch_size)
 
         # 3. Network (same init on every rank) and engine.
         torch.manual_seed(cfg.seed)
@@ -195,7 +198,8 @@ class Trainer:
         # partitions and silently leave random weights where zeros belong.
         model = build_network(spec.net_role, cfg.flavor, job.cond_dims, spec.variant(cfg),
                               gradient_checkpointing=cfg.activation_checkpointing)
-        self.engine, self.precision = build_engine(cfg, model, device=device, world_size=self.world)
+        self.engine, self.precision = build_engine(cfg, model, device=device, world_size=self.world,
+                                                   load_universal=bool(self.restore and self.restore.universal))
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.ema = EMA(self.engine.module, cfg.ema_decay)
         self.diffusion = Diffusion(**cfg.diffusion.model_dump())
@@ -204,7 +208,9 @@ class Trainer:
         self.step = 0
         if self.restore:
             ema_tensors = self.ckpt.load(self.engine, self.restore, self.ema.zero3)  # also restores the RNG states
-            if ema_tensors is not None:
+            if isinstance(ema_tensors, list):  # ZeRO-3 partitions written by another number of ranks
+                self.ema.load_resharded(ema_tensors)
+            elif ema_tensors is not None:
                 self.ema.load_state_tensors(ema_tensors)
             self.step = int(state["step"])
         # MFU on GPUs with a known peak: rank 0 counts the FLOPs of its first step (stages/training/flops.py).
@@ -219,11 +225,33 @@ class Trainer:
         self.guard = NonFiniteGuard(spec.stage, cfg.max_nonfinite_steps, self.ckpt)
         self.live = LiveFigures(job.out_uri, self.step, cfg.steps) if self.rank == 0 else None
 
+    def _data_state(self, state: dict[str, Any]) -> dict | None:
+        """This rank's data position: the saved one, or, when the checkpoint was written by another
+        number of ranks or loader workers, its share of what the interrupted epoch still owes
+        (stages/training/data_resize.py)."""
+        peers = self.restore.peer_states if self.restore else []
+        if peers:  # another world size: every old rank's state came with the checkpoint
+            saved = [p.get("data") for p in peers]
+        else:
+            own = state.get("data")
+            if own is None or int(own.get("workers", 0)) == max(1, self.cfg.loader_workers):
+                return own
+            saved = [own]  # same ranks, other loader_workers: each rank has its own state, gathered
+            if self.world > 1:
+                saved = [None] * self.world
+                dist.all_gather_object(saved, own)
+        if any(d is None for d in saved):
+            return None
+        return redistribute(saved, n_shards=len(self.shards), seed=self.cfg.seed, workers=self.cfg.loader_workers,
+                            world_size=self.world)[self.rank]
+
     def next_step_batches(self) -> list[tuple[torch.Tensor, dict]]:
         micro = []
         for _ in range(self.cfg.grad_accum):
             batch = next(self.data)
             self.tracker.update(batch)
+            if self.record_batch is not None:
+                self.record_batch(self.rank, self.step + 1, batch)
             micro.append(self.spec.build_batch(batch, self.cfg, self.flavor, self.device, self.dtype))
         return micro
 
@@ -293,7 +321,9 @@ class Trainer:
                 diffusion=self.cfg.diffusion.model_dump(), condaug=self.spec.extra_config(self.cfg),
                 step=self.step))
         out = {"step": self.step, "final": final_uri, "resumed_from": self.start_step,
-               "samples": self.tracker.consumed * self.cfg.batch_size * self.world,
+               "resumed_world_size_from": self.restore.written_by if self.restore and self.restore.resized else None,
+               "checkpoint_sync_fallbacks": self.ckpt.sync_fallbacks,
+               "samples": _sum_over_ranks(self.tracker.samples, self.device),
                "skipped": sum(self.tracker.skipped.values()), "precision": self.precision,
                "nonfinite_steps": self.guard.total, "damaged_checkpoints": self.restore.damaged if self.restore else [],
                "restore_bytes_read": self.restore.bytes_read if self.restore else []}
@@ -306,6 +336,13 @@ class Trainer:
             self.live.done()
         dist.barrier()
         return out
+
+
+def _sum_over_ranks(n: int, device: torch.device) -> int:
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item())
 
 
 def train_loop(spec: StageSpec, cfg: TrainConfig, job: TrainJob, env: DistEnv, *,
@@ -370,10 +407,16 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, *,
         result.counts["damaged_checkpoints_skipped"] = len(loop_out["damaged_checkpoints"])
     if resumed >= 0:  # the attempt that finished started from this checkpoint (after a restart or resume)
         result.counts["resumed_from_step"] = resumed
+        if loop_out.get("resumed_world_size_from"):  # ... written by another number of ranks
+            result.counts["resumed_world_size_from"] = int(loop_out["resumed_world_size_from"])
         read = [int(b) for b in loop_out.get("restore_bytes_read") or []]
         if read:  # what the restore fetched from the store: the busiest rank's and all ranks' together
             result.counts["restore_bytes_read_max"], result.counts["restore_bytes_read_total"] = max(read), sum(read)
         ctx.progress(f"{spec.stage}: resumed from checkpoint step {resumed}")
+    if loop_out.get("checkpoint_sync_fallbacks"):  # background saves over the disk budget, uploaded in the loop
+        result.counts["checkpoint_sync_fallbacks"] = int(loop_out["checkpoint_sync_fallbacks"])
+        ctx.progress(f"warning: {spec.stage}: {loop_out['checkpoint_sync_fallbacks']} background checkpoint "
+                     "save(s) exceeded checkpoint_background_budget_gb and were uploaded synchronously")
     if "skipped" in loop_out:  # rank 0's undecodable images, this attempt
         result.counts["skipped_samples"] = int(loop_out["skipped"])
     if "nonfinite_steps" in loop_out:  # steps whose update was skipped (NaN/inf loss), this attempt

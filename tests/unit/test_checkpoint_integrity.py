@@ -9,6 +9,7 @@ import os
 import pytest
 
 from pipeline import layout, store
+from pipeline.run.gc import checkpoint_garbage, checkpoint_damage
 from stages.models import imagen_base as base
 from tests.support.data import make_dataset
 from tests.support.train import stage_ctx, tiny_train_kwargs
@@ -55,6 +56,19 @@ def test_a_truncated_file_falls_back_to_the_previous_checkpoint_with_one_warning
     warnings = [m for m in said if m.startswith("warning:")]
     assert len(warnings) == 1 and layout.step_name(4) in warnings[0] and victim in warnings[0], warnings
     assert result.counts["steps"] == 6
+    # The restore marked it (no later restore fetches it again) and kept it: `t2i gc` lists it
+    assert store.exists(store.join(newest, layout.CHECKPOINT_DAMAGED)) and store.exists(store.join(newest, victim))
+    [listed] = [g for g in checkpoint_garbage("train_base", ctx.out_uri) if g.kind == "damaged-checkpoint"]
+    assert listed.uri.endswith(layout.step_name(4)) and victim in listed.note
+
+
+def test_gc_finds_a_truncated_checkpoint_from_one_listing(tmp_path):
+    """Before any restore: the sizes in one listing against COMPLETE's (no download)."""
+    _, ctx = _train(tmp_path, 4, [])
+    victim = _truncate(store.join(ctx.out_uri, layout.CHECKPOINTS, layout.step_name(2)))
+    assert checkpoint_damage(store.join(ctx.out_uri, layout.CHECKPOINTS, layout.step_name(4))) is None
+    why = checkpoint_damage(store.join(ctx.out_uri, layout.CHECKPOINTS, layout.step_name(2)))
+    assert why is not None and victim in why and "COMPLETE says" in why
 
 
 def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
@@ -101,3 +115,15 @@ def test_a_slow_upload_blocks_the_loop_only_when_synchronous(tmp_path, monkeypat
     else:
         assert returned >= 0.6
     assert store.exists(complete) and m.latest() == (1, uri)
+
+
+def test_a_background_save_over_the_disk_budget_is_uploaded_synchronously(tmp_path):
+    import torch
+
+    from stages.training import checkpoint
+
+    m = checkpoint.CheckpointManager(str(tmp_path), keep_last=2, every_steps=1, every_minutes=0, rank=0,
+                                     world_size=1, device=torch.device("cpu"), background_budget_bytes=1 << 15)
+    uri = m.save(_Engine(), 1, {"data": {}}, None, ema_sharded=False, background=True)  # a 64 KiB snapshot
+    assert m.sync_fallbacks == 1 and m.snapshot_bytes > 1 << 16
+    assert store.exists(store.join(uri, layout.CHECKPOINT_COMPLETE))  # complete when save returned

@@ -98,7 +98,7 @@ def test_resume_from_position_continues_exactly(tmp_path):
     resumed = [b["keys"] for _, b in zip(range(7), make_loader(shards, spec, state, num_workers=2))]
     assert first + resumed == straight  # crosses shard and epoch boundaries (15 samples over 2x2 workers)
 
-    with pytest.raises(LoaderError, match="same loader_workers"):
+    with pytest.raises(LoaderError, match="redistribute it first"):
         make_loader(shards, spec, state, num_workers=1)
 
 
