@@ -61,8 +61,7 @@ def test_resume_on_three_then_two_ranks(local_ray, tmp_path, zero):
     if zero == 3:
         _assert_ema_survives_resize(root, ctx, first, download, embed, str(tmp_path / "unused"))
 
-    grown, _ = _train.copytree(os.path.join(ctx.out_uri, "checkpoints"), os.path.join(root, "train_base_copy", "checkpoints"))
-(root, "train_base", download, embed, zero=zero, workers=3, steps=4, keys_dir=keys)
+    grown, _ = _train(root, "train_base", download, embed, zero=zero, workers=3, steps=4, keys_dir=keys)
     assert grown.counts["resumed_from_step"] == 2 and grown.counts["resumed_world_size_from"] == 2
     shrunk, _ = _train(root, "train_base", download, embed, zero=zero, workers=2, steps=6, keys_dir=keys)
     assert shrunk.counts["resumed_from_step"] == 4 and shrunk.counts["resumed_world_size_from"] == 3
