@@ -36,6 +36,7 @@ ATTEMPT_PREFIX_LEN = 12
 _ATTEMPT = re.compile(r"^([0-9a-f]{12})(?:-(\d+))?$")
 
 # Bookkeeping inside every attempt.
+LEASE = "_LEASE.json"             # the driver working on the attempt: owner and heartbeat (pipeline/run/lease.py)
 STARTED = "_STARTED.json"         # the runner: the attempt's fingerprint, written when it starts (pipeline/manifest.py)
 MANIFEST = "_MANIFEST.json"       # the runner, last: the attempt is done iff it exists (pipeline/manifest.py)
 ERROR = "_ERROR.json"             # the runner: why the attempt's last try failed (pipeline/run/stage_exec.py)

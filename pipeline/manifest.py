@@ -145,7 +145,7 @@ def list_outputs(stage_uri: str, limit: int = 2000) -> tuple[list[dict], int]:
     total = 0
     out = []
     for name, sz in sorted(_walk_sizes(stage_uri, fs, path)):
-        if name in (MANIFEST, STARTED) or "/.tmp-" in "/" + name:
+        if name in (MANIFEST, STARTED, layout.LEASE) or "/.tmp-" in "/" + name:
             continue
         total += sz
         if len(out) < limit:
@@ -179,7 +179,7 @@ def _walk_sizes(stage_uri: str, fs, path: str) -> list[tuple[str, int]]:
 def write_manifest(stage_uri: str, *, stage: str, fp: str, started_at: float, counts: dict[str, Any],
                    metrics: dict[str, Any], outputs: dict[str, str], node: dict[str, Any],
                    config: dict, extent: dict[str, int] | None = None, output_id: str | None = None,
-                   inputs: dict[str, str] | None = None) -> dict:
+                   inputs: dict[str, str] | None = None, lease: dict | None = None) -> dict:
     files, total = list_outputs(stage_uri)
     manifest = {
         "stage": stage,
@@ -201,5 +201,8 @@ def write_manifest(stage_uri: str, *, stage: str, fp: str, started_at: float, co
         "duration_s": round(time.time() - started_at, 3),
         "node": node,
     }
+    if lease:  # the driver that held the attempt's lease (pipeline/run/lease.py); a takeover is counted
+        manifest["lease"] = lease
+        counts["lease_takeovers"] = 1 if lease.get("took_over_from") else 0
     store.write_json(manifest_uri(stage_uri), manifest)
     return manifest

@@ -100,6 +100,13 @@ def _fresh(fs, path: str) -> None:
     would hide a new manifest, attempt or checkpoint."""
     if scheme_of_fs(fs) != "file":
         fs.invalidate_cache(path)
+        # ... and the listings cached below it: invalidate_cache forgets the path and its parents
+        # only, so a glob (``checkpoints/step_*/COMPLETE``) would still see stale child folders.
+        prefix = path.rstrip("/") + "/"
+        cache = getattr(fs, "dircache", None)
+        if cache is not None:
+            for key in [k for k in list(cache) if k.startswith(prefix)]:
+                cache.pop(key, None)
 
 
 def scheme_of_fs(fs) -> str:
@@ -135,6 +142,46 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         with_retries(_write, what=f"write {uri}")
     else:
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {uri}")
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``uri`` only if it does not exist, atomically against every other writer: True if
+    this call created it, False if it existed. ``file://``: a hard link of a finished temp file
+    (fails if the name exists; readers never see it half-written); ``s3://``: a conditional PUT
+    (``If-None-Match: *``; AWS S3 since 2024, MinIO, moto); ``gs://``: fsspec's ``mode="create"``,
+    which gcsfs sends as ``ifGenerationMatch=0``."""
+    fs, path = fs_and_path(uri)
+    if scheme_of(uri) == "file":
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    for attempt in range(3):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            # s3fs reports the failed precondition (HTTP 412) as an OSError. After a retry it may be
+            # our own earlier PUT whose answer was lost: then the object holds exactly our bytes.
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                _fresh(fs, path)
+                return attempt > 0 and fs.cat_file(path) == data
+            if attempt == 2:
+                raise StoreError(f"create {uri} failed after 3 attempts: {e}") from e
+            time.sleep(0.2 * 2 ** attempt)
+    return False
 
 
 def read_json(uri: str) -> Any:

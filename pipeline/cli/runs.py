@@ -6,6 +6,7 @@ beside the old ones; ``gc`` is the only command that deletes, and only with ``--
 from __future__ import annotations
 
 import json
+import time
 from typing import List, Optional
 
 import typer
@@ -28,10 +29,15 @@ def _summary_table(summary) -> Table:
         counts = ", ".join(f"{k}={v}" for k, v in list((m.get("counts") or {}).items())[:4])
         dur = f"{(m.get('duration_s') if o.status == 'skipped' else o.duration_s) or 0:.1f}s"
         node = m.get("node") or {}
-        style = {"ran": "green", "skipped": "cyan", "failed": "red", "blocked": "yellow"}[o.status]
+        style = {"ran": "green", "skipped": "cyan", "failed": "red", "blocked": "yellow", "held": "magenta"}[o.status]
         t.add_row(name, f"[{style}]{o.status}[/]", dur, counts or (o.error or ""),
                   node.get("node_ip") or node.get("hostname", ""))
     return t
+
+
+WAIT_HELP = "If another driver is working on a stage of this run, wait for it instead of exiting."
+TAKE_OVER_HELP = ("Take over the stages another driver holds (only for a driver known to be dead: a lease whose "
+                  "heartbeat stopped is taken over anyway after 2 minutes).")
 
 
 def _verbose() -> bool:
@@ -43,15 +49,32 @@ def _verbose() -> bool:
     return bool(root and root.params.get("debug"))
 
 
-def _run_and_report(spec, **kw) -> None:
-    from pipeline.run.runner import run_pipeline  # speed: not for t2i --help (yaml, spec)
+def _run_and_report(spec, *, wait: bool = False, **kw) -> None:
+    from pipeline.run.lease import INTERVAL_S  # speed: not for t2i --help (yaml, spec)
+    from pipeline.run.runner import run_pipeline  # speed: as above
 
-    try:
-        summary = run_pipeline(spec, log=lambda m: console.print(m), live_console=console,
-                               verbose=_verbose(), **kw)
-    except StageFailed as e:
-        fail(str(e))
+    waited = False
+    while True:
+        try:
+            summary = run_pipeline(spec, log=lambda m: console.print(m), live_console=console,
+                                   verbose=_verbose(), **kw)
+        except StageFailed as e:
+            fail(str(e))
+        held = {k: o for k, o in summary.outcomes.items() if o.status == "held"}
+        if not (held and wait):
+            break
+        if not waited:
+            first = next(iter(held.values()))
+            console.print(f"… waiting: {first.name} {first.error.split(' ', 1)[-1] if first.error else ''}")
+            waited = True
+        time.sleep(min(5.0, INTERVAL_S))  # then plan again: what the other driver finished is skipped
     console.print(_summary_table(summary))
+    if held:
+        first = next(iter(held.values()))
+        err_console.print(f"[magenta]{first.name}[/] {first.error.split(' ', 1)[-1] if first.error else ''}; "
+                          f"{len(held)} stage(s) left alone. Wait for it: the same command with --wait; if that "
+                          "driver is known to be dead: --take-over")
+        raise typer.Exit(3)
     failed = {k: o for k, o in summary.outcomes.items() if o.status in ("failed", "blocked")}
     for k, o in failed.items():
         err_console.print(f"[red]{k}[/]: {o.error}")
@@ -106,10 +129,12 @@ def run(spec: Optional[str] = typer.Argument(None, help="Run spec YAML (default:
         address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster (auto, ray://host:10001)."),
         set_: List[str] = typer.Option([], "--set", help="Override a spec field: section.field=value (repeatable)."),
         no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray."),
+        wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+        take_over: bool = typer.Option(False, "--take-over", help=TAKE_OVER_HELP),
         ) -> None:
     """Run a pipeline: skip finished stages, continue or extend the rest, print a summary."""
     overrides = list(set_) + (["cluster.use_ray=false"] if no_ray else [])
-    _run_and_report(load_spec_or_fail(spec, overrides), address=address)
+    _run_and_report(load_spec_or_fail(spec, overrides), address=address, wait=wait, take_over=take_over)
 
 
 def _run_spec_and_targets(run: str, stage: Optional[str], from_: Optional[str], no_ray: bool):
@@ -133,11 +158,13 @@ def resume(run: str = typer.Argument(..., help="Run URI or run id."),
                                                           "spec's steps)."),
            from_: Optional[str] = typer.Option(None, "--from", help="Resume this stage and everything downstream."),
            address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster."),
-           no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray.")) -> None:
+           no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray."),
+           wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+           take_over: bool = typer.Option(False, "--take-over", help=TAKE_OVER_HELP)) -> None:
     """Finish a run from where it stopped. Continues from the latest complete checkpoint;
     a finished stage is a no-op. Nothing is deleted or restarted (see `t2i rerun`)."""
     spec, names = _run_spec_and_targets(run, stage, from_, no_ray)
-    _run_and_report(spec, only=names, address=address)
+    _run_and_report(spec, only=names, address=address, wait=wait, take_over=take_over)
 
 
 @app.command()
@@ -145,12 +172,14 @@ def rerun(run: str = typer.Argument(..., help="Run URI or run id."),
           stage: Optional[str] = typer.Option(None, help="Start just this stage afresh."),
           from_: Optional[str] = typer.Option(None, "--from", help="Start this stage and everything downstream afresh."),
           address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster."),
-          no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray.")) -> None:
+          no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, without Ray."),
+          wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+          take_over: bool = typer.Option(False, "--take-over", help=TAKE_OVER_HELP)) -> None:
     """Start stages from scratch as new attempts; the old attempts stay on the store until `t2i gc`."""
     if not stage and not from_:
         fail("name what to start afresh: --stage STAGE or --from STAGE")
     spec, names = _run_spec_and_targets(run, stage, from_, no_ray)
-    _run_and_report(spec, only=names, fresh=names, address=address)
+    _run_and_report(spec, only=names, fresh=names, address=address, wait=wait, take_over=take_over)
 
 
 @app.command()

@@ -45,7 +45,8 @@ def init_ray(cluster, address: str | None = None, verbose: bool = False) -> None
              runtime_env={"env_vars": env}, logging_level=_level(verbose), log_to_driver=verbose)
 
 
-def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, console, verbose: bool = False) -> None:
+def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, console, verbose: bool = False,
+               keeper=None) -> None:
     """Stages' own output stays on their workers (``verbose``: forward it, with Ray's logs); the
     driver shows what they report through the store (pipeline/run/console.py)."""
     import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
@@ -53,13 +54,14 @@ def run_on_ray(spec, todo, plans, manifests, summary, *, address: str | None, co
     owned = not ray.is_initialized()  # a Ray we start, we stop: callers in one process run many specs
     init_ray(spec.cluster, address, verbose)
     try:
-        _schedule(spec, todo, plans, manifests, summary, console)
+        _schedule(spec, todo, plans, manifests, summary, console, keeper)
     finally:
         if owned:
             ray.shutdown()
 
 
-def _schedule(spec, todo, plans, manifests, summary, console) -> None:
+def _schedule(spec, todo, plans, manifests, summary, console, keeper) -> None:
+    """``keeper``: this driver's leases (pipeline/run/lease.py); each stage's goes when it ends."""
     import ray  # ray: loaded only when a run uses it (t2i status, --no-ray runs never do)
 
     remote_stage = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
@@ -77,19 +79,23 @@ def _schedule(spec, todo, plans, manifests, summary, console) -> None:
             elif all(d in manifests for d in deps):
                 options = _task_options(getattr(spec, s.name))
                 here = RayExecutor(address=None, train_in_task="num_cpus" in options)
+                lease = keeper.takeover_record(plans[s.name].attempt_uri) if keeper is not None else None
                 ref = remote_stage.options(name=f"stage:{s.name}", **options).remote(
-                    plans[s.name], getattr(spec, s.name), ruri, {d: manifests[d] for d in deps}, here)
+                    plans[s.name], getattr(spec, s.name), ruri, {d: manifests[d] for d in deps}, here, None, lease)
                 running[ref] = (s.name, time.time())
                 pending.remove(s)
                 console.say(f"▶ {s.name}: started")
                 console.started(s.name, plans[s.name].attempt_uri)
         if not running:
             break
-        done, _ = ray.wait(list(running), num_returns=1)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=_LEASE_CHECK_S)
+        _cancel_lost(running, plans, keeper, ray)
         for ref in done:
             name, t0 = running.pop(ref)
             console.finished(name)
             try:
+                if keeper is not None:
+                    _release_checked(keeper, plans[name].attempt_uri)
                 m = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - reported in the summary, independent stages go on
                 summary.outcomes[name] = StageOutcome(name, "failed", error=error_message(e), duration_s=time.time() - t0)
@@ -99,6 +105,28 @@ def _schedule(spec, todo, plans, manifests, summary, console) -> None:
             summary.outcomes[name] = StageOutcome(name, "ran", m, duration_s=time.time() - t0)
             where = (m.get("node") or {}).get("node_ip", "")
             console.say(f"✓ {name}: finished in {time.time() - t0:.1f}s{' on ' + where if where else ''}")
+
+
+_LEASE_CHECK_S = 5.0  # how often the wait for stage tasks looks for a lease lost to another driver
+
+
+def _release_checked(keeper, uri: str) -> None:
+    """Release the attempt's lease; raise if it had been lost to another driver meanwhile."""
+    try:
+        keeper.check(uri)
+    finally:
+        keeper.release(uri)
+
+
+def _cancel_lost(running: dict, plans, keeper, ray) -> None:
+    """Stop the stage tasks whose lease another driver took over: two writers on one attempt is
+    what the lease exists to prevent."""
+    if keeper is None:
+        return
+    for ref, (name, _) in list(running.items()):
+        h = keeper.held.get(plans[name].attempt_uri)
+        if h is not None and h.lost:
+            ray.cancel(ref, force=True)
 
 
 def _task_options(cfg) -> dict:

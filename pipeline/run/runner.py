@@ -18,6 +18,7 @@ from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageFailed
 from pipeline.run.graph import StageDef, deps_in_spec, downstream, enabled_stages, get_stage
+from pipeline.run.lease import LeaseHeld, LeaseKeeper
 from pipeline.run.planning import plan_stages
 from pipeline.run.console import ProgressConsole
 from pipeline.run.ray_scheduler import run_on_ray
@@ -32,10 +33,12 @@ def save_spec(spec) -> None:
 
 def run_pipeline(spec, *, only: list[str] | None = None, fresh: list[str] | None = None,
                  address: str | None = None, log: Callable[[str], None] = print, live_console=None,
-                 verbose: bool = False) -> RunSummary:
+                 verbose: bool = False, take_over: bool = False) -> RunSummary:
     """Run (or resume) the spec's stages. ``only`` limits the run to those stages (their
     dependencies must be done); ``fresh`` starts those stages as new attempts (the old
-    attempts stay on the store until ``t2i gc``)."""
+    attempts stay on the store until ``t2i gc``). Every attempt it will work on is leased first
+    (pipeline/run/lease.py): one held by another live driver is left alone with its downstream
+    stages (status ``held``); ``take_over`` takes such leases regardless (an owner known dead)."""
     ruri = run_uri(spec)
     save_spec(spec)
     plans = plan_stages(spec, frozenset(fresh or ()))
@@ -65,14 +68,43 @@ def run_pipeline(spec, *, only: list[str] | None = None, fresh: list[str] | None
         _announce(plans[s.name], log)
     if not todo:
         return summary
-    start_orphan_reaper()
-    todo = _longest_first(todo, spec)
-    with ProgressConsole(log, live_console=live_console) as console:
-        if spec.cluster.use_ray:
-            run_on_ray(spec, todo, plans, manifests, summary, address=address, console=console, verbose=verbose)
-        else:
-            _run_in_process(spec, todo, plans, manifests, summary, console)
+    keeper = LeaseKeeper(log=log)
+    try:  # the leases go on success, failure and Ctrl-C alike
+        todo = _lease(todo, spec, plans, keeper, summary, take_over)
+        if todo:
+            start_orphan_reaper()
+            todo = _longest_first(todo, spec)
+            with ProgressConsole(log, live_console=live_console) as console:
+                if spec.cluster.use_ray:
+                    run_on_ray(spec, todo, plans, manifests, summary, address=address, console=console,
+                               verbose=verbose, keeper=keeper)
+                else:
+                    _run_in_process(spec, todo, plans, manifests, summary, console, keeper)
+    finally:
+        keeper.close()
     return summary
+
+
+def _lease(todo: list[StageDef], spec, plans, keeper: LeaseKeeper, summary: RunSummary,
+           take_over: bool) -> list[StageDef]:
+    """Lease every attempt this driver will work on, dependencies first; leave alone one that
+    another live driver holds, and everything downstream of it. Returns what this driver runs."""
+    held: dict[str, LeaseHeld] = {}  # stage -> the other driver's lease it is left alone for
+    mine = []
+    for s in sorted(todo, key=lambda s: len(_ancestors(s, spec))):
+        waits = sorted(a for a in _ancestors(s, spec) if a in held)
+        if waits:
+            held[s.name] = held[waits[0]]
+            why = f"waits for {held[s.name].stage}, which {str(held[s.name]).split(' ', 1)[1]}"
+        else:
+            try:
+                keeper.acquire(s.name, plans[s.name].attempt_uri, take_over=take_over)
+                mine.append(s)
+                continue
+            except LeaseHeld as e:
+                held[s.name], why = e, str(e)
+        summary.outcomes[s.name] = StageOutcome(s.name, "held", error=why)
+    return [s for s in todo if s in mine]
 
 
 def _longest_first(todo: list[StageDef], spec) -> list[StageDef]:
@@ -124,7 +156,7 @@ def run_uri_of(p) -> str:
     return p.attempt_uri.rstrip("/").rsplit("/", 2)[0]
 
 
-def _run_in_process(spec, todo, plans, manifests, summary, console) -> None:
+def _run_in_process(spec, todo, plans, manifests, summary, console, keeper: LeaseKeeper) -> None:
     for s in sorted(todo, key=lambda s: len(_ancestors(s, spec))):  # dependencies first
         blocked = [d for d in deps_in_spec(s, spec) if d not in manifests]
         if blocked:
@@ -133,15 +165,19 @@ def _run_in_process(spec, todo, plans, manifests, summary, console) -> None:
         console.say(f"▶ {s.name}: running")
         console.started(s.name, plans[s.name].attempt_uri)
         t0 = time.time()
+        uri = plans[s.name].attempt_uri
         try:
             m = execute_stage(plans[s.name], getattr(spec, s.name), run_uri(spec),
-                              {d: manifests[d] for d in deps_in_spec(s, spec)})
+                              {d: manifests[d] for d in deps_in_spec(s, spec)}, lease=keeper.takeover_record(uri))
+            keeper.check(uri)
         except Exception as e:  # noqa: BLE001 - reported in the summary, the run goes on
+            keeper.release(uri)
             console.finished(s.name)
             summary.outcomes[s.name] = StageOutcome(s.name, "failed", error=error_message(e),
                                                     duration_s=time.time() - t0)
             console.say(f"✗ {s.name}: {error_message(e)}")
             continue
+        keeper.release(uri)
         console.finished(s.name)
         manifests[s.name] = m
         summary.outcomes[s.name] = StageOutcome(s.name, "ran", m, duration_s=time.time() - t0)

@@ -37,7 +37,7 @@ class PlannedStage:
 @dataclass
 class StageOutcome:
     name: str
-    status: str                     # ran | skipped | failed | blocked
+    status: str                     # ran | skipped | failed | blocked | held (another driver's lease)
     manifest: dict | None = None
     error: str | None = None
     duration_s: float = 0.0
@@ -67,8 +67,9 @@ def node_info() -> dict[str, Any]:
 
 
 def execute_stage(plan: PlannedStage, cfg: Any, ruri: str, inputs: dict[str, dict], executor: Any = None,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, lease: dict | None = None) -> dict:
     """Run one stage attempt to completion and write its manifest, then point ``_CURRENT`` at it.
+    ``lease``: the record of the driver holding the attempt's lease, kept in the manifest.
 
     ``cfg`` is the stage's own section of the run spec, validated by the driver with the whole
     spec (cross-stage checks included); the task neither sees nor re-parses the rest."""
@@ -96,7 +97,7 @@ def execute_stage(plan: PlannedStage, cfg: Any, ruri: str, inputs: dict[str, dic
     m = mf.write_manifest(out_uri, stage=plan.name, fp=plan.fingerprint, started_at=t0, counts=result.counts,
                           metrics=result.metrics, outputs=result.outputs, node=node_info(),
                           config=mf.config_for_fingerprint(cfg), extent=plan.extent, output_id=plan.output_id,
-                          inputs=plan.input_ids)
+                          inputs=plan.input_ids, lease=lease)
     layout.write_current(ruri, plan.name, out_uri)
     return m
 

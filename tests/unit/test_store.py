@@ -69,3 +69,18 @@ def test_retries_then_clear_error():
 def test_missing_file_is_not_retried(tmp_path):
     with pytest.raises(FileNotFoundError):
         store.read_bytes(store.normalize(str(tmp_path / "nope")))
+
+
+def test_a_glob_sees_files_written_below_folders_it_listed_before(s3_bucket):
+    """s3fs caches listings per process and invalidate_cache forgets only a path and its parents:
+    a glob through child folders listed earlier (``checkpoints/step_*/COMPLETE``) must still see
+    a file written there since (by another process, as a checkpoint's COMPLETE is)."""
+    import boto3
+    import os
+
+    store.write_json(f"{s3_bucket}/c/step_1/a.json", {})
+    assert store.glob(f"{s3_bucket}/c/step_*/COMPLETE") == []
+    bucket = s3_bucket[len("s3://"):]
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").put_object(
+        Bucket=bucket, Key="c/step_1/COMPLETE", Body=b"{}")  # another writer: not through this process's cache
+    assert store.glob(f"{s3_bucket}/c/step_*/COMPLETE") == [f"{s3_bucket}/c/step_1/COMPLETE"]
