@@ -14,8 +14,9 @@ import typer
 from rich.table import Table
 
 from pipeline import layout, store
-from pipeline.cli.common import console, resolve_run
+from pipeline.cli.common import console, fail, resolve_run
 from pipeline.manifest import read_manifest
+from pipeline.run.lease import LeaseHeld, leased
 from stages.models import TRAIN_STAGES
 
 app = typer.Typer()
@@ -49,7 +50,11 @@ def eval_run(run: str = typer.Argument(..., help="Run URI or run id with trained
 
         stage_uris, inputs = checkpoint_inputs(inputs, checkpoint, out_uri)
     progress = (lambda m: None) if as_json else (lambda m: console.print(m))
-    result = evaluate(cfg, uri, inputs, out_uri, progress=progress, stage_uris=stage_uris)
+    try:
+        with leased("eval", out_uri, log=progress):  # one writer of the output folder
+            result = evaluate(cfg, uri, inputs, out_uri, progress=progress, stage_uris=stage_uris)
+    except LeaseHeld as e:
+        fail(f"{out_uri}: {e}; wait for it, or stop that driver")
     if as_json:
         typer.echo(json.dumps({"metrics": result.metrics, "counts": result.counts, "outputs": result.outputs},
                               sort_keys=True))
@@ -74,8 +79,12 @@ def _follow(uri: str, spec, cfg, as_json: bool) -> None:
         attempt = stage_uri(uri, st)
         inputs[st] = read_manifest(attempt) or {"out_uri": attempt}
     progress = (lambda m: None) if as_json else (lambda m: console.print(m))
-    added = evaluate_checkpoints(cfg, uri, inputs, train_cfgs, store.join(uri, layout.EVAL_CLI, layout.CHECKPOINTS),
-                                 progress=progress)
+    follow_uri = store.join(uri, layout.EVAL_CLI, layout.CHECKPOINTS)
+    try:
+        with leased("eval --checkpoints", follow_uri, log=progress):  # one follower per run
+            added = evaluate_checkpoints(cfg, uri, inputs, train_cfgs, follow_uri, progress=progress)
+    except LeaseHeld as e:
+        fail(f"{follow_uri}: {e}; wait for it, or stop that driver")
     if as_json:
         typer.echo(json.dumps(added, sort_keys=True))
         return

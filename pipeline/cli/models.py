@@ -11,6 +11,7 @@ from rich.table import Table
 from pipeline.cli.common import console, fail, load_spec_or_fail, resolve_run
 from pipeline.context import StageFailed
 from pipeline.manifest import read_manifest
+from pipeline.run.lease import LeaseHeld, leased
 from pipeline.run.ray_executor import ray_session
 from pipeline.store import normalize
 from stages.models import by_stage
@@ -63,11 +64,15 @@ def embed(shards: str = typer.Option(..., help="URI of download shards (a folder
         cfg = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"model": name, "pretrained": pretrained or None})})
     if t5:
         cfg = cfg.model_copy(update={"t5": cfg.t5.model_copy(update={"model": t5})})
-    if address is None:
-        result = embed_offline(shards, out, cfg, progress=True)
-    else:
-        with ray_session(address) as executor:
-            result = embed_offline(shards, out, cfg, executor=executor, progress=True)
+    try:
+        with leased("embed", normalize(out), log=console.print):  # one writer of the output folder
+            if address is None:
+                result = embed_offline(shards, out, cfg, progress=True)
+            else:
+                with ray_session(address) as executor:
+                    result = embed_offline(shards, out, cfg, executor=executor, progress=True)
+    except LeaseHeld as e:
+        fail(f"{out}: {e}; wait for it, or stop that driver")
     c = result["counts"]
     console.print(f"embedded {c['n_embedded']} of {c['n_total']} samples in {c['shards']} shards "
                   f"({c['shards_embedded_now']} now) -> {result['encoders_uri']}")

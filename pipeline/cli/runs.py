@@ -205,8 +205,11 @@ def status(run: str = typer.Argument(..., help="Run URI or run id."),
     for r in rows:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items()) or ((r["error"] or "").splitlines() or [""])[0][:300]
         dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else ""
-        t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["attempt"], dur, counts, _headline(r),
-                  r["node"] or "")
+        where = r["node"] or ""
+        if r.get("lease"):  # an unfinished stage some driver holds (or held, if its heartbeat stopped)
+            lease = r["lease"]
+            where = ("held by " if not lease["expired"] else "expired lease of ") + lease["held_by"]
+        t.add_row(r["stage"], f"[{colors[r['state']]}]{r['state']}[/]", r["attempt"], dur, counts, _headline(r), where)
     console.print(t)
     old = [(r["stage"], a) for r in rows for a in r["superseded"]]
     if old:

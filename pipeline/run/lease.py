@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,7 +44,7 @@ def lease_uri(attempt_uri: str) -> str:
 def owner_info() -> dict:
     """Who this driver is: host, pid and, inside a Ray job, its submission id."""
     out = {"host": socket.gethostname(), "pid": os.getpid()}
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("T2I_JOB_ID")
+    job = os.environ.get("T2I_JOB_ID")  # set by `t2i submit` in the job driver's environment
     if job:
         out["ray_job"] = job
     return out
@@ -180,3 +181,15 @@ class LeaseKeeper:
                     store.write_json(lease_uri(h.attempt_uri), h.doc)
                 except Exception as e:  # noqa: BLE001 - a missed beat is not fatal: the next one retries
                     self.log(f"! {h.stage}: lease heartbeat failed ({e}); retrying in {self.interval:.0f}s")
+
+
+@contextmanager
+def leased(what: str, uri: str, *, log: Callable[[str], None] = print, take_over: bool = False):
+    """Hold the lease of one output folder while a command writes it (``t2i embed``, ``t2i eval``):
+    raises :class:`LeaseHeld` if another live driver holds it; released on the way out."""
+    keeper = LeaseKeeper(log=log)
+    try:
+        keeper.acquire(what, uri, take_over=take_over)
+        yield keeper
+    finally:
+        keeper.close()

@@ -13,6 +13,7 @@ from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageFailed
 from pipeline.run.graph import deps_in_spec, enabled_stages
+from pipeline.run.lease import describe_owner, is_expired, read_lease
 from pipeline.run.spec import parse_spec, run_uri
 from pipeline.run.stage_exec import ERROR_FILE, PlannedStage
 
@@ -88,6 +89,15 @@ def describe_attempt(uri: str) -> dict:
             "steps": ((m or {}).get("extent") or {}).get("steps")}
 
 
+def _lease_row(attempt_uri: str) -> dict | None:
+    """Who is working on an unfinished attempt (its lease), for `t2i status`."""
+    lease = read_lease(attempt_uri)
+    if lease is None:
+        return None
+    return {"owner": lease.get("owner"), "heartbeat_age_s": round(time.time() - float(lease.get("heartbeat", 0)), 1),
+            "expired": is_expired(lease), "held_by": describe_owner(lease)}
+
+
 def run_status(run: str) -> list[dict]:
     """One row per enabled stage: its current attempt's state, plus the superseded attempts."""
     spec = load_run_spec(run)
@@ -107,5 +117,6 @@ def run_status(run: str) -> list[dict]:
                      "uri": p.attempt_uri, "counts": m.get("counts", {}), "metrics": m.get("metrics", {}),
                      "extent": m.get("extent", {}), "wanted": p.extent, "duration_s": m.get("duration_s"),
                      "node": (m.get("node") or {}).get("node_ip") or (m.get("node") or {}).get("hostname"),
-                     "error": err, "superseded": superseded})
+                     "error": err, "superseded": superseded,
+                     "lease": _lease_row(p.attempt_uri) if st.state != "done" else None})
     return rows

@@ -227,6 +227,7 @@ def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dic
         log(f"warning: {w}")
     with staged_working_dir(root, f"{spec.run_id}.yaml", spec_to_yaml(spec)) as wd:
         runtime_env = build_runtime_env(wd, pip=pip, root=root)
+        runtime_env["env_vars"]["T2I_JOB_ID"] = sid  # the job driver's leases name it (pipeline/run/lease.py)
         try:
             client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid,
                               metadata={"t2i_run_uri": ruri, "t2i_run_id": spec.run_id})

@@ -53,6 +53,10 @@ def test_two_drivers_on_one_run_one_trains_the_other_refuses_or_waits(tmp_path):
     second = t2i("run", spec, "--no-ray", cwd=tmp_path, env=FAST, timeout=120)
     assert second.code == 3, second.output
     assert second.seconds < 30
+    status = t2i("status", run, "--json", cwd=tmp_path, timeout=120)
+    rows = {r["stage"]: r for r in json.loads(status.stdout)["stages"]}
+    held = [r["lease"]["owner"]["pid"] for r in rows.values() if r["lease"]]
+    assert held and set(held) == {first.pid}, rows  # who works on the unfinished stages
     assert f"download is being worked on by pid {first.pid}" in second.stderr, second.stderr
     assert "--wait" in second.stderr and "--take-over" in second.stderr
     waiter = t2i("run", spec, "--no-ray", "--wait", cwd=tmp_path, env=FAST, timeout=400)

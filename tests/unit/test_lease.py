@@ -78,3 +78,15 @@ def test_a_driver_whose_lease_was_taken_over_finds_out_at_its_next_heartbeat(att
     assert any("lease lost" in m for m in said)
     slow.close()
     assert read_lease(attempt) is not None  # the loser never removes the winner's lease
+
+
+def test_commands_that_write_one_folder_hold_its_lease_while_they_write(tmp_path):
+    """`t2i embed --out` and `t2i eval`: leased() around the work, released after it."""
+    from pipeline.run.lease import leased
+
+    out = str(tmp_path / "embeddings")
+    with leased("embed", out, log=lambda m: None):
+        with pytest.raises(LeaseHeld, match="embed is being worked on by pid"):
+            with leased("embed", out, log=lambda m: None):
+                pass
+    assert read_lease(out) is None
