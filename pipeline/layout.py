@@ -56,6 +56,7 @@ TRAIN_SAMPLES = "samples"         # training: samples/<name>_NNNNNNNN.png, the l
 LOOP_RESULT = "loop_result.json"  # training, rank 0 at the end: what the loop did (read back by the driver)
 EVAL_LOG = "eval.jsonl"           # t2i eval --checkpoints, in a training attempt: one row per checkpoint
 GRID = "grid.png"                 # sample: every sample in one image (beside report.html and the PNGs)
+SAMPLE_INDEX = "samples.json"     # sample: every image with its prompt, cascade and seed (t2i sample --from-sample)
 EVALUATION = "evaluation.json"    # evaluate: per-prompt figures beside the manifest
 EVAL_WEIGHTS = "weights"          # t2i eval at checkpoints: weights/<stage>/.../final/step_N/, a checkpoint as a final
 

@@ -92,7 +92,10 @@ def _per_model(text: Optional[str], cast, flag: str):
 
 @app.command()
 def sample(run: str = typer.Argument(..., help="Run URI or run id with trained stages."),
-           prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
+           prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Prompt (repeatable)."),
+           from_sample: Optional[int] = typer.Option(None, "--from-sample", help=(
+               "Regenerate image N of the run's sample stage (its prompt and seed, the N of samples.json and "
+               "report.html) in every cascade it sampled, byte for byte; other flags change it on top.")),
            cascade: Optional[str] = typer.Option(None, help="imagen (base→SR), unclip (prior→decoder→SR), glide "
                                                              "(GLIDE→SR), both (unclip+imagen) or all "
                                                              "(default: the run's sample section)."),
@@ -111,7 +114,7 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
     """Sample prompts through a run's trained cascades. Starts from the run's own sample section
     (steps, guidance, sampler, SR settings); every flag overrides it."""
     from pipeline.run.planning import load_run_spec  # speed: not for t2i --help (yaml, spec)
-    from stages.sampling.cascade import sample_with_config  # torch: t2i --help must not load it
+    from stages.sampling.cascade import regenerate, sample_with_config  # torch: t2i --help must not load it
     from stages.sampling.config import SampleConfig  # heavy: stage code, loaded by the command that runs it
 
     uri = resolve_run(run)
@@ -119,8 +122,17 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
         spec = load_run_spec(uri)
     except StageFailed as e:
         fail(str(e))
+    if (from_sample is None) == (not prompt):
+        fail("give --prompt (repeatable) or --from-sample N, not both")
     base = spec.sample.model_dump() if spec.sample is not None else {}
-    flags = {"prompts": list(prompt), "cascade": cascade, "seed": seed, "sampler": sampler,
+    if from_sample is not None:  # the sample stage's own config, as it ran
+        from pipeline.run.planning import finished_attempt  # speed: not for t2i --help (yaml, spec)
+
+        try:
+            base = {**base, **((read_manifest(finished_attempt(uri, "sample")) or {}).get("config") or {})}
+        except StageFailed as e:
+            fail(f"--from-sample needs a finished sample stage: {e}")
+    flags = {"prompts": list(prompt) if prompt else None, "cascade": cascade, "seed": seed, "sampler": sampler,
              "steps": _per_model(steps, int, "--steps"), "guidance_scale": _per_model(guidance, float, "--guidance"),
              "guidance": guidance_mode, "clip_guidance_scale": _per_model(clip_guidance, float, "--clip-guidance"),
              "images_per_prompt": images_per_prompt, "max_stage": max_stage}
@@ -137,7 +149,8 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
         msgs = "; ".join(f"--{where(err['loc'])}: {err['msg']}" for err in e.errors())
         fail(msgs)
     try:
-        paths = sample_with_config(cfg, uri, out=out)
+        paths = (sample_with_config(cfg, uri, out=out) if from_sample is None
+                 else regenerate(cfg, uri, from_sample, out=out))
     except StageFailed as e:
         fail(str(e))
     for p in paths:

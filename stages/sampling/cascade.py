@@ -204,13 +204,15 @@ def _rerank(samples: list[Sample], cfg: SampleConfig, encoders: PromptEncoders, 
 
 def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
                   embed_uri: str | None = None, encoders: PromptEncoders | None = None,
-                  progress=lambda msg: None) -> list[Sample]:
+                  progress=lambda msg: None, images: slice | None = None) -> list[Sample]:
     """Sample cfg.prompts through cfg's cascades; every needed model is checked before any work.
-    ``encoders``: already loaded prompt encoders (else loaded from ``<embed>/encoders.json``)."""
+    ``encoders``: already loaded prompt encoders (else loaded from ``<embed>/encoders.json``).
+    ``images``: only these of the (prompt, image) list, with the seeds they have in the whole list."""
     device = resolve_device(cfg.device)
     roles_by_cascade = {c: cascade_roles(c, cfg.max_stage) for c in cfg.cascades()}
     models = _load_models(cfg, run_uri, dict(stage_uris or {}), roles_by_cascade, device)
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]
+    expanded = expanded[images] if images is not None else expanded
     encoders = encoders or PromptEncoders.load(embed_uri or _finished_attempt(run_uri, "embed"), device=device)
     feats = _encode_prompts(encoders, models, [p for _, _, p in expanded])
     samples: list[Sample] = []
@@ -219,7 +221,7 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
             seeds = [image_seed(cfg.seed, i, k, cfg.images_per_prompt) for i, k, _ in expanded]
             imgs = _sample_variant(cfg, cascade, name, vcfg, roles_by_cascade[cascade], models, feats,
                                    seeds, device, progress)
-            samples += [Sample(p, i, k, name, _to_pil(x)) for (i, k, p), x in zip(expanded, imgs)]
+            samples += [Sample(p, i, k, name, _to_pil(x), seed=sd) for (i, k, p), x, sd in zip(expanded, imgs, seeds)]
     return _rerank(samples, cfg, encoders, progress)
 
 
@@ -274,6 +276,26 @@ def sample_cli(run_uri: str, prompts: Sequence[str] | None = None, cascade: str 
                **overrides: Any) -> list[str]:
     """:func:`sample_with_config` from keyword arguments (unset ones keep the config defaults)."""
     return sample_with_config(_config_from_args(prompts, cascade, guidance, steps, **overrides), run_uri, out=out)
+
+
+def regenerate(cfg: SampleConfig, run_uri: str, n: int, *, out: str | None = None) -> list[str]:
+    """Image ``n`` (its place among ``cfg``'s prompts x images_per_prompt: the ``n`` of the sample
+    stage's ``samples.json``) of each of ``cfg``'s cascades, byte for byte as a sampling run with
+    ``cfg`` made it: its whole batch is sampled again (same neighbours, same per-image seeds), since
+    a network's batched arithmetic may differ from a single image's in the last bit; only image
+    ``n`` is written. Flags changed on top of ``cfg`` (steps, guidance) change it as they would
+    have in that run."""
+    total = len(cfg.prompts) * cfg.images_per_prompt
+    if not 0 <= n < total:
+        raise StageFailed(f"--from-sample {n}: the sample stage made images 0..{total - 1} per cascade")
+    start = n // cfg.batch_size * cfg.batch_size
+    cfg = cfg.model_copy(update={"rerank_keep": None})
+    run_uri = store.normalize(run_uri)
+    out_uri = store.normalize(out) if out else store.join(run_uri, CLI_OUT)
+    batch = sample_images(cfg, run_uri, progress=print, images=slice(start, start + cfg.batch_size))
+    mine = [s for s in batch if s.index * cfg.images_per_prompt + s.k == n]
+    res = write_outputs(mine, cfg.model_copy(update={"demo_check": False}), run_uri, out_uri)
+    return [s.uri for s in res.samples]
 
 
 def sample_with_config(cfg: SampleConfig, run_uri: str, *, out: str | None = None) -> list[str]:

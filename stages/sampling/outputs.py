@@ -24,6 +24,7 @@ class Sample:
     image: Image.Image
     uri: str = ""
     clip_score: float | None = None  # set by CLIP reranking (stages/sampling/rerank.py)
+    seed: int | None = None  # its own noise seed (stages/sampling/cascade.image_seed)
 
 
 class Samples(list):
@@ -61,6 +62,10 @@ def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_ur
         store.write_bytes_atomic(s.uri, report.png_bytes(s.image))
     grid_uri = store.join(out_uri, layout.GRID)
     store.write_bytes_atomic(grid_uri, report.png_bytes(report.make_grid(samples)))
+    # Each image's prompt and seed: `t2i sample RUN --from-sample N` regenerates image N from here.
+    store.write_json(store.join(out_uri, layout.SAMPLE_INDEX), {"images": [
+        {"n": s.index * cfg.images_per_prompt + s.k, "prompt": s.prompt, "prompt_index": s.index, "k": s.k,
+         "cascade": s.cascade, "seed": s.seed, "file": filename(s, cfg.images_per_prompt)} for s in samples]})
 
     checks: dict[str, Any] = {}
     lines: list[str] = []
@@ -74,7 +79,9 @@ def write_outputs(samples: list[Sample], cfg: SampleConfig, run_uri: str, out_ur
             for s, v in zip(mine, chk.verdicts):
                 notes[id(s)] = v.note()
     entries = [report.ReportEntry(s.prompt, s.cascade, filename(s, cfg.images_per_prompt), s.image,
-                                  notes.get(id(s), "")) for s in samples]
+                                  "; ".join(x for x in (f"image {s.index * cfg.images_per_prompt + s.k}, seed {s.seed}"
+                                                        if s.seed is not None else "", notes.get(id(s), "")) if x))
+               for s in samples]
     tables = [guidance_table(checks, cfg)] if cfg.guidance == "compare" and checks else []
     html = report.build_report(entries, run_uri=run_uri, title="t2i samples", summary_lines=lines,
                                config=cfg.model_dump(mode="json"), metrics_uris=metrics_uris, tables=tables)

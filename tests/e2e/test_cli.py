@@ -100,6 +100,13 @@ def test_sample_reproduces_the_stage_from_another_directory(smoke_run, tmp_path)
     assert len(pngs) == 3  # the smoke spec samples all three cascades
     for name in pngs:
         assert (out / name).read_bytes() == open(os.path.join(stage_dir, name), "rb").read(), name
+    # the same image by its number in the stage's samples.json: no prompt or seed to copy
+    code, _, err = t2i("sample", run, "--from-sample", "0", "--out", str(tmp_path / "n0"), cwd=elsewhere)
+    assert code == 0, err
+    again = sorted(p.name for p in (tmp_path / "n0").glob("*.png") if p.name != "grid.png")
+    assert again == pngs
+    for name in again:
+        assert (tmp_path / "n0" / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_sample_flags_name_themselves_in_errors(smoke_run, tmp_path):

@@ -243,3 +243,30 @@ def test_glide_cascade_end_to_end(run_uri, encoders):
     imagen = sample_images(cfg.model_copy(update={"cascade": "imagen", "prompts": PROMPTS[:1]}), run_uri,
                            encoders=encoders)
     assert np.array_equal(_arrays(every)[1], _arrays(imagen)[0])
+
+
+def test_image_n_is_regenerated_byte_for_byte_from_its_seed_record(run_uri, tmp_path):
+    """samples.json records each image's prompt and seed; `t2i sample --from-sample N`
+    (stages/sampling/cascade.regenerate) writes image N of each cascade byte for byte again
+    (its batch is drawn again: same neighbours, same per-image noise), and changes it on top
+    when a flag changes (more steps)."""
+    from stages.sampling.cascade import regenerate, sample_with_config
+
+    cfg = SampleConfig(prompts=PROMPTS, cascade="both", steps=2, seed=11, images_per_prompt=2, batch_size=4,
+                       sampler="ddpm")
+    stage_out = str(tmp_path / "stage")
+    sample_with_config(cfg, run_uri, out=stage_out)
+    index = store.read_json(store.join(store.normalize(stage_out), "samples.json"))["images"]
+    n = 5  # prompt 2, image 1, in the second batch of 4
+    entries = [e for e in index if e["n"] == n]
+    assert {e["cascade"] for e in entries} == {"unclip", "imagen"}
+    assert all(e["seed"] == 11 + n and e["prompt"] == PROMPTS[2] for e in entries)
+    again = regenerate(cfg, run_uri, n, out=str(tmp_path / "again"))
+    assert len(again) == 2
+    for uri in again:
+        name = uri.rsplit("/", 1)[-1]
+        assert store.read_bytes(uri) == store.read_bytes(store.join(store.normalize(stage_out), name)), name
+    longer = regenerate(cfg.model_copy(update={"steps": 3}), run_uri, n, out=str(tmp_path / "longer"))
+    assert store.read_bytes(longer[0]) != store.read_bytes(again[0])
+    with pytest.raises(StageFailed, match="images 0..5"):
+        regenerate(cfg, run_uri, 6, out=str(tmp_path / "none"))
