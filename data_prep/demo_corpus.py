@@ -265,7 +265,7 @@ def make_demo_corpus(
     """Write ``num_images`` rows (good + bad) under ``out_dir``: ``images/*.jpg`` and ``urls.parquet``.
 
     ``base_url`` is where ``out_dir`` is served (``DemoHTTPServer(out_dir).base_url``); without it the
-    URLs are ``file://`` URIs, which img2dataset's urllib also fetches. ``num_bad =
+    URLs are ``file://`` URIs (for reading the corpus directly: the download stage refuses them). ``num_bad =
     round(num_images * bad_fraction)`` rows are broken, cycling through BAD_KINDS (plus ``bomb``
     with ``include_bomb``) and placed at seed-determined row positions.
     """

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 @dataclass
 class Route:
     """A canned response for one path (tests of what real servers do): extra headers such as
-    ``X-Robots-Tag: noai``, a body trickled one byte every ``trickle_s`` seconds, or a 503 for
-    the first ``fail_first`` requests."""
+    ``X-Robots-Tag: noai``, a body trickled one byte every ``trickle_s`` seconds, a 503 for
+    the first ``fail_first`` requests, or another ``status`` (a 302 with a ``Location`` header)."""
 
     body: bytes
     content_type: str = "application/octet-stream"
     headers: dict[str, str] = field(default_factory=dict)
     trickle_s: float | None = None
     fail_first: int = 0  # answer this many requests with 503 first (a flaky or rate-limiting server)
+    status: int = 200
     _served: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -37,9 +38,16 @@ class Route:
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     routes: dict[str, Route] = {}
+    requests: list[str] = []
 
     def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
         pass  # one line per request on stderr would drown the stage's output
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:  # every request that reached the server, whatever its method or answer
+            self.requests.append(f"{self.command} {self.path}")
+        return ok
 
     def do_GET(self):  # noqa: N802 - the stdlib's name
         route = self.routes.get(self.path.split("?", 1)[0])
@@ -48,7 +56,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         if route.take_failure():
             self.send_error(503, "Service Unavailable")
             return
-        self.send_response(200)
+        self.send_response(route.status)
         self.send_header("Content-Type", route.content_type)
         self.send_header("Content-Length", str(len(route.body)))
         for k, v in route.headers.items():
@@ -71,7 +79,8 @@ class DemoHTTPServer:
 
     Missing files answer 404; the content type follows the file extension (so an HTML page named
     ``.jpg`` is served as ``image/jpeg``, as misconfigured real servers do). ``routes`` maps a
-    path (``"/slow.jpg"``) to a canned :class:`Route`.
+    path (``"/slow.jpg"``) to a canned :class:`Route`. ``requests`` records every request the
+    server got (``"GET /a.jpg"``), in arrival order.
     """
 
     def __init__(self, root: str, host: str = "127.0.0.1", routes: dict[str, Route] | None = None):
@@ -81,6 +90,7 @@ class DemoHTTPServer:
         os.makedirs(self.root, exist_ok=True)
         self.host = host
         self.routes: dict[str, Route] = dict(routes or {})  # "/path" -> Route; add before or while running
+        self.requests: list[str] = []
         self._httpd: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -100,7 +110,8 @@ class DemoHTTPServer:
     def start(self) -> "DemoHTTPServer":
         if self._httpd is not None:
             return self
-        cls = type("_Handler", (_QuietHandler,), {"routes": self.routes})  # this server's routes only
+        # This server's own routes and request log (a class attribute would be shared by every server).
+        cls = type("_Handler", (_QuietHandler,), {"routes": self.routes, "requests": self.requests})
         handler = functools.partial(cls, directory=self.root)
         httpd = http.server.ThreadingHTTPServer((self.host, 0), handler)  # port 0: the OS picks a free one
         httpd.daemon_threads = True

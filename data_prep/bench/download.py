@@ -66,7 +66,7 @@ def bench_download(images: int = 512, image_px: int = 256, processes: int = 1, t
         info = make_demo_corpus(os.path.join(root, "www"), images, image_px, seed, 0.0, base_url=srv.base_url)
         cfg = DownloadConfig(url_list=info.parquet_path, image_size=image_size, processes_count=processes,
                              thread_count=threads, number_sample_per_shard=max(1, images // max(1, processes)),
-                             min_success_rate=0.0)
+                             min_success_rate=0.0, allow_private_addresses=True)  # served on 127.0.0.1
         raw_t, stage_t, raw_fetch, stage_fetch, raw_n, stage_n = [], [], [], [], 0, 0
         for r in range(repeats):
             raw_out = os.path.join(root, f"raw{r}")

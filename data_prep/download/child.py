@@ -7,7 +7,7 @@ torch/wandb/albumentations (whose import phones home unless NO_ALBUMENTATIONS_UP
 child with its stdout/stderr sent to a log file contains all of that, and a crash in it (or an
 interrupted stage, which ends its whole process group) cannot take the caller down.
 
-Three changes to img2dataset, installed when this module is imported:
+Four changes to img2dataset, installed when this module is imported:
 
 * **Decoding** (``_Cv2SafeDecode``): img2dataset's resizer calls ``cv2.imdecode``; its module
   global ``cv2`` is replaced by a proxy whose ``imdecode`` is data_prep.image_decode (header
@@ -16,6 +16,10 @@ Three changes to img2dataset, installed when this module is imported:
 * **Deadline** (``_download_image``): img2dataset's ``urlopen(timeout)`` bounds each socket read,
   so a server sending a byte every 2 s never times out; the body is read in chunks against an
   overall ``request_deadline``.
+* **Address policy** (``_download_image``): the request goes through
+  data_prep.download.guarded_http's opener instead of urllib's default one: no file/ftp/data
+  handlers, and every redirect and every connection held to the address policy (the list itself
+  was filtered before img2dataset started).
 * **Settings travel with the downloader**: ``SafeDownloader`` (img2dataset's Downloader plus our
   settings) is what the distributors pickle, so a Ray task that unpickles it imports this module
   and gets the same patches and settings as the child.
@@ -33,12 +37,14 @@ import time
 import urllib.request
 from typing import Any
 
+from data_prep.download.guarded_http import guarded_opener
 from data_prep.download.verify import DEADLINE_MESSAGE
 from data_prep.image_decode import ImageRejected, decode_bgr_array
 
 # Process-wide settings, set by SafeDownloader before each shard (one process downloads one shard
 # at a time in both distributors; the resizer runs on the shard's own thread, the fetches on its pool).
-_SETTINGS: dict[str, Any] = {"decode": None, "request_deadline": None}
+# allow_private_addresses starts False: a process that somehow fetches before its settings are set fails closed.
+_SETTINGS: dict[str, Any] = {"decode": None, "request_deadline": None, "allow_private_addresses": False}
 
 
 class _Cv2SafeDecode:
@@ -63,7 +69,8 @@ class _Cv2SafeDecode:
 
 
 def _download_image(row, timeout, user_agent_token, disallowed_header_directives):
-    """img2dataset's download_image with an overall deadline on connect + body."""
+    """img2dataset's download_image with an overall deadline on connect + body, fetched through
+    the address policy's opener."""
     from img2dataset.downloader import is_disallowed
 
     key, url = row
@@ -74,7 +81,7 @@ def _download_image(row, timeout, user_agent_token, disallowed_header_directives
         agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
     try:
         request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
+        with guarded_opener(bool(_SETTINGS["allow_private_addresses"])).open(request, timeout=timeout) as r:
             if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
                                                               disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
@@ -115,14 +122,17 @@ class SafeDownloader(Downloader):
     """img2dataset's Downloader carrying this stage's decode settings and deadline to wherever
     the distributor runs it (pickled by reference to this module)."""
 
-    def __init__(self, *args, t2i_decode: dict[str, Any], t2i_request_deadline: float | None, **kwargs):
+    def __init__(self, *args, t2i_decode: dict[str, Any], t2i_request_deadline: float | None,
+                 t2i_allow_private_addresses: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.t2i_decode = t2i_decode
         self.t2i_request_deadline = t2i_request_deadline
+        self.t2i_allow_private_addresses = t2i_allow_private_addresses
 
     def __call__(self, row):
         _SETTINGS["decode"] = self.t2i_decode
         _SETTINGS["request_deadline"] = self.t2i_request_deadline
+        _SETTINGS["allow_private_addresses"] = self.t2i_allow_private_addresses
         return super().__call__(row)
 
 
@@ -155,13 +165,15 @@ def _inline_distributor(processes_count, downloader, reader, subjob_size, max_sh
         failed = [row for ok, row in map(downloader, failed) if not ok]
 
 
-def _downloader_factory(decode: dict[str, Any], request_deadline: float | None):
+def _downloader_factory(decode: dict[str, Any], request_deadline: float | None, allow_private_addresses: bool = False):
     def make(*args, **kwargs):
-        return SafeDownloader(*args, t2i_decode=decode, t2i_request_deadline=request_deadline, **kwargs)
+        return SafeDownloader(*args, t2i_decode=decode, t2i_request_deadline=request_deadline,
+                              t2i_allow_private_addresses=allow_private_addresses, **kwargs)
     return make
 
 
-def _trim_img2dataset(i2d, processes_count: int, decode: dict[str, Any], request_deadline: float | None) -> None:
+def _trim_img2dataset(i2d, processes_count: int, decode: dict[str, Any], request_deadline: float | None,
+                      allow_private_addresses: bool = False) -> None:
     # download() looks these names up in img2dataset.main's globals at call time. If a future
     # img2dataset renames them, nothing is patched and the stock (slower) behaviour remains.
     if hasattr(i2d, "LoggerProcess"):
@@ -170,7 +182,7 @@ def _trim_img2dataset(i2d, processes_count: int, decode: dict[str, Any], request
         i2d.multiprocessing_distributor = _inline_distributor
     if not hasattr(i2d, "Downloader"):
         raise RuntimeError("img2dataset.main has no Downloader: this img2dataset version is not supported")
-    i2d.Downloader = _downloader_factory(decode, request_deadline)
+    i2d.Downloader = _downloader_factory(decode, request_deadline, allow_private_addresses)
 
 
 def ray_runtime_env(runtime_env: dict | None) -> dict:
@@ -191,5 +203,6 @@ def child_main() -> None:
     i2d = sys.modules["img2dataset.main"]
     decode = args["decode"]
     decode["background"] = tuple(decode["background"])
-    _trim_img2dataset(i2d, args["kwargs"]["processes_count"], decode, args["request_deadline"])
+    _trim_img2dataset(i2d, args["kwargs"]["processes_count"], decode, args["request_deadline"],
+                      bool(args.get("allow_private_addresses", False)))
     i2d.download(**args["kwargs"])

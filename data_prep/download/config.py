@@ -6,6 +6,11 @@ long/short ratio over ``max_aspect_ratio`` (banners, spacer strips) are dropped;
 ``X-Robots-Tag: noai`` (and friends) is honoured. Each of these can be turned off (``0``,
 ``null``, ``[]``). Every rejected row is counted by reason in the stage's manifest.
 
+Only ``http``/``https`` URLs of public addresses are fetched (data_prep.download.address_policy):
+``file://`` and other schemes, cloud metadata services and link-local addresses are always
+refused, loopback and private ranges unless ``allow_private_addresses`` (which ``url_list: demo``,
+served on 127.0.0.1, implies when the spec does not set it).
+
 Local URL lists are checked when the spec is validated (columns present, text columns decodable,
 filter columns numeric), so a bad list fails before any worker starts, naming the file and row.
 """
@@ -124,6 +129,13 @@ class DownloadConfig(TaskPlacement):
         description="X-Robots-Tag directives that make img2dataset skip an image (counted as "
         "disallowed_by_header). [] honours none.",
     )
+    allow_private_addresses: bool = Field(
+        False, description="Also fetch URLs whose host is, or resolves to, a loopback (127.0.0.0/8, ::1), private "
+        "(10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7) or reserved (0.0.0.0/8, multicast) address: a list "
+        "served inside your own network. Off: such rows are refused before any request (refused_<reason>). Cloud "
+        "metadata services and link-local addresses are refused either way, and so is any scheme but http/https. "
+        "url_list 'demo' (served on 127.0.0.1) sets it when not given.",
+    )
     min_success_rate: float = Field(
         0.5, ge=0.0, le=1.0,
         description="Fail the stage when fewer than this fraction of rows (after filters) became samples.",
@@ -131,6 +143,15 @@ class DownloadConfig(TaskPlacement):
     demo: DemoCorpusConfig = Field(
         default_factory=DemoCorpusConfig, description="The synthetic corpus, used only when url_list is 'demo'."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_allows_loopback(cls, data: object) -> object:
+        # The demo corpus is served on 127.0.0.1: a demo spec that says nothing must still download it.
+        if isinstance(data, dict) and "allow_private_addresses" not in data \
+                and str(data.get("url_list", DEMO)).strip() == DEMO:
+            return {**data, "allow_private_addresses": True}
+        return data
 
     @field_validator("url_list")
     @classmethod
@@ -186,6 +207,9 @@ class DownloadConfig(TaskPlacement):
     @model_validator(mode="after")
     def _check_list(self) -> "DownloadConfig":
         if self.url_list == DEMO:
+            if not self.allow_private_addresses:
+                raise ValueError("url_list 'demo' is served on 127.0.0.1, which allow_private_addresses: false refuses; "
+                                 "set it to true (or leave it out)")
             if self.demo.image_size < self.min_image_size:
                 raise ValueError(f"demo.image_size {self.demo.image_size} is below min_image_size "
                                  f"{self.min_image_size}: every demo image would be dropped; lower min_image_size")

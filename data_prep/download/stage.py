@@ -21,6 +21,12 @@ where it runs.
 
 ``url_list: demo`` generates the synthetic corpus (data_prep.demo_corpus) in a temporary folder
 and serves it on 127.0.0.1 for the duration of the stage.
+
+Address policy (data_prep/download/address_policy.py): rows the policy refuses (schemes other
+than http/https, metadata services, link-local, and private/loopback addresses unless
+``allow_private_addresses``) are removed from the list before img2dataset runs and counted as
+``refused_<reason>``; redirects and connections are held to it inside the fetch
+(data_prep/download/guarded_http.py), counted as ``rejected_address_policy``.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import time
 from typing import Any, Iterator
 
 from data_prep.demo_corpus import serve_demo_corpus
+from data_prep.download.address_policy import PRIVATE_REASONS
 from data_prep.download.config import DEMO, DownloadConfig, local_path
 from data_prep.download.retry import build_retry_list, fetch_list, load_state, next_first_id, save_list, save_pass
 from data_prep.download.verify import SHARD_DIGITS, Pass, summarize
@@ -152,7 +159,8 @@ def _run_child(cfg: DownloadConfig, kwargs: dict[str, Any], ray_address: str | N
         env["RAY_RUNTIME_ENV_HOOK"] = "data_prep.download.child.ray_runtime_env"
         env["T2I_RAY_WORKER_ENV"] = json.dumps(worker_env)
     with open(args_path, "w") as f:
-        json.dump({"kwargs": kwargs, "decode": _decode_settings(cfg), "request_deadline": cfg.request_deadline}, f)
+        json.dump({"kwargs": kwargs, "decode": _decode_settings(cfg), "request_deadline": cfg.request_deadline,
+                   "allow_private_addresses": cfg.allow_private_addresses}, f)
     cmd = [sys.executable, "-c", _CHILD_BOOT, args_path]
     with open(log_path, "wb") as log:
         # A session of its own, so the pool and logger processes img2dataset spawns can be ended
@@ -242,13 +250,18 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> StageResult:
         lc = prepared.counts
         if num_rows == 0:
             dropped = ", ".join(f"{k} {v}" for k, v in lc.items() if v and k != "rows_in_list")
-            raise StageFailed(f"download: url_list {cfg.url_list!r} has no rows to download "
-                              f"({lc['rows_in_list']} rows in the list{'; dropped: ' + dropped if dropped else ''})")
+            private = sum(lc.get(f"refused_{r}", 0) for r in PRIVATE_REASONS)
+            hint = ("; set download.allow_private_addresses: true if the list is served inside your own network"
+                    if private and not cfg.allow_private_addresses else "")
+            raise StageFailed(f"download: url_list {cfg.url_list!r} has no rows to download ({lc['rows_in_list']} "
+                              f"rows in the list{'; dropped: ' + dropped if dropped else ''}){hint}")
         # No state: whatever shards are here are leftovers of a start that never saved its list
         # (nothing to continue from); they must never be mistaken for done shards.
         store.remove(shards_uri)
         filtered = sum(v for k, v in lc.items() if k.startswith("filtered_"))
-        ctx.progress(f"download: {num_rows} rows ({filtered} filtered out of {lc['rows_in_list']}) -> "
+        refused = ", ".join(f"{k[len('refused_'):]} {v}" for k, v in lc.items() if k.startswith("refused_") and v)
+        ctx.progress(f"download: {num_rows} rows ({filtered} filtered out of {lc['rows_in_list']}"
+                     f"{'; refused by the address policy: ' + refused if refused else ''}) -> "
                      f"{len(rows_per_shard)} shards with img2dataset ({_distributor(cfg, ctx)[1]})")
         state = save_list(ctx.out_uri, prepared.folder, lc, Pass(0, rows_per_shard))
         passes, elapsed = _passes(cfg, ctx, state, prepared.folder, tmp, cfg.retry_failed, first_pass=True)

@@ -10,6 +10,10 @@ Why: a CSV whose caption column holds one non-UTF-8 byte is typed ``binary`` by 
 img2dataset then fails every row inside its writer while its stats still count them as
 successes; here such a row is an error naming the file and row (or is decoded as declared).
 Filters before download cost nothing per dropped row. Every dropped row is counted.
+
+The address policy (data_prep.download.address_policy) is applied here too, after the filters:
+a row it refuses (``file://``, a cloud metadata service, a private address unless
+``allow_private_addresses``) is never handed to img2dataset and is counted as ``refused_<reason>``.
 """
 from __future__ import annotations
 
@@ -27,8 +31,16 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from data_prep.download.address_policy import REASONS, HostChecker, Resolver, scheme_reason, system_resolve, url_target
 from pipeline import store
 
+# A URL this matches starts with its http(s) scheme (so urllib's unwrapping of whitespace and
+# '<URL:...>' does not apply) and its authority holds no / ? # (where urllib cuts the host): urllib
+# reads the same host from it as from ``scheme://authority/``, so the policy judges each distinct
+# prefix once instead of each row. Other rows (other schemes, non-ASCII hosts, whitespace in the
+# authority) are judged one by one, by urllib's own parser.
+_SIMPLE_URL = (r"(?s)^(?P<scheme>[hH][tT][tT][pP][sS]?)://"
+               r"(?P<authority>[A-Za-z0-9._~%!$&'()*+,;=:@\[\]-]*)(?:[/?#].*)?$")
 
 
 class ListSpec(Protocol):
@@ -42,6 +54,7 @@ class ListSpec(Protocol):
     filters: dict[str, Any]  # column -> an object with .min / .max (None = unbounded)
     number_sample_per_shard: int
     input_format: str | None
+    allow_private_addresses: bool
 
 
 class UrlListError(ValueError):
@@ -226,7 +239,65 @@ def apply_filters(table: pa.Table, cfg: ListSpec, counts: dict[str, int], file: 
     return table
 
 
-def _prepare_file(fs: Any, path: str, cfg: ListSpec, fmt: str, out_path: str) -> tuple[int, dict[str, int]]:
+def apply_address_policy(table: pa.Table, url_col: str, checker: HostChecker, counts: dict[str, int]) -> pa.Table:
+    """Rows whose URL the address policy refuses removed, each counted as ``refused_<reason>``.
+
+    Cost: one regex pass over the URLs in C, then the policy (urllib's parse, a lookup per
+    distinct host, through ``checker``'s cache) once per distinct scheme://authority, not per row.
+    """
+    prefixes, odd_urls = [], []
+    for chunk in table[url_col].chunks:
+        parts = pc.extract_regex(chunk, _SIMPLE_URL)  # null where the row is not a simple http(s) URL
+        prefix = pc.binary_join_element_wise(pc.utf8_lower(pc.struct_field(parts, "scheme")),
+                                             pc.struct_field(parts, "authority"), "://").cast(pa.string())
+        prefixes.append(prefix)
+        odd_urls.append(chunk.filter(pc.is_null(prefix)).to_pylist())
+    distinct = pc.unique(pa.chunked_array(prefixes, pa.string()).drop_null())
+    # Each distinct prefix and each odd row: a reason already (scheme, unparsable), or a host to judge.
+    targets = [_target(p + "/") for p in distinct.to_pylist()]
+    odd_targets = [[_target(u) for u in urls] for urls in odd_urls]
+    hosts = [t for t in targets if not isinstance(t, _Refused)]
+    hosts += [t for ts in odd_targets for t in ts if not isinstance(t, _Refused)]
+    by_host = checker.reasons(hosts)
+
+    def reason(t: str | _Refused) -> str | None:
+        return t.reason if isinstance(t, _Refused) else by_host[t]
+
+    prefix_reasons = pa.array([reason(t) for t in targets], pa.string())
+    reasons = []
+    for prefix, ts in zip(prefixes, odd_targets):
+        r = pc.take(prefix_reasons, pc.index_in(prefix, value_set=distinct))
+        if ts:
+            r = pc.replace_with_mask(r, pc.is_null(prefix), pa.array([reason(t) for t in ts], pa.string()))
+        reasons.append(r)
+    reasons_col = pa.chunked_array(reasons, pa.string())
+    for r in REASONS:
+        counts.setdefault(f"refused_{r}", 0)
+    if reasons_col.null_count == len(reasons_col):
+        return table
+    for item in pc.value_counts(reasons_col.drop_null()).to_pylist():
+        key = f"refused_{item['values']}"
+        counts[key] = counts.get(key, 0) + item["counts"]
+    return table.filter(pc.is_null(reasons_col))
+
+
+@dataclass(frozen=True)
+class _Refused:
+    reason: str  # a row refused for its scheme or form, with no host to look up
+
+
+def _target(url: str) -> str | _Refused:
+    """The host to judge for ``url``, or the reason it is refused without one."""
+    try:
+        scheme, host = url_target(url)
+    except ValueError:
+        return _Refused("invalid_url")
+    reason = scheme_reason(scheme)
+    return _Refused(reason) if reason is not None else host
+
+
+def _prepare_file(fs: Any, path: str, cfg: ListSpec, fmt: str, out_path: str,
+                  checker: HostChecker) -> tuple[int, dict[str, int]]:
     """One list file -> its normalised parquet (not written when no row is left); (rows, counts)."""
     counts: dict[str, int] = {}
     table = read_list_file(fs, path, cfg, fmt)
@@ -236,6 +307,7 @@ def _prepare_file(fs: Any, path: str, cfg: ListSpec, fmt: str, out_path: str) ->
     before = table.num_rows
     table = table.filter(has_url)
     counts["rejected_missing_url"] = before - table.num_rows
+    table = apply_address_policy(table, cfg.url_col, checker, counts)
     cap = table[cfg.caption_col]
     counts["null_captions"] = cap.null_count
     counts["empty_captions"] = (pc.sum(pc.equal(pc.utf8_length(cap), 0).cast(pa.int64())).as_py() or 0
@@ -246,20 +318,27 @@ def _prepare_file(fs: Any, path: str, cfg: ListSpec, fmt: str, out_path: str) ->
     return table.num_rows, counts
 
 
-def prepare_url_list(cfg: ListSpec, url_list: str, fmt: str, out_dir: str) -> PreparedList:
+def prepare_url_list(cfg: ListSpec, url_list: str, fmt: str, out_dir: str,
+                     resolve: Resolver | None = system_resolve) -> PreparedList:
     """Read, decode, filter every list file into ``out_dir/NNNNNNNN.parquet`` for img2dataset.
 
     Files are prepared on a few threads (pyarrow reads, casts and writes without the GIL): ~1.5 s
-    per million LAION rows each; img2dataset then reads the normalised files as it would the originals.
+    per million LAION rows each, plus a lookup per distinct host (``resolve``, cached across the
+    files); img2dataset then reads the normalised files as it would the originals.
     """
     fs, files = list_files(url_list, fmt)
     os.makedirs(out_dir, exist_ok=True)
     counts = {"rows_in_list": 0, "rejected_missing_url": 0, "null_captions": 0, "empty_captions": 0}
     counts.update({f"filtered_{c}": 0 for c in cfg.filters})
+    counts.update({f"refused_{r}": 0 for r in REASONS})
+    checker = HostChecker(cfg.allow_private_addresses, resolve)
     per = cfg.number_sample_per_shard
+
+    def prepare(ip: tuple[int, str]) -> tuple[int, dict[str, int]]:
+        return _prepare_file(fs, ip[1], cfg, fmt, os.path.join(out_dir, f"{ip[0]:08d}.parquet"), checker)
+
     with ThreadPoolExecutor(max_workers=min(4, len(files), os.cpu_count() or 1)) as pool:
-        done = list(pool.map(lambda ip: _prepare_file(fs, ip[1], cfg, fmt, os.path.join(out_dir, f"{ip[0]:08d}.parquet")),
-                             enumerate(files)))
+        done = list(pool.map(prepare, enumerate(files)))
     rows_per_shard: list[int] = []
     for n, c in done:  # in file order: img2dataset cuts the sorted files into shards in this order
         for k, v in c.items():

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from data_prep.download.address_policy import REFUSED_MESSAGE
 from data_prep.image_decode import reason_of
 from data_prep.shards import ShardCorruptError, count_tar_samples, list_shards, read_shard_stats, shard_id
 from pipeline import layout, store
@@ -23,14 +24,18 @@ from pipeline.context import StageFailed, StageResult
 DEADLINE_MESSAGE = "request deadline exceeded"  # data_prep.download.child's error for a slow body
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are 00000.tar, 00001.tar, ...
 # Every reason a row can be rejected for, so the manifest always has the same keys.
-REJECTION_REASONS = ("http_error", "timeout", "connection_error", "disallowed_by_header", "too_large", "too_small",
-                     "aspect_ratio", "undecodable")
+# address_policy: refused while fetching (a redirect to a refused address or scheme, a name that
+# resolved to one on the worker); rows refused before img2dataset are the list's refused_<reason>.
+REJECTION_REASONS = ("http_error", "timeout", "connection_error", "disallowed_by_header", "address_policy",
+                     "too_large", "too_small", "aspect_ratio", "undecodable")
 
 
 def download_reason(error: str) -> str:
     """Reason key for a row img2dataset counted as failed_to_download."""
     if "X-Robots-Tag" in error:
         return "disallowed_by_header"
+    if REFUSED_MESSAGE in error:
+        return "address_policy"
     if error.startswith("HTTP Error"):
         return "http_error"
     if DEADLINE_MESSAGE in error or "timed out" in error.lower():

@@ -70,7 +70,8 @@ def downloaded(served_corpus, tmp_path_factory):
     """One real download of the served corpus (good + every kind of bad row) into file://."""
     out = str(tmp_path_factory.mktemp("run") / "download")
     cfg = DownloadConfig(url_list=served_corpus.info.parquet_path, image_size=32, number_sample_per_shard=PER_SHARD,
-                         thread_count=4, processes_count=1, timeout=5, min_success_rate=0.5)
+                         thread_count=4, processes_count=1, timeout=5, min_success_rate=0.5,
+                         allow_private_addresses=True)  # served on 127.0.0.1
     ctx = _ctx(out)
     result = run(cfg, ctx)
     return served_corpus, cfg, ctx, result, out
@@ -225,7 +226,7 @@ def test_low_success_rate_fails_with_the_cause_under_ray(served_corpus, tmp_path
     csv_path = tmp_path / "urls.csv"
     pacsv.write_csv(pa.table(table), str(csv_path))
     cfg = DownloadConfig(url_list=str(csv_path), image_size=32, number_sample_per_shard=PER_SHARD,
-                         thread_count=4, timeout=5, min_success_rate=0.9)
+                         thread_count=4, timeout=5, min_success_rate=0.9, allow_private_addresses=True)
     assert cfg.input_format == "csv"
     out = str(tmp_path / "run" / "download")
     ctx = _ctx(out, ray=True)

@@ -43,7 +43,7 @@ def test_null_and_empty_captions_stay_apart_through_the_download(tmp_path):
         rows = [{"url": srv.url("a.jpg"), "caption": c} for c in ("kept", None, "")]
         lst = tmp_path / "urls.jsonl"
         lst.write_text("\n".join(json.dumps(r) for r in rows))
-        cfg = DownloadConfig(url_list=str(lst), image_size=32, thread_count=2, timeout=3)
+        cfg = DownloadConfig(url_list=str(lst), image_size=32, thread_count=2, timeout=3, allow_private_addresses=True)
         result = run(cfg, StageContext(run_uri=str(tmp_path / "run"), out_uri=str(tmp_path / "run" / "download")))
     assert (result.counts["null_captions"], result.counts["empty_captions"]) == (1, 1)
     caps = sorted((s.caption for u in list_shards(result.outputs["shards"]) for s in iter_shard(u)),

@@ -50,7 +50,7 @@ def server(tmp_path_factory):
 
 
 def _quick(**kw) -> dict:
-    return dict(image_size=32, thread_count=4, timeout=3, **kw)
+    return dict(image_size=32, thread_count=4, timeout=3, allow_private_addresses=True, **kw)  # served on 127.0.0.1
 
 
 def _readme_download(which: int) -> dict:
@@ -190,7 +190,9 @@ def test_json_lists_are_read_null_and_empty_captions_counted(tmp_path, fmt):
     assert cfg.input_format == fmt
     prep = prepare_url_list(cfg, str(path), fmt, str(tmp_path / "prep"))
     assert prep.rows_per_shard == [3]
-    assert prep.counts == {"rows_in_list": 4, "rejected_missing_url": 1, "null_captions": 1, "empty_captions": 1}
+    refused = {f"refused_{r}": 0 for r in ("invalid_url", "metadata", "link_local", "loopback", "private", "reserved")}
+    assert prep.counts == {"rows_in_list": 4, "rejected_missing_url": 1, "null_captions": 1, "empty_captions": 1,
+                           **refused}
     t = pq.read_table(tmp_path / "prep" / "00000000.parquet").to_pylist()
     assert [r["caption"] for r in t] == ["a", None, ""] and [r["score"] for r in t] == [1, 2, 3]
 
@@ -202,7 +204,7 @@ def test_a_folder_of_files_is_sharded_file_by_file(tmp_path):
         pq.write_table(pa.table({"url": [f"http://127.0.0.1:1/{name}/{i}.jpg" for i in range(n)],
                                  "caption": [f"{name} {i}" for i in range(n)]},
                                 schema=pa.schema([("url", pa.string()), ("caption", pa.string())])), folder / name)
-    cfg = DownloadConfig(url_list=str(folder), number_sample_per_shard=4)
+    cfg = DownloadConfig(url_list=str(folder), number_sample_per_shard=4, allow_private_addresses=True)
     assert cfg.input_format == "parquet"
     prep = prepare_url_list(cfg, str(folder), "parquet", str(tmp_path / "prep"))
     assert prep.rows_per_shard == [4, 1, 3] and prep.counts["rows_in_list"] == 8  # a: 4+1, b: 3, c: none

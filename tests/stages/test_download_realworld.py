@@ -88,7 +88,8 @@ def mixed(tmp_path_factory):
         lst = root / "list.parquet"
         pq.write_table(pa.Table.from_pylist(rows), lst)
         cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, number_sample_per_shard=16, thread_count=8,
-                             timeout=3, request_deadline=2.0, alpha_background=BACKGROUND, min_success_rate=0.3)
+                             timeout=3, request_deadline=2.0, alpha_background=BACKGROUND, min_success_rate=0.3,
+                             allow_private_addresses=True)  # served on 127.0.0.1
         out = str(root / "run" / "download")
         ctx = _ctx(out)
         t0 = time.time()
@@ -100,7 +101,7 @@ def test_mixed_list_lands_exactly_its_good_images_counted_by_reason(mixed):
     good, result, out, elapsed, ctx = mixed
     c = result.counts
     want = {f"rejected_{r}": 0 for r in ("http_error", "timeout", "connection_error", "disallowed_by_header",
-                                          "too_large", "too_small", "aspect_ratio", "undecodable")}
+                                          "address_policy", "too_large", "too_small", "aspect_ratio", "undecodable")}
     for reason in BAD.values():
         want[f"rejected_{reason}"] += 1
     assert {k: v for k, v in c.items() if k.startswith("rejected_") and k != "rejected_missing_url"} == want, c
@@ -131,7 +132,8 @@ def test_a_list_of_only_bad_rows_fails_instead_of_finishing_empty(tmp_path):
         (tmp_path / "pixel.png").write_bytes(png_gray(1, 1))
         lst = tmp_path / "bad.parquet"
         pq.write_table(pa.table({"url": [srv.url("missing.jpg"), srv.url("pixel.png")], "caption": ["a", "b"]}), lst)
-        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=2, timeout=3, min_success_rate=0.0)
+        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=2, timeout=3, min_success_rate=0.0,
+                             allow_private_addresses=True)
         with pytest.raises(StageFailed, match=r"none of the 2 rows became a sample.*http_error 1, too_small 1"):
             run(cfg, _ctx(str(tmp_path / "run" / "download")))
 
@@ -160,7 +162,7 @@ def test_retry_fetches_only_the_transient_failures_into_new_shards(tmp_path):
         lst = tmp_path / "urls.parquet"
         pq.write_table(pa.table({"url": urls, "caption": ["good", "flaky", "missing", "refused"]}), lst)
         cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=4, timeout=3, retry_failed=1,
-                             min_success_rate=0.5)
+                             min_success_rate=0.5, allow_private_addresses=True)
         ctx = _ctx(str(tmp_path / "run" / "download"))
         result = run(cfg, ctx)
     c = result.counts
@@ -188,7 +190,8 @@ def test_a_failed_download_resumes_fetching_only_what_failed(tmp_path):
         urls = [srv.url(f"good{i}.jpg") for i in range(3)] + [srv.url("flaky.jpg")]
         lst = tmp_path / "urls.parquet"
         pq.write_table(pa.table({"url": urls, "caption": ["g0", "g1", "g2", "flaky"]}), lst)
-        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=4, timeout=3, min_success_rate=0.9)
+        cfg = DownloadConfig(url_list=str(lst), image_size=SIZE, thread_count=4, timeout=3, min_success_rate=0.9,
+                             allow_private_addresses=True)
         ctx = _ctx(str(tmp_path / "run" / "download"))
         with pytest.raises(StageFailed, match=r"success rate 75.0% \(3/4 rows\)"):
             run(cfg, ctx)
