@@ -340,6 +340,17 @@ def serve_demo_corpus(out_dir: str, num_images: int, image_size: int, seed: int,
                       *, include_bomb: bool = False) -> Iterator[CorpusInfo]:
     """Generate the corpus and serve it on 127.0.0.1 for the duration of the ``with`` block;
     the parquet's URLs point at the live server."""
-    with DemoHTTPServer(out_dir) as server:
+    with _demo_server(out_dir, f"{num_images}-{image_size}-{seed}-{bad_fraction}-{include_bomb}") as server:
         yield make_demo_corpus(out_dir, num_images, image_size, seed, bad_fraction,
                                base_url=server.base_url, include_bomb=include_bomb)
+
+
+def _demo_server(out_dir: str, corpus_id: str) -> DemoHTTPServer:
+    """The server on a port chosen by the corpus, so that the URLs (which every sample's stored
+    json keeps) and with them the download shards are the same bytes run after run; any free port
+    when that one is taken (another demo serving at the same time)."""
+    preferred = 40_000 + zlib.crc32(corpus_id.encode()) % 10_000
+    try:
+        return DemoHTTPServer(out_dir, port=preferred).start()
+    except OSError:
+        return DemoHTTPServer(out_dir).start()

@@ -83,12 +83,12 @@ class DemoHTTPServer:
     server got (``"GET /a.jpg"``), in arrival order.
     """
 
-    def __init__(self, root: str, host: str = "127.0.0.1", routes: dict[str, Route] | None = None):
+    def __init__(self, root: str, host: str = "127.0.0.1", routes: dict[str, Route] | None = None, port: int = 0):
         if host != "127.0.0.1":  # ThreadingHTTPServer is IPv4; loopback only by design
             raise ValueError(f"DemoHTTPServer binds 127.0.0.1 only; got host={host!r}")
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
-        self.host = host
+        self.host, self.wanted_port = host, port  # 0: any free port
         self.routes: dict[str, Route] = dict(routes or {})  # "/path" -> Route; add before or while running
         self.requests: list[str] = []
         self._httpd: http.server.ThreadingHTTPServer | None = None
@@ -113,7 +113,7 @@ class DemoHTTPServer:
         # This server's own routes and request log (a class attribute would be shared by every server).
         cls = type("_Handler", (_QuietHandler,), {"routes": self.routes, "requests": self.requests})
         handler = functools.partial(cls, directory=self.root)
-        httpd = http.server.ThreadingHTTPServer((self.host, 0), handler)  # port 0: the OS picks a free one
+        httpd = http.server.ThreadingHTTPServer((self.host, self.wanted_port), handler)  # 0: the OS picks
         httpd.daemon_threads = True
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},

@@ -117,6 +117,8 @@ _install()
 
 from img2dataset.downloader import Downloader  # noqa: E402  (after _install: same module either way)
 
+from data_prep.download.sorted_writer import SortedWebDatasetSampleWriter  # noqa: E402  (img2dataset loaded above)
+
 
 class SafeDownloader(Downloader):
     """img2dataset's Downloader carrying this stage's decode settings and deadline to wherever
@@ -182,6 +184,8 @@ def _trim_img2dataset(i2d, processes_count: int, decode: dict[str, Any], request
         i2d.multiprocessing_distributor = _inline_distributor
     if not hasattr(i2d, "Downloader"):
         raise RuntimeError("img2dataset.main has no Downloader: this img2dataset version is not supported")
+    if hasattr(i2d, "WebDatasetSampleWriter"):  # shards in key order, fixed tar headers: reproducible bytes
+        i2d.WebDatasetSampleWriter = SortedWebDatasetSampleWriter
     i2d.Downloader = _downloader_factory(decode, request_deadline, allow_private_addresses)
 
 

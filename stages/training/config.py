@@ -80,7 +80,7 @@ class TrainConfig(StrictModel):
         "checkpoint_every_steps", "checkpoint_every_minutes", "checkpoint_upload", "checkpoint_background_budget_gb",
         "keep_last", "log_every", "sample_every",
         "sample_steps", "wandb_project", "num_workers", "cpus_per_worker", "gpus_per_worker", "resources",
-        "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing",
+        "accelerator_type", "max_failures", "loader_workers", "max_nonfinite_steps", "activation_checkpointing", "deterministic",
         "eval_every", "val_samples")
 
     flavor: str = Field("debug", description="network size: debug, demo or the role's paper-scale name")
@@ -100,6 +100,10 @@ class TrainConfig(StrictModel):
     precision: Literal["bf16", "fp32", "auto"] = Field(
         "auto", description="bf16 (fp32 master weights) | fp32 | auto = bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward (saves memory)")
+    deterministic: bool = Field(False, description=(
+        "GPU: PyTorch's deterministic algorithms (torch.use_deterministic_algorithms, cuDNN autotune off, "
+        "a fixed cuBLAS workspace), so a rerun gives the same bits; slower. CPU training is bit-reproducible "
+        "without it (same machine kind and thread count)"))
     ema_decay: float = Field(0.999, description="EMA decay of the weights; the final output is the EMA")
     cfg_drop_text: float = Field(0.1, description="probability of dropping the text conditioning (CFG)")
     cfg_drop_image: float = Field(0.0, description="probability of dropping the CLIP image embedding (decoder)")

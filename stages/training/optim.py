@@ -8,6 +8,7 @@ AdamW is fused on GPU and plain on CPU, and needs nothing built.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -20,6 +21,16 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return cfg.precision
+
+
+def configure_determinism() -> None:
+    """``train.deterministic``: bitwise-repeatable GPU training (PyTorch's reproducibility notes):
+    deterministic kernels (an op without one raises, naming it), no cuDNN autotuning (it may pick
+    another algorithm next time), a fixed cuBLAS workspace (required by deterministic cuBLAS)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def configure_cuda_fast_path() -> None:

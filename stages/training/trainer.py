@@ -42,7 +42,7 @@ from stages.training.engine import build_engine, train_step
 from stages.training.final_weights import FinalConfig, network_config, read_final_config, write_final
 from stages.training.loader import LoaderSpec, PositionTracker, ShardStream, make_loader, pair_shards
 from stages.training.metrics import MetricsLogger, MfuMeter, image_grid
-from stages.training.optim import configure_cuda_fast_path
+from stages.training.optim import configure_cuda_fast_path, configure_determinism
 from stages.training.stage_spec import StageSpec
 from stages.training.validation import Validator
 
@@ -167,6 +167,8 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             configure_cuda_fast_path()  # TF32 matmuls, cudnn autotune
+            if cfg.deterministic:
+                configure_determinism()  # ... autotune off again, deterministic kernels
         setup_distributed(env, device)
         self.device, self.rank, self.world = device, dist.get_rank(), dist.get_world_size()
         self.flavor = get_flavor(spec.net_role, cfg.flavor)
