@@ -203,6 +203,7 @@ def write_manifest(stage_uri: str, *, stage: str, fp: str, started_at: float, co
     }
     if lease:  # the driver that held the attempt's lease (pipeline/run/lease.py); a takeover is counted
         manifest["lease"] = lease
-        counts["lease_takeovers"] = 1 if lease.get("took_over_from") else 0
+        if lease.get("took_over_from"):  # another driver had worked on it and stopped beating
+            counts["lease_takeovers"] = 1
     store.write_json(manifest_uri(stage_uri), manifest)
     return manifest

@@ -11,7 +11,8 @@ starts), so a second driver of the same run finds them all held and leaves them 
 of starting on the ones the first has not reached yet. A background thread rewrites each held
 lease every ``interval`` seconds (30 s); a lease whose heartbeat is older than ``EXPIRE_BEATS``
 intervals (2 minutes) belongs to a driver that died (SIGKILL, lost node) and is taken over, and
-the takeover is logged and recorded in the attempt's manifest. Four beats: one or two can be
+the takeover is logged and recorded in the attempt's manifest; so is, at once, a lease whose
+owner ran on this very host and whose process is gone (a killed driver, then `t2i resume`). Four beats: one or two can be
 late without anyone being dead (a store retrying with backoff, a stalled VM), and a dead
 driver's stages are picked up within two minutes, short against stages that train for days.
 The heartbeat time is the writer's clock: clocks that differ by more than a minute shorten or
@@ -68,6 +69,21 @@ def is_expired(lease: dict, interval: float = INTERVAL_S, now: float | None = No
     return (now if now is not None else time.time()) - float(lease.get("heartbeat", 0)) > EXPIRE_BEATS * interval
 
 
+def owner_gone(lease: dict) -> bool:
+    """The owner ran on this host and its process no longer exists (a SIGKILLed driver, then
+    `t2i resume` on the same machine): no need to wait for its lease to expire."""
+    o = lease.get("owner") or {}
+    if o.get("host") != socket.gethostname() or not isinstance(o.get("pid"), int):
+        return False
+    try:
+        os.kill(o["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, another user's
+    return False
+
+
 class LeaseHeld(Exception):
     """Another live driver holds the attempt's lease."""
 
@@ -114,11 +130,12 @@ class LeaseKeeper:
             current = read_lease(attempt_uri)
             if current is None:
                 continue  # released between our create and our read: try again
-            if not (take_over or is_expired(current, self.interval)):
+            expired, gone = is_expired(current, self.interval), owner_gone(current)
+            if not (take_over or expired or gone):
                 raise LeaseHeld(stage, current)
             previous = current
-            self.log(f"! {stage}: taking over the lease of {describe_owner(current)}"
-                     f"{' (--take-over)' if take_over and not is_expired(current, self.interval) else ' (expired)'}")
+            why = " (expired)" if expired else " (its process is gone)" if gone else " (--take-over)"
+            self.log(f"! {stage}: taking over the lease of {describe_owner(current)}{why}")
             store.remove(lease_uri(attempt_uri), recursive=False)
         else:
             raise LeaseHeld(stage, read_lease(attempt_uri) or {"owner": {"host": "?", "pid": "?"}})
