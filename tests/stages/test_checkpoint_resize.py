@@ -2,7 +2,8 @@
 resize path (DeepSpeed Universal Checkpoint conversion for ZeRO 1-3, the plain file for ZeRO-0)
 on real DeepSpeed over gloo. The restored state, saved again by the M ranks, converts to the same
 universal checkpoint as the original: fp32 master weights, both Adam moments and the step of
-every parameter, and the same LR schedule."""
+every parameter, and the same LR schedule; the EMA (re-sliced under ZeRO-3) consolidates to the
+same tensors."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ def _rank(rank: int, world: int, port: int, phase: str, root: str) -> None:
                       MASTER_PORT=str(port))
     from stages.models import imagen_base as base
     from stages.training.checkpoint import CheckpointManager
+    from stages.training.ema import EMA
     from stages.training.engine import build_engine
     from tests.support.train import tiny_train_kwargs
 
@@ -40,20 +42,28 @@ def _rank(rank: int, world: int, port: int, phase: str, root: str) -> None:
         manager = lambda sub: CheckpointManager(os.path.join(root, f"z{zero}", sub), keep_last=2, every_steps=1,
                                                 every_minutes=0, rank=rank, world_size=world,
                                                 device=torch.device("cpu"))
+        sharded = zero == 3  # the EMA: each rank's partition under ZeRO-3, one whole file otherwise
         if phase == "save":
             engine, _ = build_engine(cfg, _model(), device=torch.device("cpu"), world_size=world)
+            ema = EMA(engine.module, 0.5)
             g = torch.Generator().manual_seed(rank)
-            for _ in range(3):
+            for step in range(1, 4):
                 engine.backward(engine(torch.randn(2, 37, generator=g)).pow(2).mean())
                 engine.step()
-            manager("written").save(engine, 3, {}, None, ema_sharded=False)
+                ema.update(step)
+            manager("written").save(engine, 3, {}, ema.state_tensors(), ema_sharded=sharded)
         else:
-            point = manager("written").restore_point(ema_sharded=False)
+            point = manager("written").restore_point(ema_sharded=sharded)
             assert point.step == 3 and point.written_by != world and point.universal == (zero > 0)
             engine, _ = build_engine(cfg, _model(), device=torch.device("cpu"), world_size=world,
                                      load_universal=point.universal)
-            manager("written").load(engine, point, ema_sharded=False)
-            manager("again").save(engine, 3, {}, None, ema_sharded=False)
+            ema = EMA(engine.module, 0.5)
+            restored = manager("written").load(engine, point, ema_sharded=sharded)
+            ema.load_resharded(restored) if sharded else ema.load_state_tensors(restored)
+            manager("again").save(engine, 3, {}, ema.state_tensors(), ema_sharded=sharded)
+        whole = ema.consolidated_state_dict(engine.module)  # a collective under ZeRO-3
+        if rank == 0:
+            torch.save(whole, os.path.join(root, f"z{zero}", f"ema-{phase}.pt"))
 
 
 def _universal(ckpt: str, out: str) -> dict[str, torch.Tensor]:
@@ -90,3 +100,8 @@ def test_zero_0_to_3_restore_on_another_world_size_to_the_bit(tmp_path, before, 
         assert set(written) == set(again) and len(written) > 6, zero
         for k in written:
             torch.testing.assert_close(again[k], written[k], rtol=0, atol=0, msg=f"ZeRO-{zero} {k}")
+        # the EMA, consolidated from the M ranks' (re-sliced) state, equals the N ranks' to the bit
+        ema_n, ema_m = (torch.load(os.path.join(root, f"z{zero}", f"ema-{p}.pt")) for p in ("save", "load"))
+        assert set(ema_n) == set(ema_m)
+        for k in ema_n:
+            torch.testing.assert_close(ema_m[k], ema_n[k], rtol=0, atol=0, msg=f"ZeRO-{zero} EMA {k}")
