@@ -73,7 +73,8 @@ def test_two_drivers_on_one_run_one_trains_the_other_refuses_or_waits(tmp_path):
 def test_a_killed_drivers_lease_expires_and_resume_takes_over(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", smoke_spec(only=STAGES, run_id="killed"))
     run = str(tmp_path / "runs" / "killed")
-    first = _driver(tmp_path, "run", spec, "--no-ray")
+    slow = {"T2I_LEASE_INTERVAL_S": "3"}  # expiry after 12 s: room for a loaded box to start `t2i` in between
+    first = _driver(tmp_path, "run", spec, "--no-ray", env=slow)
     _wait_for(os.path.join(run, "train_prior", "*", "_STARTED.json"), limit_s=300)
     os.kill(first.pid, signal.SIGKILL)  # no finally, no release: only the heartbeats stop
     first.communicate(timeout=60)
@@ -81,13 +82,13 @@ def test_a_killed_drivers_lease_expires_and_resume_takes_over(tmp_path):
     lease_file = _wait_for(os.path.join(run, "train_prior", "*", "_LEASE.json"))
     with open(lease_file) as f:
         lease = json.load(f)
-    lease["owner"]["host"] = "another-host"
+    lease["owner"]["host"], lease["heartbeat"] = "another-host", time.time()
     with open(lease_file, "w") as f:
         json.dump(lease, f)
-    early = t2i("resume", run, "--no-ray", cwd=tmp_path, env=FAST, timeout=120)
+    early = t2i("resume", run, "--no-ray", cwd=tmp_path, env=slow, timeout=120)
     assert early.code == 3 and "pid" in early.stderr and "another-host" in early.stderr, early.output
-    time.sleep(5)
-    late = t2i("resume", run, "--no-ray", cwd=tmp_path, env=FAST, timeout=400)
+    time.sleep(max(0.0, lease["heartbeat"] + 13 - time.time()))  # past 4 silent intervals
+    late = t2i("resume", run, "--no-ray", cwd=tmp_path, env=slow, timeout=400)
     assert late.code == 0, late.output
     assert "taking over the lease" in late.stdout and "(expired)" in late.stdout
     prior = _manifests(run)["train_prior"]
