@@ -46,11 +46,13 @@ def _manifests(run: str) -> dict[str, dict]:
 
 
 def test_two_drivers_on_one_run_one_trains_the_other_refuses_or_waits(tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", smoke_spec(only=STAGES, run_id="leases"))
+    # a longer prior: the first driver must still be at work when the waiting driver starts
+    spec = write_spec(tmp_path / "spec.yaml", smoke_spec(only=STAGES, run_id="leases", train_prior={"steps": 200}))
     run = str(tmp_path / "runs" / "leases")
     first = _driver(tmp_path, "run", spec, "--no-ray")
     _wait_for(os.path.join(run, "download", "*", "_LEASE.json"))
     second = t2i("run", spec, "--no-ray", cwd=tmp_path, env=FAST, timeout=120)
+    waiting = _driver(tmp_path, "run", spec, "--no-ray", "--wait")
     assert second.code == 3, second.output
     assert second.seconds < 30
     status = t2i("status", run, "--json", cwd=tmp_path, timeout=120)
@@ -59,12 +61,12 @@ def test_two_drivers_on_one_run_one_trains_the_other_refuses_or_waits(tmp_path):
     assert held and set(held) == {first.pid}, rows  # who works on the unfinished stages
     assert f"download is being worked on by pid {first.pid}" in second.stderr, second.stderr
     assert "--wait" in second.stderr and "--take-over" in second.stderr
-    waiter = t2i("run", spec, "--no-ray", "--wait", cwd=tmp_path, env=FAST, timeout=400)
     out, _ = first.communicate(timeout=400)
     assert first.returncode == 0, out[-3000:]
-    assert waiter.code == 0, waiter.output  # after the first finished: every stage done already, a no-op
-    assert "… waiting: " in waiter.stdout and "being worked on by pid" in waiter.stdout
-    assert all(f"✓ {s}: done already" in waiter.stdout for s in STAGES), waiter.stdout
+    waited, _ = waiting.communicate(timeout=400)
+    assert waiting.returncode == 0, waited[-3000:]  # after the first finished: every stage done already, a no-op
+    assert "… waiting: " in waited and "being worked on by pid" in waited, waited[-3000:]
+    assert all(f"✓ {s}: done already" in waited for s in STAGES), waited[-3000:]
     for stage, m in _manifests(run).items():  # one writer per attempt: the first driver, no takeover
         assert m["lease"]["owner"]["pid"] == first.pid and "lease_takeovers" not in m["counts"], stage
     assert not glob.glob(os.path.join(run, "*", "*", "_LEASE.json"))  # all released
