@@ -125,21 +125,24 @@ def read_bytes(uri: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), what=f"read {uri}")
 
 
+def _local_temp_copy(path: str, data: bytes) -> str:
+    """``data`` written and synced to a temp file beside local ``path``; returns its path. A writer
+    killed here leaves the file behind: its name matches no reader's pattern (``*.done.json``,
+    ``*.tar``), so it never looks like a finished artifact."""
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = fs_and_path(uri)
     if scheme_of(uri) == "file":
-        def _write() -> None:
-            d = os.path.dirname(path)
-            os.makedirs(d, exist_ok=True)
-            # A writer killed here leaves this file behind: its name must match no reader's pattern
-            # (``*.done.json``, ``*.tar``), so it never looks like a finished artifact.
-            tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        with_retries(_write, what=f"write {uri}")
+        with_retries(lambda: os.replace(_local_temp_copy(path, data), path), what=f"write {uri}")
     else:
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {uri}")
 
@@ -152,13 +155,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     which gcsfs sends as ``ifGenerationMatch=0``."""
     fs, path = fs_and_path(uri)
     if scheme_of(uri) == "file":
-        d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp_copy(path, data)
         try:
             os.link(tmp, path)
             return True
