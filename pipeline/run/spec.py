@@ -60,6 +60,10 @@ class ClusterConfig(StrictModel):
 def _run_spec_model():
     fields: dict[str, Any] = {
         "run_id": (str, Field(..., description="Name of the run; its artifacts live at <store.uri>/<run_id>.")),
+        "seed": (int, Field(0, ge=0, description=(
+            "The run's seed: every stage with randomness (training: initialization, noise, dropout and data "
+            "order; sampling and evaluation: the noise) takes it unless its section sets its own `seed`. "
+            "The download corpus is data, not a draw: `download.demo.seed` stays its own."))),
         "store": (StoreConfig, Field(default_factory=StoreConfig)),
         "cluster": (ClusterConfig, Field(default_factory=ClusterConfig)),
     }
@@ -106,6 +110,7 @@ def parse_spec(data: dict, source: str = "<dict>"):
     run_id = data.get("run_id")
     if isinstance(run_id, str) and not RUN_ID_RE.match(run_id):
         raise SpecError(f"invalid run spec {source}:\n  run_id: must match {RUN_ID_RE.pattern} (got {run_id!r})")
+    data = with_stage_seeds(data)
     try:
         spec = RunSpec().model_validate(data)
     except ValidationError as e:
@@ -116,6 +121,32 @@ def parse_spec(data: dict, source: str = "<dict>"):
     return spec
 
 
+
+
+def with_stage_seeds(data: dict) -> dict:
+    """A copy of ``data`` in which every seeded section that names no ``seed`` of its own takes the
+    spec's top-level ``seed`` (default 0), so one number changes every draw of a run and a section
+    can still pin its own. Sections that are not mappings are left for validation to report."""
+    if "seed" not in data:
+        return data  # every section's own default is 0, the run seed's default: nothing to add
+    seed = data["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return data  # validation names the field, once
+    out = dict(data)
+    classes = stage_config_classes()
+    for stage in STAGES:
+        section = out.get(stage.name)
+        if not isinstance(section, dict):
+            continue
+        if "seed" in classes[stage.name].model_fields and "seed" not in section:
+            out[stage.name] = {**section, "seed": seed}
+        elif stage.name == "evaluate" and seed != 0:
+            # Its sampling settings are the sample section's fields, kept as written (a dict): 0 is
+            # their default, and leaving it out keeps a saved spec.yaml reading back the same.
+            sampling = section.get("sampling", {})
+            if isinstance(sampling, dict) and "seed" not in sampling:
+                out[stage.name] = {**section, "sampling": {**sampling, "seed": seed}}
+    return out
 
 
 def cross_stage_problems(spec) -> list[str]:

@@ -5,7 +5,9 @@ What must hold: finished stages are not re-run (their manifest's finished_at is 
 embed stage resumes at its first unfinished shard (a shard whose done marker existed before the
 kill keeps its marker bytes and npz mtime: not embedded twice); the training stage resumes from
 its latest complete checkpoint (resumed_from_step > 0) and finishes its steps; and nothing the
-killed driver started (Ray's processes, img2dataset, loader workers) outlives it.
+killed driver started (Ray's processes, img2dataset, loader workers) outlives it. And the run,
+killed twice and resumed on Ray, ends with the same bytes (shards, embeddings, weights) as one
+uninterrupted run of the spec without Ray.
 """
 from __future__ import annotations
 
@@ -156,6 +158,22 @@ def test_driver_sigkill_during_embed_and_training_then_resume(tmp_path, reliabil
                               "download/embed not re-run")
     assert not orphans_all, f"processes outlived the killed driver: {orphans_all}"
     reliability.record(kind="fault", name="orphans after driver SIGKILL (x2)", survived=not orphans_all)
+
+    # 4. Same spec, same machine -> same bits (issue 26), whatever happened on the way: the run
+    # killed twice and resumed on Ray equals one uninterrupted run without Ray, in another store.
+    other = tmp_path / "uninterrupted"
+    r = t2i("run", spec, "--no-ray", "--set", f"store.uri=file://{other}", cwd=tmp_path, timeout=300)
+    assert r.code == 0, r.output
+    compared = 0
+    for stage, pattern in (("download", "shards/*.tar"), ("embed", "shards/*.npz"),
+                           ("train_prior", "final/*/model.safetensors")):
+        ours = sorted(store.glob(store.join(stage_uri(run, stage), pattern)))
+        theirs = sorted(store.glob(store.join(stage_uri(f"file://{other}/drv", stage), pattern)))
+        assert [u.rsplit("/drv/", 1)[1] for u in ours] == [u.rsplit("/drv/", 1)[1] for u in theirs], stage
+        for a, b in zip(ours, theirs):
+            assert store.read_bytes(a) == store.read_bytes(b), f"{a} differs from the uninterrupted run's"
+            compared += 1
+    assert compared == 2 * total + 1
 
 
 def test_driver_sigkill_without_ray_leaves_no_img2dataset_workers(tmp_path, reliability):

@@ -88,3 +88,30 @@ def test_refiner_upsampler_must_be_sampled_from_its_noise_range():
     spec = load_spec(SMOKE_SPEC, {**low, "sample.sr_start_t": 0.1,
                                                      "evaluate.sampling": {"sr_start_t": 0.1}})
     assert spec.train_sr256.diffusion.train_t_max == 0.2
+
+
+def test_the_run_seed_reaches_every_seeded_stage_unless_a_section_pins_its_own():
+    data = copy.deepcopy(DEMO)
+    data["seed"] = 7
+    data["train_decoder"]["seed"] = 3
+    spec = parse_spec(data)
+    seeded = {name: getattr(spec, name).seed for name in ("train_prior", "train_base", "train_sr256",
+                                                          "train_sr1024", "sample")}
+    assert seeded == dict.fromkeys(seeded, 7)
+    assert spec.train_decoder.seed == 3 and spec.evaluate.sampling["seed"] == 7
+    assert spec.download.demo.seed == DEMO["download"]["demo"]["seed"], "the corpus is data, not a draw"
+    # No run seed: the sections keep their own defaults and a saved spec reads back the same.
+    plain = parse_spec(copy.deepcopy(DEMO))
+    assert plain.seed == 0 and plain.train_base.seed == 0 and "seed" not in plain.evaluate.sampling
+    again = parse_spec(yaml.safe_load(spec_to_yaml(spec)), "round trip")
+    assert again.model_dump() == spec.model_dump()
+
+
+@pytest.mark.parametrize("value,expect", [(-1, "seed: Input should be greater than or equal to 0"),
+                                          ("x", "seed: Input should be a valid integer")])
+def test_a_bad_run_seed_is_named_once(value, expect):
+    data = copy.deepcopy(DEMO)
+    data["seed"] = value
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert expect in str(e.value) and "train_base.seed" not in str(e.value)
