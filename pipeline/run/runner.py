@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from data_prep.encoder_check import encoder_problems
 from pipeline import layout, store
 from pipeline import manifest as mf
 from pipeline.context import StageFailed
@@ -64,6 +65,9 @@ def run_pipeline(spec, *, only: list[str] | None = None, fresh: list[str] | None
             if missing:
                 raise StageFailed(f"stage {s.name} needs {', '.join(missing)} to be done first; "
                                   f"run `t2i resume {ruri}` or add --from {missing[0]}")
+    problems = encoder_problems(spec, [s.name for s in todo])  # before any stage: docs/design.md
+    if problems:
+        raise StageFailed("\n".join(problems))
     for s in todo:
         _announce(plans[s.name], log)
     if not todo:
