@@ -159,12 +159,29 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
 
 @app.command()
 def export(run: str = typer.Argument(..., help="Run URI or run id."),
-           stage: str = typer.Option(..., "--stage", help="Training stage to export, e.g. train_base."),
+           stage: Optional[str] = typer.Option(None, "--stage", help="Training stage to export, e.g. train_base."),
+           embeddings: bool = typer.Option(False, "--embeddings", help="Export the run's CLIP image and text "
+                                           "embeddings with their key, caption and url instead of a model."),
            out: str = typer.Option(..., "--out", help="Folder (or store URI) to write."),
-           fmt: str = typer.Option("diffusers", "--format", help="diffusers | folder"),
+           fmt: Optional[str] = typer.Option(None, "--format", help="With --stage: diffusers (default) | folder. "
+                                             "With --embeddings: clip-retrieval (default): img_emb/, text_emb/, "
+                                             "metadata/, as autofaiss, embedding-reader and DALLE2-pytorch read."),
            push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
            ) -> None:
-    """Write a trained model as a standalone folder (config.json + safetensors + model card)."""
+    """Write a trained model as a standalone folder (config.json + safetensors + model card), or
+    with --embeddings the run's CLIP embeddings in clip-retrieval's layout."""
+    if (stage is None) == (not embeddings):
+        fail("give exactly one of --stage STAGE (a trained model) and --embeddings (the run's CLIP embeddings)")
+    if embeddings:
+        if fmt not in (None, "clip-retrieval"):
+            fail(f"--embeddings writes --format clip-retrieval, not {fmt!r}")
+        if push_to_hub:
+            fail("--push-to-hub uploads a model: it does not go with --embeddings")
+        _export_embeddings(run, out)
+        return
+    if fmt == "clip-retrieval":
+        fail("--format clip-retrieval goes with --embeddings; --stage exports diffusers or folder")
+    fmt = fmt or "diffusers"  # export_model names the formats it writes
     from pipeline.run.planning import finished_attempt, load_run_spec  # speed: not for t2i --help (yaml, spec)
     from stages.export.model_folder import export_model  # torch: t2i --help must not load it
     from stages.training.final_weights import resolve_final  # torch: t2i --help must not load it
@@ -189,3 +206,19 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
         from stages.export.model_folder import push_to_hub as push  # torch: t2i --help must not load it
 
         console.print(f"pushed -> {push(folder, push_to_hub)}")
+
+
+def _export_embeddings(run: str, out: str) -> None:
+    """``t2i export RUN --embeddings``: the finished embed attempt, with the download attempt it read."""
+    from data_prep.embed.clip_retrieval import export_clip_retrieval, matching_download  # pyarrow: not for --help
+    from pipeline.run.planning import finished_attempt  # speed: not for t2i --help (yaml, spec)
+
+    uri, dest = resolve_run(run), normalize(out)
+    try:
+        embed_attempt = finished_attempt(uri, "embed")
+        download_attempt = matching_download(uri, embed_attempt) or finished_attempt(uri, "download")
+        s = export_clip_retrieval(embed_attempt, download_attempt, dest)
+    except (StageFailed, ValueError) as e:
+        fail(str(e))
+    console.print(f"exported {s['rows']} rows of CLIP embeddings ({s['shards']} shards, clip-retrieval) -> {dest}",
+                  soft_wrap=True)  # the URI on one line, whatever the terminal's width
