@@ -1,4 +1,4 @@
-"""The harness behind README "How the recipe was found": train the demo's Imagen base (or unCLIP
+"""The harness behind docs/experiments/demo-recipe.md, "How the recipe was found": train the demo's Imagen base (or unCLIP
 decoder) alone, in memory, on a finished demo run's images and embeddings, then run the demo
 check on the 48 held-out prompts at the model's own resolution. Not part of the pipeline: the
 pipeline trains the same networks and diffusion through stages/training/trainer.py.
@@ -11,7 +11,7 @@ decoder's text transformer), freeze_text, emb_std (its token-embedding init), dr
 e.g. {"coord_channels": true}), snr (Min-SNR gamma or null), floor (min_snr_floor), pred, guid,
 samp_steps, thr (thresholding), load (NAME of an earlier run: sample only), run (the demo run
 to read, default ./runs/demo), corpus ({"n", "sizes", "shapes"}: synthesize a corpus instead).
-The README's 32px rows were measured with the demo flavor of that time (32px, attention at 16
+That page's 32px rows were measured with the demo flavor of that time (32px, attention at 16
 and 8): reproduce them with '{"res": 32, "net": {"attn_resolutions": [16, 8], "coord_channels": false}}'.
 Writes OUT/NAME.png (the 48 samples) and appends one line to OUT/results.txt (OUT: $OUT or /tmp/demo_recipe)."""
 import sys, os, json, time, glob, tarfile, io, math

@@ -106,7 +106,7 @@ HEADLINE = ("_fid", "_clip_score", "prior_cosine_similarity", "prior_text_baseli
 
 
 def _print_evaluation(manifest: dict) -> None:
-    """The evaluate stage's headline figures (README "Evaluation" says how to read them)."""
+    """The evaluate stage's headline figures (docs/evaluation.md says how to read them)."""
     from stages.evaluate import evaluation_rows  # heavy: stage code, loaded when there is an evaluation to print
 
     console.print(f"evaluation: {store.join(manifest.get('out_uri'), layout.MANIFEST)}")

@@ -1,7 +1,7 @@
 """The ``evaluate`` stage (issue 14): is the run any good, on samples training never saw?
 
 Figures, all on the embed stage's held-out split (data_prep/holdout.py) or the shipped prompt
-suite, written to the stage manifest's metrics (README "Evaluation" says how to read them):
+suite, written to the stage manifest's metrics (docs/evaluation.md says how to read them):
 
 * ``<cascade>_fid``: FID of the cascade's samples of N held-out captions vs those N held-out
   images, on the feature network ``fid_features`` names (recorded as ``outputs.fid_features``);

@@ -163,7 +163,7 @@ _add("decoder", "debug", "unet", 16, None, None,
      glide=_decoder_glide(16, 16, (1, 2), (1, 1), (8,), width=32, layers=2, head_dim=16, ctx=32, text_ctx=32,
                           text_head_dim=16))
 # Demo: 16px (16 -> 64 channels over 16/8/4px, attention at 8 and 4), ~3x the samples per
-# CPU-second of the same net at 32px. Measured on the demo base (README "What the demo measures"):
+# CPU-second of the same net at 32px. Measured on the demo base (docs/experiments/demo-recipe.md "What the demo measures"):
 # at 32px, 1800 steps learned colour (0.98) but not position (0.10; 0.04 with min_snr_floor at
 # 1200 steps); at 16px, 1300 x 64 with min_snr_floor 1 learned both (colour 0.65 at 16px,
 # position 0.85): the 4px bottleneck sees the 3x3 layout whole. CoordConv input channels: the

@@ -15,7 +15,7 @@ from pipeline import layout, store
 
 EVAL_LOG = layout.EVAL_LOG  # <training attempt>/eval.jsonl: one row per evaluated checkpoint
 
-# What each figure means, for `t2i status`, report.html and `t2i eval` (README "Evaluation").
+# What each figure means, for `t2i status`, report.html and `t2i eval` (docs/evaluation.md).
 _MEANING = (
     ("_fid", "FID vs held-out images (lower is better; {features} features)"),
     ("_clip_score_suite", "CLIP score on the prompt suite"),

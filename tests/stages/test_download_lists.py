@@ -1,4 +1,4 @@
-"""URL lists as real datasets ship them, through real img2dataset on a loopback server, configured by the README's own snippets: LAION-style
+"""URL lists as real datasets ship them, through real img2dataset on a loopback server, configured by the snippets of docs/data.md: LAION-style
 parquet with metadata filters and extra columns kept, CC3M-style header-less TSV, JSON lines, and
 a CSV whose caption column is not UTF-8 (rejected at validation naming the file and row, or decoded
 with the declared encoding). Also: a tar holding fewer samples than img2dataset counted fails.
@@ -53,15 +53,15 @@ def _quick(**kw) -> dict:
     return dict(image_size=32, thread_count=4, timeout=3, allow_private_addresses=True, **kw)  # served on 127.0.0.1
 
 
-def _readme_download(which: int) -> dict:
-    """The ``download:`` section of the README's "Bring your own data" yaml block ``which`` (0 LAION,
+def _documented_download(which: int) -> dict:
+    """The ``download:`` section of docs/data.md's "Lists as they ship" yaml block ``which`` (0 LAION,
     1 CC3M): the tests run exactly what a user would copy."""
     import re
 
     import yaml
 
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
+    doc = (REPO / "docs" / "data.md").read_text()
+    section = doc.split("## Lists as they ship", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
     return yaml.safe_load(blocks[which])["download"]
 
@@ -134,7 +134,7 @@ def test_laion_parquet_with_filters_and_extra_columns(server, tmp_path):
                       "WIDTH": [64] * N, **meta})
     path = tmp_path / "laion.parquet"
     pq.write_table(table, path)
-    spec = _readme_download(0)
+    spec = _documented_download(0)
     assert spec["filters"] == {"similarity": {"min": 0.28}, "punsafe": {"max": 0.5}, "pwatermark": {"max": 0.5},
                                "aesthetic": {"min": 5.0}}
     cfg = DownloadConfig(**{**spec, "url_list": str(path)}, **_quick())
@@ -168,7 +168,7 @@ def test_cc3m_headerless_tsv(server, tmp_path):
     path.write_text("".join(f"{c}\t{srv.url(f'{i}.jpg')}\n" for i, c in enumerate(caps)))
     with pytest.raises(ValidationError, match=r"url_col: column 'url'.* name its columns with column_names"):
         DownloadConfig(url_list=str(path))  # without column_names the first row is taken as the header
-    cfg = DownloadConfig(**{**_readme_download(1), "url_list": str(path)}, **_quick())
+    cfg = DownloadConfig(**{**_documented_download(1), "url_list": str(path)}, **_quick())
     assert cfg.input_format == "tsv"
     result = run(cfg, _ctx(str(tmp_path / "run" / "download")))
     assert result.counts["successes"] == N and result.counts["rows_in_list"] == N
