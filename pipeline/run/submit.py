@@ -6,6 +6,10 @@ source plus the *validated* spec to the cluster through the job's runtime_env, a
 runs the same runner as a local ``t2i run``, on the cluster. The job id is recorded in
 ``<run>/_JOB.json`` so ``t2i logs/stop/status`` accept either the job id or the run.
 
+Every call to the dashboard carries its token when it wants one (pipeline/run/ray_auth.py: Ray's
+token file or variables, whatever RAY_AUTH_MODE says -- as an HTTP header only), and before the
+run's job is created a probe job checks the cluster's ``python`` (pipeline/run/submit_check.py).
+
 Nothing secret is shipped or recorded: the runtime_env is visible to anyone who can read the
 dashboard, so store credentials must come from the cluster itself (instance profile / workload
 identity / Kubernetes secret); only non-secret endpoint and offline settings are forwarded.
@@ -28,6 +32,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline import layout, store
+from pipeline.run.ray_auth import TokenError, open_dashboard
 from pipeline.run.runner import save_spec
 from pipeline.run.spec import SpecError, load_spec, run_uri, spec_to_yaml
 
@@ -49,6 +54,10 @@ TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 class SubmitError(RuntimeError):
     """A submission-side problem with a message meant for the user as is."""
+
+
+class AuthError(SubmitError):
+    """The dashboard wants a token and t2i has none it accepts (one line: where t2i looked, what to do)."""
 
 
 @dataclass
@@ -95,14 +104,31 @@ def redact_address(address: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def job_client(address: str | None):
+def connect(address: str | None, log: Callable[[str], None] | None = None):
+    """``(JobSubmissionClient, Dashboard)`` for the dashboard at ``address``, with its token (if
+    it wants one) in the client's headers. AuthError for a missing or refused token."""
     from ray.job_submission import JobSubmissionClient  # ray: loaded only by the job commands
 
     addr = dashboard_address(address)
+    shown = redact_address(addr)
     try:
-        return JobSubmissionClient(addr)
+        dash = open_dashboard(addr, log=log)
+        dash.address = shown
+        return JobSubmissionClient(addr, headers=dict(dash.headers)), dash
+    except TokenError as e:
+        raise AuthError(str(e).replace(addr, shown)) from None
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
-        raise SubmitError(f"cannot reach the Ray dashboard at {redact_address(addr)}: {e}") from None
+        raise SubmitError(f"cannot reach the Ray dashboard at {shown}: {one_line(e)}") from None
+
+
+def job_client(address: str | None, log: Callable[[str], None] | None = None):
+    return connect(address, log)[0]
+
+
+def one_line(e: BaseException) -> str:
+    """An exception from Ray or requests as one line (Ray's auth errors are a paragraph)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 # --- what gets shipped -----------------------------------------------------------------------
@@ -199,16 +225,18 @@ def read_job_record(run: str) -> dict | None:
 
 
 def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dict | None = None, *,
-               pip: bool = False, log: Callable[[str], None] = print) -> JobRecord:
+               pip: bool = False, log: Callable[[str], None] = print, check: bool = True,
+               check_timeout_s: float | None = None) -> JobRecord:
     """Validate ``spec_path`` (+ dotted ``overrides``) here, then submit it as a Ray job.
 
     Raises SpecError for a bad spec (before anything touches the cluster) and SubmitError for an
-    unreachable cluster or a run that already has an active job.
+    unreachable cluster, a missing or refused token (AuthError), a run that already has an active
+    job, or -- with ``check`` -- a cluster whose job ``python`` cannot run it (submit_check.py).
     """
     spec = load_spec(spec_path, overrides)  # fails here, before any network call
     ruri = run_uri(spec)
     addr = dashboard_address(address)
-    client = job_client(addr)
+    client, dash = connect(addr, log)
     previous = read_job_record(ruri)
     if previous and redact_address(addr) == previous.get("address"):
         try:
@@ -219,7 +247,6 @@ def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dic
             raise SubmitError(f"run {ruri} already has job {previous['submission_id']} {state} on this cluster; "
                               f"stop it first (t2i stop {previous['submission_id']} --address {redact_address(addr)}) "
                               "— two drivers on one run would race on its stages")
-    sid = submission_id_for(spec.run_id)
     spec_rel = f"{SHIPPED_SPEC_DIR}/{spec.run_id}.yaml"
     entrypoint = entrypoint_for(spec_rel)
     root = project_root()
@@ -227,12 +254,19 @@ def submit_run(spec_path: str | os.PathLike, address: str | None, overrides: dic
         log(f"warning: {w}")
     with staged_working_dir(root, f"{spec.run_id}.yaml", spec_to_yaml(spec)) as wd:
         runtime_env = build_runtime_env(wd, pip=pip, root=root)
+        if check:  # before the run's job exists; the probe gets the same runtime env
+            from pipeline.run import submit_check  # imports this module: loaded late
+
+            submit_check.preflight(client, runtime_env, cluster_ray=dash.ray_version, pip=pip,
+                                   requirements=project_requirements(root), run_id=spec.run_id, run_uri=ruri,
+                                   timeout_s=check_timeout_s or submit_check.DEFAULT_TIMEOUT_S, log=log)
+        sid = submission_id_for(spec.run_id)
         runtime_env["env_vars"]["T2I_JOB_ID"] = sid  # the job driver's leases name it (pipeline/run/lease.py)
         try:
             client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid,
                               metadata={"t2i_run_uri": ruri, "t2i_run_id": spec.run_id})
         except Exception as e:  # noqa: BLE001 - surfaced with the address, never a traceback
-            raise SubmitError(f"submitting to {redact_address(addr)} failed: {e}") from None
+            raise SubmitError(f"submitting to {redact_address(addr)} failed: {one_line(e)}") from None
     record = JobRecord(submission_id=sid, address=redact_address(addr), run_uri=ruri, run_id=spec.run_id,
                        entrypoint=entrypoint, spec_path=spec_rel, pip=pip, submitted_at=time.time(),
                        forwarded_env=sorted(k for k in runtime_env["env_vars"] if k in FORWARDED_ENV))
@@ -267,11 +301,12 @@ def resolve_job(job_or_run: str, address: str | None = None) -> tuple[str, str]:
 
 
 def job_logs(job_or_run: str, address: str | None = None, *, follow: bool = False,
-             write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush())) -> str:
+             write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+             log: Callable[[str], None] | None = None) -> str:
     """Print the job's driver output; with ``follow`` keep printing until the job ends.
-    Returns the submission id."""
+    Returns the submission id. ``log`` gets t2i's own lines (where the token came from)."""
     sid, addr = resolve_job(job_or_run, address)
-    client = job_client(addr)
+    client = job_client(addr, log)
     try:
         if not follow:
             write(client.get_job_logs(sid))
@@ -285,15 +320,16 @@ def job_logs(job_or_run: str, address: str | None = None, *, follow: bool = Fals
     except SubmitError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise SubmitError(f"logs of job {sid} at {redact_address(addr)}: {e}") from None
+        raise SubmitError(f"logs of job {sid} at {redact_address(addr)}: {one_line(e)}") from None
     return sid
 
 
-def stop_job(job_or_run: str, address: str | None = None, *, wait_s: float = 30.0) -> tuple[str, str]:
+def stop_job(job_or_run: str, address: str | None = None, *, wait_s: float = 30.0,
+             log: Callable[[str], None] | None = None) -> tuple[str, str]:
     """Ask Ray to stop the job (SIGTERM to the driver, then SIGKILL) and wait until it has a
     terminal state. Returns (submission id, final status)."""
     sid, addr = resolve_job(job_or_run, address)
-    client = job_client(addr)
+    client = job_client(addr, log)
     try:
         status = str(client.get_job_status(sid).value)
         if status in TERMINAL_STATES:
@@ -306,24 +342,28 @@ def stop_job(job_or_run: str, address: str | None = None, *, wait_s: float = 30.
                 break
             time.sleep(0.5)
     except Exception as e:  # noqa: BLE001
-        raise SubmitError(f"stopping job {sid} at {redact_address(addr)}: {e}") from None
+        raise SubmitError(f"stopping job {sid} at {redact_address(addr)}: {one_line(e)}") from None
     return sid, status
 
 
 def job_status(run: str, address: str | None = None) -> dict | None:
-    """The run's job as ``{"submission_id", "address", "status", "message"}``; None when the run
-    was not submitted. ``status`` is None when the dashboard cannot be reached (``message`` says why)."""
+    """The run's job as ``{"submission_id", "address", "status", "message", "token_source", "auth_error"}``;
+    None when the run was not submitted. ``status`` is None when the dashboard cannot be reached
+    or refuses t2i's token (``message`` says why, ``auth_error`` tells which)."""
     record = read_job_record(run)
     if not record:
         return None
     sid = record["submission_id"]
     try:
         addr = dashboard_address(address or record.get("address"))
-        info = job_client(addr).get_job_info(sid)
+        client, dash = connect(addr)
+        info = client.get_job_info(sid)
         return {"submission_id": sid, "address": redact_address(addr), "status": str(info.status.value),
-                "message": info.message or ""}
+                "message": info.message or "", "auth_error": False,
+                "token_source": dash.token_source and dash.token_source.split(" (")[0]}  # short: one status line
     except Exception as e:  # noqa: BLE001 - status must still show the stages
-        return {"submission_id": sid, "address": record.get("address"), "status": None, "message": str(e)}
+        return {"submission_id": sid, "address": record.get("address"), "status": None, "message": one_line(e),
+                "token_source": None, "auth_error": isinstance(e, AuthError)}
 
 
 def job_status_line(run: str, address: str | None = None) -> str | None:
@@ -331,12 +371,15 @@ def job_status_line(run: str, address: str | None = None) -> str | None:
     st = job_status(run, address)
     if st is None:
         return None
+    if st["auth_error"]:
+        return f"job {st['submission_id']}: status unknown — {st['message']}"
     if st["status"] is None:
         return f"job {st['submission_id']}: status unknown ({st['address']} unreachable: {st['message'][:200]})"
     msg = f" — {st['message']}" if st["message"] and st["status"] in ("FAILED", "STOPPED") else ""
-    return f"job {st['submission_id']}: {st['status']} at {st['address']}{msg}"
+    token = f" (token from {st['token_source']})" if st["token_source"] else ""
+    return f"job {st['submission_id']}: {st['status']} at {st['address']}{msg}{token}"
 
 
-__all__ = ["JOB_FILE", "JobRecord", "SubmitError", "SpecError", "build_runtime_env", "dashboard_address",
-           "entrypoint_for", "job_logs", "job_status", "job_status_line", "project_requirements",
+__all__ = ["JOB_FILE", "AuthError", "JobRecord", "SubmitError", "SpecError", "build_runtime_env", "connect",
+           "dashboard_address", "entrypoint_for", "job_logs", "job_status", "job_status_line", "project_requirements",
            "read_job_record", "resolve_job", "stop_job", "submission_id_for", "submit_run"]
