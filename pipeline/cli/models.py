@@ -163,7 +163,9 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
            embeddings: bool = typer.Option(False, "--embeddings", help="Export the run's CLIP image and text "
                                            "embeddings with their key, caption and url instead of a model."),
            out: str = typer.Option(..., "--out", help="Folder (or store URI) to write."),
-           fmt: Optional[str] = typer.Option(None, "--format", help="With --stage: diffusers (default) | folder. "
+           fmt: Optional[str] = typer.Option(None, "--format", help="With --stage: diffusers (default: "
+                                             "diffusers' AutoModel.from_pretrained(OUT, trust_remote_code=True) "
+                                             "loads it, no t2i-pipeline needed) | folder (the run's final/ files). "
                                              "With --embeddings: clip-retrieval (default): img_emb/, text_emb/, "
                                              "metadata/, as autofaiss, embedding-reader and DALLE2-pytorch read."),
            push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
