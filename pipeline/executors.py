@@ -17,9 +17,11 @@ module imports nothing of the project, so every floor may use it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -128,7 +130,11 @@ class LocalExecutor:
     def run_workers(self, loop_fn, placement: WorkerPlacement, *, name: str, progress) -> dict:
         if placement.num_workers > 1 and "WORLD_SIZE" not in os.environ:
             progress(f"{name}: num_workers={placement.num_workers} needs Ray or torchrun; training one rank here")
-        return loop_fn(DistEnv.from_env())
+        on_gpu = placement.gpus_per_worker > 0 and _cuda()
+        # A CPU rank computes with the CPUs its placement names, as under Ray: the thread count
+        # decides the last bits of every sum, and a spec must give the same weights either way.
+        with cpu_threads(None if on_gpu else placement.cpus_per_worker):
+            return loop_fn(DistEnv.from_env())
 
     def map_shards(self, processor, sources, placement: ShardPlacement, *, progress, on_done=None) -> list[dict]:
         device = self.device or ("cuda" if placement.gpus_per_worker > 0 and _cuda() else "cpu")
@@ -137,7 +143,10 @@ class LocalExecutor:
         markers = []
         for src in sources:
             processor.prepare(src)
-            results = [encode(chunk) for chunk in prefetch(processor.decode(src, threads))]
+            # Encoding on CPU uses one thread, as the Ray executor's encoder actor (num_cpus=1) does:
+            # the same embeddings to the bit with Ray and without (decoding keeps its threads).
+            with cpu_threads(1 if device == "cpu" else None):
+                results = [encode(chunk) for chunk in prefetch(processor.decode(src, threads))]
             marker = processor.finish(src, results)
             markers.append(marker)
             if on_done is not None:
@@ -146,6 +155,22 @@ class LocalExecutor:
 
     def ray_address(self) -> str | None:
         return None
+
+
+@contextlib.contextmanager
+def cpu_threads(cpus: float | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``cpus`` (at least 1) for the block, then restored; None
+    leaves them alone. A no-op until torch is loaded (this module must not load it)."""
+    torch = sys.modules.get("torch")
+    if cpus is None or torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cuda() -> bool:
