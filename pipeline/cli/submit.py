@@ -18,9 +18,20 @@ ADDRESS_HELP = ("Ray dashboard (Jobs API) address, e.g. http://127.0.0.1:8265 af
 
 
 @app.command()
-def submit(spec: str = typer.Argument(..., help="Run spec YAML (validated here before anything is submitted)."),
+def submit(target: str = typer.Argument(..., metavar="SPEC|RUN",
+                                        help="A run spec YAML (validated here before anything is submitted), or an "
+                                             "existing run (URI or id, as `t2i resume` takes it) to resume or rerun "
+                                             "as a job."),
            address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
-           set_: List[str] = typer.Option([], "--set", help="Override a spec field: section.field=value (repeatable)."),
+           set_: List[str] = typer.Option([], "--set", help="Override a spec field: section.field=value (repeatable). "
+                                                             "For a RUN: changes its saved spec.yaml (e.g. a higher "
+                                                             "train_base.steps extends the finished attempt)."),
+           stage: Optional[str] = typer.Option(None, help="RUN only: resume just this stage (finish it, or extend it "
+                                                          "to the spec's steps), as `t2i resume RUN --stage S`."),
+           from_: Optional[str] = typer.Option(None, "--from", help="RUN only: this stage and everything downstream, "
+                                                                    "as `t2i resume RUN --from S`."),
+           rerun: bool = typer.Option(False, "--rerun", help="RUN only: start --stage/--from afresh as new attempts, "
+                                                             "as `t2i rerun`."),
            pip: bool = typer.Option(False, "--pip/--no-pip",
                                     help="Install pyproject's dependencies in the job's runtime env "
                                          "(--no-pip, the default: the cluster image already has them)."),
@@ -32,21 +43,35 @@ def submit(spec: str = typer.Argument(..., help="Run spec YAML (validated here b
            ) -> None:
     """Submit a run to a Ray cluster as a Ray job; prints the job id (also kept in <run>/_JOB.json).
 
+    `t2i submit SPEC` runs `t2i run SPEC` on the cluster; `t2i submit RUN [--stage S | --from S] [--rerun]`
+    runs `t2i resume` (or `t2i rerun`) on an existing run, which must live where the cluster reads it
+    (s3:// or gs://; file:// only when the nodes share this filesystem). A run whose latest job is
+    still pending or running is refused.
+
     When the dashboard wants a token (Ray >= 2.59 clusters), t2i takes it from RAY_AUTH_TOKEN,
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order, whatever RAY_AUTH_MODE says."""
     from pipeline.run.spec import SpecError, parse_override  # speed: not for t2i --help (yaml, spec)
-    from pipeline.run.submit import SubmitError, submit_run  # speed: as above
+    from pipeline.run.submit import SubmitError, resolve_target, submit_existing_run, submit_run  # speed: as above
 
+    log = lambda m: console.print(m, soft_wrap=True)  # noqa: E731
     try:
         overrides = dict(parse_override(o) for o in set_)
-        rec = submit_run(spec, address, overrides, pip=pip, check=check, check_timeout_s=check_timeout,
-                         log=lambda m: console.print(m, soft_wrap=True))
+        kind, where = resolve_target(target)
+        if kind == "spec":
+            if stage or from_ or rerun:
+                _fail(f"--stage/--from/--rerun take an existing run, not a spec file: t2i submit RUN --stage S "
+                      f"(RUN: the run's URI or id; {target} is a spec)")
+            rec = submit_run(where, address, overrides, pip=pip, check=check, check_timeout_s=check_timeout, log=log)
+        else:
+            rec = submit_existing_run(where, address, overrides, stage=stage, from_stage=from_, rerun=rerun, pip=pip,
+                                      check=check, check_timeout_s=check_timeout, log=log)
     except (SpecError, SubmitError) as e:
         _fail(str(e))
-    console.print(f"submitted run {rec.run_uri} as job [bold]{rec.submission_id}[/] to {rec.address}")
-    console.print(f"  follow:  t2i logs {rec.submission_id} --address {rec.address} --follow")
-    console.print(f"  status:  t2i status {rec.run_uri}")
-    console.print(f"  stop:    t2i stop {rec.submission_id} --address {rec.address}")
+    what = f"run {rec.run_uri}" if rec.verb == "run" else f"`t2i {rec.verb} {' '.join(rec.args)}`"
+    console.print(f"submitted {what} as job [bold]{rec.submission_id}[/] to {rec.address}", soft_wrap=True)
+    console.print(f"  follow:  t2i logs {rec.submission_id} --address {rec.address} --follow", soft_wrap=True)
+    console.print(f"  status:  t2i status {rec.run_uri}", soft_wrap=True)
+    console.print(f"  stop:    t2i stop {rec.submission_id} --address {rec.address}", soft_wrap=True)
     print(rec.submission_id)  # last line, plain: scripts read it
 
 
