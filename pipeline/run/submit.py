@@ -43,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from pipeline import layout, store
+from pipeline.run.job_errors import TERMINAL_STATES, AuthError, SubmitError  # noqa: F401 (callers import them from here)
 from pipeline.run.ray_auth import TokenError, open_dashboard
 from pipeline.run.runner import save_spec
 from pipeline.run.spec import SpecError, _set_dotted, load_spec, parse_spec, run_uri, spec_to_yaml
@@ -60,19 +61,10 @@ WORKING_DIR_EXCLUDES = [
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "RAY_USAGE_STATS_ENABLED")
 ACTIVE_STATES = ("PENDING", "RUNNING")
-TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 # What the run's _JOB.json keeps of earlier submissions (oldest first), beside the latest job.
 HISTORY_KEY = "history"
 # Fields of the run's identity: --set on an existing run may not change them (it would be another run).
 RUN_IDENTITY_KEYS = ("run_id", "store", "store.uri")
-
-
-class SubmitError(RuntimeError):
-    """A submission-side problem with a message meant for the user as is."""
-
-
-class AuthError(SubmitError):
-    """The dashboard wants a token and t2i has none it accepts (one line: where t2i looked, what to do)."""
 
 
 @dataclass

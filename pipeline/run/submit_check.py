@@ -23,7 +23,7 @@ import uuid
 from importlib import metadata
 from typing import Callable
 
-from pipeline.run.submit import SubmitError, TERMINAL_STATES
+from pipeline.run.job_errors import TERMINAL_STATES, SubmitError
 
 MARKER = "T2I_PROBE "
 PACKAGE = "t2i-pipeline"
