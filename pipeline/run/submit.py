@@ -35,7 +35,6 @@ import tempfile
 import time
 import tomllib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +43,7 @@ import yaml
 
 from pipeline import layout, store
 from pipeline.run.job_errors import TERMINAL_STATES, AuthError, SubmitError  # noqa: F401 (callers import them from here)
+from pipeline.run.job_record import HISTORY_KEY, JobRecord, read_job_history, read_job_record, write_job_record  # noqa: F401
 from pipeline.run.ray_auth import TokenError, open_dashboard
 from pipeline.run.runner import save_spec
 from pipeline.run.spec import SpecError, _set_dotted, load_spec, parse_spec, run_uri, spec_to_yaml
@@ -61,28 +61,8 @@ WORKING_DIR_EXCLUDES = [
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "RAY_USAGE_STATS_ENABLED")
 ACTIVE_STATES = ("PENDING", "RUNNING")
-# What the run's _JOB.json keeps of earlier submissions (oldest first), beside the latest job.
-HISTORY_KEY = "history"
 # Fields of the run's identity: --set on an existing run may not change them (it would be another run).
 RUN_IDENTITY_KEYS = ("run_id", "store", "store.uri")
-
-
-@dataclass
-class JobRecord:
-    """What ``<run>/_JOB.json`` holds: enough to find the job again, no credentials."""
-
-    submission_id: str
-    address: str                    # the dashboard (Jobs API) address, userinfo stripped
-    run_uri: str
-    run_id: str
-    entrypoint: str
-    spec_path: str                  # where the job reads its spec: shipped (run) or <run>/spec.yaml (resume/rerun)
-    pip: bool
-    submitted_at: float
-    forwarded_env: list[str] = field(default_factory=list)  # names only
-    verb: str = "run"               # the t2i command the job runs: run | resume | rerun
-    args: list[str] = field(default_factory=list)  # its arguments, as in the entrypoint (before --address auto)
-    overrides: dict = field(default_factory=dict)  # the --set applied here before submitting
 
 
 # --- addresses -------------------------------------------------------------------------------
@@ -235,32 +215,6 @@ def locality_warnings(spec, root: Path) -> list[str]:
             out.append(f"download.url_list {url_list} is a local file outside the shipped checkout: "
                        "the cluster cannot read it (put it in object storage)")
     return out
-
-
-def read_job_record(run: str) -> dict | None:
-    uri = store.join(run, JOB_FILE)
-    try:
-        return store.read_json(uri) if store.exists(uri) else None
-    except Exception:  # noqa: BLE001 - an unreadable record is the same as none for lookups
-        return None
-
-
-def read_job_history(run: str) -> list[dict]:
-    """Every job recorded for ``run``, oldest first (the latest is ``_JOB.json``'s top level)."""
-    record = read_job_record(run)
-    if not record:
-        return []
-    latest = {k: v for k, v in record.items() if k != HISTORY_KEY}
-    return list(record.get(HISTORY_KEY) or []) + [latest]
-
-
-def write_job_record(run: str, record: JobRecord) -> None:
-    """``record`` becomes ``_JOB.json``'s top level; the job it replaces moves to ``history``
-    (appended: nothing an earlier submission recorded is dropped)."""
-    uri = store.join(run, JOB_FILE)
-    doc = dict(asdict(record))
-    doc[HISTORY_KEY] = read_job_history(run)
-    store.write_json(uri, doc)
 
 
 def resolve_target(target: str) -> tuple[str, str]:
