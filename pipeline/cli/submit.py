@@ -35,6 +35,9 @@ def submit(target: str = typer.Argument(..., metavar="SPEC|RUN",
            pip: bool = typer.Option(False, "--pip/--no-pip",
                                     help="Install pyproject's dependencies in the job's runtime env "
                                          "(--no-pip, the default: the cluster image already has them)."),
+           pip_installer: str = typer.Option("auto", "--pip-installer",
+                                             help="With --pip: uv (Ray's uv runtime env: fast), pip, or auto (uv "
+                                                  "where this Ray has it, else pip). Pins: the Makefile's."),
            check: bool = typer.Option(True, "--check/--no-check",
                                       help="Before the run's job exists, run a short probe job in the same runtime env "
                                            "to check that the cluster's python has this package's dependencies at "
@@ -56,6 +59,9 @@ def submit(target: str = typer.Argument(..., metavar="SPEC|RUN",
     log = lambda m: console.print(m, soft_wrap=True)  # noqa: E731
     try:
         overrides = dict(parse_override(o) for o in set_)
+        if pip_installer not in ("auto", "uv", "pip"):
+            _fail(f"--pip-installer must be auto, uv or pip, not {pip_installer!r}")
+        pip = pip_installer if pip else False  # the installer travels as submit's pip (pipeline/run/runtime_env.py)
         kind, where = resolve_target(target)
         if kind == "spec":
             if stage or from_ or rerun:

@@ -45,7 +45,7 @@ from pipeline import layout, store
 from pipeline.run.job_errors import TERMINAL_STATES, AuthError, SubmitError  # noqa: F401 (callers import them from here)
 from pipeline.run.job_record import HISTORY_KEY, JobRecord, read_job_history, read_job_record, write_job_record  # noqa: F401
 from pipeline.run.ray_auth import TokenError, open_dashboard
-from pipeline.run.runner import save_spec
+from pipeline.run.runner import save_spec, targets
 from pipeline.run.spec import SpecError, _set_dotted, load_spec, parse_spec, run_uri, spec_to_yaml
 
 JOB_FILE = layout.JOB  # kept: the CLI and tests import it from here
@@ -146,7 +146,8 @@ def submission_id_for(run_id: str, now: float | None = None) -> str:
     return f"t2i-{re.sub(r'[^A-Za-z0-9._-]', '-', run_id)}-{stamp}"
 
 
-def build_runtime_env(working_dir: str, *, pip: bool, root: Path | None = None) -> dict:
+def build_runtime_env(working_dir: str, *, pip: bool | str, root: Path | None = None) -> dict:
+    """``pip``: False, or the installer of ``--pip`` (True/"auto", "uv", "pip"; pipeline/run/runtime_env.py)."""
     env: dict = {"working_dir": working_dir, "excludes": list(WORKING_DIR_EXCLUDES)}
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     # The driver's ray.init (pipeline/run/ray_scheduler.py) adds env_vars of its own; Ray refuses to merge a
@@ -154,7 +155,11 @@ def build_runtime_env(working_dir: str, *, pip: bool, root: Path | None = None) 
     env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     env["env_vars"] = env_vars
     if pip:
-        env["pip"] = {"packages": project_requirements(root), "pip_check": False}
+        from pipeline.run.runtime_env import package_env  # ray: loaded only when --pip builds a runtime env
+
+        field, extra_vars = package_env(root or project_root(), "auto" if pip is True else pip)
+        env.update(field)
+        env_vars.update(extra_vars)
     return env
 
 
@@ -308,7 +313,7 @@ def submit_existing_run(run: str, address: str | None, overrides: dict | None = 
     fails), e.g. ``train_base.steps`` raised: the job extends the finished attempt.
     """
     from pipeline.context import StageFailed  # the runner's own error type for a bad --stage/--from
-    from pipeline.run.runner import targets
+
 
     verb = "rerun" if rerun else "resume"
     if rerun and not (stage or from_stage):
@@ -363,7 +368,7 @@ def _submit(spec, address: str | None, *, verb: str, args: list[str], spec_path:
                 store.write_bytes_atomic(spec_uri, old_spec)  # no job: the run's spec is as it was
             raise SubmitError(f"submitting to {redact_address(addr)} failed: {one_line(e)}") from None
     record = JobRecord(submission_id=sid, address=redact_address(addr), run_uri=ruri, run_id=spec.run_id,
-                       entrypoint=entrypoint, spec_path=spec_path, pip=pip, submitted_at=time.time(),
+                       entrypoint=entrypoint, spec_path=spec_path, pip=bool(pip), submitted_at=time.time(),
                        forwarded_env=sorted(k for k in runtime_env["env_vars"] if k in FORWARDED_ENV),
                        verb=verb, args=list(args), overrides=dict(overrides or {}))
     try:

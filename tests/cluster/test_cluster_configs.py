@@ -8,6 +8,7 @@ exist, the resource names the specs ask for are offered, and the dashboard is no
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 from pathlib import Path
@@ -253,7 +254,8 @@ def test_dashboard_address_normalises_and_rejects_non_dashboard_addresses(monkey
 
 
 def test_submission_id_and_runtime_env(monkeypatch):
-    from pipeline.run.submit import build_runtime_env, project_requirements, submission_id_for
+    from pipeline.run.runtime_env import pinned_requirements
+    from pipeline.run.submit import build_runtime_env, project_requirements, project_root, submission_id_for
 
     assert submission_id_for("demo", now=0) == "t2i-demo-19700101-000000"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
@@ -265,9 +267,11 @@ def test_submission_id_and_runtime_env(monkeypatch):
         assert pattern in env["excludes"]
     assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
     assert "never-ship" not in json.dumps(env)
-    with_pip = build_runtime_env("/tmp/x", pip=True)
-    assert with_pip["pip"]["packages"] == project_requirements()
-    assert any(p.startswith("torch") for p in with_pip["pip"]["packages"])
+    with_pip = build_runtime_env("/tmp/x", pip="pip")
+    assert with_pip["pip"]["packages"] == pinned_requirements(project_root())
+    names = lambda reqs: [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in reqs]  # noqa: E731
+    assert names(with_pip["pip"]["packages"]) == names(project_requirements())
+    assert any(p.startswith("torch==") for p in with_pip["pip"]["packages"])
 
 
 def test_staged_working_dir_ships_checkout_plus_spec_without_touching_it():

@@ -20,119 +20,16 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import REPO, VENV_BIN, LocalRayCluster
-from tests.support.specs import smoke_spec, write_spec
+from tests.support.auth_cluster import AUTH_VARS, SYSTEM_PYTHON
+from tests.support.auth_cluster import client as _client
+from tests.support.auth_cluster import download_spec as _spec
+from tests.support.auth_cluster import node_python as _node_python
+from tests.support.cluster import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(240)]
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-@pytest.fixture(scope="module")
-def auth_cluster():
-    c = LocalRayCluster()
-    home = Path(c.root) / "home"
-    shim = Path(c.root) / "shim"
-    home.mkdir()
-    shim.mkdir()
-    c.shim = shim
-    _node_python(c, sys.executable)
-    for var in AUTH_VARS:
-        c.env.pop(var, None)  # Ray's default decides: token auth, because the token file exists
-    c.env["HOME"] = str(home)
-    c.env["PATH"] = f"{shim}{os.pathsep}{c.env['PATH']}"
-    gen = subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=c.env, cwd=c.root,
-                         capture_output=True, text=True, timeout=60)
-    token = (home / ".ray" / "auth_token").read_text().strip()
-    assert gen.returncode == 0 and token, gen.stderr
-    c.home, c.token = home, token
-    try:
-        c.start_head()
-        _wait_up(c)
-        yield c
-    finally:
-        c.shutdown()
-        leftovers = [p.pid for p in c._ours() if p.is_running() and p.status() != "zombie"]
-        c.remove_files()
-        assert not leftovers, f"processes of the test cluster still alive: {leftovers}"
-
-
-def _headers(c) -> dict:
-    return {"Authorization": f"Bearer {c.token}"}
-
-
-def _wait_up(c, timeout: float = 120.0) -> None:
-    """Until the dashboard answers the Jobs API with the token (and says it wants one)."""
-    import requests
-
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        if c.nodes[0].proc.poll() is not None:
-            raise RuntimeError(f"ray head exited:\n{c.logs()}")
-        c._record_descendants()
-        try:
-            bare = requests.get(f"{c.dashboard_url}/api/jobs/", timeout=5)
-            ok = requests.get(f"{c.dashboard_url}/api/jobs/", headers=_headers(c), timeout=5)
-            nodes = requests.get(f"{c.dashboard_url}/api/v0/nodes", headers=_headers(c), timeout=5)
-            if ok.status_code == 200 and nodes.status_code == 200 and "ALIVE" in nodes.text:
-                assert bare.status_code == 401, f"the head did not turn token auth on: {bare.status_code}"
-                return
-            last = (ok.status_code, nodes.status_code)
-        except requests.RequestException as e:
-            last = e
-        time.sleep(0.5)
-    raise TimeoutError(f"head not up in {timeout}s: {last}\n{c.logs()}")
-
-
-def _client(c):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(c.dashboard_url, headers=_headers(c))
-
-
-def _node_python(c, target: str) -> None:
-    """Which interpreter a job's ``python`` is on the head (see the module docstring). A script
-    that execs it by its own path, not a symlink: a venv's python finds its venv from its path."""
-    tmp = c.shim / "python.new"
-    tmp.write_text(f'#!/bin/sh\nexec {target} "$@"\n')
-    tmp.chmod(0o755)
-    tmp.replace(c.shim / "python")
-
-
-@pytest.fixture
-def user_env(auth_cluster, monkeypatch):
-    """t2i's process as a user's shell after ``ray start --head``: the token in ~/.ray/auth_token,
-    no Ray auth variable set."""
-    for var in AUTH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(auth_cluster.home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return auth_cluster
-
-
-@pytest.fixture(scope="module")
-def cli():
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def _spec(tmp_path: Path, run_id: str) -> tuple[str, Path]:
-    download = {"image_size": 32, "number_sample_per_shard": 64, "processes_count": None,
-                "demo": {"num_images": 8, "image_size": 32, "seed": None}}
-    spec = write_spec(tmp_path / f"{run_id}.yaml",
-                      smoke_spec(only=("download",), run_id=run_id, store={"uri": f"file://{tmp_path}/store"},
-                                 cluster=None, download=download))
-    return spec, tmp_path / "store" / run_id
-
 
 def _errors(output: str) -> list[str]:
     return [ln for ln in output.splitlines() if ln.strip()]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import layout, store
-from tests.cluster.test_submit_auth import _client, auth_cluster, cli, user_env  # noqa: F401 (fixtures)
+from tests.support.auth_cluster import client as _client
 from tests.support.specs import smoke_spec, tiny_embed, write_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]
