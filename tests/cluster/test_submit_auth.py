@@ -19,12 +19,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.support.auth_cluster import AUTH_VARS, SYSTEM_PYTHON
 from tests.support.auth_cluster import client as _client
+from tests.support.auth_cluster import wait_succeeded
 from tests.support.auth_cluster import download_spec as _spec
 from tests.support.auth_cluster import node_python as _node_python
 from tests.support.cluster import REPO
@@ -125,15 +125,9 @@ def test_token_from_home_submit_status_logs_stop_and_the_token_goes_nowhere(user
     assert sid.startswith("t2i-auth-ok-")
 
     client = _client(c)
-    deadline, status = time.monotonic() + 150, None
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(sid).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(0.5)
+    wait_succeeded(client, sid, timeout=150)
     info = client.get_job_info(sid)
     job_logs = client.get_job_logs(sid)
-    assert status == "SUCCEEDED", f"{status} {info.message}\n{job_logs[-4000:]}"
 
     for args in (("status", str(run)), ("logs", str(run)), ("logs", sid, "--address", c.dashboard_url, "--follow"),
                  ("stop", str(run))):

@@ -20,6 +20,7 @@ import pytest
 
 from pipeline import layout, store
 from tests.support.auth_cluster import client as _client
+from tests.support.auth_cluster import wait_succeeded
 from tests.support.specs import smoke_spec, tiny_embed, write_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -40,17 +41,6 @@ def _spec(tmp_path: Path, run_id: str = RUN_ID, store_uri: str | None = None, en
         # HOME has no cache, and training the tiny CLIP there would take minutes.
         embed=tiny_embed(encoders or tmp_path / "enc", max_length=16, batch_size=8),
         train_base={"steps": 4, "checkpoint_every_steps": 2, "batch_size": 4}))
-
-
-def _wait(client, sid: str, timeout: float = 150.0) -> str:
-    deadline, status = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(sid).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(0.5)
-    assert status == "SUCCEEDED", f"{sid}: {status} {client.get_job_info(sid).message}\n{client.get_job_logs(sid)[-4000:]}"
-    return status
 
 
 def _manifest(run: str, stage: str) -> dict:
@@ -108,7 +98,7 @@ def test_submit_run_stage_resumes_it_as_a_job(tiny_encoders, user_env, cli, tmp_
     res = cli("submit", spec, "--address", c.dashboard_url, "--no-check")
     assert res.exit_code == 0, res.output
     first = res.output.strip().splitlines()[-1]
-    _wait(client, first)
+    wait_succeeded(client, first)
     before = {s: _manifest(run, s) for s in ("download", "embed", "train_base")}
     assert before["train_base"]["counts"]["steps"] == 4 and "resumed_from_step" not in before["train_base"]["counts"]
     t_first = time.monotonic() - t0
@@ -132,7 +122,7 @@ def test_submit_run_stage_resumes_it_as_a_job(tiny_encoders, user_env, cli, tmp_
     n_jobs = len([j for j in client.list_jobs() if j.submission_id.startswith(f"t2i-{RUN_ID}-")])
     assert n_jobs == 2  # the refused one created nothing
 
-    _wait(client, second)
+    wait_succeeded(client, second)
     info = client.get_job_info(second)
     # The job ran the local CLI's resume path, on the run's (updated) saved spec.
     assert info.entrypoint == f"python -m pipeline.cli resume {run} --stage train_base --address auto"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.auth_cluster import client as _client
+from tests.support.auth_cluster import wait_succeeded
 from tests.support.auth_cluster import download_spec as _spec
 from tests.support.cluster import REPO
 
@@ -64,15 +65,9 @@ def test_submit_pip_with_uv_runs_the_job_in_a_uv_env(user_env, cli, tmp_path):
     assert res.exit_code == 0, res.output
     sid = res.output.strip().splitlines()[-1]
     client = _client(c)
-    deadline, status = time.monotonic() + 240, None
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(sid).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(0.5)
+    wait_succeeded(client, sid, timeout=240)
     info = client.get_job_info(sid)
     logs = client.get_job_logs(sid)
-    assert status == "SUCCEEDED", f"{status} {info.message}\n{logs[-4000:]}"
     assert "download: started" in logs
     assert "uv" in info.runtime_env and "pip" not in info.runtime_env, info.runtime_env
     assert f"torch=={_makefile_pin('TORCH_VERSION')}" in info.runtime_env["uv"]["packages"]

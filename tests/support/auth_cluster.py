@@ -118,3 +118,15 @@ def download_spec(tmp_path: Path, run_id: str) -> tuple[str, Path]:
                       smoke_spec(only=("download",), run_id=run_id, store={"uri": f"file://{tmp_path}/store"},
                                  cluster=None, download=download))
     return spec, tmp_path / "store" / run_id
+
+
+def wait_succeeded(client, sid: str, timeout: float = 150.0) -> str:
+    """Poll job ``sid`` until it ends; assert it SUCCEEDED (the message and log tail say why not)."""
+    deadline, status = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(sid).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    assert status == "SUCCEEDED", f"{sid}: {status} {client.get_job_info(sid).message}\n{client.get_job_logs(sid)[-4000:]}"
+    return status
