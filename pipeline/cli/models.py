@@ -160,6 +160,9 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
 @app.command()
 def export(run: str = typer.Argument(..., help="Run URI or run id."),
            stage: Optional[str] = typer.Option(None, "--stage", help="Training stage to export, e.g. train_base."),
+           cascade: Optional[str] = typer.Option(None, "--cascade", help=(
+               "A whole cascade (imagen, unclip or glide) as one diffusers pipeline: "
+               "DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True), sampling as the run's sample section.")),
            embeddings: bool = typer.Option(False, "--embeddings", help="Export the run's CLIP image and text "
                                            "embeddings with their key, caption and url instead of a model."),
            out: str = typer.Option(..., "--out", help="Folder (or store URI) to write."),
@@ -170,10 +173,12 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
                                              "metadata/, as autofaiss, embedding-reader and DALLE2-pytorch read."),
            push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
            ) -> None:
-    """Write a trained model as a standalone folder (config.json + safetensors + model card), or
-    with --embeddings the run's CLIP embeddings in clip-retrieval's layout."""
-    if (stage is None) == (not embeddings):
-        fail("give exactly one of --stage STAGE (a trained model) and --embeddings (the run's CLIP embeddings)")
+    """Write a trained model as a standalone folder (config.json + safetensors + model card), a
+    whole cascade as a diffusers pipeline (--cascade), or with --embeddings the run's CLIP
+    embeddings in clip-retrieval's layout."""
+    if sum((stage is not None, cascade is not None, embeddings)) != 1:
+        fail("give exactly one of --stage STAGE (a trained model), --cascade C (a whole cascade) and --embeddings "
+             "(the run's CLIP embeddings)")
     if embeddings:
         if fmt not in (None, "clip-retrieval"):
             fail(f"--embeddings writes --format clip-retrieval, not {fmt!r}")
@@ -183,6 +188,11 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
         return
     if fmt == "clip-retrieval":
         fail("--format clip-retrieval goes with --embeddings; --stage exports diffusers or folder")
+    if cascade is not None:
+        if fmt not in (None, "diffusers") or push_to_hub:
+            fail("--cascade writes --format diffusers to a local or store folder (no --push-to-hub yet)")
+        _export_cascade(run, cascade, out)
+        return
     fmt = fmt or "diffusers"  # export_model names the formats it writes
     from pipeline.run.planning import finished_attempt, load_run_spec  # speed: not for t2i --help (yaml, spec)
     from stages.export.model_folder import export_model  # torch: t2i --help must not load it
@@ -208,6 +218,31 @@ def export(run: str = typer.Argument(..., help="Run URI or run id."),
         from stages.export.model_folder import push_to_hub as push  # torch: t2i --help must not load it
 
         console.print(f"pushed -> {push(folder, push_to_hub)}")
+
+
+def _export_cascade(run: str, cascade: str, out: str) -> None:
+    """``t2i export RUN --cascade C``: the cascade's finished models, sampled as the run's sample
+    section says (its defaults for a run that saved no spec)."""
+    from data_prep.encoders_doc import encoders_doc_uri  # speed: not for t2i --help
+    from pipeline import layout, store  # speed: not for t2i --help
+    from pipeline.run.planning import load_run_spec  # speed: not for t2i --help (yaml, spec)
+    from stages.export.cascade_folder import export_cascade  # torch: t2i --help must not load it
+    from stages.sampling.config import SampleConfig  # heavy: stage code, loaded by the command that runs it
+
+    uri = resolve_run(run)
+    try:
+        spec = load_run_spec(uri)
+        base = spec.sample.model_dump() if spec.sample is not None else {}
+    except StageFailed:  # a run laid out without a spec (by hand, or by an older release)
+        base = {}
+    embed = layout.finished_stage_dir(uri, "embed")
+    encoders = store.read_json(encoders_doc_uri(embed)) if embed and store.exists(encoders_doc_uri(embed)) else {}
+    try:
+        cfg = SampleConfig(**{**base, "cascade": cascade})
+        folder = export_cascade(uri, cascade, normalize(out), cfg, encoders=encoders, card={"name": f"{run}/{cascade}"})
+    except (StageFailed, ValueError) as e:
+        fail(str(e))
+    console.print(f"exported the {cascade} cascade (diffusers pipeline) -> {folder}")
 
 
 def _export_embeddings(run: str, out: str) -> None:

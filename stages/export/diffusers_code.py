@@ -46,7 +46,11 @@ MODELING_MODULE = "modeling_t2i"  # the auto_map module (a name with no dot: dif
 # network class -> (its module in stages/nets, its config dataclass)
 NETWORKS = {"UNet": ("unet", "UNetConfig"), "PriorTransformer": ("prior_transformer", "PriorConfig"),
             "GlideModel": ("text_transformer", "GlideConfig"), "NoisedClip": ("clip_image_tower", "NoisedClipConfig")}
-ALLOWED_IMPORTS = frozenset(sys.stdlib_module_names) | {"torch"}
+ALLOWED_IMPORTS = frozenset(sys.stdlib_module_names) | {"torch"}  # what a shipped network or sampling module may import
+# The cascade pipeline file is a diffusers DiffusionPipeline: it may import diffusers (and PIL and
+# numpy, which diffusers depends on) besides torch.
+PIPELINE_MODULES = ("export.pipeline_t2i",)
+PIPELINE_IMPORTS = ALLOWED_IMPORTS | {"diffusers", "PIL", "numpy"}
 TRAINING_ONLY = ("gradient_checkpointing",)  # left at its default, as network_config() does
 
 
@@ -65,73 +69,96 @@ def modeling_files(network_class: str) -> dict[str, str]:
         raise ValueError(f"no diffusers export for network class {network_class!r} "
                          f"(one of {', '.join(sorted(NETWORKS))})")
     stem, cfg_name = NETWORKS[network_class]
-    renamed: dict[str, str] = {}   # nets module -> shipped module name
-    files: dict[str, str] = {}
-    for mod in _closure(stem):     # dependencies first, so their names are known when rewritten
-        text = _rewrite(mod, _source(mod), renamed)
-        renamed[mod] = f"t2i_{mod}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-        files[f"{renamed[mod]}.py"] = text
+    files, renamed = ship(f"nets.{stem}")
     files[f"{MODELING_MODULE}.py"] = _wrapper(network_class, cfg_name, renamed)
     return files
 
 
-# ----------------------------------------------------------------------------- the nets' source
-def _nets_module(mod: str):
-    return importlib.import_module(f"stages.nets.{mod}")
+def ship(*roots: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The modules ``roots`` (ids under ``stages``: ``nets.unet``, ``sampling.draw``) and every
+    module of this package they import, as files to ship: ``({file name: source}, {module id:
+    shipped module name})``, each file's imports of the others pointing at the shipped names."""
+    renamed: dict[str, str] = {}   # module id -> shipped module name
+    files: dict[str, str] = {}
+    for mid in _closure(roots):    # dependencies first, so their names are known when rewritten
+        text = _rewrite(mid, _source(mid), renamed)
+        renamed[mid] = f"t2i_{mid.rsplit('.', 1)[-1]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+        files[f"{renamed[mid]}.py"] = text
+    return files, renamed
 
 
-def _source(mod: str) -> str:
-    with open(_nets_module(mod).__file__, encoding="utf-8") as f:
+def import_all(renamed: dict[str, str], but: str | None = None) -> str:
+    """Import lines naming every shipped module: diffusers copies only the files the loaded file
+    imports relatively itself, not those its imports import."""
+    return "".join(f"from .{name} import __name__ as _{name}  # noqa: F401\n"
+                   for mid, name in renamed.items() if mid != but)
+
+
+# ----------------------------------------------------------------------------- this package's source
+def _path(mid: str) -> str:
+    return f"stages/{mid.replace('.', '/')}.py"
+
+
+def _source(mid: str) -> str:
+    with open(importlib.import_module(f"stages.{mid}").__file__, encoding="utf-8") as f:
         return f.read()
 
 
-def _imports(mod: str, text: str) -> list[str]:
-    """The nets modules ``mod`` imports (``from .x import``); anything else must be stdlib or torch."""
+def _imports(mid: str, text: str, allowed: frozenset[str] = ALLOWED_IMPORTS) -> list[str]:
+    """The ids of this package's modules ``mid`` imports (``from .x import`` beside it, or
+    ``from stages.x import``); anything else must be in ``allowed``."""
+    package = mid.rsplit(".", 1)[0] + "." if "." in mid else ""
     deps = []
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ImportFrom) and node.level:
             if node.level != 1 or not node.module:
-                raise ValueError(f"stages/nets/{mod}.py: only 'from .module import ...' can be shipped in a "
+                raise ValueError(f"{_path(mid)}: only 'from .module import ...' can be shipped in a "
                                  f"diffusers export (line {node.lineno})")
-            deps.append(node.module)
+            deps.append(package + node.module)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
+            deps.append(node.module.removeprefix("stages."))
         else:
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) else [])
-            bad = [n for n in names if n.split(".")[0] not in ALLOWED_IMPORTS]
+            bad = [n for n in names if n.split(".")[0] not in allowed]
             if bad:
-                raise ValueError(f"stages/nets/{mod}.py imports {', '.join(bad)} (line {node.lineno}): a diffusers "
+                raise ValueError(f"{_path(mid)} imports {', '.join(bad)} (line {node.lineno}): a diffusers "
                                  "export ships this file, whose users have only diffusers and torch")
     return deps
 
 
-def _closure(stem: str) -> list[str]:
-    """``stem`` and every nets module it imports, dependencies before their importers."""
+def _closure(roots: tuple[str, ...]) -> list[str]:
+    """``roots`` and every module of this package they import, dependencies before their importers."""
     order: list[str] = []
 
-    def visit(mod: str, path: tuple[str, ...]) -> None:
-        if mod in order:
+    def visit(mid: str, path: tuple[str, ...]) -> None:
+        if mid in order:
             return
-        if mod in path:
-            raise ValueError(f"stages/nets import cycle: {' -> '.join(path + (mod,))}")
-        for dep in _imports(mod, _source(mod)):
-            visit(dep, path + (mod,))
-        order.append(mod)
+        if mid in path:
+            raise ValueError(f"stages import cycle: {' -> '.join(path + (mid,))}")
+        for dep in _imports(mid, _source(mid), PIPELINE_IMPORTS if mid in PIPELINE_MODULES else ALLOWED_IMPORTS):
+            visit(dep, path + (mid,))
+        order.append(mid)
 
-    visit(stem, ())
+    for root in roots:
+        visit(root, ())
     return order
 
 
-def _rewrite(mod: str, text: str, renamed: dict[str, str]) -> str:
-    """``text`` with each ``from .dep import`` naming the shipped file of ``dep``."""
-    def repl(m: re.Match) -> str:
-        dep = m.group(2)
-        return f"{m.group(1)}.{renamed[dep]}{m.group(3)}" if dep in renamed else m.group(0)
+def _rewrite(mid: str, text: str, renamed: dict[str, str]) -> str:
+    """``text`` with each import of this package's modules naming the shipped file."""
+    package = mid.rsplit(".", 1)[0] + "." if "." in mid else ""
 
-    out = re.sub(r"^(\s*from\s+)\.(\w+)(\s+import\b)", repl, text, flags=re.MULTILINE)
-    left = [d for d in _imports(mod, out) if d not in renamed.values()]
+    def repl(m: re.Match) -> str:
+        dep = package + m.group(3) if m.group(2) == "." else m.group(3)
+        return f"{m.group(1)}.{renamed[dep]}{m.group(4)}" if dep in renamed else m.group(0)
+
+    out = re.sub(r"^(\s*from\s+)(\.|stages\.)([\w.]+)(\s+import\b)", repl, text, flags=re.MULTILINE)
+    allowed = PIPELINE_IMPORTS if mid in PIPELINE_MODULES else ALLOWED_IMPORTS
+    left = [d for d in _imports(mid, out, allowed) if d.rsplit(".", 1)[-1] not in renamed.values()]
     if left:  # an import the pattern did not reach (e.g. split over lines): never ship a half-renamed file
-        raise ValueError(f"stages/nets/{mod}.py: could not rename the relative imports {left}")
-    header = (f"# stages/nets/{mod}.py of t2i-pipeline, shipped with a diffusers export (relative imports renamed\n"
+        raise ValueError(f"{_path(mid)}: could not rename the imports of {left}")
+    header = (f"# {_path(mid)} of t2i-pipeline, shipped with a diffusers export (imports of its modules renamed\n"
               f"# to the files beside it). Generated by stages/export/diffusers_code.py: re-export, do not edit.\n")
     return header + out
 
@@ -151,12 +178,13 @@ def _default(field: dataclasses.Field):
 
 def _wrapper(network_class: str, cfg_name: str, renamed: dict[str, str]) -> str:
     stem = NETWORKS[network_class][0]
-    cfg_cls = getattr(_nets_module(stem), cfg_name)
+    net_module = importlib.import_module(f"stages.nets.{stem}")
+    cfg_cls = getattr(net_module, cfg_name)
     fields = [f for f in dataclasses.fields(cfg_cls) if f.name not in TRAINING_ONLY]
     params = "".join(f"        {f.name}={_default(f)!r},\n" for f in fields)
     cls = class_name(network_class)
-    forward = str(inspect.signature(getattr(_nets_module(stem), network_class).forward)).replace("(self, ", "(", 1)
-    other = "".join(f"from .{renamed[m]} import __name__ as _{m}  # noqa: F401\n" for m in renamed if m != stem)
+    forward = str(inspect.signature(getattr(net_module, network_class).forward)).replace("(self, ", "(", 1)
+    other = import_all(renamed, but=f"nets.{stem}")
     return f'''"""{cls}: t2i-pipeline's {network_class} (stages/nets/{stem}.py) as a diffusers model.
 
 Generated by t2i-pipeline's ``t2i export --format diffusers`` from its own network code (the
@@ -178,7 +206,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .{renamed[stem]} import {network_class}, {cfg_name}
+from .{renamed[f"nets.{stem}"]} import {network_class}, {cfg_name}
 # diffusers copies only the files this one imports relatively: every shipped module is named here.
 {other}
 

@@ -29,15 +29,14 @@ import time
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
-from stages.condaug import CondAugConfig, ConditioningAugmentation, make_low_res
 from stages.models import model
 from stages.sampling.clip_guidance import ClipGuided, check_compatible
 from stages.sampling.config import (CASCADES, CLI_OUT, NOISED_CLIP, ROLES, SAMPLER_NAMES, SampleConfig, cascade_roles,
                                     stage_of)
+from stages.sampling.draw import draw, image_generators, image_seed
 from stages.sampling.loading import LoadedModel, PromptEncoders, PromptFeatures, load_model
 from stages.sampling.outputs import Sample, Samples, _to_pil, write_outputs
 from stages.sampling.rerank import rerank
@@ -50,48 +49,26 @@ def _cond(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None) -> dict[
     return model(m.role).stage_spec.sample_cond(f, prev, m.config)
 
 
-def _low_res(prev: torch.Tensor, size: int) -> torch.Tensor:
-    """Previous stage's output at the SR model's conditioning size (as training's make_low_res)."""
-    if prev.shape[-1] == size:
-        return prev
-    if prev.shape[-1] > size:
-        return make_low_res(prev, size)
-    return F.interpolate(prev, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+def kind_of(role: str) -> str:
+    """What ``role`` draws in a cascade (stages/sampling/draw.py KINDS)."""
+    spec = model(role)
+    return "embedding" if spec.draws == "embedding" else "upsampler" if spec.upsampler else "image"
 
 
 def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg: SampleConfig,
                       g: "torch.Generator | list[torch.Generator]", device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
     """Sample one batch through one model of the cascade; returns its output on CPU.
     ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py)."""
-    b = f.clip_text.shape[0]
     cond = _cond(m, f, prev.to(device) if prev is not None else None)
-    draws_embedding = model(m.role).draws == "embedding"
-    if draws_embedding:
-        shape: tuple[int, ...] = (b, int(m.config.cond_dims["clip_dim"]))
-        thresholding = "none"
-    else:
-        size = int(m.config.image_size)
-        shape = (b, 3, size, size)
-        thresholding = cfg.thresholding
-    start = {}
-    if model(m.role).upsampler:
-        if cfg.sr_start_t < 1.0:
-            start = dict(t_start=cfg.sr_start_t, x_start=_low_res(prev.to(device), shape[-1]))
-        low = _low_res(prev.to(device), int(m.config.low_res_size))
-        aug = ConditioningAugmentation(CondAugConfig(**(m.config.condaug or {})))
-        low, level = aug.sample(low, cfg.sr_aug_level, generator=g)
-        cond.update(low_res=low, aug_level=level)
+    kind = kind_of(m.role)
     net = m.net
     if guide is not None:
         net = ClipGuided(m.net, m.diffusion, guide.net, f.clip_text, cfg.clip_guidance_for(m.role))
-    out = m.diffusion.sample(net, shape, cond, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
-                             guidance_scale=cfg.guidance_for(m.role), thresholding=thresholding, generator=g,
-                             device=device, **start)
-    if draws_embedding:
-        # The decoder was trained on L2-normalised CLIP image embeddings; the prior's x0 is close
-        # to but not exactly on the sphere.
-        return F.normalize(out.float(), dim=-1).cpu()
-    return out.float().clamp(-1, 1).cpu()
+    size = int(m.config.cond_dims["clip_dim"]) if kind == "embedding" else int(m.config.image_size)
+    return draw(net, m.diffusion, cond, prev, kind=kind, size=size, low_res_size=m.config.low_res_size,
+                condaug=m.config.condaug, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
+                guidance_scale=cfg.guidance_for(m.role), thresholding=cfg.thresholding,
+                sr_start_t=cfg.sr_start_t, sr_aug_level=cfg.sr_aug_level, generator=g, device=device)
 
 
 # ----------------------------------------------------------------------------- cascades
@@ -148,21 +125,6 @@ def _encode_prompts(encoders: PromptEncoders, models: dict[str, LoadedModel], pr
     return encoders.encode(prompts)
 
 
-def image_seed(seed: int, index: int, k: int, images_per_prompt: int) -> int:
-    """The seed of image ``k`` of prompt ``index``: consecutive seeds from ``sample.seed`` (diffusers'
-    convention), so image 17 of a grid is regenerated alone with ``--seed <seed + 17>``."""
-    return seed + index * images_per_prompt + k
-
-
-def _image_generators(seeds: list[int], cascade_index: int, stage_index: int,
-                      device: torch.device) -> list[torch.Generator]:
-    """One generator per image and per (cascade, stage): an image's noise depends on its own seed
-    only, not on its batch; a stage's noise not on how many draws earlier stages made (max_stage
-    does not change earlier outputs); nor on the guidance (`guidance: compare`'s halves match)."""
-    return [torch.Generator(device=device).manual_seed(
-        (s * 1_000_003 + cascade_index * 10_007 + stage_index * 101) % (2 ** 63)) for s in seeds]
-
-
 def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConfig, roles: tuple[str, ...],
                     models: dict[str, LoadedModel], feats: PromptFeatures, seeds: list[int], device: torch.device,
                     progress) -> torch.Tensor:
@@ -177,7 +139,7 @@ def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConf
         f = feats.select(slice(start, start + cfg.batch_size), device)
         prev = None
         for si, role in enumerate(roles):
-            g = _image_generators(seeds[start:start + cfg.batch_size], ci, si, device)
+            g = image_generators(seeds[start:start + cfg.batch_size], ci, si, device)
             t0 = time.time()
             prev = sample_with_model(models[role], f, prev, vcfg, g, device,
                                      guide=models.get(NOISED_CLIP) if role in guided else None)

@@ -13,6 +13,7 @@ from pipeline import layout, store
 from stages.report import page as report
 from stages.sampling import demo_check
 from stages.sampling.config import CLIP_GUIDED_ROLES, CLIP_GUIDED_SUFFIX, SampleConfig, cascade_roles
+from stages.sampling.draw import to_uint8
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Samples(list):
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    arr = to_uint8(x).numpy()
     return Image.fromarray(arr, "RGB")
 
 

@@ -214,7 +214,7 @@ def test_same_code_same_file_names_and_a_change_renames(monkeypatch):
     unet_files = {n for n in a if n.startswith("t2i_")}
     assert unet_files <= set(b) and len(unet_files) == 2
     src = diffusers_code._source
-    monkeypatch.setattr(diffusers_code, "_source", lambda mod: src(mod) + ("\n# changed\n" if mod == "layers" else ""))
+    monkeypatch.setattr(diffusers_code, "_source", lambda mod: src(mod) + ("\n# changed\n" if mod == "nets.layers" else ""))
     changed = {n for n in diffusers_code.modeling_files("UNet") if n.startswith("t2i_")}
     assert len(changed) == 2 and not changed & unet_files
 
