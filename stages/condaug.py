@@ -41,16 +41,16 @@ class CondAugConfig:
         check_condaug(self.schedule, self.max_train_level, self.sample_level, self.blur_prob, self.blur_sigma)
 
 
-def make_low_res(x: torch.Tensor, low_res_size: int, *, upsample: bool = False) -> torch.Tensor:
+def make_low_res(x: torch.Tensor, low_res_size: int | tuple[int, int], *, upsample: bool = False) -> torch.Tensor:
     """High-res batch [B, C, H, W] -> low-res conditioning: antialiased bicubic downsample to
-    low_res_size (square), optionally upsampled back to H x W. Values are clamped to [-1, 1]
-    (bicubic overshoots)."""
+    ``low_res_size`` (a side: square; or ``(h, w)``: an aspect bucket's low-res shape),
+    optionally upsampled back to H x W. Values are clamped to [-1, 1] (bicubic overshoots)."""
     if x.ndim != 4:
         raise ValueError(f"make_low_res expects [B, C, H, W], got {tuple(x.shape)}")
-    if low_res_size < 1 or low_res_size > min(x.shape[-2:]):
-        raise ValueError(f"low_res_size={low_res_size} must be in [1, {min(x.shape[-2:])}]")
-    lr = F.interpolate(x.float(), size=(low_res_size, low_res_size), mode="bicubic",
-                       antialias=True, align_corners=False).clamp(-1, 1)
+    hw = (low_res_size, low_res_size) if isinstance(low_res_size, int) else tuple(int(v) for v in low_res_size)
+    if min(hw) < 1 or hw[0] > x.shape[-2] or hw[1] > x.shape[-1]:
+        raise ValueError(f"low_res_size={low_res_size} must be within [1, {tuple(x.shape[-2:])}]")
+    lr = F.interpolate(x.float(), size=hw, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
     if upsample:
         lr = F.interpolate(lr, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
     return lr.to(x.dtype)

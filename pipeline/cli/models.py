@@ -110,6 +110,8 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
                "CLIP guidance scale (with --guidance-mode clip|compare): S, or per model glide=0.03,base=0.03")),
            images_per_prompt: Optional[int] = typer.Option(None, "--images-per-prompt", help="Samples per prompt."),
            max_stage: Optional[str] = typer.Option(None, "--max-stage", help="Stop early: base | decoder | sr256."),
+           aspect: Optional[str] = typer.Option(None, "--aspect", help=(
+               "Image aspect width:height (16:9) or a number, carried through the whole cascade (default: square).")),
            out: Optional[str] = typer.Option(None, help="Where to write PNGs (default: <run>/samples_cli).")) -> None:
     """Sample prompts through a run's trained cascades. Starts from the run's own sample section
     (steps, guidance, sampler, SR settings); every flag overrides it."""
@@ -122,8 +124,11 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
         spec = load_run_spec(uri)
     except StageFailed as e:
         fail(str(e))
-    if (from_sample is None) == (not prompt):
+    if from_sample is not None and prompt:
         fail("give --prompt (repeatable) or --from-sample N, not both")
+    if from_sample is None and not prompt:
+        fail("give the prompts to sample (--prompt, repeatable) or an image of the run's sample stage to "
+             "draw again (--from-sample N)")
     base = spec.sample.model_dump() if spec.sample is not None else {}
     if from_sample is not None:  # the sample stage's own config, as it ran
         from pipeline.run.planning import finished_attempt  # speed: not for t2i --help (yaml, spec)
@@ -135,7 +140,7 @@ def sample(run: str = typer.Argument(..., help="Run URI or run id with trained s
     flags = {"prompts": list(prompt) if prompt else None, "cascade": cascade, "seed": seed, "sampler": sampler,
              "steps": _per_model(steps, int, "--steps"), "guidance_scale": _per_model(guidance, float, "--guidance"),
              "guidance": guidance_mode, "clip_guidance_scale": _per_model(clip_guidance, float, "--clip-guidance"),
-             "images_per_prompt": images_per_prompt, "max_stage": max_stage}
+             "images_per_prompt": images_per_prompt, "max_stage": max_stage, "aspect": aspect}
     try:
         cfg = SampleConfig(**{**base, **{k: v for k, v in flags.items() if v is not None}})
     except ValidationError as e:

@@ -124,9 +124,16 @@ def evaluate(cfg: EvaluateConfig, run_uri: str, inputs: dict[str, dict], out_uri
     """Every figure of the stage from upstream manifests ``inputs`` (stage -> manifest);
     ``stage_uris`` overrides where a training stage's weights are read (``t2i eval --checkpoint``)."""
     from stages.evaluate import figures  # torch: reading a spec (this stage's config) must not load it
+    from stages.sampling.cascade import sampling_threads  # torch: as above
 
     t0 = time.time()
     ctx = context(cfg, run_uri, inputs, stage_uris, progress)
+    with sampling_threads(ctx.device):  # the same figures with Ray or without (see SAMPLING_CPU_THREADS)
+        return _evaluate(cfg, ctx, inputs, out_uri, t0, progress, figures)
+
+
+def _evaluate(cfg: EvaluateConfig, ctx, inputs: dict[str, dict], out_uri: str, t0: float, progress,
+              figures) -> StageResult:
     if not ctx.rule.enabled:  # an embedding made before splits existed: only the suite can be scored
         progress(f"evaluate: {NO_SPLIT.format(embed=ctx.embed_uri)}; scoring the prompt suite only")
     metrics: dict[str, float] = {}

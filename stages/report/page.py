@@ -164,7 +164,7 @@ def make_grid(samples: Sequence[Any], *, tile: int | None = None, label_width: i
             cols.append((s.cascade, s.k))
         if s.prompt not in rows:
             rows.append(s.prompt)
-    side = max(s.image.width for s in samples)
+    side = max(max(s.image.size) for s in samples)
     tile = tile or min(256, max(64, side))  # tiny debug samples are scaled up to stay visible
     pad, head = 4, 18
     font = ImageFont.load_default(size=12)
@@ -180,8 +180,13 @@ def make_grid(samples: Sequence[Any], *, tile: int | None = None, label_width: i
         for j, (c, k) in enumerate(cols):
             s = at.get((prompt, c, k))
             if s is not None:
-                resample = Image.Resampling.NEAREST if s.image.width < tile else Image.Resampling.LANCZOS
-                grid.paste(s.image.resize((tile, tile), resample), (label_width + pad + j * (tile + pad), y))
+                # fitted into the tile as it is: a 16:9 sample stays 16:9, centred (a square fills it)
+                w, h = s.image.size
+                scale = tile / max(w, h)
+                fit = (max(1, round(w * scale)), max(1, round(h * scale)))
+                resample = Image.Resampling.NEAREST if max(w, h) < tile else Image.Resampling.LANCZOS
+                grid.paste(s.image.resize(fit, resample), (label_width + pad + j * (tile + pad) + (tile - fit[0]) // 2,
+                                                           y + (tile - fit[1]) // 2))
     return grid
 
 

@@ -30,8 +30,10 @@ from typing import Any, Sequence
 
 import torch
 
+from data_prep.buckets import bucket_shape, parse_ratio
 from pipeline import layout, store
 from pipeline.context import StageContext, StageFailed, StageResult
+from pipeline.executors import cpu_threads
 from stages.models import model
 from stages.sampling.clip_guidance import ClipGuided, check_compatible
 from stages.sampling.config import (CASCADES, CLI_OUT, NOISED_CLIP, ROLES, SAMPLER_NAMES, SampleConfig, cascade_roles,
@@ -56,19 +58,67 @@ def kind_of(role: str) -> str:
 
 
 def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | None, cfg: SampleConfig,
-                      g: "torch.Generator | list[torch.Generator]", device: torch.device, guide: LoadedModel | None = None) -> torch.Tensor:
+                      g: "torch.Generator | list[torch.Generator]", device: torch.device, guide: LoadedModel | None = None,
+                      shape: tuple[tuple[int, int], tuple[int, int] | None] | None = None) -> torch.Tensor:
     """Sample one batch through one model of the cascade; returns its output on CPU.
-    ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py)."""
+    ``guide``: the noised CLIP, when this model samples with CLIP guidance (stages/sampling/clip_guidance.py).
+    ``shape``: ``((h, w), low-res (h, w))`` of an image model at ``cfg.aspect`` (:func:`aspect_shapes`);
+    None: square at its own size."""
     cond = _cond(m, f, prev.to(device) if prev is not None else None)
     kind = kind_of(m.role)
     net = m.net
     if guide is not None:
         net = ClipGuided(m.net, m.diffusion, guide.net, f.clip_text, cfg.clip_guidance_for(m.role))
     size = int(m.config.cond_dims["clip_dim"]) if kind == "embedding" else int(m.config.image_size)
-    return draw(net, m.diffusion, cond, prev, kind=kind, size=size, low_res_size=m.config.low_res_size,
+    low = m.config.low_res_size
+    if shape is not None and kind != "embedding":
+        size, low = shape
+    return draw(net, m.diffusion, cond, prev, kind=kind, size=size, low_res_size=low,
                 condaug=m.config.condaug, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
                 guidance_scale=cfg.guidance_for(m.role), thresholding=cfg.thresholding,
                 sr_start_t=cfg.sr_start_t, sr_aug_level=cfg.sr_aug_level, generator=g, device=device)
+
+
+def downsampling(config) -> int:
+    """How many times an image model's network halves its input (its sides must be multiples)."""
+    net = dict((config.network or {}).get("config") or {})
+    unet = net.get("unet", net)  # GlideModel: its UNet's
+    mults = unet.get("channel_mults")
+    if mults is None:  # weights from before self-describing configs: the flavor table
+        from stages.nets.flavors import get_flavor  # the flavor table: only for such old runs
+
+        fl = get_flavor(config.role, config.flavor).config()
+        mults = getattr(getattr(fl, "unet", fl), "channel_mults")
+    return 2 ** (len(mults) - 1)
+
+
+def aspect_shapes(models: dict[str, LoadedModel], roles: tuple[str, ...], aspect: str | None) -> dict[str, tuple]:
+    """``{role: ((h, w), low-res (h, w) or None)}`` of a cascade's image models at ``aspect`` ({} for
+    square): the first image model's shape on its own grid (bucket_shape at its side), every later
+    model's that shape scaled by its side over the first's, so an upsampler's low-res input is
+    exactly what the model before it drew."""
+    if aspect is None:
+        return {}
+    images = [r for r in roles if kind_of(r) != "embedding"]
+    if not images:
+        return {}
+    first = models[images[0]].config
+    side0 = int(first.image_size)
+    h0, w0 = bucket_shape(parse_ratio(aspect), side0, downsampling(first))
+    out = {}
+    for r in images:
+        c = models[r].config
+        sides = [int(c.image_size)] + ([int(c.low_res_size)] if c.low_res_size else [])
+        if any(s % side0 for s in sides):
+            raise StageFailed(f"sample.aspect: {stage_of(r)} works at {sides} px, not a multiple of the first "
+                              f"model's {side0} px, so the aspect cannot carry through the cascade")
+        scaled = [(h0 * s // side0, w0 * s // side0) for s in sides]
+        m = downsampling(c)
+        if any(v % m for v in scaled[0]):
+            raise StageFailed(f"sample.aspect {aspect}: {stage_of(r)} would draw {scaled[0][0]}x{scaled[0][1]} px, "
+                              f"not a multiple of its network's down-sampling factor {m}")
+        out[r] = (scaled[0], scaled[1] if len(scaled) > 1 else None)
+    return out
 
 
 # ----------------------------------------------------------------------------- cascades
@@ -134,6 +184,7 @@ def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConf
     n = len(seeds)
     ci = list(CASCADES).index(cascade)  # not the position in cfg: 'imagen' == imagen of 'both'
     guided = vcfg.clip_guided(roles)
+    shapes = aspect_shapes(models, roles, vcfg.aspect)
     outs: list[torch.Tensor] = []
     for start in range(0, n, cfg.batch_size):
         f = feats.select(slice(start, start + cfg.batch_size), device)
@@ -142,7 +193,7 @@ def _sample_variant(cfg: SampleConfig, cascade: str, name: str, vcfg: SampleConf
             g = image_generators(seeds[start:start + cfg.batch_size], ci, si, device)
             t0 = time.time()
             prev = sample_with_model(models[role], f, prev, vcfg, g, device,
-                                     guide=models.get(NOISED_CLIP) if role in guided else None)
+                                     guide=models.get(NOISED_CLIP) if role in guided else None, shape=shapes.get(role))
             progress(f"sample: {name}/{role} batch {start // cfg.batch_size + 1}: "
                      f"{tuple(prev.shape)} in {time.time() - t0:.1f}s")
         outs.append(prev)
@@ -164,6 +215,18 @@ def _rerank(samples: list[Sample], cfg: SampleConfig, encoders: PromptEncoders, 
     return Samples(kept, figures)
 
 
+# On the CPU an image's last bit depends on torch's thread count (how a reduction is split), and Ray
+# gives a stage task that reserves no CPU one thread (OMP_NUM_THREADS=1). Every path that samples (the
+# sample and evaluate stages with Ray or without, t2i sample, --from-sample) computes with this many,
+# so an image drawn again anywhere is the same to the byte.
+SAMPLING_CPU_THREADS = 1
+
+
+def sampling_threads(device: torch.device):
+    """The thread count every CPU sampling path uses (a context manager)."""
+    return cpu_threads(SAMPLING_CPU_THREADS if device.type == "cpu" else None)
+
+
 def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str] | None = None,
                   embed_uri: str | None = None, encoders: PromptEncoders | None = None,
                   progress=lambda msg: None, images: slice | None = None) -> list[Sample]:
@@ -171,6 +234,12 @@ def sample_images(cfg: SampleConfig, run_uri: str, *, stage_uris: dict[str, str]
     ``encoders``: already loaded prompt encoders (else loaded from ``<embed>/encoders.json``).
     ``images``: only these of the (prompt, image) list, with the seeds they have in the whole list."""
     device = resolve_device(cfg.device)
+    with sampling_threads(device):
+        return _sample_images(cfg, run_uri, device, stage_uris, embed_uri, encoders, progress, images)
+
+
+def _sample_images(cfg: SampleConfig, run_uri: str, device: torch.device, stage_uris, embed_uri, encoders,
+                   progress, images) -> list[Sample]:
     roles_by_cascade = {c: cascade_roles(c, cfg.max_stage) for c in cfg.cascades()}
     models = _load_models(cfg, run_uri, dict(stage_uris or {}), roles_by_cascade, device)
     expanded = [(i, k, p) for i, p in enumerate(cfg.prompts) for k in range(cfg.images_per_prompt)]

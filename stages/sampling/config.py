@@ -92,12 +92,28 @@ class SampleConfig(StrictModel):
         "CLIP reranking (DALL-E): keep the K of images_per_prompt samples per prompt that the run's CLIP scores "
         "highest; the manifest records the kept and the first-drawn mean CLIP scores. null = keep all."))
     batch_size: int = Field(16, ge=1, description="Samples denoised together (bounds memory at 1024px).")
+    aspect: str | None = Field(None, description=(
+        "Aspect ratio of the images, width:height (16:9) or a number (1.78); null = square. One aspect "
+        "carries through the cascade: the first image model draws it on its own grid "
+        "(data_prep/buckets.py bucket_shape) and every upsampler scales that shape by its own factor."))
     max_stage: Literal[MAX_STAGES] | None = Field(None, description=(
         f"Stop each cascade early: {'/'.join(FIRST_IMAGE_ROLES)} = after the cascade's 64px model (any of "
         f"these names means that), {'/'.join(UPSAMPLER_ROLES)} = after that upsampler; null = run the whole "
         "cascade."))
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     demo_check: bool = Field(True, description="Score samples against their prompts when all prompts are demo captions.")
+
+    @field_validator("aspect", mode="before")
+    @classmethod
+    def _aspect(cls, v):
+        if v is None:
+            return v
+        from data_prep.buckets import MAX_ASPECT, parse_ratio  # numpy: reading a spec stays light
+
+        r = parse_ratio(v)
+        if not 1 / MAX_ASPECT <= r <= MAX_ASPECT:
+            raise ValueError(f"sample.aspect {v!r} is beyond {MAX_ASPECT:g}:1 (either way)")
+        return str(v)
 
     @field_validator("prompts")
     @classmethod

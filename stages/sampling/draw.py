@@ -32,21 +32,28 @@ def image_generators(seeds: list[int], cascade_index: int, stage_index: int,
         (s * 1_000_003 + cascade_index * 10_007 + stage_index * 101) % (2 ** 63)) for s in seeds]
 
 
-def low_res_input(prev: torch.Tensor, size: int) -> torch.Tensor:
+def hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A side (square) or ``(h, w)`` (an aspect's shape) as ``(h, w)``."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def low_res_input(prev: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Previous stage's output at the SR model's conditioning size (as training's make_low_res)."""
-    if prev.shape[-1] == size:
+    shape = hw(size)
+    if tuple(prev.shape[-2:]) == shape:
         return prev
-    if prev.shape[-1] > size:
-        return make_low_res(prev, size)
-    return F.interpolate(prev, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    if prev.shape[-2] >= shape[0] and prev.shape[-1] >= shape[1]:
+        return make_low_res(prev, shape)
+    return F.interpolate(prev, size=shape, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def draw(net, diffusion, cond: dict, prev: torch.Tensor | None, *, kind: str, size: int,
-         low_res_size: int | None, condaug: dict | None, sampler: str, steps: int, guidance_scale: float,
+def draw(net, diffusion, cond: dict, prev: torch.Tensor | None, *, kind: str, size: int | tuple[int, int],
+         low_res_size: int | tuple[int, int] | None, condaug: dict | None, sampler: str, steps: int, guidance_scale: float,
          thresholding: str, sr_start_t: float, sr_aug_level: float,
          generator: "torch.Generator | list[torch.Generator]", device: torch.device) -> torch.Tensor:
     """One batch through one model: ``cond`` its keyword arguments (text, image embedding);
-    ``size`` the embedding width (``kind`` embedding) or the image side. An upsampler starts from
+    ``size`` the embedding width (``kind`` embedding), or the image side or ``(h, w)`` (an aspect's
+    shape; ``low_res_size`` likewise). An upsampler starts from
     the upsampled previous image at ``sr_start_t`` < 1 (SDEdit) and reads the previous image at
     ``low_res_size``, noised to ``sr_aug_level`` (Imagen's conditioning augmentation). Returns the
     output on the CPU: unit-norm embeddings, or images in [-1, 1]."""
@@ -59,12 +66,12 @@ def draw(net, diffusion, cond: dict, prev: torch.Tensor | None, *, kind: str, si
         shape: tuple[int, ...] = (b, size)
         thresholding = "none"  # thresholding bounds pixels, not embeddings
     else:
-        shape = (b, 3, size, size)
+        shape = (b, 3, *hw(size))
     if kind == "upsampler":
         prev = prev.to(device)
         if sr_start_t < 1.0:
-            start = dict(t_start=sr_start_t, x_start=low_res_input(prev, size))
-        low = low_res_input(prev, int(low_res_size))
+            start = dict(t_start=sr_start_t, x_start=low_res_input(prev, hw(size)))
+        low = low_res_input(prev, hw(low_res_size))
         aug = ConditioningAugmentation(CondAugConfig(**(condaug or {})))
         low, level = aug.sample(low, sr_aug_level, generator=generator)
         cond.update(low_res=low, aug_level=level)

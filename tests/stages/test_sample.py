@@ -94,6 +94,28 @@ def test_fixed_seed_is_deterministic_and_knobs_change_images(run_uri, encoders):
     assert not np.array_equal(_arrays(g1)[0], a[0])
 
 
+def test_cpu_sampling_uses_one_thread_whatever_the_caller_set(run_uri, encoders, monkeypatch):
+    """Issue 26: a Ray stage task that reserves no CPU computes with one thread (OMP_NUM_THREADS=1),
+    and the last bit of an image depends on the thread count; so every CPU sampling path uses one
+    (stages/sampling/cascade.py SAMPLING_CPU_THREADS) and gives the caller's count back after."""
+    import torch
+
+    from stages.sampling import cascade
+
+    seen = []
+    real = cascade.draw
+    monkeypatch.setattr(cascade, "draw", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = SampleConfig(prompts=PROMPTS[:1], cascade="imagen", steps=1)
+        sample_images(cfg, run_uri, encoders=encoders)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {cascade.SAMPLING_CPU_THREADS} == {1}
+
+
 @pytest.mark.parametrize("cascade,sampler", [("imagen", "ddpm"), ("unclip", "dpmpp")])
 def test_an_image_regenerated_alone_equals_it_in_its_batch(run_uri, encoders, cascade, sampler):
     """One generator per image (diffusers' convention), seeded sample.seed + index * images_per_prompt
