@@ -9,9 +9,7 @@ and called in one clean subprocess with the same prompt features and seeds.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from stages.export.cascade_folder import MODEL_INDEX, PIPELINE_MODULE, export_ca
 from stages.sampling.cascade import sample_images  # noqa: E402
 from stages.sampling.config import SampleConfig  # noqa: E402
 from stages.sampling.loading import PromptEncoders  # noqa: E402
+from tests.support.clean_python import run_probe  # noqa: E402
 from tests.support.cli import t2i  # noqa: E402
 
 CASCADES = ("imagen", "unclip", "glide")
@@ -34,15 +33,8 @@ SETTINGS = dict(prompts=PROMPTS, seed=7, steps={"prior": 3, "decoder": 2, "base"
                 guidance_scale={"base": 2.5, "sr256": 1.0}, sr_start_t=0.5, sr_aug_level=0.1, thresholding="dynamic")
 
 PROBE = r"""
-import importlib.abc, json, sys
-class NoT2I(importlib.abc.MetaPathFinder):  # the editable install's finder would still find the repo
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("pipeline", "stages", "data_prep", "tests"):
-            raise ImportError(f"{name}: the exported folder must not need t2i-pipeline")
-sys.meta_path.insert(0, NoT2I())
-import numpy as np, torch, diffusers
+import numpy as np
 from safetensors.torch import load_file, save_file
-torch.set_num_threads(1)
 root, report = sys.argv[1], {}
 for cascade in sys.argv[2:]:
     feats = load_file(f"{root}/features.safetensors")
@@ -63,8 +55,6 @@ for cascade in sys.argv[2:]:
     except ValueError as e:
         r["no_features"] = str(e)
     report[cascade] = r
-report["t2i_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages", "data_prep"))
-print(json.dumps(report))
 """
 
 
@@ -87,15 +77,7 @@ def exported(tmp_path_factory, trained_run):
         save_file({k: v.contiguous() for k, v in vars(f).items() if v is not None}, str(root / "features.safetensors"))
     finally:
         torch.set_num_threads(n)
-    clean = root / "clean-cwd"
-    clean.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "hf-modules"), PYTHONNOUSERSITE="1")
-    p = subprocess.run([sys.executable, "-c", PROBE, str(root), *CASCADES], cwd=clean, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert "not expected and will be ignored" not in p.stderr, p.stderr
-    return root, want, json.loads(p.stdout.strip().splitlines()[-1])
+    return root, want, run_probe(PROBE, root, list(CASCADES))
 
 
 @pytest.mark.parametrize("cascade", CASCADES)

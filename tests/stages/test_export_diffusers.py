@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +26,7 @@ from stages.export.model_folder import export_model, load_exported  # noqa: E402
 from stages.nets.flavors import build_network, get_flavor  # noqa: E402
 from stages.training.final_weights import (FinalConfig, load_final, network_config, resolve_final,  # noqa: E402
                                            write_final)
+from tests.support.clean_python import run_probe  # noqa: E402
 from tests.support.runs import write_random_final  # noqa: E402
 
 DIMS = {"t5_dim": 24, "clip_dim": 16, "clip_token_dim": 12}
@@ -39,15 +38,7 @@ ROLE = {case: role for case, role, _, _ in CASES}
 # Run in the clean interpreter: load every exported folder twice (diffusers' default low_cpu_mem_usage
 # loading on the meta device, and plain construction + load_state_dict), call it on the saved inputs.
 PROBE = r"""
-import importlib.abc, json, sys
-class NoT2I(importlib.abc.MetaPathFinder):  # the editable install's finder would still find the repo
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("pipeline", "stages", "data_prep", "tests"):
-            raise ImportError(f"{name}: the exported folder must not need t2i-pipeline")
-sys.meta_path.insert(0, NoT2I())
-import torch, diffusers
 from safetensors.torch import load_file, save_file
-torch.set_num_threads(1)
 root, cases, report = sys.argv[1], sys.argv[2:], {}
 for case in cases:
     # fresh (64-byte aligned) copies, as the reference's inputs were: MKL may sum in another order for
@@ -63,8 +54,6 @@ for case in cases:
     save_file(outs, f"{root}/{case}/outputs.safetensors")
     report[case] = {"class": type(model).__name__, "mro": [c.__module__.split(".")[0] for c in type(model).__mro__],
                     "training": model.training, "role": model.config.t2i["role"]}
-report["t2i_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages", "data_prep"))
-print(json.dumps(report))
 """
 
 
@@ -143,15 +132,7 @@ def loaded(tmp_path_factory):
             save_file(inputs, str(root / case / "inputs.safetensors"))
             x, t = inputs.pop("x"), inputs.pop("t")
             want[case] = net(x, t, **inputs)
-    clean = root / "clean-cwd"
-    clean.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "hf-modules"), PYTHONNOUSERSITE="1")
-    p = subprocess.run([sys.executable, "-c", PROBE, str(root)] + [c[0] for c in CASES], cwd=clean, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert "not expected and will be ignored" not in p.stderr, p.stderr  # config.json matches the class
-    return root, want, json.loads(p.stdout.strip().splitlines()[-1])
+    return root, want, run_probe(PROBE, root, [c[0] for c in CASES])
 
 
 def test_the_clean_interpreter_never_imported_t2i_pipeline(loaded):
