@@ -87,9 +87,9 @@ class PromptFeatures:
                                  "clip_ids", "clip_id_mask", "t5_ids", "t5_id_mask")))
 
 
-def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt token features padded like a training batch (data_prep.embed_format.pad_sequences)."""
-    out, mask = pad_sequences([x.float().numpy() for x in seqs], max(1, max(len(x) for x in seqs)), seqs[0].shape[-1])
+def _pad(seqs: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt token features padded to the encoder's full ``length`` (data_prep.embed_format.pad_sequences)."""
+    out, mask = pad_sequences([x.float().numpy() for x in seqs], max(1, length), seqs[0].shape[-1])
     return torch.from_numpy(out).float(), torch.from_numpy(mask)
 
 
@@ -115,13 +115,23 @@ class PromptEncoders:
         return {"clip_dim": self.clip.dim, "clip_token_dim": self.clip.token_dim, "t5_dim": self.t5.dim}
 
     def encode(self, prompts: Sequence[str]) -> PromptFeatures:
-        pooled, toks, _ = self.clip.encode_text(list(prompts))
-        clip_tokens, clip_mask = _pad(toks)
-        t5_tokens, t5_mask = self.t5.encode_padded(list(prompts))
-        # The same ids the embed stage writes (data_prep/embed/encode.py), padded like a batch.
+        # A prompt's image must not depend on the prompts sampled with it (--from-sample redraws a
+        # batch of 16, --prompt P one prompt, the sample stage all of them). Two things made it:
+        # - each prompt is encoded alone: in a batch its features took another last bit from the
+        #   prompts beside it (T5's pass over a batch padded to the longest: up to 6e-5, an fp16
+        #   ulp; for CLIP, the GEMMs' shapes);
+        # - features and ids are padded to the encoder's full length (masked), not to the longest
+        #   prompt of the list: the networks' attention over another padded length computes
+        #   another last bit (1/255 in 1 of 16 Imagen images).
+        clip = [self.clip.encode_text([p]) for p in prompts]
+        pooled = torch.cat([c[0] for c in clip])
+        clip_len, t5_len = self.clip.context_length, self.t5.max_length
+        clip_tokens, clip_mask = _pad([c[1][0] for c in clip], clip_len)
+        t5_tokens, t5_mask = _pad([self.t5.encode_padded([p])[0][0] for p in prompts], t5_len)
+        # The same ids the embed stage writes (data_prep/embed/encode.py), padded as above.
         cids, clens = self.clip.tokenize(list(prompts))
-        clip_ids, clip_id_mask = pad_ids([cids[i, : int(n)].numpy() for i, n in enumerate(clens)])
-        t5_ids, t5_id_mask = pad_ids([torch.tensor(x).numpy() for x in self.t5.token_ids(list(prompts))])
+        clip_ids, clip_id_mask = pad_ids([cids[i, : int(n)].numpy() for i, n in enumerate(clens)], clip_len)
+        t5_ids, t5_id_mask = pad_ids([torch.tensor(x).numpy() for x in self.t5.token_ids(list(prompts))], t5_len)
         # The networks were trained on fp16-stored features: round the same way.
         r = lambda x: x.float().half().float()  # noqa: E731
         return PromptFeatures(r(pooled), r(clip_tokens), clip_mask, r(t5_tokens), t5_mask.bool(),

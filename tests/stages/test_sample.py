@@ -14,6 +14,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -92,6 +93,19 @@ def test_fixed_seed_is_deterministic_and_knobs_change_images(run_uri, encoders):
     g1 = sample_images(cfg.model_copy(update={"guidance_scale": 1.0}), run_uri, encoders=encoders)
     assert all(s.image.size == (get_flavor("sr1024", "debug").image_size,) * 2 for s in g1)
     assert not np.array_equal(_arrays(g1)[0], a[0])
+
+
+def test_a_prompts_features_do_not_depend_on_the_prompts_beside_it(encoders):
+    """Issue 26: T5's bidirectional pass over a padded batch changed a prompt's features in the last
+    bit with the longest prompt beside it, so --from-sample (its batch of 16) and --prompt P (alone)
+    did not redraw the sample stage's image (all prompts together) byte for byte."""
+    short, long_ = "a red circle", "a small green square in the top left on a gray background with a frame"
+    alone = encoders.encode([short])
+    beside = encoders.encode([long_, short])
+    n = int(alone.t5_mask[0].sum())
+    assert n < int(beside.t5_mask[0].sum())  # the batch was padded beyond the short prompt
+    assert torch.equal(alone.t5_tokens[0, :n], beside.t5_tokens[1, :n])
+    assert torch.equal(alone.clip_tokens[0], beside.clip_tokens[1, : alone.clip_tokens.shape[1]])
 
 
 def test_cpu_sampling_uses_one_thread_whatever_the_caller_set(run_uri, encoders, monkeypatch):
