@@ -225,6 +225,17 @@ class {cls}({network_class}, ModelMixin, ConfigMixin):
                 for k, v in locals().items() if k not in ("self", "t2i", "auto_map")}}
         {network_class}.__init__(self, {cfg_name}(**args))
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # diffusers leaves each tensor where safetensors put it, off the 64-byte boundary torch's
+        # CPU allocator gives: MKL/oneDNN then sum in another order, a last-bit difference from the
+        # run's own network (1/255 in a 128 px image). Fresh copies are aligned and compute the same.
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
+        return model
+
     def __getattr__(self, name):
         # Parameters and submodules before diffusers' config attributes (GlideModel's `text` and
         # `unet` are both a submodule and a config key).
