@@ -32,7 +32,9 @@ from pipeline.context import StageFailed
 from stages.export import diffusers_code
 from stages.export.model_folder import CARD, export_model
 from stages.models import model
-from stages.sampling.config import CASCADES, NULL_KEYS, SAMPLER_NAMES, SampleConfig, cascade_roles, stage_of
+from stages.sampling.cascade import draw_settings
+from stages.sampling.config import CASCADES, SampleConfig, cascade_roles, stage_of
+from stages.sampling.loading import diffusion_kwargs
 from stages.training.final_weights import read_final_config, resolve_final
 
 PIPELINE_MODULE = "pipeline_t2i"  # the file model_index.json's _class_name names (no dot: diffusers splits on it)
@@ -66,22 +68,14 @@ def conditioning(role: str, config) -> dict[str, str]:
     return dict(cond)
 
 
-def _kind(role: str) -> str:
-    spec = model(role)
-    return "embedding" if spec.draws == "embedding" else "upsampler" if spec.upsampler else "image"
-
-
 def _model_doc(role: str, config, cfg: SampleConfig) -> dict[str, Any]:
-    kind = _kind(role)
-    return {
-        "kind": kind, "conditioning": conditioning(role, config),
-        "size": int(config.cond_dims["clip_dim"]) if kind == "embedding" else int(config.image_size),
-        "low_res_size": config.low_res_size, "condaug": config.condaug,
-        "diffusion": {**dict(config.diffusion), "null_keys": list(NULL_KEYS[role]),
-                      "dynamic_percentile": cfg.dynamic_threshold_percentile},
-        "steps": cfg.steps_for(role), "guidance_scale": cfg.guidance_for(role),
-        "sampler": SAMPLER_NAMES[cfg.sampler], "thresholding": cfg.thresholding,
-    }
+    """What the pipeline needs to draw with ``role`` as ``t2i sample`` does: draw()'s settings (the
+    cascade-wide SR start and level are written once, beside the models) and the diffusion."""
+    kw = draw_settings(role, config, cfg)
+    del kw["sr_start_t"], kw["sr_aug_level"]
+    diffusion = diffusion_kwargs(role, config, cfg.dynamic_threshold_percentile)
+    return {**kw, "conditioning": conditioning(role, config),
+            "diffusion": {**diffusion, "null_keys": list(diffusion["null_keys"])}}
 
 
 def export_cascade(run_uri: str, cascade: str, out_uri: str, cfg: SampleConfig, *,

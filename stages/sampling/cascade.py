@@ -65,18 +65,24 @@ def sample_with_model(m: LoadedModel, f: PromptFeatures, prev: torch.Tensor | No
     ``shape``: ``((h, w), low-res (h, w))`` of an image model at ``cfg.aspect`` (:func:`aspect_shapes`);
     None: square at its own size."""
     cond = _cond(m, f, prev.to(device) if prev is not None else None)
-    kind = kind_of(m.role)
     net = m.net
     if guide is not None:
         net = ClipGuided(m.net, m.diffusion, guide.net, f.clip_text, cfg.clip_guidance_for(m.role))
-    size = int(m.config.cond_dims["clip_dim"]) if kind == "embedding" else int(m.config.image_size)
-    low = m.config.low_res_size
-    if shape is not None and kind != "embedding":
-        size, low = shape
-    return draw(net, m.diffusion, cond, prev, kind=kind, size=size, low_res_size=low,
-                condaug=m.config.condaug, sampler=SAMPLER_NAMES[cfg.sampler], steps=cfg.steps_for(m.role),
-                guidance_scale=cfg.guidance_for(m.role), thresholding=cfg.thresholding,
-                sr_start_t=cfg.sr_start_t, sr_aug_level=cfg.sr_aug_level, generator=g, device=device)
+    kw = draw_settings(m.role, m.config, cfg)
+    if shape is not None and kw["kind"] != "embedding":
+        kw.update(size=shape[0], low_res_size=shape[1])
+    return draw(net, m.diffusion, cond, prev, generator=g, device=device, **kw)
+
+
+def draw_settings(role: str, config, cfg: SampleConfig) -> dict:
+    """:func:`draw`'s settings for ``role`` (its final config) sampled with ``cfg``: what it draws,
+    at which size, how many steps with which sampler and guidance. The sample stage passes them on,
+    a cascade export writes them down (stages/export/cascade_folder.py)."""
+    kind = kind_of(role)
+    return dict(kind=kind, size=int(config.cond_dims["clip_dim"]) if kind == "embedding" else int(config.image_size),
+                low_res_size=config.low_res_size, condaug=config.condaug, sampler=SAMPLER_NAMES[cfg.sampler],
+                steps=cfg.steps_for(role), guidance_scale=cfg.guidance_for(role), thresholding=cfg.thresholding,
+                sr_start_t=cfg.sr_start_t, sr_aug_level=cfg.sr_aug_level)
 
 
 def downsampling(config) -> int:

@@ -47,10 +47,13 @@ def load_model(stage_uri: str, role: str, *, device: torch.device, percentile: f
         net = _load_glide(final, device, config) if role == "glide" else load_final(final, device, config)[0]
     except RuntimeError as e:
         raise StageFailed(f"{w_uri} does not fit network {role}/{config.flavor}: {e}") from e
-    diff_kw = dict(config.diffusion)
-    diff_kw["null_keys"] = NULL_KEYS[role]
-    diff_kw["dynamic_percentile"] = percentile
-    return LoadedModel(role, net, Diffusion(**diff_kw), config)
+    return LoadedModel(role, net, Diffusion(**diffusion_kwargs(role, config, percentile)), config)
+
+
+def diffusion_kwargs(role: str, config: FinalConfig, percentile: float) -> dict[str, Any]:
+    """The Diffusion a trained model samples with: its training's settings, its role's CFG null
+    keys, the sampling's dynamic-thresholding percentile (a cascade export writes the same down)."""
+    return {**dict(config.diffusion), "null_keys": tuple(NULL_KEYS[role]), "dynamic_percentile": percentile}
 
 
 def _load_glide(final: str, device: torch.device, config: FinalConfig) -> torch.nn.Module:

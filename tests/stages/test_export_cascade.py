@@ -9,7 +9,7 @@ and called in one clean subprocess with the same prompt features and seeds.
 from __future__ import annotations
 
 import json
-import subprocess
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +128,6 @@ def test_cli_exports_a_cascade_and_refuses_a_missing_stage(tmp_path, trained_run
     partial = tmp_path / "partial-run"  # the embed stage and the base, no upsampler
     partial.mkdir()
     for stage in ("embed", "train_base"):
-        subprocess.run(["cp", "-r", store.local_path(store.join(trained_run, stage)), str(partial / stage)], check=True)
+        shutil.copytree(store.local_path(store.join(trained_run, stage)), partial / stage)
     r = t2i("export", str(partial), "--cascade", "imagen", "--out", tmp_path / "y")
     assert r.code != 0 and "train_sr256" in r.output and not (tmp_path / "y").exists()
